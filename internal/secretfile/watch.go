@@ -1,0 +1,224 @@
+package secretfile
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"path/filepath"
+	"slices"
+	"time"
+
+	"github.com/fsnotify/fsnotify"
+	"go.uber.org/zap"
+)
+
+// Watch reads the secret at path now and then re-reads it whenever it
+// changes, until ctx is done or Close is called.
+//
+// The first read must succeed and yield a non-empty value, or Watch returns
+// an error naming the path and the problem. Later a failed or empty re-read
+// keeps the last good value and logs a warning; the value itself is never
+// logged. If fsnotify cannot be set up (inotify limits, an unsupported
+// filesystem) Watch still succeeds and relies on the poll, with a warning.
+//
+// A nil log discards logs. Call Close to release the watch; cancelling ctx
+// stops it too, but Close still has to be called to wait for the goroutine.
+func Watch(ctx context.Context, path string, log *zap.Logger, opts ...Option) (*Value, error) {
+	if path == "" {
+		return nil, errors.New("secretfile: empty path")
+	}
+	o := defaultOptions()
+	for _, opt := range opts {
+		opt(&o)
+	}
+	if err := o.validate(); err != nil {
+		return nil, err
+	}
+	if log == nil {
+		log = zap.NewNop()
+	}
+
+	abs, err := filepath.Abs(path)
+	if err != nil {
+		return nil, fmt.Errorf("secretfile: resolve %s: %w", path, err)
+	}
+	w := &watcher{
+		path: abs,
+		log:  log.With(zap.String("path", path)),
+		opts: o,
+	}
+	// Watch before the first read so a change in between is not missed.
+	if !o.noFSNotify {
+		fw, err := fsnotify.NewWatcher()
+		if err != nil {
+			w.log.Warn("secret file: cannot watch for changes, polling only",
+				zap.Duration("poll_interval", o.poll), zap.Error(err))
+		} else {
+			w.fs = fw
+			w.syncWatches()
+		}
+	}
+
+	s, err := readSecret(w.path)
+	if err != nil {
+		if w.fs != nil {
+			_ = w.fs.Close()
+		}
+		return nil, err
+	}
+
+	v := &Value{done: make(chan struct{})}
+	v.set(s)
+	w.v = v
+
+	ctx, v.stop = context.WithCancel(ctx)
+	go w.run(ctx, v.done)
+	return v, nil
+}
+
+// watcher is the state of one watching goroutine. Only that goroutine
+// touches it after Watch returns.
+type watcher struct {
+	v    *Value
+	path string
+	log  *zap.Logger
+	opts options
+	fs   *fsnotify.Watcher // nil when polling only
+
+	// failing is the last re-read error logged as a warning, so a file that
+	// stays missing warns once rather than every poll.
+	failing string
+}
+
+func (w *watcher) run(ctx context.Context, done chan<- struct{}) {
+	defer close(done)
+
+	var (
+		events <-chan fsnotify.Event
+		errs   <-chan error
+	)
+	if w.fs != nil {
+		defer w.fs.Close()
+		events, errs = w.fs.Events, w.fs.Errors
+	}
+
+	poll := time.NewTicker(w.opts.poll)
+	defer poll.Stop()
+
+	// A burst of events (truncate + write, or the several steps of a
+	// Kubernetes swap) arms the timer once; one re-read follows the window.
+	debounce := time.NewTimer(w.opts.debounce)
+	debounce.Stop()
+	defer debounce.Stop()
+	pending := false
+	arm := func() {
+		if !pending {
+			pending = true
+			debounce.Reset(w.opts.debounce)
+		}
+	}
+
+	for {
+		select {
+		case <-ctx.Done():
+			return
+		case _, ok := <-events:
+			if !ok {
+				events = nil
+				continue
+			}
+			// Any event in a watched directory may concern the file:
+			// Kubernetes changes ..data, not the file's own entry. The
+			// content comparison in reload drops the irrelevant ones.
+			arm()
+		case err, ok := <-errs:
+			if !ok {
+				errs = nil
+				continue
+			}
+			// An overflow means events were dropped: re-read to be sure.
+			w.log.Warn("secret file: watch error", zap.Error(err))
+			arm()
+		case <-debounce.C:
+			pending = false
+			w.reload()
+		case <-poll.C:
+			w.reload()
+		}
+	}
+}
+
+// reload re-reads the file and publishes a changed value. A failure keeps
+// the last good value.
+func (w *watcher) reload() {
+	w.syncWatches()
+
+	s, err := readSecret(w.path)
+	if err != nil {
+		if msg := err.Error(); msg != w.failing {
+			w.failing = msg
+			w.log.Warn("secret file: re-read failed, keeping last good value", zap.Error(err))
+		} else {
+			w.log.Debug("secret file: re-read still failing", zap.Error(err))
+		}
+		return
+	}
+	if w.failing != "" {
+		w.failing = ""
+		w.log.Info("secret file: readable again")
+	}
+	if s == w.v.Get() {
+		return
+	}
+	w.v.set(s)
+	w.log.Info("secret file: value changed", zap.Uint64("version", w.v.Version()))
+	if w.opts.onChange != nil {
+		w.opts.onChange()
+	}
+}
+
+// syncWatches keeps fsnotify watching the directory of the path and, when
+// the path resolves through symlinks to another directory, that directory
+// too. Watches are lost when a directory is removed; this restores them once
+// it exists again, and drops a resolved directory that is no longer used.
+func (w *watcher) syncWatches() {
+	if w.fs == nil {
+		return
+	}
+	want := w.wantDirs()
+	have := w.fs.WatchList()
+	for _, d := range have {
+		if !slices.Contains(want, d) {
+			// The watch may already be gone with its directory.
+			_ = w.fs.Remove(d)
+		}
+	}
+	for _, d := range want {
+		if slices.Contains(have, d) {
+			continue
+		}
+		if err := w.fs.Add(d); err != nil {
+			// The directory may not exist right now; the poll retries.
+			w.log.Debug("secret file: cannot watch directory", zap.String("dir", d), zap.Error(err))
+		}
+	}
+}
+
+// wantDirs returns the directories to watch: the parent of the path, then
+// the parent of the file it resolves to if that is a different directory.
+func (w *watcher) wantDirs() []string {
+	dir := filepath.Dir(w.path)
+	dirs := []string{dir}
+	resolved, err := filepath.EvalSymlinks(w.path)
+	if err != nil {
+		return dirs
+	}
+	rdir := filepath.Dir(resolved)
+	if same, err := filepath.EvalSymlinks(dir); err == nil && same == rdir {
+		return dirs // Same directory under another name; inotify follows it.
+	}
+	if rdir != dir {
+		dirs = append(dirs, rdir)
+	}
+	return dirs
+}
