@@ -1,0 +1,357 @@
+package config
+
+import (
+	"errors"
+	"fmt"
+	"io/fs"
+	"math"
+	"net"
+	"net/url"
+	"os"
+	"regexp"
+	"strconv"
+	"strings"
+	"time"
+	"unicode"
+	"unicode/utf8"
+
+	"go.uber.org/zap/zapcore"
+)
+
+// varError is one problem with one variable. Its message never holds a
+// secret's value.
+type varError struct {
+	name string
+	msg  string
+}
+
+func (e *varError) Error() string { return e.name + ": " + e.msg }
+
+func newVarError(name, format string, args ...any) error {
+	return &varError{name: name, msg: fmt.Sprintf(format, args...)}
+}
+
+// problems collects every problem found.
+type problems []error
+
+func (p *problems) add(name, format string, args ...any) {
+	*p = append(*p, newVarError(name, format, args...))
+}
+
+func (p *problems) merge(errs []error) { *p = append(*p, errs...) }
+
+func (p *problems) positive(name string, d time.Duration) {
+	if d <= 0 {
+		p.add(name, "must be > 0, got %s", d)
+	}
+}
+
+var (
+	regionRe = regexp.MustCompile(`^[a-z0-9]+(-[a-z0-9]+)*$`)
+	idRe     = regexp.MustCompile(`^[A-Za-z0-9-]{1,64}$`)
+	bucketRe = regexp.MustCompile(`^[A-Za-z0-9_-]+$`)
+)
+
+// maxNameLen is JetStream's limit on stream and consumer names.
+const maxNameLen = 255
+
+func (n NATS) problems() []error {
+	var p problems
+	p.natsURLs(n.URL)
+
+	var methods []string
+	if n.User != "" || n.Password != "" || n.PasswordFile != "" {
+		methods = append(methods, "NATS_USER")
+	}
+	if n.Token != "" {
+		methods = append(methods, "NATS_TOKEN")
+	}
+	if n.Creds != "" {
+		methods = append(methods, "NATS_CREDS")
+	}
+	if n.NKey != "" {
+		methods = append(methods, "NATS_NKEY")
+	}
+	if len(methods) > 1 {
+		p.add(strings.Join(methods, ", "), "set only one NATS authentication method: NATS_USER with NATS_PASSWORD or NATS_PASSWORD_FILE, NATS_TOKEN, NATS_CREDS or NATS_NKEY")
+	}
+	password := n.Password != "" || n.PasswordFile != ""
+	if n.Password != "" && n.PasswordFile != "" {
+		p.add("NATS_PASSWORD", "cannot be combined with NATS_PASSWORD_FILE; set only one")
+	}
+	if n.User != "" && !password {
+		p.add("NATS_PASSWORD", "required when NATS_USER is set (or NATS_PASSWORD_FILE)")
+	}
+	if n.User == "" && password {
+		p.add("NATS_USER", "required when NATS_PASSWORD or NATS_PASSWORD_FILE is set")
+	}
+	if n.Cert != "" && n.Key == "" {
+		p.add("NATS_KEY", "required when NATS_CERT is set")
+	}
+	if n.Key != "" && n.Cert == "" {
+		p.add("NATS_CERT", "required when NATS_KEY is set")
+	}
+	p.file("NATS_PASSWORD_FILE", n.PasswordFile)
+	p.file("NATS_CREDS", n.Creds)
+	p.file("NATS_NKEY", n.NKey)
+	p.file("NATS_CA", n.CA)
+	p.file("NATS_CERT", n.Cert)
+	p.file("NATS_KEY", n.Key)
+	return p
+}
+
+func (p *problems) natsURLs(urls string) {
+	const name = "NATS_URL"
+	if strings.TrimSpace(urls) == "" {
+		p.add(name, "must not be empty")
+		return
+	}
+	for part := range strings.SplitSeq(urls, ",") {
+		s := strings.TrimSpace(part)
+		if s == "" {
+			p.add(name, "empty entry in the list %q", RedactURL(urls))
+			continue
+		}
+		shown := RedactURL(s)
+		raw := s
+		if !strings.Contains(s, "://") {
+			raw = "nats://" + s
+		}
+		u, err := url.Parse(raw)
+		if err != nil {
+			p.add(name, "%q is not a valid URL", shown)
+			continue
+		}
+		switch strings.ToLower(u.Scheme) {
+		case "nats", "tls", "ws", "wss":
+		default:
+			p.add(name, "%q: scheme must be nats, tls, ws or wss", shown)
+			continue
+		}
+		if u.Hostname() == "" {
+			p.add(name, "%q has no host", shown)
+		}
+	}
+}
+
+func (s Subjects) problems() []error {
+	var p problems
+	p.subject("STOP_SUBJECT", s.StopSubject)
+	p.subject("DEAD_SUBJECT", s.DeadSubject)
+	prefix := s.OutcomeSubjectPrefix
+	if strings.HasSuffix(prefix, ".") {
+		p.add("OUTCOME_SUBJECT_PREFIX", "must not end with '.' (outcomes go to <prefix>.<status>), got %q", prefix)
+	} else {
+		p.subject("OUTCOME_SUBJECT_PREFIX", prefix)
+	}
+	p.jsName("STOP_STREAM", s.StopStream)
+	p.jsName("OUTCOME_STREAM", s.OutcomeStream)
+	p.jsName("DEAD_STREAM", s.DeadStream)
+	p.jsName("CONSUMER_NAME", s.ConsumerName)
+	switch {
+	case s.StateBucket == "":
+		p.add("STATE_BUCKET", "must not be empty")
+	case !bucketRe.MatchString(s.StateBucket) || len(s.StateBucket) > maxNameLen-len("KV_"):
+		p.add("STATE_BUCKET", "must be 1-252 characters of A-Z a-z 0-9 _ -, got %q", s.StateBucket)
+	}
+	if s.StreamReplicas < 1 || s.StreamReplicas > 5 {
+		p.add("STREAM_REPLICAS", "must be between 1 and 5, got %d", s.StreamReplicas)
+	}
+
+	if s.StopSubject != "" && s.StopSubject == s.DeadSubject {
+		p.add("DEAD_SUBJECT", "must differ from STOP_SUBJECT (both %q)", s.StopSubject)
+	}
+	inOutcomes := func(subject string) bool {
+		rest, ok := strings.CutPrefix(subject, prefix+".")
+		return prefix != "" && ok && rest != "" && !strings.Contains(rest, ".")
+	}
+	if inOutcomes(s.StopSubject) {
+		p.add("STOP_SUBJECT", "%q overlaps the outcome subjects %s.*", s.StopSubject, prefix)
+	}
+	if inOutcomes(s.DeadSubject) {
+		p.add("DEAD_SUBJECT", "%q overlaps the outcome subjects %s.*", s.DeadSubject, prefix)
+	}
+	streams := []struct{ name, value string }{
+		{"STOP_STREAM", s.StopStream},
+		{"OUTCOME_STREAM", s.OutcomeStream},
+		{"DEAD_STREAM", s.DeadStream},
+	}
+	for i, a := range streams {
+		for _, b := range streams[:i] {
+			if a.value != "" && a.value == b.value {
+				p.add(a.name, "must differ from %s (both %q)", b.name, a.value)
+			}
+		}
+		if s.StateBucket != "" && a.value == "KV_"+s.StateBucket {
+			p.add(a.name, "%q is the stream of the state bucket STATE_BUCKET", a.value)
+		}
+	}
+	return p
+}
+
+// subject accepts a literal NATS subject: dot-separated non-empty tokens,
+// no wildcards, no whitespace or control characters.
+func (p *problems) subject(name, s string) {
+	switch {
+	case s == "":
+		p.add(name, "must not be empty")
+	case !utf8.ValidString(s) || strings.ContainsFunc(s, isSpaceOrControl):
+		p.add(name, "must not contain whitespace or control characters, got %q", s)
+	case strings.ContainsAny(s, "*>"):
+		p.add(name, "must not contain wildcards ('*' or '>'), got %q", s)
+	case strings.HasPrefix(s, ".") || strings.HasSuffix(s, ".") || strings.Contains(s, ".."):
+		p.add(name, "must be non-empty tokens separated by '.', got %q", s)
+	}
+}
+
+// jsName accepts a JetStream stream or consumer (durable) name.
+func (p *problems) jsName(name, s string) {
+	switch {
+	case s == "":
+		p.add(name, "must not be empty")
+	case len(s) > maxNameLen:
+		p.add(name, "must be at most %d bytes, got %d", maxNameLen, len(s))
+	case !utf8.ValidString(s) || strings.ContainsFunc(s, isSpaceOrControl) || strings.ContainsAny(s, `.*>/\`):
+		p.add(name, `must not contain whitespace, control characters, '.', '*', '>', '/' or '\', got %q`, s)
+	}
+}
+
+func isSpaceOrControl(r rune) bool { return unicode.IsSpace(r) || unicode.IsControl(r) }
+
+func (d DLF) problems() []error {
+	var p problems
+	if d.Region != "" && (len(d.Region) > 64 || !regionRe.MatchString(d.Region)) {
+		p.add("DLF_REGION", "invalid region %q (want lower-case letters, digits and '-', e.g. cn-north-4)", d.Region)
+	}
+	derived := DLF{Region: d.Region}.EndpointURL()
+	switch {
+	case d.Endpoint != "" && d.Endpoint != derived:
+		p.endpoint(d.Endpoint)
+	case d.Endpoint == "" && d.Region == "":
+		p.add("DLF_ENDPOINT", "not set; set DLF_ENDPOINT or DLF_REGION")
+	}
+
+	either := func(inline, file, name string) bool {
+		if inline != "" && file != "" {
+			p.add(name, "cannot be combined with %s_FILE; set only one", name)
+		}
+		return inline != "" || file != ""
+	}
+	ak := either(d.AK, d.AKFile, "HUAWEICLOUD_SDK_AK")
+	sk := either(d.SK, d.SKFile, "HUAWEICLOUD_SDK_SK")
+	token := either(d.AuthToken, d.AuthTokenFile, "DLF_AUTH_TOKEN")
+	if ak && !sk {
+		p.add("HUAWEICLOUD_SDK_SK", "required when HUAWEICLOUD_SDK_AK is set (or HUAWEICLOUD_SDK_SK_FILE)")
+	}
+	if sk && !ak {
+		p.add("HUAWEICLOUD_SDK_AK", "required when HUAWEICLOUD_SDK_SK is set (or HUAWEICLOUD_SDK_AK_FILE)")
+	}
+	if (ak || sk) && token {
+		p.add("DLF_AUTH_TOKEN", "cannot be combined with HUAWEICLOUD_SDK_AK/HUAWEICLOUD_SDK_SK; use either AK/SK signing or an IAM token")
+	}
+	if d.SecurityToken != "" && !(ak && sk) {
+		p.add("HUAWEICLOUD_SDK_SECURITY_TOKEN", "requires HUAWEICLOUD_SDK_AK and HUAWEICLOUD_SDK_SK")
+	}
+	p.file("HUAWEICLOUD_SDK_AK_FILE", d.AKFile)
+	p.file("HUAWEICLOUD_SDK_SK_FILE", d.SKFile)
+	p.file("DLF_AUTH_TOKEN_FILE", d.AuthTokenFile)
+
+	if d.ProjectID != "" && !idRe.MatchString(d.ProjectID) {
+		p.add("HUAWEICLOUD_SDK_PROJECT_ID", "must be 1-64 characters of A-Z a-z 0-9 -, got %q", d.ProjectID)
+	}
+	if d.Workspace != "" && !idRe.MatchString(d.Workspace) {
+		p.add("DLF_WORKSPACE", "must be 1-64 characters of A-Z a-z 0-9 -, got %q", d.Workspace)
+	}
+	p.positive("DLF_TIMEOUT", d.Timeout)
+	return p
+}
+
+func (p *problems) endpoint(s string) {
+	const name = "DLF_ENDPOINT"
+	shown := RedactURL(s)
+	u, err := url.Parse(s)
+	if err != nil {
+		p.add(name, "%q is not a valid URL", shown)
+		return
+	}
+	if !u.IsAbs() || u.Host == "" {
+		p.add(name, "must be an absolute URL such as https://dayu-dlf.cn-north-4.myhuaweicloud.com, got %q", shown)
+		return
+	}
+	scheme := strings.ToLower(u.Scheme)
+	if scheme != "https" && scheme != "http" {
+		p.add(name, "scheme must be https (or http for a loopback host), got %q", shown)
+		return
+	}
+	if u.User != nil {
+		p.add(name, "must not contain credentials (%q); use HUAWEICLOUD_SDK_AK/HUAWEICLOUD_SDK_SK or DLF_AUTH_TOKEN", shown)
+	}
+	if u.RawQuery != "" || u.ForceQuery || u.Fragment != "" {
+		p.add(name, "must not have a query or fragment, got %q", shown)
+	}
+	if scheme == "http" && !isLoopback(u.Hostname()) {
+		p.add(name, "plain http is allowed only for loopback hosts (127.0.0.0/8, ::1, localhost), got %q; use https", shown)
+	}
+}
+
+func isLoopback(host string) bool {
+	if strings.EqualFold(host, "localhost") {
+		return true
+	}
+	ip := net.ParseIP(host)
+	return ip != nil && ip.IsLoopback()
+}
+
+// file accepts a path to a readable, non-empty regular file (or "", unset).
+func (p *problems) file(name, path string) {
+	if path == "" {
+		return
+	}
+	f, err := os.Open(path)
+	if err != nil {
+		var pe *fs.PathError
+		if errors.As(err, &pe) {
+			err = pe.Err
+		}
+		p.add(name, "cannot open %q: %v", path, err)
+		return
+	}
+	defer f.Close()
+	fi, err := f.Stat()
+	switch {
+	case err != nil:
+		p.add(name, "cannot stat %q", path)
+	case !fi.Mode().IsRegular():
+		p.add(name, "%q is not a regular file", path)
+	case fi.Size() == 0:
+		p.add(name, "%q is empty", path)
+	}
+}
+
+func (p *problems) rate(limit float64, burst int) {
+	if limit < 0 || math.IsNaN(limit) || math.IsInf(limit, 0) {
+		p.add("DLF_RATE_LIMIT", "must be >= 0 requests per second (0 turns it off), got %v", limit)
+	}
+	if burst < 0 {
+		p.add("DLF_RATE_BURST", "must be >= 0, got %d", burst)
+	} else if limit > 0 && burst < 1 {
+		p.add("DLF_RATE_BURST", "must be >= 1 when DLF_RATE_LIMIT is set")
+	}
+}
+
+func (p *problems) httpAddr(addr string) {
+	_, port, err := net.SplitHostPort(addr)
+	if err != nil {
+		p.add("HTTP_ADDR", "invalid address %q (want host:port or :port)", addr)
+		return
+	}
+	if n, err := strconv.Atoi(port); err != nil || n < 0 || n > 65535 {
+		p.add("HTTP_ADDR", "invalid port in %q (want 0-65535)", addr)
+	}
+}
+
+func (p *problems) logLevel(level string) {
+	if _, err := zapcore.ParseLevel(level); err != nil || level == "" {
+		p.add("LOG_LEVEL", "unknown level %q (want debug, info, warn, error, dpanic, panic or fatal)", level)
+	}
+}

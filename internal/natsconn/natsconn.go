@@ -1,0 +1,298 @@
+// Package natsconn turns config.NATS into a NATS connection: authentication
+// (user/password, token, creds file, nkey seed file), TLS (trusted CAs and a
+// client certificate), reconnecting forever, and logging of connection
+// events without secrets.
+//
+// NATS_PASSWORD_FILE is read through nats.go's user-info callback, so the
+// file is read again at every connect and reconnect: a rotated password
+// (rewritten in place or swapped by Kubernetes) is picked up at the next
+// reconnect without a restart. When the file cannot be read the last password
+// read is used and a warning logged. Creds and nkey seed files are read by
+// nats.go at every connect as well; CA and client certificate files are read
+// when the connection is set up.
+//
+// The initial connect does not retry: Connect returns an error when no server
+// accepts the connection, and the caller decides (the worker exits and is
+// restarted). Once connected, the connection reconnects forever.
+package natsconn
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"os"
+	"strings"
+	"sync"
+	"time"
+
+	"github.com/nats-io/nats.go"
+	"go.uber.org/zap"
+
+	"github.com/dlf-stop/worker/internal/config"
+)
+
+// Connection tuning. ReconnectWait is the pause between reconnect attempts
+// to one server (nats.go adds up to 100ms of jitter, 1s with TLS).
+const (
+	ReconnectWait  = 2 * time.Second
+	ConnectTimeout = 5 * time.Second
+	PingInterval   = 20 * time.Second
+	MaxPingsOut    = 3
+)
+
+// Options returns the nats.go options for c: name, authentication, TLS,
+// reconnecting forever every ReconnectWait, and handlers that log
+// disconnects, reconnects and asynchronous errors at warn level without
+// secrets. c is validated first; files that nats.go loads once (CA, client
+// certificate) and the password file are loaded here so a problem surfaces
+// now, as an error naming the variable.
+func Options(c config.NATS, log *zap.Logger, name string) ([]nats.Option, error) {
+	opts, _, err := options(c, log, name)
+	return opts, err
+}
+
+func options(c config.NATS, log *zap.Logger, name string) ([]nats.Option, *redactor, error) {
+	if log == nil {
+		log = zap.NewNop()
+	}
+	if err := c.Validate(); err != nil {
+		return nil, nil, err
+	}
+	r := newRedactor(c)
+	opts := []nats.Option{
+		nats.Name(name),
+		nats.MaxReconnects(-1),
+		nats.ReconnectWait(ReconnectWait),
+		nats.Timeout(ConnectTimeout),
+		nats.PingInterval(PingInterval),
+		nats.MaxPingsOutstanding(MaxPingsOut),
+	}
+	opts = append(opts, handlers(log, r)...)
+
+	auth, err := authOption(c, log, r)
+	if err != nil {
+		return nil, nil, err
+	}
+	if auth != nil {
+		opts = append(opts, auth)
+	}
+
+	// nats.go loads the CA and client certificate when the option is
+	// applied; apply to scratch options to report a bad file now.
+	var scratch nats.Options
+	if c.CA != "" {
+		o := nats.RootCAs(c.CA)
+		if err := o(&scratch); err != nil {
+			return nil, nil, fmt.Errorf("NATS_CA: %s", r.scrub(natsMessage(err)))
+		}
+		opts = append(opts, o)
+	}
+	if c.Cert != "" {
+		o := nats.ClientCert(c.Cert, c.Key)
+		if err := o(&scratch); err != nil {
+			return nil, nil, fmt.Errorf("NATS_CERT, NATS_KEY: %s", r.scrub(natsMessage(err)))
+		}
+		opts = append(opts, o)
+	}
+	return opts, r, nil
+}
+
+func authOption(c config.NATS, log *zap.Logger, r *redactor) (nats.Option, error) {
+	switch {
+	case c.PasswordFile != "":
+		pw, err := readSecretFile(c.PasswordFile)
+		if err != nil {
+			return nil, fmt.Errorf("NATS_PASSWORD_FILE: %w", err)
+		}
+		r.add(pw)
+		pf := &passwordFile{path: c.PasswordFile, last: pw, log: log, r: r}
+		return nats.UserInfoHandler(func() (string, string) {
+			return c.User, pf.read()
+		}), nil
+	case c.User != "":
+		return nats.UserInfo(c.User, c.Password), nil
+	case c.Token != "":
+		return nats.Token(c.Token), nil
+	case c.Creds != "":
+		return nats.UserCredentials(c.Creds), nil
+	case c.NKey != "":
+		o, err := nats.NkeyOptionFromSeed(c.NKey)
+		if err != nil {
+			return nil, fmt.Errorf("NATS_NKEY: %s", r.scrub(natsMessage(err)))
+		}
+		return o, nil
+	}
+	return nil, nil
+}
+
+// passwordFile reads NATS_PASSWORD_FILE at every (re)connect.
+type passwordFile struct {
+	path string
+	log  *zap.Logger
+	r    *redactor
+
+	mu   sync.Mutex
+	last string
+}
+
+func (p *passwordFile) read() string {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	pw, err := readSecretFile(p.path)
+	if err != nil {
+		p.log.Warn("read NATS_PASSWORD_FILE failed; using the password read before", zap.String("error", err.Error()))
+		return p.last
+	}
+	p.r.add(pw)
+	p.last = pw
+	return pw
+}
+
+// readSecretFile returns the trimmed contents of path. Its errors name the
+// path and never hold the contents.
+func readSecretFile(path string) (string, error) {
+	b, err := os.ReadFile(path)
+	if err != nil {
+		var pe *os.PathError
+		if errors.As(err, &pe) {
+			err = pe.Err
+		}
+		return "", fmt.Errorf("read %q: %v", path, err)
+	}
+	s := strings.TrimSpace(string(b))
+	if s == "" {
+		return "", fmt.Errorf("%q is empty", path)
+	}
+	return s, nil
+}
+
+func handlers(log *zap.Logger, r *redactor) []nats.Option {
+	errField := func(err error) zap.Field {
+		if err == nil {
+			return zap.Skip()
+		}
+		return zap.String("error", r.scrub(err.Error()))
+	}
+	return []nats.Option{
+		nats.DisconnectErrHandler(func(nc *nats.Conn, err error) {
+			if nc.IsClosed() {
+				return // Close was called; ClosedHandler logs it.
+			}
+			log.Warn("nats disconnected; reconnecting", errField(err))
+		}),
+		nats.ReconnectHandler(func(nc *nats.Conn) {
+			log.Warn("nats reconnected",
+				zap.String("url", config.RedactURL(nc.ConnectedUrl())),
+				zap.String("server_id", nc.ConnectedServerId()),
+				zap.Uint64("reconnects", nc.Stats().Reconnects))
+		}),
+		nats.ReconnectErrHandler(func(_ *nats.Conn, err error) {
+			log.Warn("nats reconnect attempt failed", errField(err))
+		}),
+		nats.ErrorHandler(func(_ *nats.Conn, sub *nats.Subscription, err error) {
+			fields := []zap.Field{errField(err)}
+			if sub != nil {
+				fields = append(fields, zap.String("subject", sub.Subject))
+			}
+			log.Warn("nats error", fields...)
+		}),
+		nats.LameDuckModeHandler(func(nc *nats.Conn) {
+			log.Warn("nats server entering lame duck mode; will reconnect to another server",
+				zap.String("server_id", nc.ConnectedServerId()))
+		}),
+		nats.ClosedHandler(func(nc *nats.Conn) {
+			log.Info("nats connection closed", errField(nc.LastError()))
+		}),
+	}
+}
+
+// Connect connects to c.URL with Options. It does not retry the first
+// connect. Cancelling ctx aborts the connect (dial, TLS handshake and
+// protocol handshake) and returns ctx's error; once Connect has returned,
+// ctx no longer matters. Errors start with "connect nats: ", name the
+// problem and the servers, and hold no secret (URLs are shown without their
+// user information); errors.Is works with nats.go's errors such as
+// nats.ErrAuthorization.
+func Connect(ctx context.Context, c config.NATS, log *zap.Logger, name string) (*nats.Conn, error) {
+	if log == nil {
+		log = zap.NewNop()
+	}
+	opts, r, err := options(c, log, name)
+	if err != nil {
+		return nil, fmt.Errorf("connect nats: %w", err)
+	}
+	if err := ctx.Err(); err != nil {
+		return nil, fmt.Errorf("connect nats: %w", err)
+	}
+	d := newDialer(ctx, ConnectTimeout)
+	opts = append(opts, nats.SetCustomDialer(d))
+	nc, err := nats.Connect(c.URL, opts...)
+	cancelled := d.release()
+	if cancelled || ctx.Err() != nil {
+		if nc != nil {
+			nc.Close()
+		}
+		return nil, &connectError{
+			msg: fmt.Sprintf("connect nats: %v (servers %s)", context.Cause(ctx), config.RedactURL(c.URL)),
+			err: context.Cause(ctx),
+		}
+	}
+	if err != nil {
+		return nil, &connectError{
+			msg: fmt.Sprintf("connect nats: %s%s (servers %s)", r.scrub(natsMessage(err)), tlsHint(err, c), config.RedactURL(c.URL)),
+			err: err,
+		}
+	}
+	log.Info("nats connected",
+		zap.String("url", config.RedactURL(nc.ConnectedUrl())),
+		zap.String("server_id", nc.ConnectedServerId()),
+		zap.String("name", name))
+	return nc, nil
+}
+
+// connectError carries a message safe to show and the original error for
+// errors.Is and errors.As.
+type connectError struct {
+	msg string
+	err error
+}
+
+func (e *connectError) Error() string { return e.msg }
+func (e *connectError) Unwrap() error { return e.err }
+
+// tlsHint explains a TLS connection the server dropped right after the
+// handshake: with TLS 1.3 that is how a refused client certificate looks to
+// the client.
+func tlsHint(err error, c config.NATS) string {
+	msg := err.Error()
+	if !strings.Contains(msg, "certificate required") && !strings.Contains(msg, "closed by remote after TLS handshake") &&
+		!strings.Contains(msg, "bad certificate") && !strings.Contains(msg, "unknown certificate authority") {
+		return ""
+	}
+	if c.Cert == "" {
+		return "; the server may require a client certificate (NATS_CERT, NATS_KEY)"
+	}
+	return "; the server may not accept the client certificate (NATS_CERT)"
+}
+
+// authErrors are nats.go's errors for a refused login. The server's text
+// differs in case ("Authorization Violation"); errors.Is matches either.
+var authErrors = []error{
+	nats.ErrAuthorization,
+	nats.ErrAuthExpired,
+	nats.ErrAuthRevoked,
+	nats.ErrAccountAuthExpired,
+}
+
+// natsMessage is err's message without nats.go's "nats: " prefix, which
+// "connect nats: " already says, and with refused logins worded the same
+// way whatever the server sent.
+func natsMessage(err error) string {
+	for _, ae := range authErrors {
+		if errors.Is(err, ae) {
+			err = ae
+			break
+		}
+	}
+	return strings.TrimPrefix(err.Error(), "nats: ")
+}
