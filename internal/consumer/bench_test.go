@@ -1,0 +1,120 @@
+package consumer
+
+import (
+	"errors"
+	"fmt"
+	"slices"
+	"strconv"
+	"sync"
+	"testing"
+	"time"
+
+	"github.com/nats-io/nats.go"
+	"github.com/nats-io/nats.go/jetstream"
+
+	"github.com/dlf-stop/worker/internal/dlf/emulator"
+)
+
+// BenchmarkPipeline pushes b.N commands through embedded JetStream, the
+// worker and the emulator over HTTP, and reports commands per second and
+// the p50/p99 latency from publish to stored outcome. Run it with a fixed
+// count so the figures are comparable:
+//
+//	go test -run '^$' -bench BenchmarkPipeline -benchtime 20000x ./internal/consumer/
+func BenchmarkPipeline(b *testing.B) {
+	cases := []struct {
+		name        string
+		latency     time.Duration
+		concurrency int
+	}{
+		{"latency=0/concurrency=32", 0, 32},
+		{"latency=50ms/concurrency=256", 50 * time.Millisecond, 256},
+	}
+	for _, tc := range cases {
+		b.Run(tc.name, func(b *testing.B) {
+			benchPipeline(b, tc.latency, tc.concurrency)
+		})
+	}
+}
+
+func benchPipeline(b *testing.B, latency time.Duration, concurrency int) {
+	e := newEnvWith(b, func(c *Config) {
+		c.Concurrency = concurrency
+		c.CallTimeout = 10 * time.Second
+	}, emulator.WithRequestLogSize(0))
+	e.emu.SetFaults(emulator.Faults{Latency: latency})
+	n := b.N
+	bodies := make([][]byte, n)
+	for i := range bodies {
+		id := "b-" + strconv.Itoa(i)
+		e.emu.AddRunning(proj, "", "s1", id)
+		bodies[i] = []byte(`{"command_id":"` + id + `","project_id":"` + proj + `","script_name":"s1","instance_id":"` + id + `"}`)
+	}
+
+	// Outcomes are seen on a core subscription: the worker publishes them
+	// with a stored-ack, so arrival here follows their storage.
+	sent := make([]time.Time, n)
+	lat := make([]time.Duration, 0, n)
+	var mu sync.Mutex
+	done := make(chan struct{})
+	sub, err := e.nc.Subscribe("dlf.stop.outcome.*", func(m *nats.Msg) {
+		id := m.Header.Get(nats.MsgIdHdr)
+		i, err := strconv.Atoi(id[2:])
+		if err != nil {
+			return
+		}
+		mu.Lock()
+		lat = append(lat, time.Since(sent[i]))
+		if len(lat) == n {
+			close(done)
+		}
+		mu.Unlock()
+	})
+	if err != nil {
+		b.Fatal(err)
+	}
+	defer sub.Unsubscribe()
+	e.startWorker(nil)
+
+	b.ResetTimer()
+	start := time.Now()
+	for i := 0; i < n; i++ {
+		m := nats.NewMsg("dlf.stop.request")
+		m.Data = bodies[i]
+		mu.Lock()
+		sent[i] = time.Now()
+		mu.Unlock()
+		for {
+			_, err := e.js.PublishMsgAsync(m)
+			if err == nil {
+				break
+			}
+			if !errors.Is(err, jetstream.ErrTooManyStalledMsgs) {
+				b.Fatal(err)
+			}
+			<-e.js.PublishAsyncComplete() // the publisher outran the server: let it catch up
+		}
+	}
+	select {
+	case <-done:
+	case <-time.After(5 * time.Minute):
+		b.Fatalf("only %d of %d outcomes", len(lat), n)
+	}
+	elapsed := time.Since(start)
+	b.StopTimer()
+
+	mu.Lock()
+	slices.Sort(lat)
+	p50, p99 := lat[len(lat)/2], lat[len(lat)*99/100]
+	mu.Unlock()
+	b.ReportMetric(float64(n)/elapsed.Seconds(), "cmds/s")
+	b.ReportMetric(float64(p50.Microseconds())/1000, "p50_ms")
+	b.ReportMetric(float64(p99.Microseconds())/1000, "p99_ms")
+	b.ReportMetric(0, "ns/op")
+	if calls := e.emu.StopCalls(); calls != int64(n) {
+		b.Errorf("DLF calls = %d, want %d", calls, n)
+	}
+	b.Logf("%d commands in %s: %.0f cmds/s, p50 %s, p99 %s", n, elapsed.Round(time.Millisecond),
+		float64(n)/elapsed.Seconds(), p50, p99)
+	_ = fmt.Sprint()
+}

@@ -1,0 +1,77 @@
+package consumer
+
+import (
+	"strconv"
+	"time"
+
+	"github.com/prometheus/client_golang/prometheus"
+)
+
+// Metrics are the worker's Prometheus series; every name starts dlf_stop_.
+type Metrics struct {
+	commands     *prometheus.CounterVec
+	calls        *prometheus.CounterVec
+	callDuration prometheus.Histogram
+	retries      *prometheus.CounterVec
+	inFlight     prometheus.Gauge
+	held         prometheus.Gauge
+	publishFail  *prometheus.CounterVec
+	panics       prometheus.Counter
+	returned     *prometheus.CounterVec
+}
+
+// NewMetrics registers the series on reg (use prometheus.NewRegistry() in
+// tests so parallel workers do not collide).
+func NewMetrics(reg prometheus.Registerer) (*Metrics, error) {
+	m := &Metrics{
+		commands: prometheus.NewCounterVec(prometheus.CounterOpts{
+			Name: "dlf_stop_commands_total",
+			Help: "Commands decided, by outcome status and cause.",
+		}, []string{"status", "cause"}),
+		calls: prometheus.NewCounterVec(prometheus.CounterOpts{
+			Name: "dlf_stop_dlf_calls_total",
+			Help: "DLF stop calls made, by HTTP status (0: no answer).",
+		}, []string{"code"}),
+		callDuration: prometheus.NewHistogram(prometheus.HistogramOpts{
+			Name:    "dlf_stop_dlf_call_duration_seconds",
+			Help:    "Duration of one DLF stop call.",
+			Buckets: []float64{.005, .01, .025, .05, .1, .25, .5, 1, 2.5, 5, 10, 30},
+		}),
+		retries: prometheus.NewCounterVec(prometheus.CounterOpts{
+			Name: "dlf_stop_retries_total",
+			Help: "Retries scheduled, by where the command waits (in_process or redelivery).",
+		}, []string{"wait"}),
+		inFlight: prometheus.NewGauge(prometheus.GaugeOpts{
+			Name: "dlf_stop_dlf_calls_in_flight",
+			Help: "DLF calls on the wire now (at most WORKER_CONCURRENCY).",
+		}),
+		held: prometheus.NewGauge(prometheus.GaugeOpts{
+			Name: "dlf_stop_commands_in_flight",
+			Help: "Commands this worker holds now: calling, waiting in-process or publishing.",
+		}),
+		publishFail: prometheus.NewCounterVec(prometheus.CounterOpts{
+			Name: "dlf_stop_publish_failures_total",
+			Help: "Outcome or dead-letter publishes that got no stored-ack; the command was returned.",
+		}, []string{"kind"}),
+		panics: prometheus.NewCounter(prometheus.CounterOpts{
+			Name: "dlf_stop_panics_total",
+			Help: "Panics recovered while processing a command; the command was returned.",
+		}),
+		returned: prometheus.NewCounterVec(prometheus.CounterOpts{
+			Name: "dlf_stop_commands_returned_total",
+			Help: "Commands handed back to JetStream undecided, by reason.",
+		}, []string{"reason"}),
+	}
+	for _, c := range []prometheus.Collector{m.commands, m.calls, m.callDuration, m.retries,
+		m.inFlight, m.held, m.publishFail, m.panics, m.returned} {
+		if err := reg.Register(c); err != nil {
+			return nil, err
+		}
+	}
+	return m, nil
+}
+
+func (m *Metrics) observeCall(code int, d time.Duration) {
+	m.calls.WithLabelValues(strconv.Itoa(code)).Inc()
+	m.callDuration.Observe(d.Seconds())
+}

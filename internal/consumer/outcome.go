@@ -1,0 +1,143 @@
+package consumer
+
+import (
+	"context"
+	"encoding/json"
+	"fmt"
+	"strconv"
+	"time"
+
+	"github.com/nats-io/nats.go"
+	"github.com/nats-io/nats.go/jetstream"
+)
+
+// Causes, the machine-readable half of an outcome.
+const (
+	CauseOK               = "ok"
+	CauseDLFError         = "dlf_error"
+	CauseRetriesExhausted = "retries_exhausted"
+	CauseInvalidCommand   = "invalid_command"
+	CauseDeadlinePassed   = "deadline_passed"
+	CauseAlreadyStopped   = "already_stopped"
+)
+
+// Outcome is the event published once per command (contract section 4).
+// Fields with nothing to say are left out; http_status and attempts are
+// always present because 0 is meaningful for them.
+type Outcome struct {
+	CommandID    string `json:"command_id,omitempty"`
+	ProjectID    string `json:"project_id,omitempty"`
+	Workspace    string `json:"workspace,omitempty"`
+	ScriptName   string `json:"script_name,omitempty"`
+	InstanceID   string `json:"instance_id,omitempty"`
+	Reason       string `json:"reason,omitempty"`
+	Status       string `json:"status"`
+	Cause        string `json:"cause"`
+	HTTPStatus   int    `json:"http_status"`
+	ErrorCode    string `json:"error_code,omitempty"`
+	ErrorMsg     string `json:"error_msg,omitempty"`
+	Detail       string `json:"detail,omitempty"`
+	DLFRequestID string `json:"dlf_request_id,omitempty"`
+	Attempts     int    `json:"attempts"`
+	ReceivedAt   string `json:"received_at,omitempty"`
+	FinishedAt   string `json:"finished_at"`
+	DurationMS   int64  `json:"duration_ms"`
+	WorkerID     string `json:"worker_id,omitempty"`
+}
+
+// timeFormat is RFC 3339 in UTC that always shows fractional seconds,
+// so consumers can parse every event with one layout.
+const timeFormat = "2006-01-02T15:04:05.000000000Z07:00"
+
+// FormatTime renders t the way outcome events and dead letters do.
+func FormatTime(t time.Time) string { return t.UTC().Format(timeFormat) }
+
+// Dead-letter headers (contract section 5).
+const (
+	HeaderStatus          = "Dlf-Status"
+	HeaderCause           = "Dlf-Cause"
+	HeaderErrorCode       = "Dlf-Error-Code"
+	HeaderErrorMsg        = "Dlf-Error-Msg"
+	HeaderHTTPStatus      = "Dlf-Http-Status"
+	HeaderAttempts        = "Dlf-Attempts"
+	HeaderOriginalSubject = "Dlf-Original-Subject"
+	HeaderOriginalSeq     = "Dlf-Original-Seq"
+	HeaderFailedAt        = "Dlf-Failed-At"
+	HeaderDetail          = "Dlf-Detail"
+	HeaderRedriveOf       = "Dlf-Redrive-Of"
+)
+
+// publisher stores outcomes and dead letters and waits for JetStream's
+// stored-ack, because acking a command before that could lose it.
+type publisher struct {
+	js            jetstream.JetStream
+	outcomePrefix string
+	deadSubject   string
+}
+
+// publishOutcome stores o and reports whether the stream had it already
+// (a repeat within the duplicate window: the decision was made before).
+func (p *publisher) publishOutcome(ctx context.Context, o *Outcome) (duplicate bool, err error) {
+	body, err := json.Marshal(o)
+	if err != nil {
+		return false, fmt.Errorf("encode outcome: %w", err)
+	}
+	m := nats.NewMsg(p.outcomePrefix + "." + o.Status)
+	m.Data = body
+	m.Header.Set(jetstream.MsgIDHeader, o.CommandID)
+	ack, err := p.js.PublishMsg(ctx, m)
+	if err != nil {
+		return false, fmt.Errorf("publish outcome: %w", err)
+	}
+	return ack.Duplicate, nil
+}
+
+// publishDead stores the original command bytes, unchanged, so that a
+// redrive is a plain republish of the body.
+func (p *publisher) publishDead(ctx context.Context, o *Outcome, original []byte, subject string, seq uint64) error {
+	m := nats.NewMsg(p.deadSubject)
+	m.Data = original
+	h := m.Header
+	h.Set(jetstream.MsgIDHeader, o.CommandID)
+	setIf := func(k, v string) {
+		if v != "" {
+			h.Set(k, v)
+		}
+	}
+	setIf(HeaderStatus, o.Status)
+	setIf(HeaderCause, o.Cause)
+	setIf(HeaderErrorCode, o.ErrorCode)
+	setIf(HeaderErrorMsg, headerSafe(o.ErrorMsg))
+	h.Set(HeaderHTTPStatus, strconv.Itoa(o.HTTPStatus))
+	h.Set(HeaderAttempts, strconv.Itoa(o.Attempts))
+	setIf(HeaderOriginalSubject, subject)
+	h.Set(HeaderOriginalSeq, strconv.FormatUint(seq, 10))
+	h.Set(HeaderFailedAt, o.FinishedAt)
+	setIf(HeaderDetail, headerSafe(o.Detail))
+	if _, err := p.js.PublishMsg(ctx, m); err != nil {
+		return fmt.Errorf("publish dead letter: %w", err)
+	}
+	return nil
+}
+
+// headerSafe keeps a header value on one line: NATS headers are
+// line-based, and a CR or LF from a DLF error message would break them.
+func headerSafe(s string) string {
+	clean := true
+	for i := 0; i < len(s); i++ {
+		if s[i] == '\r' || s[i] == '\n' {
+			clean = false
+			break
+		}
+	}
+	if clean {
+		return s
+	}
+	b := []byte(s)
+	for i, c := range b {
+		if c == '\r' || c == '\n' {
+			b[i] = ' '
+		}
+	}
+	return string(b)
+}

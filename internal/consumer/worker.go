@@ -1,0 +1,243 @@
+package consumer
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"sync"
+	"sync/atomic"
+	"time"
+
+	"github.com/cenkalti/backoff/v4"
+	"github.com/nats-io/nats.go/jetstream"
+	"go.uber.org/zap"
+
+	"github.com/dlf-stop/worker/internal/dlf"
+)
+
+// Stopper is the one DLF operation the loop needs; *dlf.Client satisfies it.
+type Stopper interface {
+	Stop(ctx context.Context, r dlf.StopRequest) (*dlf.Response, error)
+}
+
+// Option configures injected dependencies of a Worker.
+type Option func(*Worker)
+
+// WithClock replaces time.Now, for tests of time-dependent rules.
+func WithClock(now func() time.Time) Option { return func(w *Worker) { w.now = now } }
+
+// Worker consumes stop commands. Create it with New, run it with Run.
+//
+// Shutdown has two phases. When Run's context ends the worker stops
+// fetching (soft stop): calls on the wire may finish and their commands are
+// decided normally, while commands waiting to retry are returned at once.
+// After ShutdownTimeout every call still running is cancelled (hard stop)
+// and its command is returned too. Returned means Nak without delay, so
+// another replica takes it immediately.
+type Worker struct {
+	cfg  Config
+	js   jetstream.JetStream
+	cons jetstream.Consumer
+	dlf  Stopper
+	log  *zap.Logger
+	m    *Metrics
+	pub  publisher
+	now  func() time.Time
+
+	ackWait time.Duration
+	slots   chan struct{} // DLF calls in flight
+	held    chan struct{} // commands held by this worker
+	waiting atomic.Int64  // commands sleeping in-process before a retry
+
+	ready    atomic.Bool
+	stopping chan struct{}   // closed at soft stop
+	hard     context.Context // cancelled at hard stop
+	wg       sync.WaitGroup
+}
+
+// New builds a Worker on a consumer bound by Setup.
+func New(js jetstream.JetStream, cons jetstream.Consumer, stopper Stopper, cfg Config,
+	log *zap.Logger, m *Metrics, opts ...Option) (*Worker, error) {
+	cfg.setDefaults()
+	if err := cfg.Validate(); err != nil {
+		return nil, fmt.Errorf("consumer config: %w", err)
+	}
+	switch {
+	case js == nil:
+		return nil, errors.New("consumer: nil JetStream")
+	case cons == nil:
+		return nil, errors.New("consumer: nil Consumer")
+	case stopper == nil:
+		return nil, errors.New("consumer: nil Stopper")
+	case log == nil:
+		return nil, errors.New("consumer: nil logger")
+	case m == nil:
+		return nil, errors.New("consumer: nil metrics")
+	}
+	w := &Worker{
+		cfg:      cfg,
+		js:       js,
+		cons:     cons,
+		dlf:      stopper,
+		log:      log,
+		m:        m,
+		pub:      publisher{js: js, outcomePrefix: cfg.OutcomePrefix, deadSubject: cfg.DeadSubject},
+		now:      time.Now,
+		slots:    make(chan struct{}, cfg.Concurrency),
+		held:     make(chan struct{}, cfg.heldLimit()),
+		stopping: make(chan struct{}),
+		ackWait:  cfg.AckWait,
+	}
+	if info := cons.CachedInfo(); info != nil && info.Config.AckWait > 0 {
+		w.ackWait = info.Config.AckWait
+	}
+	for _, o := range opts {
+		o(w)
+	}
+	return w, nil
+}
+
+// Ready reports whether the worker is connected with its consumer bound.
+func (w *Worker) Ready() bool {
+	return w.ready.Load() && w.js.Conn().IsConnected()
+}
+
+// Run consumes until ctx ends, then shuts down as described on Worker and
+// returns nil. Run may be called once.
+func (w *Worker) Run(ctx context.Context) error {
+	hard, hardStop := context.WithCancel(context.WithoutCancel(ctx))
+	defer hardStop()
+	w.hard = hard
+
+	w.fetch(ctx)
+
+	close(w.stopping)
+	timer := time.AfterFunc(w.cfg.ShutdownTimeout, hardStop)
+	w.wg.Wait()
+	timer.Stop()
+	w.log.Info("worker stopped")
+	return nil
+}
+
+// fetch pulls messages while ctx lives, rebinding after errors.
+func (w *Worker) fetch(ctx context.Context) {
+	retry := backoff.NewExponentialBackOff()
+	retry.InitialInterval = 100 * time.Millisecond
+	retry.MaxInterval = 5 * time.Second
+	retry.MaxElapsedTime = 0
+	for ctx.Err() == nil {
+		it, err := w.cons.Messages(jetstream.PullMaxMessages(w.cfg.pullBatch()))
+		if err == nil {
+			w.ready.Store(true)
+			err = w.iterate(ctx, it)
+			w.ready.Store(false)
+			if ctx.Err() != nil {
+				w.returnBuffered(it)
+				return
+			}
+			it.Stop()
+		}
+		wait := retry.NextBackOff()
+		w.log.Warn("consumer not bound; retrying", zap.Error(err), zap.Duration("in", wait))
+		select {
+		case <-ctx.Done():
+			return
+		case <-time.After(wait):
+		}
+		if c, err := ensureConsumer(ctx, w.js, w.cfg, w.log); err == nil {
+			w.cons = c
+		}
+	}
+}
+
+// iterate hands messages to handlers while there is room. A slot in held
+// is taken before asking for a message, so the client never buffers a
+// message this worker has no room for beyond its pull batch.
+func (w *Worker) iterate(ctx context.Context, it jetstream.MessagesContext) error {
+	for {
+		select {
+		case w.held <- struct{}{}:
+		case <-ctx.Done():
+			return ctx.Err()
+		}
+		msg, err := it.Next(jetstream.NextContext(ctx))
+		if err != nil {
+			<-w.held
+			return err
+		}
+		w.m.held.Inc()
+		w.wg.Add(1)
+		go w.handle(msg)
+	}
+}
+
+// returnBuffered naks what the client had already pulled but the worker
+// had not started, so shutdown hands it on without waiting for ack wait.
+func (w *Worker) returnBuffered(it jetstream.MessagesContext) {
+	it.Drain()
+	for {
+		msg, err := it.Next(jetstream.NextMaxWait(2 * time.Second))
+		if err != nil {
+			return
+		}
+		if err := msg.Nak(); err != nil {
+			w.log.Warn("return buffered command", zap.Error(err))
+		}
+		w.m.returned.WithLabelValues("shutdown").Inc()
+	}
+}
+
+func (w *Worker) handle(msg jetstream.Msg) {
+	defer func() {
+		<-w.held
+		w.m.held.Dec()
+		w.wg.Done()
+	}()
+	hb := startHeartbeat(msg, w.ackWait/3)
+	defer hb.stop()
+	defer func() {
+		if r := recover(); r != nil {
+			w.m.panics.Inc()
+			w.log.Error("panic while processing a command; returning it", zap.Any("panic", r), zap.Stack("stack"))
+			_ = msg.NakWithDelay(w.cfg.RetryInitial)
+		}
+	}()
+	w.process(msg)
+}
+
+// heartbeat tells JetStream, every interval, that a held command is still
+// being worked on, so a long call or a short in-process wait never lets
+// the ack wait expire and hand the command to another replica.
+type heartbeat struct {
+	mu      sync.Mutex
+	t       *time.Timer
+	stopped bool
+}
+
+func startHeartbeat(msg jetstream.Msg, every time.Duration) *heartbeat {
+	if every <= 0 {
+		every = time.Second
+	}
+	h := &heartbeat{}
+	var beat func()
+	beat = func() {
+		h.mu.Lock()
+		defer h.mu.Unlock()
+		if h.stopped {
+			return
+		}
+		_ = msg.InProgress()
+		h.t = time.AfterFunc(every, beat)
+	}
+	h.mu.Lock()
+	h.t = time.AfterFunc(every, beat)
+	h.mu.Unlock()
+	return h
+}
+
+func (h *heartbeat) stop() {
+	h.mu.Lock()
+	h.stopped = true
+	h.t.Stop()
+	h.mu.Unlock()
+}

@@ -1,0 +1,125 @@
+// Package devenv is `worker dev`: everything on this machine with nothing
+// installed. It starts an embedded NATS server with JetStream, the DLF
+// emulator with a few running instances, and the worker wired to both, then
+// prints how to publish a stop command.
+package devenv
+
+import (
+	"context"
+	"fmt"
+	"io"
+	"net"
+	"os"
+	"strings"
+	"time"
+
+	"go.uber.org/zap"
+
+	"github.com/dlf-stop/worker/internal/config"
+	"github.com/dlf-stop/worker/internal/dlf/emulator"
+	"github.com/dlf-stop/worker/internal/embedded"
+	"github.com/dlf-stop/worker/internal/logging"
+	"github.com/dlf-stop/worker/internal/service"
+)
+
+// Demo identifiers printed for the user.
+const (
+	DemoProject = "demo-project"
+	DemoScript  = "demo_script"
+)
+
+// Options tune Run for tests; the zero value is what `worker dev` uses.
+type Options struct {
+	NATSPort  int    // default 4222, or a free port when taken
+	HTTPAddr  string // default :8080, or a free port when taken
+	Logger    *zap.Logger
+	Instances int // running instances to create, default 3
+}
+
+// Run starts the dev environment and blocks until ctx ends.
+func Run(ctx context.Context, stdout io.Writer) error {
+	return RunWith(ctx, stdout, Options{})
+}
+
+// RunWith is Run with options.
+func RunWith(ctx context.Context, stdout io.Writer, o Options) error {
+	if o.NATSPort == 0 {
+		o.NATSPort = embedded.PortOrFree("127.0.0.1", 4222)
+	}
+	if o.HTTPAddr == "" {
+		o.HTTPAddr = "127.0.0.1:8080"
+		if l, err := net.Listen("tcp", o.HTTPAddr); err != nil {
+			o.HTTPAddr = "127.0.0.1:0"
+		} else {
+			_ = l.Close()
+		}
+	}
+	if o.Instances == 0 {
+		o.Instances = 3
+	}
+	log := o.Logger
+	if log == nil {
+		var err error
+		if log, err = logging.New("info", "console"); err != nil {
+			return err
+		}
+		defer func() { _ = log.Sync() }()
+	}
+
+	store, err := os.MkdirTemp("", "dlf-stop-dev-*")
+	if err != nil {
+		return fmt.Errorf("temp store: %w", err)
+	}
+	defer os.RemoveAll(store)
+	ns, err := embedded.Start(embedded.Options{Port: o.NATSPort, StoreDir: store})
+	if err != nil {
+		return err
+	}
+	defer func() { ns.Shutdown(); ns.WaitForShutdown() }()
+
+	emu := emulator.New(emulator.WithLogger(log.Named("emulator")))
+	emuURL, err := emu.Start()
+	if err != nil {
+		return fmt.Errorf("emulator: %w", err)
+	}
+	defer emu.Close()
+	instances := make([]string, o.Instances)
+	for i := range instances {
+		instances[i] = emu.Execute(DemoProject, "", DemoScript)
+	}
+
+	cfg := config.Default()
+	cfg.NATS.URL = ns.ClientURL()
+	cfg.DLF.Endpoint = emuURL
+	cfg.DLF.ProjectID = DemoProject
+	cfg.HTTPAddr = o.HTTPAddr
+	cfg.ShutdownTimeout = 5 * time.Second
+	if err := cfg.Validate(); err != nil {
+		return fmt.Errorf("dev configuration: %w", err)
+	}
+	return service.Run(ctx, cfg, log, service.Hooks{Started: func(httpAddr string) {
+		printBanner(stdout, ns.ClientURL(), httpAddr, emuURL, instances)
+	}})
+}
+
+func printBanner(w io.Writer, natsURL, httpAddr, emuURL string, instances []string) {
+	var b strings.Builder
+	fmt.Fprintf(&b, "dlf-stop worker dev environment is running. Ctrl-C stops it.\n\n")
+	fmt.Fprintf(&b, "NATS URL:      %s\n", natsURL)
+	fmt.Fprintf(&b, "HTTP address:  http://%s  (/metrics /healthz /readyz)\n", httpAddr)
+	fmt.Fprintf(&b, "DLF emulator:  %s  (project %s, script %s)\n\n", emuURL, DemoProject, DemoScript)
+	fmt.Fprintf(&b, "Running instances ready to stop:\n")
+	for _, id := range instances {
+		fmt.Fprintf(&b, "  %s\n", id)
+	}
+	first := instances[0]
+	fmt.Fprintf(&b, "\nWatch outcomes:\n  nats --server %s sub 'dlf.stop.outcome.>'\n", natsURL)
+	fmt.Fprintf(&b, "\nPublish a stop command with the nats CLI:\n")
+	fmt.Fprintf(&b, "  nats --server %s pub dlf.stop.request '{\"script_name\":\"%s\",\"instance_id\":\"%s\",\"reason\":\"demo\"}'\n",
+		natsURL, DemoScript, first)
+	if len(instances) > 1 {
+		fmt.Fprintf(&b, "\nOr with this binary (prints the outcome):\n")
+		fmt.Fprintf(&b, "  NATS_URL=%s go run ./cmd/worker stop --script %s --instance %s\n", natsURL, DemoScript, instances[1])
+	}
+	_, _ = io.WriteString(w, b.String())
+}

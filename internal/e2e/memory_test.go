@@ -1,0 +1,116 @@
+package e2e
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"net"
+	"strconv"
+	"testing"
+	"time"
+
+	"github.com/nats-io/nats.go"
+	"github.com/nats-io/nats.go/jetstream"
+	"go.uber.org/zap"
+
+	"github.com/dlf-stop/worker/internal/consumer"
+	"github.com/dlf-stop/worker/internal/dlf/emulator"
+	"github.com/dlf-stop/worker/internal/embedded"
+)
+
+// BenchmarkBacklogMemory measures the worker process's resident memory
+// while 100,000 commands wait in the stream (and it works through them
+// against a 50 ms DLF). The worker only pulls what it can hold, so the
+// backlog stays in JetStream, not in the worker.
+//
+//	go test -run '^$' -bench BenchmarkBacklogMemory -benchtime 1x ./internal/e2e/
+func BenchmarkBacklogMemory(b *testing.B) {
+	const backlog = 100_000
+	for i := 0; i < b.N; i++ {
+		peak := backlogPeakRSS(b, backlog, 10*time.Second)
+		b.ReportMetric(float64(peak)/1024, "peak_rss_MB")
+		b.ReportMetric(0, "ns/op")
+		b.Logf("worker peak RSS with %d commands waiting: %.1f MB", backlog, float64(peak)/1024)
+	}
+}
+
+func backlogPeakRSS(b *testing.B, backlog int, watch time.Duration) int64 {
+	srv, err := embedded.Start(embedded.Options{StoreDir: b.TempDir()})
+	if err != nil {
+		b.Fatal(err)
+	}
+	b.Cleanup(func() { srv.Shutdown(); srv.WaitForShutdown() })
+	emu, emuURL := emulator.StartForTest(b, emulator.WithRequestLogSize(0))
+	emu.SetFaults(emulator.Faults{Latency: 50 * time.Millisecond})
+
+	nc, err := nats.Connect(srv.ClientURL())
+	if err != nil {
+		b.Fatal(err)
+	}
+	b.Cleanup(nc.Close)
+	js, err := jetstream.New(nc)
+	if err != nil {
+		b.Fatal(err)
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
+	defer cancel()
+	if _, err := consumer.Setup(ctx, js, consumer.Config{}, zap.NewNop()); err != nil {
+		b.Fatal(err)
+	}
+	for i := 0; i < backlog; i++ {
+		id := "m-" + strconv.Itoa(i)
+		emu.AddRunning("p", "", "s", id)
+		body := []byte(`{"command_id":"` + id + `","project_id":"p","script_name":"s","instance_id":"` + id + `"}`)
+		for {
+			_, err := js.PublishAsync("dlf.stop.request", body)
+			if err == nil {
+				break
+			}
+			if !errors.Is(err, jetstream.ErrTooManyStalledMsgs) {
+				b.Fatal(err)
+			}
+			<-js.PublishAsyncComplete()
+		}
+	}
+	<-js.PublishAsyncComplete()
+
+	w := startWorker(b, map[string]string{
+		"NATS_URL":                   srv.ClientURL(),
+		"DLF_ENDPOINT":               emuURL,
+		"HUAWEICLOUD_SDK_PROJECT_ID": "p",
+		"HTTP_ADDR":                  freeAddr(b),
+		"WORKER_CONCURRENCY":         "256",
+		"LOG_LEVEL":                  "warn",
+	})
+	pid := w.cmd.Process.Pid
+	var peak int64
+	end := time.Now().Add(watch)
+	tick := time.NewTicker(100 * time.Millisecond)
+	defer tick.Stop()
+	for time.Now().Before(end) {
+		<-tick.C
+		_, hwm, err := rssKiB(pid)
+		if err != nil {
+			b.Fatalf("worker exited: %v; logs: %v", err, w.lines())
+		}
+		peak = hwm
+	}
+	if calls := emu.StopCalls(); calls == 0 {
+		b.Fatalf("the worker made no DLF call; logs: %v", w.lines())
+	} else {
+		b.Logf("DLF calls during the watch: %d", calls)
+	}
+	return peak
+}
+
+func freeAddr(t testing.TB) string {
+	t.Helper()
+	l, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer l.Close()
+	return l.Addr().String()
+}
+
+var _ = fmt.Sprint

@@ -1,0 +1,202 @@
+package service
+
+import (
+	"context"
+	"crypto/rand"
+	"encoding/hex"
+	"fmt"
+	"os"
+	"time"
+
+	"github.com/nats-io/nats.go/jetstream"
+	"github.com/prometheus/client_golang/prometheus"
+	"github.com/prometheus/client_golang/prometheus/collectors"
+	"go.uber.org/zap"
+
+	"github.com/dlf-stop/worker/internal/command"
+	"github.com/dlf-stop/worker/internal/config"
+	"github.com/dlf-stop/worker/internal/consumer"
+	"github.com/dlf-stop/worker/internal/dlf"
+	"github.com/dlf-stop/worker/internal/natsconn"
+	"github.com/dlf-stop/worker/internal/opshttp"
+	"github.com/dlf-stop/worker/internal/secretfile"
+)
+
+// Hooks let callers observe start-up; all optional.
+type Hooks struct {
+	// Started is called once the worker consumes, with the bound address
+	// of the operations HTTP server.
+	Started func(httpAddr string)
+}
+
+// Run runs the worker until ctx ends, then shuts down gracefully: stop
+// fetching, finish or return in-flight commands within SHUTDOWN_TIMEOUT,
+// drain the NATS connection. It returns nil after a clean shutdown.
+func Run(ctx context.Context, cfg config.Config, log *zap.Logger, hooks Hooks) error {
+	workerID := WorkerID()
+	log = log.With(zap.String("worker_id", workerID))
+	log.Info("starting", zap.Any("config", cfg.Redacted()))
+
+	// Secrets live only inside these values, never in a log field.
+	secretCtx, stopSecrets := context.WithCancel(context.WithoutCancel(ctx))
+	defer stopSecrets()
+	creds, err := credentials(secretCtx, cfg.DLF, log)
+	if err != nil {
+		return err
+	}
+
+	client, err := dlf.NewClient(dlf.Config{
+		Endpoint:    cfg.DLF.EndpointURL(),
+		Credentials: creds,
+		Timeout:     cfg.DLF.Timeout,
+		MaxConns:    cfg.WorkerConcurrency,
+		UserAgent:   "dlf-stop-worker",
+	})
+	if err != nil {
+		return fmt.Errorf("dlf client: %w", err)
+	}
+	defer client.CloseIdleConnections()
+
+	nc, err := natsconn.Connect(ctx, cfg.NATS, log, "dlf-stop-worker "+workerID)
+	if err != nil {
+		return err
+	}
+	defer nc.Close()
+	js, err := jetstream.New(nc)
+	if err != nil {
+		return fmt.Errorf("jetstream: %w", err)
+	}
+
+	ccfg := ConsumerConfig(cfg, workerID)
+	setupCtx, cancelSetup := context.WithTimeout(ctx, 30*time.Second)
+	cons, err := consumer.Setup(setupCtx, js, ccfg, log)
+	cancelSetup()
+	if err != nil {
+		return fmt.Errorf("set up JetStream: %w", err)
+	}
+
+	reg := prometheus.NewRegistry()
+	reg.MustRegister(collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))
+	metrics, err := consumer.NewMetrics(reg)
+	if err != nil {
+		return fmt.Errorf("metrics: %w", err)
+	}
+	w, err := consumer.New(js, cons, client, ccfg, log, metrics)
+	if err != nil {
+		return err
+	}
+
+	ops, err := opshttp.Listen(cfg.HTTPAddr, reg, func() (bool, string) {
+		if !nc.IsConnected() {
+			return false, "NATS not connected"
+		}
+		if !w.Ready() {
+			return false, "consumer not bound"
+		}
+		return true, ""
+	}, log)
+	if err != nil {
+		return fmt.Errorf("HTTP_ADDR: listen %s: %w", cfg.HTTPAddr, err)
+	}
+	go ops.Serve()
+	defer func() {
+		sctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+		defer cancel()
+		_ = ops.Shutdown(sctx)
+	}()
+	log.Info("consuming", zap.String("stream", ccfg.StopStream), zap.String("consumer", ccfg.ConsumerName),
+		zap.String("http_addr", ops.Addr()), zap.Int("concurrency", ccfg.Concurrency))
+	if hooks.Started != nil {
+		hooks.Started(ops.Addr())
+	}
+
+	runErr := w.Run(ctx)
+	drainNATS(nc, log)
+	return runErr
+}
+
+// drainNATS flushes acks and naks the loop sent and closes the connection.
+func drainNATS(nc interface {
+	Drain() error
+	IsClosed() bool
+}, log *zap.Logger) {
+	if err := nc.Drain(); err != nil {
+		log.Warn("drain nats", zap.Error(err))
+		return
+	}
+	deadline := time.Now().Add(5 * time.Second)
+	for !nc.IsClosed() && time.Now().Before(deadline) {
+		time.Sleep(10 * time.Millisecond)
+	}
+}
+
+// ConsumerConfig maps the environment configuration onto the loop's.
+func ConsumerConfig(cfg config.Config, workerID string) consumer.Config {
+	s := cfg.Subjects
+	return consumer.Config{
+		StopStream:      s.StopStream,
+		StopSubject:     s.StopSubject,
+		ConsumerName:    s.ConsumerName,
+		OutcomeStream:   s.OutcomeStream,
+		OutcomePrefix:   s.OutcomeSubjectPrefix,
+		DeadStream:      s.DeadStream,
+		DeadSubject:     s.DeadSubject,
+		Replicas:        s.StreamReplicas,
+		Concurrency:     cfg.WorkerConcurrency,
+		CallTimeout:     cfg.DLF.Timeout,
+		RetryInitial:    cfg.Retry.InitialInterval,
+		RetryMax:        cfg.Retry.MaxInterval,
+		RetryMaxElapsed: cfg.Retry.MaxElapsed,
+		ShutdownTimeout: cfg.ShutdownTimeout,
+		Defaults:        command.Defaults{ProjectID: cfg.DLF.ProjectID, Workspace: cfg.DLF.Workspace},
+		WorkerID:        workerID,
+	}
+}
+
+// credentials returns the per-request credential source. File-backed
+// values are watched, so a rotated secret applies to the next request.
+func credentials(ctx context.Context, d config.DLF, log *zap.Logger) (func() dlf.Credentials, error) {
+	if d.Unauthenticated() {
+		log.Warn("no DLF credentials configured: requests go out unsigned (only useful against an emulator)")
+		return nil, nil
+	}
+	value := func(inline, file, name string) (*secretfile.Value, error) {
+		if file == "" {
+			return secretfile.Static(inline), nil
+		}
+		v, err := secretfile.Watch(ctx, file, log)
+		if err != nil {
+			return nil, fmt.Errorf("%s: %w", name, err)
+		}
+		return v, nil
+	}
+	ak, err := value(d.AK, d.AKFile, "HUAWEICLOUD_SDK_AK_FILE")
+	if err != nil {
+		return nil, err
+	}
+	sk, err := value(d.SK, d.SKFile, "HUAWEICLOUD_SDK_SK_FILE")
+	if err != nil {
+		return nil, err
+	}
+	token, err := value(d.AuthToken, d.AuthTokenFile, "DLF_AUTH_TOKEN_FILE")
+	if err != nil {
+		return nil, err
+	}
+	securityToken := d.SecurityToken
+	return func() dlf.Credentials {
+		return dlf.Credentials{AK: ak.Get(), SK: sk.Get(), SecurityToken: securityToken, AuthToken: token.Get()}
+	}, nil
+}
+
+// WorkerID names this process in outcomes and logs: the host name (the
+// pod name on Kubernetes) and a random suffix, so two processes on one
+// host differ.
+func WorkerID() string {
+	host, err := os.Hostname()
+	if err != nil || host == "" {
+		host = "worker"
+	}
+	var b [3]byte
+	_, _ = rand.Read(b[:])
+	return host + "-" + hex.EncodeToString(b[:])
+}
