@@ -48,6 +48,25 @@ type Config struct {
 
 	// WorkerID names this instance in outcome events.
 	WorkerID string
+
+	// StateBucket (STATE_BUCKET) keeps per-command state for StateTTL
+	// (STATE_TTL): see state.go. DisableState runs without it, which only
+	// the benchmark's comparison switch should do.
+	StateBucket  string
+	StateTTL     time.Duration
+	DisableState bool
+
+	// CircuitThreshold is how many calls in a row, across commands, must
+	// fail the same systemic way (no answer, 5xx) before the circuit opens;
+	// a 401 or 403 opens it at once. DisableCircuit turns it off (benchmark
+	// comparison only).
+	CircuitThreshold int
+	DisableCircuit   bool
+
+	// RateLimit (DLF_RATE_LIMIT) caps DLF requests per second from this
+	// worker, with RateBurst (DLF_RATE_BURST); 0 means unlimited.
+	RateLimit float64
+	RateBurst int
 }
 
 func (c *Config) setDefaults() {
@@ -82,6 +101,14 @@ func (c *Config) setDefaults() {
 	setDur(&c.ShutdownTimeout, 20*time.Second)
 	setDur(&c.AckWait, 30*time.Second)
 	setStr(&c.WorkerID, "worker")
+	setStr(&c.StateBucket, "dlf_stop_state")
+	setDur(&c.StateTTL, 24*time.Hour)
+	if c.CircuitThreshold == 0 {
+		c.CircuitThreshold = 5
+	}
+	if c.RateLimit > 0 && c.RateBurst == 0 {
+		c.RateBurst = 1
+	}
 }
 
 // Validate reports every problem at once.
@@ -104,6 +131,10 @@ func (c *Config) Validate() error {
 	}
 	if c.Concurrency < 1 {
 		errs = append(errs, fmt.Errorf("concurrency must be at least 1, got %d", c.Concurrency))
+	}
+	positive("state TTL", c.StateTTL)
+	if c.RateLimit < 0 || c.RateBurst < 0 {
+		errs = append(errs, errors.New("rate limit and burst must not be negative"))
 	}
 	if c.Replicas < 1 || c.Replicas > 5 {
 		errs = append(errs, fmt.Errorf("replicas must be 1 to 5, got %d", c.Replicas))

@@ -18,6 +18,9 @@ type Metrics struct {
 	publishFail  *prometheus.CounterVec
 	panics       prometheus.Counter
 	returned     *prometheus.CounterVec
+	circuitOpen  prometheus.Gauge
+	skipped      prometheus.Counter
+	throttled    prometheus.Counter
 }
 
 // NewMetrics registers the series on reg (use prometheus.NewRegistry() in
@@ -61,9 +64,21 @@ func NewMetrics(reg prometheus.Registerer) (*Metrics, error) {
 			Name: "dlf_stop_commands_returned_total",
 			Help: "Commands handed back to JetStream undecided, by reason.",
 		}, []string{"reason"}),
+		circuitOpen: prometheus.NewGauge(prometheus.GaugeOpts{
+			Name: "dlf_stop_circuit_open",
+			Help: "1 while the DLF circuit is open (fetching paused, one probe call at a time).",
+		}),
+		skipped: prometheus.NewCounter(prometheus.CounterOpts{
+			Name: "dlf_stop_commands_already_decided_total",
+			Help: "Deliveries acked without a call or outcome because the state bucket had them decided.",
+		}),
+		throttled: prometheus.NewCounter(prometheus.CounterOpts{
+			Name: "dlf_stop_throttled_total",
+			Help: "429 answers from DLF; each pauses every call of this worker.",
+		}),
 	}
 	for _, c := range []prometheus.Collector{m.commands, m.calls, m.callDuration, m.retries,
-		m.inFlight, m.held, m.publishFail, m.panics, m.returned} {
+		m.inFlight, m.held, m.publishFail, m.panics, m.returned, m.circuitOpen, m.skipped, m.throttled} {
 		if err := reg.Register(c); err != nil {
 			return nil, err
 		}

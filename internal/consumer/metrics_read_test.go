@@ -13,3 +13,11 @@ func testutilCount(c prometheus.Counter) float64 {
 	}
 	return m.GetCounter().GetValue()
 }
+
+func gaugeValue(g prometheus.Gauge) float64 {
+	var m dto.Metric
+	if err := g.Write(&m); err != nil {
+		return -1
+	}
+	return m.GetGauge().GetValue()
+}

@@ -22,9 +22,15 @@ type job struct {
 	msg      jetstream.Msg
 	meta     *jetstream.MsgMetadata
 	cmd      command.Command
+	valid    bool
 	out      Outcome
-	attempts int
-	log      *zap.Logger
+	attempts int  // DLF calls for this command, across deliveries when the state bucket is on
+	// unanswered: some call for this command was sent and got no answer
+	// (this delivery, or an earlier one per the state bucket), so a later
+	// DLF.6205 means the stop happened.
+	unanswered bool
+	pending    []jetstream.PubAckFuture // state writes not yet confirmed
+	log        *zap.Logger
 }
 
 // process takes one delivery to a decision (outcome stored, then ack) or
@@ -60,6 +66,10 @@ func (w *Worker) process(msg jetstream.Msg) {
 		zap.String("script_name", cmd.ScriptName), zap.String("instance_id", cmd.InstanceID),
 		zap.Uint64("delivery", meta.NumDelivered))
 
+	j.valid = verr == nil
+	if w.state != nil && !w.recall(j) {
+		return
+	}
 	if verr != nil {
 		w.finish(j, StatusRejected, CauseInvalidCommand, verr.Error())
 		return
@@ -73,6 +83,7 @@ func (w *Worker) process(msg jetstream.Msg) {
 	req := dlf.StopRequest{ProjectID: cmd.ProjectID, Workspace: cmd.Workspace,
 		ScriptName: cmd.ScriptName, InstanceID: cmd.InstanceID}
 	sched := newSchedule(&w.cfg, meta.Timestamp, meta.NumDelivered)
+	var last dlf.Verdict
 	for {
 		select {
 		case <-w.stopping:
@@ -80,9 +91,20 @@ func (w *Worker) process(msg jetstream.Msg) {
 			return
 		default:
 		}
-		v, ok := w.call(j, req)
-		if !ok {
+		v, res := w.call(j, req, sched.giveUpAt)
+		switch res {
+		case callStopped:
 			w.giveBack(j, 0, "shutdown")
+			return
+		case callTimedOut:
+			w.finish(j, StatusFailed, CauseRetriesExhausted,
+				"RETRY_MAX_ELAPSED passed while the DLF circuit was open; last: "+describe(last))
+			return
+		}
+		last = v
+		if j.unanswered && v.HTTPStatus == 400 && v.ErrorCode == "DLF.6205" {
+			w.finish(j, StatusStopped, CauseAlreadyStopped,
+				"DLF.6205 after an earlier call that was sent and got no answer: that call stopped the instance")
 			return
 		}
 		switch v.Class {
@@ -147,14 +169,48 @@ func (w *Worker) waitInProcess(j *job, wait time.Duration) bool {
 	}
 }
 
-// call makes one DLF attempt inside a concurrency slot and records what
-// the answer says on the job. ok is false when shutdown cancelled the wait
-// for a slot before any call was made.
-func (w *Worker) call(j *job, req dlf.StopRequest) (v dlf.Verdict, ok bool) {
+type callResult int
+
+const (
+	callMade     callResult = iota
+	callStopped             // shutdown came first: no call was made
+	callTimedOut            // the give-up time passed while the circuit was open
+)
+
+// call makes one DLF attempt and records what the answer says on the job.
+// Before the call it passes the circuit (waiting while it is open, unless
+// chosen as the probe), the throttle, and a concurrency slot, and records
+// "calling" in the state bucket; none of these waits holds a slot.
+func (w *Worker) call(j *job, req dlf.StopRequest, giveUpAt time.Time) (v dlf.Verdict, res callResult) {
+	giveUp := time.NewTimer(time.Until(giveUpAt))
+	probe, ok := w.circ.acquire(w.soft, giveUp.C)
+	giveUp.Stop()
+	if !ok {
+		if w.soft.Err() != nil {
+			return v, callStopped
+		}
+		return v, callTimedOut
+	}
+	if err := w.thr.wait(w.soft); err != nil {
+		w.circ.release(probe, v, true)
+		return v, callStopped
+	}
+	if w.state != nil {
+		f, err := w.state.putAsync(cmdKey(j.cmd.ID), cmdRecord{Phase: phaseCalling, Attempts: j.attempts + 1, Unanswered: j.unanswered})
+		if err != nil {
+			// Without the record a lost answer could not be recognised
+			// later; better not to call now.
+			w.circ.release(probe, v, true)
+			j.log.Warn("could not record the call in the state bucket", zap.Error(err))
+			return v, callStopped
+		}
+		j.pending = append(j.pending, f)
+	}
 	select {
 	case w.slots <- struct{}{}:
 	case <-w.hard.Done():
-		return v, false
+		w.circ.release(probe, v, true)
+		return v, callStopped
 	}
 	w.m.inFlight.Inc()
 	ctx, cancel := context.WithTimeout(w.hard, w.cfg.CallTimeout)
@@ -167,6 +223,21 @@ func (w *Worker) call(j *job, req dlf.StopRequest) (v dlf.Verdict, ok bool) {
 
 	v = dlf.Classify(resp, err)
 	j.attempts++
+	w.circ.release(probe, v, w.hard.Err() != nil)
+	switch {
+	case v.HTTPStatus == 429:
+		w.m.throttled.Inc()
+		pause := v.RetryAfter
+		if pause < w.cfg.RetryInitial {
+			pause = w.cfg.RetryInitial
+		}
+		w.thr.throttled(pause)
+	case v.Class == dlf.ClassStopped:
+		w.thr.succeeded()
+	}
+	if v.NotAnswered {
+		j.unanswered = true
+	}
 	w.m.observeCall(v.HTTPStatus, elapsed)
 	j.out.HTTPStatus = v.HTTPStatus
 	j.out.ErrorCode = v.ErrorCode
@@ -176,7 +247,7 @@ func (w *Worker) call(j *job, req dlf.StopRequest) (v dlf.Verdict, ok bool) {
 		j.log.Debug("DLF call did not stop the instance", zap.Int("attempt", j.attempts),
 			zap.Int("http_status", v.HTTPStatus), zap.String("error_code", v.ErrorCode), zap.Error(err))
 	}
-	return v, true
+	return v, callMade
 }
 
 // describe renders a verdict for the outcome's detail.
@@ -194,8 +265,23 @@ func describe(v dlf.Verdict) string {
 	}
 }
 
-// giveBack returns the command undecided. delay 0 means at once.
+// giveBack returns the command undecided. delay 0 means at once. With the
+// state bucket it first records how far the command got, so the next
+// delivery counts attempts on and knows whether a call went unanswered.
 func (w *Worker) giveBack(j *job, delay time.Duration, reason string) {
+	if w.state != nil && j.attempts > 0 {
+		ctx, cancel := context.WithTimeout(context.WithoutCancel(w.hard), publishTimeout)
+		err := awaitAll(ctx, j.pending)
+		if err == nil {
+			err = w.state.put(ctx, cmdKey(j.cmd.ID), cmdRecord{Phase: phaseAnswered, Attempts: j.attempts, Unanswered: j.unanswered})
+		}
+		cancel()
+		if err != nil {
+			// The record stays "calling": the next delivery then assumes a
+			// call went unanswered, the safe side for a stop.
+			j.log.Warn("could not record progress in the state bucket", zap.Error(err))
+		}
+	}
 	var err error
 	if delay > 0 {
 		err = j.msg.NakWithDelay(delay)
@@ -224,6 +310,14 @@ func (w *Worker) finish(j *job, status, cause, detail string) {
 
 	ctx, cancel := context.WithTimeout(w.hard, publishTimeout)
 	defer cancel()
+	if w.state != nil && status == StatusStopped && j.valid {
+		f, err := w.state.putAsync(instKey(j.cmd.InstanceKey()), instRecord{CommandID: j.cmd.ID, StoppedAt: o.FinishedAt})
+		if err != nil {
+			w.publishFailed(j, "state", err)
+			return
+		}
+		j.pending = append(j.pending, f)
+	}
 	if _, err := w.pub.publishOutcome(ctx, o); err != nil {
 		w.publishFailed(j, "outcome", err)
 		return
@@ -235,6 +329,19 @@ func (w *Worker) finish(j *job, status, cause, detail string) {
 	if status != StatusStopped {
 		if err := w.pub.publishDead(ctx, o, j.msg.Data(), j.msg.Subject(), j.meta.Sequence.Stream); err != nil {
 			w.publishFailed(j, "dead_letter", err)
+			return
+		}
+	}
+	if w.state != nil {
+		// Only after the outcome is stored may the command be recorded as
+		// decided: a decided record makes every later delivery a silent ack.
+		if err := awaitAll(ctx, j.pending); err != nil {
+			w.publishFailed(j, "state", err)
+			return
+		}
+		if err := w.state.put(ctx, cmdKey(j.cmd.ID), cmdRecord{Phase: phaseDecided, Attempts: j.attempts,
+			Unanswered: j.unanswered, Status: status, Cause: cause}); err != nil {
+			w.publishFailed(j, "state", err)
 			return
 		}
 	}
@@ -262,4 +369,42 @@ func (w *Worker) publishFailed(j *job, kind string, err error) {
 		return
 	}
 	w.giveBack(j, w.cfg.RetryInitial, "publish_failed")
+}
+
+// recall consults the state bucket before anything is called. It returns
+// false when the delivery was fully handled here: already decided (acked
+// silently), or the bucket could not be read (returned for later).
+func (w *Worker) recall(j *job) bool {
+	inst := ""
+	if j.valid {
+		inst = j.cmd.InstanceKey()
+	}
+	ctx, cancel := context.WithTimeout(w.hard, publishTimeout)
+	rec, stoppedBy, err := w.state.lookup(ctx, j.cmd.ID, inst)
+	cancel()
+	if err != nil {
+		j.log.Warn("state bucket unavailable; returning the command", zap.Error(err))
+		w.giveBack(j, w.cfg.RetryInitial, "state_unavailable")
+		return false
+	}
+	if rec != nil && rec.Phase == phaseDecided {
+		if err := j.msg.Ack(); err != nil {
+			j.log.Warn("ack of an already decided command failed", zap.Error(err))
+		}
+		w.m.skipped.Inc()
+		j.log.Info("command already decided; acked without a call or a new outcome",
+			zap.String("status", rec.Status), zap.String("cause", rec.Cause))
+		return false
+	}
+	if rec != nil {
+		j.attempts = rec.Attempts
+		// "calling" means a delivery died mid-call: its answer is unknown.
+		j.unanswered = rec.Unanswered || rec.Phase == phaseCalling
+	}
+	if stoppedBy != nil {
+		w.finish(j, StatusStopped, CauseAlreadyStopped,
+			fmt.Sprintf("instance already stopped by command %s at %s", stoppedBy.CommandID, stoppedBy.StoppedAt))
+		return false
+	}
+	return true
 }

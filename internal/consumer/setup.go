@@ -47,6 +47,11 @@ func Setup(ctx context.Context, js jetstream.JetStream, cfg Config, log *zap.Log
 			return nil, err
 		}
 	}
+	if !cfg.DisableState {
+		if _, err := ensureState(ctx, js, &cfg, log); err != nil {
+			return nil, err
+		}
+	}
 	return ensureConsumer(ctx, js, cfg, log)
 }
 

@@ -49,8 +49,13 @@ type Worker struct {
 	held    chan struct{} // commands held by this worker
 	waiting atomic.Int64  // commands sleeping in-process before a retry
 
+	state *stateStore // nil when DisableState
+	circ  *circuit
+	thr   *throttle
+
 	ready    atomic.Bool
-	stopping chan struct{}   // closed at soft stop
+	soft     context.Context // Run's context: ends at soft stop
+	stopping <-chan struct{} // soft.Done()
 	hard     context.Context // cancelled at hard stop
 	wg       sync.WaitGroup
 }
@@ -85,9 +90,16 @@ func New(js jetstream.JetStream, cons jetstream.Consumer, stopper Stopper, cfg C
 		now:      time.Now,
 		slots:    make(chan struct{}, cfg.Concurrency),
 		held:     make(chan struct{}, cfg.heldLimit()),
-		stopping: make(chan struct{}),
 		ackWait:  cfg.AckWait,
+		thr:      newThrottle(&cfg),
 	}
+	w.circ = newCircuit(&w.cfg, log, func(open bool) {
+		if open {
+			m.circuitOpen.Set(1)
+		} else {
+			m.circuitOpen.Set(0)
+		}
+	})
 	if info := cons.CachedInfo(); info != nil && info.Config.AckWait > 0 {
 		w.ackWait = info.Config.AckWait
 	}
@@ -97,9 +109,24 @@ func New(js jetstream.JetStream, cons jetstream.Consumer, stopper Stopper, cfg C
 	return w, nil
 }
 
-// Ready reports whether the worker is connected with its consumer bound.
+// Ready reports whether the worker is connected with its consumer bound
+// and the DLF circuit closed.
 func (w *Worker) Ready() bool {
-	return w.ready.Load() && w.js.Conn().IsConnected()
+	ok, _ := w.Readiness()
+	return ok
+}
+
+// Readiness is Ready with the reason when not ready, for /readyz.
+func (w *Worker) Readiness() (bool, string) {
+	switch {
+	case !w.js.Conn().IsConnected():
+		return false, "NATS not connected"
+	case w.circ.Open():
+		return false, "DLF circuit open: DLF fails systemically, commands wait in the stream"
+	case !w.ready.Load():
+		return false, "consumer not bound"
+	}
+	return true, ""
 }
 
 // Run consumes until ctx ends, then shuts down as described on Worker and
@@ -108,10 +135,20 @@ func (w *Worker) Run(ctx context.Context) error {
 	hard, hardStop := context.WithCancel(context.WithoutCancel(ctx))
 	defer hardStop()
 	w.hard = hard
+	w.soft = ctx
+	w.stopping = ctx.Done()
+	if !w.cfg.DisableState {
+		bctx, cancel := context.WithTimeout(ctx, 30*time.Second)
+		st, err := ensureState(bctx, w.js, &w.cfg, w.log)
+		cancel()
+		if err != nil {
+			return err
+		}
+		w.state = st
+	}
 
 	w.fetch(ctx)
 
-	close(w.stopping)
 	timer := time.AfterFunc(w.cfg.ShutdownTimeout, hardStop)
 	w.wg.Wait()
 	timer.Stop()
@@ -126,6 +163,9 @@ func (w *Worker) fetch(ctx context.Context) {
 	retry.MaxInterval = 5 * time.Second
 	retry.MaxElapsedTime = 0
 	for ctx.Err() == nil {
+		if w.circ.waitClosed(ctx) != nil {
+			return
+		}
 		it, err := w.cons.Messages(jetstream.PullMaxMessages(w.cfg.pullBatch()))
 		if err == nil {
 			w.ready.Store(true)
@@ -134,6 +174,12 @@ func (w *Worker) fetch(ctx context.Context) {
 			if ctx.Err() != nil {
 				w.returnBuffered(it)
 				return
+			}
+			if errors.Is(err, errCircuitOpen) {
+				// Hand back what the client buffered: it would sit out
+				// its ack wait here while nothing is called.
+				w.returnBuffered(it)
+				continue
 			}
 			it.Stop()
 		}
@@ -154,15 +200,21 @@ func (w *Worker) fetch(ctx context.Context) {
 // is taken before asking for a message, so the client never buffers a
 // message this worker has no room for beyond its pull batch.
 func (w *Worker) iterate(ctx context.Context, it jetstream.MessagesContext) error {
+	ictx, cancel := context.WithCancelCause(ctx)
+	defer cancel(nil)
+	w.circ.onOpen(ictx, func() { cancel(errCircuitOpen) })
 	for {
 		select {
 		case w.held <- struct{}{}:
-		case <-ctx.Done():
-			return ctx.Err()
+		case <-ictx.Done():
+			return context.Cause(ictx)
 		}
-		msg, err := it.Next(jetstream.NextContext(ctx))
+		msg, err := it.Next(jetstream.NextContext(ictx))
 		if err != nil {
 			<-w.held
+			if c := context.Cause(ictx); c != nil {
+				return c
+			}
 			return err
 		}
 		w.m.held.Inc()
@@ -170,6 +222,8 @@ func (w *Worker) iterate(ctx context.Context, it jetstream.MessagesContext) erro
 		go w.handle(msg)
 	}
 }
+
+var errCircuitOpen = errors.New("DLF circuit open")
 
 // returnBuffered naks what the client had already pulled but the worker
 // had not started, so shutdown hands it on without waiting for ack wait.

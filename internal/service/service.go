@@ -86,15 +86,7 @@ func Run(ctx context.Context, cfg config.Config, log *zap.Logger, hooks Hooks) e
 		return err
 	}
 
-	ops, err := opshttp.Listen(cfg.HTTPAddr, reg, func() (bool, string) {
-		if !nc.IsConnected() {
-			return false, "NATS not connected"
-		}
-		if !w.Ready() {
-			return false, "consumer not bound"
-		}
-		return true, ""
-	}, log)
+	ops, err := opshttp.Listen(cfg.HTTPAddr, reg, w.Readiness, log)
 	if err != nil {
 		return fmt.Errorf("HTTP_ADDR: listen %s: %w", cfg.HTTPAddr, err)
 	}
@@ -150,6 +142,10 @@ func ConsumerConfig(cfg config.Config, workerID string) consumer.Config {
 		ShutdownTimeout: cfg.ShutdownTimeout,
 		Defaults:        command.Defaults{ProjectID: cfg.DLF.ProjectID, Workspace: cfg.DLF.Workspace},
 		WorkerID:        workerID,
+		StateBucket:     s.StateBucket,
+		StateTTL:        cfg.StateTTL,
+		RateLimit:       cfg.RateLimit,
+		RateBurst:       cfg.RateBurst,
 	}
 }
 

@@ -1,0 +1,210 @@
+package consumer
+
+import (
+	"context"
+	"net/http"
+	"sync"
+	"time"
+
+	"github.com/cenkalti/backoff/v4"
+	"go.uber.org/zap"
+
+	"github.com/dlf-stop/worker/internal/dlf"
+)
+
+// circuit pauses the worker when DLF fails systemically, so an outage or
+// revoked credentials park commands in the stream instead of burning their
+// retry budget and dead-lettering them en masse.
+//
+// It opens on a 401 or 403, or after threshold calls in a row, across
+// commands, that got no answer or a 5xx. While open: the fetch loop takes
+// nothing new, commands already held wait (heartbeating, no calls), and one
+// probe call at a time is let through, spaced by a backoff. The first probe
+// that gets a non-systemic answer closes it.
+type circuit struct {
+	threshold int
+	log       *zap.Logger
+	onChange  func(open bool)
+
+	mu       sync.Mutex
+	open     bool
+	failures int       // consecutive systemic failures
+	probing  bool      // a probe call is on the wire
+	nextTry  time.Time // earliest next probe
+	probeBo  *backoff.ExponentialBackOff
+	changed  chan struct{} // closed and replaced on every state change
+	disabled bool
+}
+
+func newCircuit(cfg *Config, log *zap.Logger, onChange func(bool)) *circuit {
+	bo := backoff.NewExponentialBackOff()
+	bo.InitialInterval = cfg.RetryInitial
+	bo.MaxInterval = cfg.RetryMax
+	bo.MaxElapsedTime = 0
+	return &circuit{
+		threshold: cfg.CircuitThreshold,
+		log:       log,
+		onChange:  onChange,
+		probeBo:   bo,
+		changed:   make(chan struct{}),
+		disabled:  cfg.DisableCircuit,
+	}
+}
+
+// Open reports whether the circuit is open.
+func (c *circuit) Open() bool {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	return c.open
+}
+
+// waitClosed blocks while the circuit is open; used by the fetch loop.
+func (c *circuit) waitClosed(ctx context.Context) error {
+	for {
+		c.mu.Lock()
+		open, ch := c.open, c.changed
+		c.mu.Unlock()
+		if !open {
+			return nil
+		}
+		select {
+		case <-ch:
+		case <-ctx.Done():
+			return ctx.Err()
+		}
+	}
+}
+
+// acquire waits until a call may be made: at once when closed; as the one
+// probe when open and the probe backoff has passed. probe tells the caller
+// to report through release. It returns early with ok=false when ctx ends
+// or giveUp passes first.
+func (c *circuit) acquire(ctx context.Context, giveUp <-chan time.Time) (probe, ok bool) {
+	if c.disabled {
+		return false, true
+	}
+	for {
+		c.mu.Lock()
+		if !c.open {
+			c.mu.Unlock()
+			return false, true
+		}
+		now := time.Now()
+		if !c.probing && !now.Before(c.nextTry) {
+			c.probing = true
+			c.mu.Unlock()
+			return true, true
+		}
+		ch := c.changed
+		wait := c.nextTry.Sub(now)
+		if c.probing || wait <= 0 {
+			wait = time.Hour // woken by the probe's result
+		}
+		c.mu.Unlock()
+		t := time.NewTimer(wait)
+		select {
+		case <-ch:
+		case <-t.C:
+		case <-giveUp:
+			t.Stop()
+			return false, false
+		case <-ctx.Done():
+			t.Stop()
+			return false, false
+		}
+		t.Stop()
+	}
+}
+
+// systemic tells whether a verdict counts against DLF as a whole.
+func systemic(v dlf.Verdict) (counts, immediate bool) {
+	switch {
+	case v.HTTPStatus == http.StatusUnauthorized || v.HTTPStatus == http.StatusForbidden:
+		return true, true
+	case v.HTTPStatus >= 500:
+		return true, false
+	case v.HTTPStatus == 0 && v.Systemic:
+		return true, false
+	}
+	return false, false
+}
+
+// release records a call's verdict.
+func (c *circuit) release(probe bool, v dlf.Verdict, cancelled bool) {
+	if c.disabled {
+		return
+	}
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	if probe {
+		c.probing = false
+	}
+	if cancelled {
+		// Our own shutdown says nothing about DLF; let another probe go.
+		c.signalLocked()
+		return
+	}
+	counts, immediate := systemic(v)
+	if !counts {
+		c.failures = 0
+		if c.open {
+			c.open = false
+			c.probeBo.Reset()
+			c.log.Warn("DLF circuit closed: a probe call got through", zap.Int("http_status", v.HTTPStatus))
+			c.signalLocked()
+			if c.onChange != nil {
+				c.onChange(false)
+			}
+		}
+		return
+	}
+	c.failures++
+	if c.open {
+		if probe {
+			c.nextTry = time.Now().Add(c.probeBo.NextBackOff())
+			c.signalLocked()
+		}
+		return
+	}
+	if immediate || c.failures >= c.threshold {
+		c.open = true
+		c.probeBo.Reset()
+		c.nextTry = time.Now().Add(c.probeBo.NextBackOff())
+		c.log.Warn("DLF circuit open: pausing fetches, probing with one call at a time",
+			zap.Int("http_status", v.HTTPStatus), zap.String("error_code", v.ErrorCode),
+			zap.Int("consecutive_failures", c.failures))
+		c.signalLocked()
+		if c.onChange != nil {
+			c.onChange(true)
+		}
+	}
+}
+
+func (c *circuit) signalLocked() {
+	close(c.changed)
+	c.changed = make(chan struct{})
+}
+
+// onOpen calls fn once, from another goroutine, when the circuit is (or
+// becomes) open, unless ctx ends first.
+func (c *circuit) onOpen(ctx context.Context, fn func()) {
+	if c.disabled {
+		return
+	}
+	go func() {
+		for {
+			c.mu.Lock()
+			open, ch := c.open, c.changed
+			c.mu.Unlock()
+			if open {
+				fn()
+				return
+			}
+			select {
+			case <-ch:
+			case <-ctx.Done():
+				return
+			}
+		}
+	}()
+}

@@ -1,0 +1,299 @@
+package consumer
+
+import (
+	"context"
+	"fmt"
+	"sort"
+	"testing"
+	"time"
+
+	"github.com/nats-io/nats.go"
+
+	"github.com/dlf-stop/worker/internal/command"
+	"github.com/dlf-stop/worker/internal/dlf/emulator"
+)
+
+// The same command id published again after the stream's duplicate
+// window (here: with another Nats-Msg-Id, which the stream does not
+// deduplicate) is acked without a call and without a second outcome.
+func TestDecidedCommandIsNotRepeated(t *testing.T) {
+	e := newEnv(t, nil)
+	e.emu.AddRunning(proj, "", "s1", "i-1")
+	r := e.startWorker(nil)
+	b := body(t, map[string]any{"command_id": "once", "project_id": proj, "script_name": "s1", "instance_id": "i-1"})
+	e.publish(b, nats.Header{nats.MsgIdHdr: []string{"m-1"}})
+	e.out.wait(t, 1, 10*time.Second)
+	e.publish(b, nats.Header{nats.MsgIdHdr: []string{"m-2"}})
+	e.stopStreamEmpty(t)
+	eventually(t, 5*time.Second, func() error {
+		if got := testutilCount(r.w.m.skipped); got != 1 {
+			return fmt.Errorf("skipped = %v", got)
+		}
+		return nil
+	})
+	consistently(t, 300*time.Millisecond, func() error {
+		if n := e.out.len(); n != 1 {
+			return fmt.Errorf("%d outcomes, want 1", n)
+		}
+		return nil
+	})
+	if n := e.emu.StopCalls(); n != 1 {
+		t.Errorf("DLF calls = %d, want 1", n)
+	}
+	e.noDeadLetters(t)
+}
+
+// The lost 204: DLF stops the instance but the answer never arrives; the
+// retry gets DLF.6205, which now means "already stopped".
+func TestLostResponseIsAlreadyStopped(t *testing.T) {
+	e := newEnv(t, nil)
+	e.emu.AddRunning(proj, "", "s1", "i-1")
+	e.emu.SetFaultsFor(proj, "s1", "i-1", emulator.Faults{DropAfterStop: true})
+	e.startWorker(nil)
+	e.publish(body(t, map[string]any{"command_id": "lost", "project_id": proj, "script_name": "s1", "instance_id": "i-1"}), nil)
+	eventually(t, 10*time.Second, func() error {
+		if !e.emu.Stopped(proj, "s1", "i-1") {
+			return fmt.Errorf("not stopped yet")
+		}
+		return nil
+	})
+	e.emu.ClearFaultsFor(proj, "s1", "i-1") // the next answer arrives
+	o := e.single(t)
+	if o.Status != StatusStopped || o.Cause != CauseAlreadyStopped || o.Attempts < 2 || o.HTTPStatus != 400 || o.ErrorCode != "DLF.6205" {
+		t.Fatalf("outcome = %+v", o)
+	}
+	if !e.emu.Stopped(proj, "s1", "i-1") {
+		t.Error("instance not stopped")
+	}
+	e.noDeadLetters(t)
+	consistently(t, 300*time.Millisecond, func() error {
+		if n := e.out.len(); n != 1 {
+			return fmt.Errorf("%d outcomes", n)
+		}
+		return nil
+	})
+}
+
+// An earlier delivery that died mid-call left a "calling" record: a
+// DLF.6205 now means that call stopped the instance.
+func TestCallOfACrashedDeliveryCounts(t *testing.T) {
+	e := newEnv(t, nil)
+	e.emu.AddRunning(proj, "", "s1", "i-1")
+	e.emu.SetStatus(proj, "s1", "i-1", "FINISHED") // what DLF shows after the stop we never heard of
+	st := e.state(t)
+	if err := st.put(context.Background(), cmdKey("crashed"), cmdRecord{Phase: phaseCalling, Attempts: 1}); err != nil {
+		t.Fatal(err)
+	}
+	e.startWorker(nil)
+	e.publish(body(t, map[string]any{"command_id": "crashed", "project_id": proj, "script_name": "s1", "instance_id": "i-1"}), nil)
+	o := e.single(t)
+	if o.Status != StatusStopped || o.Cause != CauseAlreadyStopped || o.Attempts != 2 {
+		t.Fatalf("outcome = %+v", o)
+	}
+	e.noDeadLetters(t)
+}
+
+// Without such a record a DLF.6205 still fails and is dead-lettered.
+func TestDLF6205WithoutRecordFails(t *testing.T) {
+	e := newEnv(t, nil)
+	e.startWorker(nil)
+	b := body(t, map[string]any{"command_id": "nope", "project_id": proj, "script_name": "s1", "instance_id": "i-404"})
+	seq := e.publish(b, nil)
+	o := e.single(t)
+	if o.Status != StatusFailed || o.Cause != CauseDLFError {
+		t.Fatalf("outcome = %+v", o)
+	}
+	e.checkDead(t, o, b, seq)
+}
+
+// Another command already stopped the same instance: no call, stopped.
+func TestInstanceStoppedByAnotherCommand(t *testing.T) {
+	e := newEnv(t, func(c *Config) { c.Defaults.Workspace = "ws" })
+	e.emu.AddRunning(proj, "ws", "脚本", "i-1")
+	e.startWorker(nil)
+	e.publish(body(t, map[string]any{"command_id": "first", "project_id": proj, "script_name": "脚本", "instance_id": "i-1"}), nil)
+	e.out.wait(t, 1, 10*time.Second)
+	// Same instance once defaults are applied: workspace given explicitly.
+	e.publish(body(t, map[string]any{"command_id": "second", "project_id": proj, "workspace": "ws", "script_name": "脚本", "instance_id": "i-1"}), nil)
+	outs := e.out.wait(t, 2, 10*time.Second)
+	_ = outs
+	got := byID(t, e.out.outcomes(t))
+	if o := got["second"]; o.Status != StatusStopped || o.Cause != CauseAlreadyStopped || o.Attempts != 0 || o.HTTPStatus != 0 {
+		t.Fatalf("second outcome = %+v", o)
+	}
+	if n := e.emu.StopCalls(); n != 1 {
+		t.Errorf("DLF calls = %d, want 1", n)
+	}
+	e.noDeadLetters(t)
+}
+
+// Attempts count across deliveries when long waits hand the command back.
+func TestAttemptsSurviveRedelivery(t *testing.T) {
+	e := newEnv(t, func(c *Config) {
+		c.ShortWaitMax = time.Millisecond // every wait goes through NakWithDelay
+		c.RetryInitial = 20 * time.Millisecond
+		c.RetryMax = 50 * time.Millisecond
+	})
+	e.emu.AddRunning(proj, "", "s1", "i-1")
+	e.emu.SetFaultsFor(proj, "s1", "i-1", emulator.Faults{ErrorRate: 1, ErrorStatus: 500})
+	r := e.startWorker(nil)
+	e.publish(body(t, map[string]any{"command_id": "re", "project_id": proj, "script_name": "s1", "instance_id": "i-1"}), nil)
+	eventually(t, 10*time.Second, func() error {
+		if n := e.emu.StopCallsFor(proj, "s1", "i-1"); n < 3 {
+			return fmt.Errorf("%d calls", n)
+		}
+		return nil
+	})
+	e.emu.ClearFaultsFor(proj, "s1", "i-1")
+	o := e.single(t)
+	if calls := e.emu.StopCallsFor(proj, "s1", "i-1"); int64(o.Attempts) != calls {
+		t.Errorf("attempts = %d, DLF saw %d calls", o.Attempts, calls)
+	}
+	if got := testutilCount(r.w.m.retries.WithLabelValues("redelivery")); got < 2 {
+		t.Errorf("redelivery retries = %v, want >= 2", got)
+	}
+}
+
+func (e *env) state(t *testing.T) *stateStore {
+	t.Helper()
+	c := e.cfg
+	c.setDefaults()
+	st, err := ensureState(context.Background(), e.js, &c, e.log)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return st
+}
+
+// Systemic failure: DLF answers 401 to everything. The worker opens the
+// circuit, stops fetching, reports not ready, probes one call at a time,
+// and once DLF recovers every command is stopped; none is dead-lettered.
+func TestCircuitOpensOnAuthFailureAndRecovers(t *testing.T) {
+	e := newEnv(t, func(c *Config) { c.RetryInitial = 100 * time.Millisecond; c.RetryMax = 300 * time.Millisecond })
+	e.emu.SetFaults(emulator.Faults{AuthFail: true})
+	r := e.startWorker(nil)
+	e.publishMany(t, 50, "a")
+	eventually(t, 10*time.Second, func() error {
+		if ok, _ := r.w.Readiness(); ok {
+			return fmt.Errorf("still ready")
+		}
+		return nil
+	})
+	if ok, why := r.w.Readiness(); ok || why == "" {
+		t.Fatalf("readiness = %v %q", ok, why)
+	}
+	// While open, calls are single probes spaced by backoff, not one per
+	// command: over 1.5s at most ~1.5s/100ms probes plus the opening ones.
+	before := e.emu.StopCalls()
+	consistently(t, 1500*time.Millisecond, func() error {
+		if n := e.out.len(); n != 0 {
+			return fmt.Errorf("%d outcomes while DLF refused us", n)
+		}
+		return nil
+	})
+	if probes := e.emu.StopCalls() - before; probes > 16 {
+		t.Errorf("%d calls in 1.5s with the circuit open; want probes only", probes)
+	}
+	if got := gaugeValue(r.w.m.circuitOpen); got != 1 {
+		t.Errorf("circuit gauge = %v", got)
+	}
+	e.emu.SetFaults(emulator.Faults{})
+	e.out.wait(t, 50, 20*time.Second)
+	for id, o := range byID(t, e.out.outcomes(t)) {
+		if o.Status != StatusStopped {
+			t.Errorf("%s: %+v", id, o)
+		}
+	}
+	e.noDeadLetters(t)
+	eventually(t, 5*time.Second, func() error {
+		if ok, why := r.w.Readiness(); !ok {
+			return fmt.Errorf("not ready: %s", why)
+		}
+		return nil
+	})
+}
+
+func TestCircuitOpensWhenDLFIsDown(t *testing.T) {
+	e := newEnv(t, func(c *Config) { c.RetryInitial = 50 * time.Millisecond; c.RetryMax = 200 * time.Millisecond })
+	e.emu.SetFaults(emulator.Faults{Down: true})
+	r := e.startWorker(nil)
+	e.publishMany(t, 30, "d")
+	eventually(t, 10*time.Second, func() error {
+		if !r.w.circ.Open() {
+			return fmt.Errorf("circuit closed")
+		}
+		return nil
+	})
+	e.emu.SetFaults(emulator.Faults{})
+	e.out.wait(t, 30, 20*time.Second)
+	for id, o := range byID(t, e.out.outcomes(t)) {
+		if o.Status != StatusStopped {
+			t.Errorf("%s: %+v", id, o)
+		}
+	}
+	e.noDeadLetters(t)
+}
+
+// A 429 pauses every call of the worker for Retry-After, not just the
+// one that got it.
+func TestThrottlePausesEveryCall(t *testing.T) {
+	e := newEnv(t, func(c *Config) { c.Concurrency = 8 })
+	e.emu.SetFaults(emulator.Faults{Throttle: true, RetryAfter: time.Second})
+	e.startWorker(nil)
+	e.publishMany(t, 20, "t")
+	eventually(t, 10*time.Second, func() error {
+		if n := e.emu.StopCalls(); n < 12 {
+			return fmt.Errorf("%d calls", n)
+		}
+		return nil
+	})
+	e.emu.SetFaults(emulator.Faults{})
+	e.out.wait(t, 20, 20*time.Second)
+	for id, o := range byID(t, e.out.outcomes(t)) {
+		if o.Status != StatusStopped {
+			t.Errorf("%s: %+v", id, o)
+		}
+	}
+	// After each 429, no request may start within ~1s except those that
+	// were already on the wire (at most the concurrency).
+	reqs := e.emu.Requests()
+	sort.Slice(reqs, func(a, b int) bool { return reqs[a].Time.Before(reqs[b].Time) })
+	first429 := -1
+	for i, rq := range reqs {
+		if rq.Status == 429 {
+			first429 = i
+			break
+		}
+	}
+	if first429 < 0 {
+		t.Fatal("no 429 seen")
+	}
+	t0 := reqs[first429].Time
+	within := 0
+	for _, rq := range reqs[first429+1:] {
+		if rq.Time.Sub(t0) < 900*time.Millisecond {
+			within++
+		}
+	}
+	if within > 8 {
+		t.Errorf("%d requests within 900ms after the first 429; the pause did not apply to all", within)
+	}
+}
+
+func TestRateLimit(t *testing.T) {
+	e := newEnv(t, func(c *Config) { c.RateLimit = 20; c.RateBurst = 1; c.Concurrency = 16 })
+	e.startWorker(nil)
+	const n = 30
+	e.publishMany(t, n, "rl")
+	e.out.wait(t, n, 20*time.Second)
+	reqs := e.emu.Requests()
+	sort.Slice(reqs, func(a, b int) bool { return reqs[a].Time.Before(reqs[b].Time) })
+	span := reqs[len(reqs)-1].Time.Sub(reqs[0].Time)
+	rate := float64(len(reqs)-1) / span.Seconds()
+	t.Logf("rate limit 20/s: %d requests over %s = %.1f/s", len(reqs), span.Round(time.Millisecond), rate)
+	if rate > 22 {
+		t.Errorf("request rate %.1f/s above DLF_RATE_LIMIT 20", rate)
+	}
+}
+
+var _ = command.MaxBodySize

@@ -1,0 +1,81 @@
+package consumer
+
+import (
+	"context"
+	"sync"
+	"time"
+
+	"golang.org/x/time/rate"
+)
+
+// throttle paces calls to DLF. A configured rate limit (DLF_RATE_LIMIT,
+// DLF_RATE_BURST) is a token bucket. A 429 from DLF pauses every call of
+// this worker, not only the one that got it, until its Retry-After (or the
+// backoff) has passed, and halves the configured rate, which then recovers
+// step by step with successful calls: the API gateway's quota is shared by
+// all of them.
+type throttle struct {
+	limiter *rate.Limiter // nil: no configured limit
+	max     rate.Limit
+
+	mu         sync.Mutex
+	pauseUntil time.Time
+}
+
+func newThrottle(cfg *Config) *throttle {
+	t := &throttle{}
+	if cfg.RateLimit > 0 {
+		t.max = rate.Limit(cfg.RateLimit)
+		t.limiter = rate.NewLimiter(t.max, cfg.RateBurst)
+	}
+	return t
+}
+
+// wait blocks until a call may start.
+func (t *throttle) wait(ctx context.Context) error {
+	t.mu.Lock()
+	until := t.pauseUntil
+	t.mu.Unlock()
+	if d := time.Until(until); d > 0 {
+		tm := time.NewTimer(d)
+		select {
+		case <-tm.C:
+		case <-ctx.Done():
+			tm.Stop()
+			return ctx.Err()
+		}
+	}
+	if t.limiter != nil {
+		return t.limiter.Wait(ctx)
+	}
+	return nil
+}
+
+// throttled records a 429: everyone waits at least d from now.
+func (t *throttle) throttled(d time.Duration) {
+	t.mu.Lock()
+	if until := time.Now().Add(d); until.After(t.pauseUntil) {
+		t.pauseUntil = until
+	}
+	t.mu.Unlock()
+	if t.limiter != nil {
+		if l := t.limiter.Limit() / 2; l >= t.max/64 {
+			t.limiter.SetLimit(l)
+		}
+	}
+}
+
+// succeeded lets a halved rate grow back by a twentieth of the configured
+// one per successful call.
+func (t *throttle) succeeded() {
+	if t.limiter == nil {
+		return
+	}
+	if l := t.limiter.Limit(); l < t.max {
+		l += t.max / 20
+		if l > t.max {
+			l = t.max
+		}
+		t.limiter.SetLimit(l)
+	}
+}
