@@ -8,6 +8,7 @@ package main
 
 import (
 	"context"
+	"errors"
 	"fmt"
 	"io"
 	"os"
@@ -42,9 +43,9 @@ func realMain(ctx context.Context, args []string, stdout, stderr io.Writer) int 
 	}
 	switch sub {
 	case "":
-		return exitOn(runWorker(ctx), stderr)
+		return exitOn(stopped(ctx, runWorker(ctx)), stderr)
 	case "dev":
-		return exitOn(devenv.Run(ctx, stdout), stderr)
+		return exitOn(stopped(ctx, devenv.Run(ctx, stdout)), stderr)
 	case "stop":
 		return stopcli.Run(ctx, args, os.LookupEnv, stdout, stderr)
 	case "-h", "--help", "help":
@@ -67,6 +68,16 @@ func runWorker(ctx context.Context) error {
 	}
 	defer func() { _ = log.Sync() }()
 	return service.Run(ctx, cfg, log, service.Hooks{})
+}
+
+// stopped drops an error that the stop signal itself caused: SIGINT or
+// SIGTERM while still starting (connecting to NATS, setting up streams) is
+// a requested stop, and a requested stop exits 0 (contract section 8).
+func stopped(ctx context.Context, err error) error {
+	if err != nil && ctx.Err() != nil && errors.Is(err, context.Canceled) {
+		return nil
+	}
+	return err
 }
 
 func exitOn(err error, stderr io.Writer) int {

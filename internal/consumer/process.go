@@ -24,7 +24,7 @@ type job struct {
 	cmd      command.Command
 	valid    bool
 	out      Outcome
-	attempts int  // DLF calls for this command, across deliveries when the state bucket is on
+	attempts int // DLF calls for this command, across deliveries when the state bucket is on
 	// unanswered: some call for this command was sent and got no answer
 	// (this delivery, or an earlier one per the state bucket), so a later
 	// DLF.6205 means the stop happened.

@@ -80,18 +80,18 @@ func New(js jetstream.JetStream, cons jetstream.Consumer, stopper Stopper, cfg C
 		return nil, errors.New("consumer: nil metrics")
 	}
 	w := &Worker{
-		cfg:      cfg,
-		js:       js,
-		cons:     cons,
-		dlf:      stopper,
-		log:      log,
-		m:        m,
-		pub:      publisher{js: js, outcomePrefix: cfg.OutcomePrefix, deadSubject: cfg.DeadSubject},
-		now:      time.Now,
-		slots:    make(chan struct{}, cfg.Concurrency),
-		held:     make(chan struct{}, cfg.heldLimit()),
-		ackWait:  cfg.AckWait,
-		thr:      newThrottle(&cfg),
+		cfg:     cfg,
+		js:      js,
+		cons:    cons,
+		dlf:     stopper,
+		log:     log,
+		m:       m,
+		pub:     publisher{js: js, outcomePrefix: cfg.OutcomePrefix, deadSubject: cfg.DeadSubject},
+		now:     time.Now,
+		slots:   make(chan struct{}, cfg.Concurrency),
+		held:    make(chan struct{}, cfg.heldLimit()),
+		ackWait: cfg.AckWait,
+		thr:     newThrottle(&cfg),
 	}
 	w.circ = newCircuit(&w.cfg, log, func(open bool) {
 		if open {

@@ -10,6 +10,7 @@ import (
 	"io"
 	"net"
 	"os"
+	"path/filepath"
 	"strings"
 	"time"
 
@@ -31,9 +32,9 @@ const (
 // Options tune Run for tests; the zero value is what `worker dev` uses.
 type Options struct {
 	NATSPort  int    // default 4222, or a free port when taken
-	HTTPAddr  string // default :8080, or a free port when taken
+	HTTPAddr  string // default 127.0.0.1:8080, or a free port when taken
 	Logger    *zap.Logger
-	Instances int // running instances to create, default 3
+	Instances int // running instances to create, default (and when <= 0) 3
 }
 
 // Run starts the dev environment and blocks until ctx ends.
@@ -54,7 +55,7 @@ func RunWith(ctx context.Context, stdout io.Writer, o Options) error {
 			_ = l.Close()
 		}
 	}
-	if o.Instances == 0 {
+	if o.Instances <= 0 {
 		o.Instances = 3
 	}
 	log := o.Logger
@@ -119,7 +120,31 @@ func printBanner(w io.Writer, natsURL, httpAddr, emuURL string, instances []stri
 		natsURL, DemoScript, first)
 	if len(instances) > 1 {
 		fmt.Fprintf(&b, "\nOr with this binary (prints the outcome):\n")
-		fmt.Fprintf(&b, "  NATS_URL=%s go run ./cmd/worker stop --script %s --instance %s\n", natsURL, DemoScript, instances[1])
+		fmt.Fprintf(&b, "  NATS_URL=%s %s stop --script %s --instance %s\n", natsURL, selfCommand(), DemoScript, instances[1])
 	}
 	_, _ = io.WriteString(w, b.String())
+}
+
+// selfCommand is how to run this binary from the user's shell: the name it
+// was started by when that was looked up in PATH, else its absolute path
+// (which stays valid while the dev environment runs, under go run too).
+func selfCommand() string {
+	name := os.Args[0]
+	if strings.ContainsRune(name, filepath.Separator) {
+		if exe, err := os.Executable(); err == nil {
+			name = exe
+		}
+	}
+	return shellQuote(name)
+}
+
+// shellQuote quotes s for a POSIX shell unless it needs no quoting.
+func shellQuote(s string) string {
+	plain := s != "" && !strings.ContainsFunc(s, func(r rune) bool {
+		return !('a' <= r && r <= 'z' || 'A' <= r && r <= 'Z' || '0' <= r && r <= '9' || strings.ContainsRune("/._-+:,@%=", r))
+	})
+	if plain {
+		return s
+	}
+	return "'" + strings.ReplaceAll(s, "'", `'\''`) + "'"
 }
