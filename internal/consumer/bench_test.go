@@ -31,16 +31,22 @@ func BenchmarkPipeline(b *testing.B) {
 		{"latency=50ms/concurrency=256", 50 * time.Millisecond, 256},
 	}
 	for _, tc := range cases {
-		b.Run(tc.name, func(b *testing.B) {
-			benchPipeline(b, tc.latency, tc.concurrency)
-		})
+		// reliability=off runs without the state bucket and the circuit:
+		// the baseline the reliability features are measured against.
+		for _, rel := range []string{"on", "off"} {
+			b.Run(tc.name+"/reliability="+rel, func(b *testing.B) {
+				benchPipeline(b, tc.latency, tc.concurrency, rel == "off")
+			})
+		}
 	}
 }
 
-func benchPipeline(b *testing.B, latency time.Duration, concurrency int) {
+func benchPipeline(b *testing.B, latency time.Duration, concurrency int, plain bool) {
 	e := newEnvWith(b, func(c *Config) {
 		c.Concurrency = concurrency
 		c.CallTimeout = 10 * time.Second
+		c.DisableState = plain
+		c.DisableCircuit = plain
 	}, emulator.WithRequestLogSize(0))
 	e.emu.SetFaults(emulator.Faults{Latency: latency})
 	n := b.N

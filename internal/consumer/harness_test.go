@@ -4,6 +4,7 @@ import (
 	"context"
 	"encoding/json"
 	"fmt"
+	"os"
 	"sync"
 	"testing"
 	"time"
@@ -49,7 +50,7 @@ func newEnvWith(t testing.TB, mutate func(*Config), emuOpts ...emulator.Option) 
 	if tt, ok := t.(*testing.T); ok {
 		e.log = zaptest.NewLogger(tt, zaptest.Level(zap.InfoLevel))
 	} else {
-		e.log = zap.NewNop()
+		e.log = benchLogger()
 	}
 	e.startServer(-1)
 	e.emu, e.emuURL = emulator.StartForTest(t, emuOpts...)
@@ -311,4 +312,17 @@ func consistently(t testing.TB, d time.Duration, fn func() error) {
 		case <-tick.C:
 		}
 	}
+}
+
+// benchLogger logs warnings to stderr when DLF_STOP_BENCH_LOG is set, to
+// see why a benchmark stalls; otherwise benchmarks log nothing.
+func benchLogger() *zap.Logger {
+	if os.Getenv("DLF_STOP_BENCH_LOG") == "" {
+		return zap.NewNop()
+	}
+	l, err := zap.NewDevelopment(zap.IncreaseLevel(zap.WarnLevel))
+	if err != nil {
+		return zap.NewNop()
+	}
+	return l
 }

@@ -29,8 +29,16 @@ type job struct {
 	// (this delivery, or an earlier one per the state bucket), so a later
 	// DLF.6205 means the stop happened.
 	unanswered bool
-	pending    []jetstream.PubAckFuture // state writes not yet confirmed
+	state      *stateRecord // as read by recall; nil without the state bucket
 	log        *zap.Logger
+}
+
+// stateKey is where the command's state lives (see state.go).
+func (j *job) stateKey() string {
+	if j.valid {
+		return instKey(j.cmd.InstanceKey())
+	}
+	return cmdKey(j.cmd.ID)
 }
 
 // process takes one delivery to a decision (outcome stored, then ack) or
@@ -179,8 +187,8 @@ const (
 
 // call makes one DLF attempt and records what the answer says on the job.
 // Before the call it passes the circuit (waiting while it is open, unless
-// chosen as the probe), the throttle, and a concurrency slot, and records
-// "calling" in the state bucket; none of these waits holds a slot.
+// chosen as the probe), the throttle, and a concurrency slot; only the call
+// itself holds the slot.
 func (w *Worker) call(j *job, req dlf.StopRequest, giveUpAt time.Time) (v dlf.Verdict, res callResult) {
 	giveUp := time.NewTimer(time.Until(giveUpAt))
 	probe, ok := w.circ.acquire(w.soft, giveUp.C)
@@ -194,17 +202,6 @@ func (w *Worker) call(j *job, req dlf.StopRequest, giveUpAt time.Time) (v dlf.Ve
 	if err := w.thr.wait(w.soft); err != nil {
 		w.circ.release(probe, v, true)
 		return v, callStopped
-	}
-	if w.state != nil {
-		f, err := w.state.putAsync(cmdKey(j.cmd.ID), cmdRecord{Phase: phaseCalling, Attempts: j.attempts + 1, Unanswered: j.unanswered})
-		if err != nil {
-			// Without the record a lost answer could not be recognised
-			// later; better not to call now.
-			w.circ.release(probe, v, true)
-			j.log.Warn("could not record the call in the state bucket", zap.Error(err))
-			return v, callStopped
-		}
-		j.pending = append(j.pending, f)
 	}
 	select {
 	case w.slots <- struct{}{}:
@@ -269,16 +266,14 @@ func describe(v dlf.Verdict) string {
 // state bucket it first records how far the command got, so the next
 // delivery counts attempts on and knows whether a call went unanswered.
 func (w *Worker) giveBack(j *job, delay time.Duration, reason string) {
-	if w.state != nil && j.attempts > 0 {
+	if j.state != nil {
 		ctx, cancel := context.WithTimeout(context.WithoutCancel(w.hard), publishTimeout)
-		err := awaitAll(ctx, j.pending)
-		if err == nil {
-			err = w.state.put(ctx, cmdKey(j.cmd.ID), cmdRecord{Phase: phaseAnswered, Attempts: j.attempts, Unanswered: j.unanswered})
-		}
+		entry := cmdEntry{Phase: phaseAnswered, Attempts: j.attempts, Unanswered: j.unanswered, Delivery: j.meta.NumDelivered}
+		err := w.state.save(ctx, j.state, func(d *stateDoc) { d.setCmd(j.cmd.ID, entry) })
 		cancel()
 		if err != nil {
-			// The record stays "calling": the next delivery then assumes a
-			// call went unanswered, the safe side for a stop.
+			// The next delivery then finds no entry from this one and
+			// assumes a call may have gone unanswered: the safe side.
 			j.log.Warn("could not record progress in the state bucket", zap.Error(err))
 		}
 	}
@@ -310,14 +305,6 @@ func (w *Worker) finish(j *job, status, cause, detail string) {
 
 	ctx, cancel := context.WithTimeout(w.hard, publishTimeout)
 	defer cancel()
-	if w.state != nil && status == StatusStopped && j.valid {
-		f, err := w.state.putAsync(instKey(j.cmd.InstanceKey()), instRecord{CommandID: j.cmd.ID, StoppedAt: o.FinishedAt})
-		if err != nil {
-			w.publishFailed(j, "state", err)
-			return
-		}
-		j.pending = append(j.pending, f)
-	}
 	if _, err := w.pub.publishOutcome(ctx, o); err != nil {
 		w.publishFailed(j, "outcome", err)
 		return
@@ -332,15 +319,18 @@ func (w *Worker) finish(j *job, status, cause, detail string) {
 			return
 		}
 	}
-	if w.state != nil {
+	if j.state != nil {
 		// Only after the outcome is stored may the command be recorded as
 		// decided: a decided record makes every later delivery a silent ack.
-		if err := awaitAll(ctx, j.pending); err != nil {
-			w.publishFailed(j, "state", err)
-			return
-		}
-		if err := w.state.put(ctx, cmdKey(j.cmd.ID), cmdRecord{Phase: phaseDecided, Attempts: j.attempts,
-			Unanswered: j.unanswered, Status: status, Cause: cause}); err != nil {
+		err := w.state.save(ctx, j.state, func(d *stateDoc) {
+			if status == StatusStopped && j.valid && d.StoppedBy == "" {
+				d.StoppedBy, d.StoppedAt = j.cmd.ID, o.FinishedAt
+				delete(d.Cmds, j.cmd.ID)
+				return
+			}
+			d.setCmd(j.cmd.ID, cmdEntry{Phase: phaseDecided, Attempts: j.attempts, Status: status, Cause: cause})
+		})
+		if err != nil {
 			w.publishFailed(j, "state", err)
 			return
 		}
@@ -373,38 +363,50 @@ func (w *Worker) publishFailed(j *job, kind string, err error) {
 
 // recall consults the state bucket before anything is called. It returns
 // false when the delivery was fully handled here: already decided (acked
-// silently), or the bucket could not be read (returned for later).
+// silently), already stopped by another command, or the bucket could not
+// be read (returned for later).
 func (w *Worker) recall(j *job) bool {
-	inst := ""
-	if j.valid {
-		inst = j.cmd.InstanceKey()
-	}
 	ctx, cancel := context.WithTimeout(w.hard, publishTimeout)
-	rec, stoppedBy, err := w.state.lookup(ctx, j.cmd.ID, inst)
+	rec, err := w.state.load(ctx, j.stateKey())
 	cancel()
 	if err != nil {
 		j.log.Warn("state bucket unavailable; returning the command", zap.Error(err))
 		w.giveBack(j, w.cfg.RetryInitial, "state_unavailable")
 		return false
 	}
-	if rec != nil && rec.Phase == phaseDecided {
+	d := &rec.doc
+	entry := d.Cmds[j.cmd.ID]
+	if d.StoppedBy == j.cmd.ID || (entry != nil && entry.Phase == phaseDecided) {
 		if err := j.msg.Ack(); err != nil {
 			j.log.Warn("ack of an already decided command failed", zap.Error(err))
 		}
 		w.m.skipped.Inc()
-		j.log.Info("command already decided; acked without a call or a new outcome",
-			zap.String("status", rec.Status), zap.String("cause", rec.Cause))
+		j.log.Info("command already decided; acked without a call or a new outcome")
 		return false
 	}
-	if rec != nil {
-		j.attempts = rec.Attempts
-		// "calling" means a delivery died mid-call: its answer is unknown.
-		j.unanswered = rec.Unanswered || rec.Phase == phaseCalling
+	j.state = rec
+	// Progress of earlier deliveries. A delivery that handed the command
+	// back wrote an entry; one that left none (or an older one) died or
+	// lost its lease mid-way and may have sent a call whose answer nobody
+	// saw. The delivery count is the cheap fact that says so.
+	n := j.meta.NumDelivered
+	if entry != nil {
+		j.attempts = entry.Attempts
+		j.unanswered = entry.Unanswered || entry.Delivery+1 < n
+	} else if n > 1 {
+		j.unanswered = true
 	}
-	if stoppedBy != nil {
+	if j.valid && d.StoppedBy != "" {
 		w.finish(j, StatusStopped, CauseAlreadyStopped,
-			fmt.Sprintf("instance already stopped by command %s at %s", stoppedBy.CommandID, stoppedBy.StoppedAt))
+			fmt.Sprintf("instance already stopped by command %s at %s", d.StoppedBy, d.StoppedAt))
 		return false
 	}
 	return true
+}
+
+func (d *stateDoc) setCmd(id string, e cmdEntry) {
+	if d.Cmds == nil {
+		d.Cmds = map[string]*cmdEntry{}
+	}
+	d.Cmds[id] = &e
 }

@@ -8,6 +8,7 @@ import (
 	"time"
 
 	"github.com/nats-io/nats.go"
+	"github.com/nats-io/nats.go/jetstream"
 
 	"github.com/dlf-stop/worker/internal/command"
 	"github.com/dlf-stop/worker/internal/dlf/emulator"
@@ -74,20 +75,47 @@ func TestLostResponseIsAlreadyStopped(t *testing.T) {
 	})
 }
 
-// An earlier delivery that died mid-call left a "calling" record: a
-// DLF.6205 now means that call stopped the instance.
-func TestCallOfACrashedDeliveryCounts(t *testing.T) {
+// An earlier delivery recorded a call that went unanswered: a DLF.6205
+// now means that call stopped the instance.
+func TestRecordedUnansweredCallCounts(t *testing.T) {
 	e := newEnv(t, nil)
 	e.emu.AddRunning(proj, "", "s1", "i-1")
 	e.emu.SetStatus(proj, "s1", "i-1", "FINISHED") // what DLF shows after the stop we never heard of
 	st := e.state(t)
-	if err := st.put(context.Background(), cmdKey("crashed"), cmdRecord{Phase: phaseCalling, Attempts: 1}); err != nil {
+	key := instKey(command.Command{ProjectID: proj, ScriptName: "s1", InstanceID: "i-1"}.InstanceKey())
+	if err := st.putEntry(context.Background(), key, "earlier", cmdEntry{Phase: phaseAnswered, Attempts: 1, Unanswered: true, Delivery: 1}); err != nil {
 		t.Fatal(err)
 	}
 	e.startWorker(nil)
-	e.publish(body(t, map[string]any{"command_id": "crashed", "project_id": proj, "script_name": "s1", "instance_id": "i-1"}), nil)
+	e.publish(body(t, map[string]any{"command_id": "earlier", "project_id": proj, "script_name": "s1", "instance_id": "i-1"}), nil)
 	o := e.single(t)
 	if o.Status != StatusStopped || o.Cause != CauseAlreadyStopped || o.Attempts != 2 {
+		t.Fatalf("outcome = %+v", o)
+	}
+	e.noDeadLetters(t)
+}
+
+// A delivery that died without a word (here: fetched and never acked)
+// may have sent a call; the redelivery's DLF.6205 is taken as its stop.
+func TestCallOfACrashedDeliveryCounts(t *testing.T) {
+	e := newEnv(t, func(c *Config) { c.AckWait = time.Second })
+	e.emu.AddRunning(proj, "", "s1", "i-1")
+	e.emu.SetStatus(proj, "s1", "i-1", "FINISHED")
+	e.publish(body(t, map[string]any{"command_id": "crashed", "project_id": proj, "script_name": "s1", "instance_id": "i-1"}), nil)
+	cons, err := e.js.Consumer(context.Background(), "DLF_STOP", "dlf-stop-worker")
+	if err != nil {
+		t.Fatal(err)
+	}
+	batch, err := cons.Fetch(1, jetstream.FetchMaxWait(5*time.Second))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if m := <-batch.Messages(); m == nil {
+		t.Fatal("the crashing worker got nothing")
+	}
+	e.startWorker(nil)
+	o := e.single(t)
+	if o.Status != StatusStopped || o.Cause != CauseAlreadyStopped {
 		t.Fatalf("outcome = %+v", o)
 	}
 	e.noDeadLetters(t)

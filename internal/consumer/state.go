@@ -8,7 +8,6 @@ import (
 	"fmt"
 	"time"
 
-	"github.com/nats-io/nats.go"
 	"github.com/nats-io/nats.go/jetstream"
 	"go.uber.org/zap"
 )
@@ -16,40 +15,54 @@ import (
 // The state bucket makes "one outcome per command" hold beyond the
 // stream's duplicate window, and lets the worker recognise a stop that
 // happened although its answer was lost. It is a JetStream key-value
-// bucket, so replicas share it without any locking of our own.
+// bucket, so replicas share it without any lock of our own; concurrent
+// writers are reconciled with compare-and-set on the key's revision.
 //
-// Two kinds of key:
+// A valid command's state lives in its instance's key, so one read per
+// command answers every question the decision table asks:
 //
-//	cmd.<base64url(command id)>  the command's progress: calls made, whether
-//	                             one went unanswered, and whether it is decided
-//	inst.<instance key>          an instance some command stopped
+//	inst.<instance key>   {"stopped_by": id, "stopped_at": t,
+//	                       "cmds": {id: progress or decision}}
 //
-// Command ids may hold ':' and "..", which KV keys may not, hence base64.
+// "stopped_by" is both "this instance is stopped" (for any other command:
+// already_stopped) and the decision of the command that stopped it. A
+// rejected command has no instance; its decision goes under
+// cmd.<base64url(id)> (ids may hold ':' and "..", which keys may not).
+//
+// The common case, a first delivery that DLF answers 204, costs one read
+// and one write. Nothing is written before a call: the delivery count
+// already says whether an earlier delivery may have sent one (see recall).
 
-// Phases of a command record.
+// Phases of a command entry.
 const (
-	phaseCalling  = "calling"  // a call is (or was, if we crashed) on the wire
-	phaseAnswered = "answered" // the last call got an answer; retrying
+	phaseAnswered = "answered" // handed back undecided; the fields say how far it got
 	phaseDecided  = "decided"  // outcome stored; the command is done
 )
 
-type cmdRecord struct {
+type cmdEntry struct {
 	Phase      string `json:"p"`
 	Attempts   int    `json:"a"`
 	Unanswered bool   `json:"u,omitempty"` // some call was sent and got no answer
+	Delivery   uint64 `json:"d,omitempty"` // the delivery that wrote this entry
 	Status     string `json:"s,omitempty"`
 	Cause      string `json:"c,omitempty"`
 }
 
-type instRecord struct {
-	CommandID string `json:"c"`
-	StoppedAt string `json:"t"`
+type stateDoc struct {
+	StoppedBy string               `json:"stopped_by,omitempty"`
+	StoppedAt string               `json:"stopped_at,omitempty"`
+	Cmds      map[string]*cmdEntry `json:"cmds,omitempty"`
+}
+
+// stateRecord is a document as read, with the revision to update it at.
+type stateRecord struct {
+	key string
+	rev uint64 // 0: the key does not exist
+	doc stateDoc
 }
 
 type stateStore struct {
-	js     jetstream.JetStream
-	kv     jetstream.KeyValue
-	prefix string // "$KV.<bucket>."
+	kv jetstream.KeyValue
 }
 
 func cmdKey(id string) string { return "cmd." + base64.RawURLEncoding.EncodeToString([]byte(id)) }
@@ -77,85 +90,73 @@ func ensureState(ctx context.Context, js jetstream.JetStream, cfg *Config, log *
 	if err != nil {
 		return nil, fmt.Errorf("bind state bucket %s: %w", cfg.StateBucket, err)
 	}
-	return &stateStore{js: js, kv: kv, prefix: "$KV." + cfg.StateBucket + "."}, nil
+	return &stateStore{kv: kv}, nil
 }
 
-// lookup reads the command record and, when instance is not empty, the
-// instance record, concurrently: one round trip on the common path.
-func (s *stateStore) lookup(ctx context.Context, id, instance string) (cmd *cmdRecord, stoppedBy *instRecord, err error) {
-	type res struct {
-		e   jetstream.KeyValueEntry
-		err error
-	}
-	instCh := make(chan res, 1)
-	if instance != "" {
-		go func() {
-			e, err := s.kv.Get(ctx, instKey(instance))
-			instCh <- res{e, err}
-		}()
-	}
-	e, err := s.kv.Get(ctx, cmdKey(id))
+// load reads one document; a missing key is an empty document.
+func (s *stateStore) load(ctx context.Context, key string) (*stateRecord, error) {
+	r := &stateRecord{key: key}
+	e, err := s.kv.Get(ctx, key)
 	switch {
-	case err == nil:
-		cmd = &cmdRecord{}
-		if jerr := json.Unmarshal(e.Value(), cmd); jerr != nil {
-			cmd = nil // an unreadable record is no record; never block a command on it
-		}
-	case !errors.Is(err, jetstream.ErrKeyNotFound):
-		return nil, nil, fmt.Errorf("read command state: %w", err)
+	case errors.Is(err, jetstream.ErrKeyNotFound):
+		return r, nil
+	case err != nil:
+		return nil, fmt.Errorf("read state %s: %w", key, err)
 	}
-	if instance == "" {
-		return cmd, nil, nil
-	}
-	r := <-instCh
-	switch {
-	case r.err == nil:
-		stoppedBy = &instRecord{}
-		if jerr := json.Unmarshal(r.e.Value(), stoppedBy); jerr != nil {
-			stoppedBy = nil
-		}
-	case !errors.Is(r.err, jetstream.ErrKeyNotFound):
-		return nil, nil, fmt.Errorf("read instance state: %w", r.err)
-	}
-	return cmd, stoppedBy, nil
+	r.rev = e.Revision()
+	// An unreadable document is treated as empty: it must never block a
+	// command, and the next write replaces it.
+	_ = json.Unmarshal(e.Value(), &r.doc)
+	return r, nil
 }
 
-// putAsync stores a record without waiting; the caller awaits the future
-// together with its other publishes.
-func (s *stateStore) putAsync(key string, v any) (jetstream.PubAckFuture, error) {
-	b, err := json.Marshal(v)
-	if err != nil {
-		return nil, err
+// maxCASRetries bounds the re-read-and-merge loop when another worker
+// wrote the same key meanwhile (two commands for one instance at once).
+const maxCASRetries = 8
+
+// save applies change to the document and stores it with compare-and-set,
+// re-reading and re-applying when the key moved under us.
+func (s *stateStore) save(ctx context.Context, r *stateRecord, change func(*stateDoc)) error {
+	for i := 0; ; i++ {
+		change(&r.doc)
+		b, err := json.Marshal(&r.doc)
+		if err != nil {
+			return err
+		}
+		var rev uint64
+		if r.rev == 0 {
+			rev, err = s.kv.Create(ctx, r.key, b)
+		} else {
+			rev, err = s.kv.Update(ctx, r.key, b, r.rev)
+		}
+		if err == nil {
+			r.rev = rev
+			return nil
+		}
+		if ctx.Err() != nil || i >= maxCASRetries {
+			return fmt.Errorf("write state %s: %w", r.key, err)
+		}
+		fresh, lerr := s.load(ctx, r.key)
+		if lerr != nil {
+			return lerr
+		}
+		*r = *fresh
 	}
-	m := nats.NewMsg(s.prefix + key)
-	m.Data = b
-	return s.js.PublishMsgAsync(m)
 }
 
-// put stores a record and waits for the stored-ack.
-func (s *stateStore) put(ctx context.Context, key string, v any) error {
-	b, err := json.Marshal(v)
+// put overwrites a command entry unconditionally; for tests that set up
+// what an earlier delivery left behind.
+func (s *stateStore) putEntry(ctx context.Context, key, id string, e cmdEntry) error {
+	r, err := s.load(ctx, key)
 	if err != nil {
 		return err
 	}
-	m := nats.NewMsg(s.prefix + key)
-	m.Data = b
-	_, err = s.js.PublishMsg(ctx, m)
-	return err
-}
-
-// awaitAll waits for every future's stored-ack.
-func awaitAll(ctx context.Context, futures []jetstream.PubAckFuture) error {
-	for _, f := range futures {
-		select {
-		case <-f.Ok():
-		case err := <-f.Err():
-			return err
-		case <-ctx.Done():
-			return ctx.Err()
+	return s.save(ctx, r, func(d *stateDoc) {
+		if d.Cmds == nil {
+			d.Cmds = map[string]*cmdEntry{}
 		}
-	}
-	return nil
+		d.Cmds[id] = &e
+	})
 }
 
 func nowString(t time.Time) string { return FormatTime(t) }

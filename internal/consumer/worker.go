@@ -138,7 +138,9 @@ func (w *Worker) Run(ctx context.Context) error {
 	w.soft = ctx
 	w.stopping = ctx.Done()
 	if !w.cfg.DisableState {
-		bctx, cancel := context.WithTimeout(ctx, 30*time.Second)
+		// Not bound to ctx: a stop during start-up must still end in a
+		// clean nil return, which fetch gives as soon as it sees ctx done.
+		bctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), 30*time.Second)
 		st, err := ensureState(bctx, w.js, &w.cfg, w.log)
 		cancel()
 		if err != nil {
