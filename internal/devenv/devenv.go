@@ -6,6 +6,7 @@ package devenv
 
 import (
 	"context"
+	"errors"
 	"fmt"
 	"io"
 	"net"
@@ -98,9 +99,15 @@ func RunWith(ctx context.Context, stdout io.Writer, o Options) error {
 	if err := cfg.Validate(); err != nil {
 		return fmt.Errorf("dev configuration: %w", err)
 	}
-	return service.Run(ctx, cfg, log, service.Hooks{Started: func(httpAddr string) {
+	err = service.Run(ctx, cfg, log, service.Hooks{Started: func(httpAddr string) {
 		printBanner(stdout, ns.ClientURL(), httpAddr, emuURL, instances)
 	}})
+	if err != nil && ctx.Err() != nil && errors.Is(err, context.Canceled) {
+		// Stopped while the worker was still starting (Ctrl-C right after
+		// the banner): a requested stop, not a failure.
+		return nil
+	}
+	return err
 }
 
 func printBanner(w io.Writer, natsURL, httpAddr, emuURL string, instances []string) {

@@ -1,0 +1,192 @@
+package deploy
+
+import (
+	"context"
+	"encoding/json"
+	"net/http"
+	"os"
+	"path"
+	"path/filepath"
+	"testing"
+	"time"
+
+	"github.com/nats-io/nats.go"
+	"github.com/nats-io/nats.go/jetstream"
+	"go.uber.org/zap"
+
+	"github.com/dlf-stop/worker/internal/config"
+	"github.com/dlf-stop/worker/internal/dlf/emulator"
+	"github.com/dlf-stop/worker/internal/service"
+)
+
+// TestWorkerRunsAsDeployed runs the real worker with the environment the
+// Kubernetes manifests give it (ConfigMap, file variables, NATS user)
+// against nats-server started from nats-server.conf with the streams
+// created from the definition files, and a DLF emulator. Only what cannot
+// be the same here is replaced: the addresses, one stream replica, and the
+// secret values. A scheduler publishes, the worker stops the instance or
+// rejects the command, and an auditor reads the dead letter: every
+// permission the worker needs at run time is exercised.
+func TestWorkerRunsAsDeployed(t *testing.T) {
+	if testing.Short() {
+		t.Skip("starts nats-server, the DLF emulator and the worker")
+	}
+	s := startConfServer(t)
+	operator := connectAs(t, s, "dlf-worker")
+	files := readStreamFiles(t)
+	for _, w := range wantStreams() {
+		apiRequest(t, operator, "$JS.API.STREAM.CREATE."+w.name, definition(t, files, w.name+".json", 1))
+	}
+	apiRequest(t, operator, "$JS.API.CONSUMER.CREATE."+stopStream+"."+consumerName+"."+stopSubject, map[string]any{
+		"stream_name": stopStream, "config": definition(t, files, consumerFile, 0), "action": "create",
+	})
+
+	const ak, sk, project, workspace = "AKDEPLOYTEST", "SKDEPLOYTEST", "proj-1", "ws-1"
+	emu, dlfURL := emulator.StartForTest(t, emulator.WithCredentials(ak, sk))
+	emu.AddRunning(project, workspace, "nightly", "inst-1")
+
+	// The worker's environment, from the manifests.
+	ms := loadManifests(t)
+	_, c, err := workerDeployment(ms)
+	if err != nil {
+		t.Fatal(err)
+	}
+	env, problems := containerEnv(ms, c)
+	if len(problems) > 0 {
+		t.Fatal(problems)
+	}
+	secretValues := map[string]string{"ak": ak, "sk": sk, "nats-password": envSentinel("DLF_WORKER_PASSWORD")}
+	dir := t.TempDir()
+	for name, val := range env {
+		if !fileEnv(name) || val == "" {
+			continue
+		}
+		v, ok := secretValues[path.Base(val)]
+		if !ok {
+			t.Fatalf("%s=%s: no test value for Secret key %s", name, val, path.Base(val))
+		}
+		local := filepath.Join(dir, path.Base(val))
+		if err := os.WriteFile(local, []byte(v+"\n"), 0o600); err != nil {
+			t.Fatal(err)
+		}
+		env[name] = local
+	}
+	for k, v := range map[string]string{
+		"NATS_URL":                   s.ClientURL(),
+		"DLF_ENDPOINT":               dlfURL,
+		"HUAWEICLOUD_SDK_PROJECT_ID": project,
+		"DLF_WORKSPACE":              workspace,
+		"STREAM_REPLICAS":            "1",
+		"HTTP_ADDR":                  "127.0.0.1:0",
+	} {
+		env[k] = v
+	}
+	cfg, err := config.FromEnv(func(k string) (string, bool) { v, ok := env[k]; return v, ok })
+	if err != nil {
+		t.Fatalf("config: %v", err)
+	}
+
+	ctx, cancel := context.WithCancel(context.Background())
+	defer cancel()
+	started := make(chan string, 1)
+	done := make(chan error, 1)
+	go func() {
+		done <- service.Run(ctx, cfg, zap.NewNop(), service.Hooks{Started: func(addr string) { started <- addr }})
+	}()
+	var httpAddr string
+	select {
+	case httpAddr = <-started:
+	case err := <-done:
+		t.Fatalf("worker exited at start: %v", err)
+	case <-time.After(30 * time.Second):
+		t.Fatal("worker did not start")
+	}
+	waitFor(t, 10*time.Second, func() bool {
+		resp, err := http.Get("http://" + httpAddr + "/readyz")
+		if err != nil {
+			return false
+		}
+		_ = resp.Body.Close()
+		return resp.StatusCode == http.StatusOK
+	}, "worker /readyz 200")
+
+	scheduler := connectAs(t, s, "scheduler")
+	outcomes, err := scheduler.nc.SubscribeSync(outcomePrefix + ".*")
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := scheduler.nc.Flush(); err != nil {
+		t.Fatal(err)
+	}
+	pctx, pcancel := context.WithTimeout(ctx, 10*time.Second)
+	defer pcancel()
+	for id, body := range map[string]string{
+		"deploy-stop":   `{"script_name":"nightly","instance_id":"inst-1"}`,
+		"deploy-reject": `{"script_name":"nightly"}`,
+	} {
+		if _, err := scheduler.js.Publish(pctx, stopSubject, []byte(body), jetstream.WithMsgID(id)); err != nil {
+			t.Fatalf("publish %s: %v", id, err)
+		}
+	}
+	got := map[string]string{}
+	for len(got) < 2 {
+		m, err := outcomes.NextMsg(30 * time.Second)
+		if err != nil {
+			t.Fatalf("waiting for outcomes (have %v): %v", got, err)
+		}
+		var ev struct {
+			CommandID string `json:"command_id"`
+			Status    string `json:"status"`
+		}
+		if err := json.Unmarshal(m.Data, &ev); err != nil {
+			t.Fatalf("outcome %q: %v", m.Data, err)
+		}
+		got[ev.CommandID] = ev.Status
+	}
+	if got["deploy-stop"] != "stopped" || got["deploy-reject"] != "rejected" {
+		t.Errorf("outcomes %v; want deploy-stop stopped, deploy-reject rejected", got)
+	}
+	if !emu.Stopped(project, "nightly", "inst-1") {
+		t.Error("the emulator's instance was not stopped")
+	}
+
+	auditor := connectAs(t, s, "auditor")
+	dc, err := auditor.js.OrderedConsumer(pctx, deadStream, jetstream.OrderedConsumerConfig{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if m := fetchOne(t, dc); m.Headers().Get(nats.MsgIdHdr) != "deploy-reject" {
+		t.Errorf("dead letter %v; want deploy-reject", m.Headers())
+	}
+
+	// Acked: the work queue is empty.
+	waitFor(t, 10*time.Second, func() bool {
+		st, err := operator.js.Stream(pctx, stopStream)
+		return err == nil && st.CachedInfo().State.Msgs == 0
+	}, "DLF_STOP empty")
+
+	cancel()
+	select {
+	case err := <-done:
+		if err != nil {
+			t.Errorf("worker shutdown: %v", err)
+		}
+	case <-time.After(time.Minute):
+		t.Fatal("worker did not stop")
+	}
+	for _, u := range []*natsUser{operator, scheduler, auditor} {
+		u.noViolations(t)
+	}
+}
+
+// waitFor polls cond every 50ms until it holds or total has passed.
+func waitFor(t *testing.T, total time.Duration, cond func() bool, what string) {
+	t.Helper()
+	deadline := time.Now().Add(total)
+	for !cond() {
+		if time.Now().After(deadline) {
+			t.Fatalf("timed out after %s waiting for %s", total, what)
+		}
+		time.Sleep(50 * time.Millisecond)
+	}
+}

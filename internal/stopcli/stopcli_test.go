@@ -1,0 +1,327 @@
+package stopcli_test
+
+import (
+	"bytes"
+	"context"
+	"encoding/json"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/nats-io/nats-server/v2/server"
+	"github.com/nats-io/nats.go"
+	"github.com/nats-io/nats.go/jetstream"
+	"go.uber.org/goleak"
+	"go.uber.org/zap"
+	"go.uber.org/zap/zaptest"
+
+	"github.com/dlf-stop/worker/internal/config"
+	"github.com/dlf-stop/worker/internal/consumer"
+	"github.com/dlf-stop/worker/internal/dlf/emulator"
+	"github.com/dlf-stop/worker/internal/embedded"
+	"github.com/dlf-stop/worker/internal/service"
+	"github.com/dlf-stop/worker/internal/stopcli"
+)
+
+func TestMain(m *testing.M) {
+	goleak.VerifyTestMain(m)
+}
+
+// env is a lookup function over a fixed map, as stopcli.Run takes it.
+func env(m map[string]string) func(string) (string, bool) {
+	return func(k string) (string, bool) {
+		v, ok := m[k]
+		return v, ok
+	}
+}
+
+// runStop runs `worker stop args...` in-process and returns its exit
+// status and what it wrote.
+func runStop(t *testing.T, lookup map[string]string, args ...string) (code int, stdout, stderr string) {
+	t.Helper()
+	var out, errOut bytes.Buffer
+	code = stopcli.Run(context.Background(), args, env(lookup), &out, &errOut)
+	t.Logf("worker stop %s -> %d\nstdout: %s\nstderr: %s", strings.Join(args, " "), code, out.String(), errOut.String())
+	return code, out.String(), errOut.String()
+}
+
+// startNATS runs a JetStream server on a random port until the test ends.
+func startNATS(t *testing.T) *server.Server {
+	t.Helper()
+	ns, err := embedded.Start(embedded.Options{StoreDir: t.TempDir()})
+	if err != nil {
+		t.Fatalf("start NATS: %v", err)
+	}
+	t.Cleanup(func() {
+		ns.Shutdown()
+		ns.WaitForShutdown()
+	})
+	return ns
+}
+
+func TestUsageErrors(t *testing.T) {
+	// No NATS runs here: every case must fail before connecting.
+	lookup := map[string]string{"NATS_URL": "nats://127.0.0.1:1"}
+	tests := []struct {
+		name string
+		args []string
+	}{
+		{"no arguments", nil},
+		{"missing --instance", []string{"--script", "s"}},
+		{"missing --script", []string{"--instance", "i-1"}},
+		{"empty --script", []string{"--script", "", "--instance", "i-1"}},
+		{"bad --id characters", []string{"--script", "s", "--instance", "i-1", "--id", "bad id!"}},
+		{"--id too long", []string{"--script", "s", "--instance", "i-1", "--id", strings.Repeat("a", 129)}},
+		{"extra argument", []string{"--script", "s", "--instance", "i-1", "extra"}},
+		{"--wait 0", []string{"--script", "s", "--instance", "i-1", "--wait", "0"}},
+		{"negative --wait", []string{"--script", "s", "--instance", "i-1", "--wait", "-1s"}},
+		{"--wait not a duration", []string{"--script", "s", "--instance", "i-1", "--wait", "soon"}},
+		{"unknown flag", []string{"--script", "s", "--instance", "i-1", "--bogus"}},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			code, stdout, stderr := runStop(t, lookup, tt.args...)
+			if code != stopcli.ExitUsage {
+				t.Errorf("exit = %d, want %d", code, stopcli.ExitUsage)
+			}
+			if stdout != "" {
+				t.Errorf("stdout = %q, want nothing", stdout)
+			}
+			if stderr == "" {
+				t.Error("stderr is empty, want a reason")
+			}
+		})
+	}
+}
+
+func TestBadNATSEnvironmentIsUsage(t *testing.T) {
+	code, stdout, stderr := runStop(t, map[string]string{"NATS_URL": "http://127.0.0.1:4222"},
+		"--script", "s", "--instance", "i-1")
+	if code != stopcli.ExitUsage {
+		t.Errorf("exit = %d, want %d", code, stopcli.ExitUsage)
+	}
+	if stdout != "" || !strings.Contains(stderr, "NATS_URL") {
+		t.Errorf("stdout = %q, stderr = %q; want nothing and a message naming NATS_URL", stdout, stderr)
+	}
+}
+
+func TestNoWorkerTimesOut(t *testing.T) {
+	ns := startNATS(t)
+	nc, err := nats.Connect(ns.ClientURL())
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(nc.Close)
+	js, err := jetstream.New(nc)
+	if err != nil {
+		t.Fatal(err)
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+	if _, err := consumer.Setup(ctx, js, consumer.Config{}, zap.NewNop()); err != nil {
+		t.Fatalf("consumer.Setup: %v", err)
+	}
+
+	start := time.Now()
+	code, stdout, stderr := runStop(t, map[string]string{"NATS_URL": ns.ClientURL()},
+		"--script", "s", "--instance", "i-1", "--id", "no-worker-1", "--wait", "500ms")
+	elapsed := time.Since(start)
+	if code != stopcli.ExitNoOutcome {
+		t.Errorf("exit = %d, want %d", code, stopcli.ExitNoOutcome)
+	}
+	if stdout != "" {
+		t.Errorf("stdout = %q, want nothing", stdout)
+	}
+	if !strings.Contains(stderr, "no-worker-1") {
+		t.Errorf("stderr = %q, want it to name the command id", stderr)
+	}
+	if elapsed < 500*time.Millisecond || elapsed > 5*time.Second {
+		t.Errorf("took %s, want about --wait (500ms)", elapsed)
+	}
+
+	// The command was stored in the stop stream: a worker started later
+	// would still get it.
+	s, err := js.Stream(ctx, config.DefaultStopStream)
+	if err != nil {
+		t.Fatal(err)
+	}
+	msg, err := s.GetLastMsgForSubject(ctx, config.DefaultStopSubject)
+	if err != nil {
+		t.Fatalf("stored command: %v", err)
+	}
+	var body map[string]string
+	if err := json.Unmarshal(msg.Data, &body); err != nil {
+		t.Fatalf("stored command is not JSON: %v: %s", err, msg.Data)
+	}
+	want := map[string]string{"command_id": "no-worker-1", "script_name": "s", "instance_id": "i-1"}
+	if len(body) != len(want) {
+		t.Errorf("stored command = %v, want %v", body, want)
+	}
+	for k, v := range want {
+		if body[k] != v {
+			t.Errorf("stored command %s = %q, want %q", k, body[k], v)
+		}
+	}
+	if got := msg.Header.Get(nats.MsgIdHdr); got != "no-worker-1" {
+		t.Errorf("Nats-Msg-Id = %q, want no-worker-1", got)
+	}
+}
+
+const (
+	defaultProject = "default-project"
+	otherProject   = "other-project"
+	script         = "etl_daily"
+)
+
+// startWorker runs the real worker in-process against an embedded NATS
+// and a DLF emulator, and stops it when the test ends.
+func startWorker(t *testing.T) (natsURL string, emu *emulator.Emulator) {
+	t.Helper()
+	ns := startNATS(t)
+	emu, emuURL := emulator.StartForTest(t)
+
+	cfg := config.Default()
+	cfg.NATS.URL = ns.ClientURL()
+	cfg.DLF.Endpoint = emuURL
+	cfg.DLF.ProjectID = defaultProject
+	cfg.DLF.Timeout = 2 * time.Second
+	cfg.HTTPAddr = "127.0.0.1:0"
+	cfg.ShutdownTimeout = 2 * time.Second
+	if err := cfg.Validate(); err != nil {
+		t.Fatalf("config: %v", err)
+	}
+
+	ctx, cancel := context.WithCancel(context.Background())
+	started := make(chan struct{})
+	done := make(chan error, 1)
+	go func() {
+		done <- service.Run(ctx, cfg, zaptest.NewLogger(t, zaptest.Level(zap.WarnLevel)), service.Hooks{
+			Started: func(string) { close(started) },
+		})
+	}()
+	t.Cleanup(func() {
+		cancel()
+		select {
+		case err := <-done:
+			if err != nil {
+				t.Errorf("service.Run: %v", err)
+			}
+		case <-time.After(15 * time.Second):
+			t.Error("service.Run did not return within 15s of cancel")
+		}
+	})
+	select {
+	case <-started:
+	case err := <-done:
+		t.Fatalf("service.Run returned before starting: %v", err)
+	case <-time.After(15 * time.Second):
+		t.Fatal("worker did not start within 15s")
+	}
+	return ns.ClientURL(), emu
+}
+
+// outcome is the part of the outcome event these tests look at.
+type outcome struct {
+	CommandID  string `json:"command_id"`
+	ProjectID  string `json:"project_id"`
+	ScriptName string `json:"script_name"`
+	InstanceID string `json:"instance_id"`
+	Status     string `json:"status"`
+	Cause      string `json:"cause"`
+	HTTPStatus int    `json:"http_status"`
+	ErrorCode  string `json:"error_code"`
+}
+
+// oneJSONLine checks stdout is exactly one line holding one JSON object.
+func oneJSONLine(t *testing.T, stdout string) outcome {
+	t.Helper()
+	line, ok := strings.CutSuffix(stdout, "\n")
+	if !ok || line == "" || strings.Contains(line, "\n") {
+		t.Fatalf("stdout = %q, want exactly one line", stdout)
+	}
+	var o outcome
+	if err := json.Unmarshal([]byte(line), &o); err != nil {
+		t.Fatalf("stdout is not one JSON object: %v: %q", err, line)
+	}
+	return o
+}
+
+func TestWithWorker(t *testing.T) {
+	natsURL, emu := startWorker(t)
+	lookup := map[string]string{"NATS_URL": natsURL}
+
+	t.Run("running instance is stopped", func(t *testing.T) {
+		inst := emu.Execute(defaultProject, "", script)
+		code, stdout, _ := runStop(t, lookup, "--script", script, "--instance", inst, "--id", "cli-stop-1", "--wait", "20s")
+		if code != stopcli.ExitStopped {
+			t.Errorf("exit = %d, want %d", code, stopcli.ExitStopped)
+		}
+		o := oneJSONLine(t, stdout)
+		want := outcome{CommandID: "cli-stop-1", ProjectID: defaultProject, ScriptName: script,
+			InstanceID: inst, Status: "stopped", Cause: "ok", HTTPStatus: 204}
+		if o != want {
+			t.Errorf("outcome = %+v, want %+v", o, want)
+		}
+		if !emu.Stopped(defaultProject, script, inst) {
+			t.Error("emulator: instance not stopped")
+		}
+	})
+
+	t.Run("--project overrides the worker's default and the id is generated", func(t *testing.T) {
+		inst := emu.Execute(otherProject, "", script)
+		code, stdout, _ := runStop(t, lookup, "--script", script, "--instance", inst, "--project", otherProject)
+		if code != stopcli.ExitStopped {
+			t.Errorf("exit = %d, want %d", code, stopcli.ExitStopped)
+		}
+		o := oneJSONLine(t, stdout)
+		if o.Status != "stopped" || o.ProjectID != otherProject || o.InstanceID != inst || o.CommandID == "" {
+			t.Errorf("outcome = %+v, want stopped for %s/%s with a generated command id", o, otherProject, inst)
+		}
+		if !emu.Stopped(otherProject, script, inst) {
+			t.Error("emulator: instance not stopped")
+		}
+	})
+
+	t.Run("unknown instance fails", func(t *testing.T) {
+		code, stdout, _ := runStop(t, lookup, "--script", script, "--instance", "no-such-instance", "--id", "cli-unknown-1")
+		if code != stopcli.ExitOther {
+			t.Errorf("exit = %d, want %d", code, stopcli.ExitOther)
+		}
+		o := oneJSONLine(t, stdout)
+		if o.Status != "failed" || o.Cause != "dlf_error" || o.ErrorCode != "DLF.6205" || o.HTTPStatus != 400 ||
+			o.CommandID != "cli-unknown-1" {
+			t.Errorf("outcome = %+v, want failed, dlf_error, DLF.6205, 400, cli-unknown-1", o)
+		}
+	})
+
+	t.Run("rejected command exits 1", func(t *testing.T) {
+		// A script name the command rules refuse: the worker rejects it
+		// without calling DLF.
+		calls := emu.StopCalls()
+		code, stdout, _ := runStop(t, lookup, "--script", "..", "--instance", "i-1", "--id", "cli-rejected-1")
+		if code != stopcli.ExitOther {
+			t.Errorf("exit = %d, want %d", code, stopcli.ExitOther)
+		}
+		o := oneJSONLine(t, stdout)
+		if o.Status != "rejected" || o.Cause != "invalid_command" || o.CommandID != "cli-rejected-1" {
+			t.Errorf("outcome = %+v, want rejected, invalid_command, cli-rejected-1", o)
+		}
+		if got := emu.StopCalls(); got != calls {
+			t.Errorf("DLF stop calls went from %d to %d, want no call", calls, got)
+		}
+	})
+
+	t.Run("reused id within the duplicate window", func(t *testing.T) {
+		inst := emu.Execute(defaultProject, "", script)
+		if code, _, _ := runStop(t, lookup, "--script", script, "--instance", inst, "--id", "cli-dup-1"); code != stopcli.ExitStopped {
+			t.Fatalf("first stop: exit = %d, want %d", code, stopcli.ExitStopped)
+		}
+		code, stdout, stderr := runStop(t, lookup, "--script", script, "--instance", inst, "--id", "cli-dup-1", "--wait", "2s")
+		if code != stopcli.ExitOther {
+			t.Errorf("exit = %d, want %d", code, stopcli.ExitOther)
+		}
+		if stdout != "" || !strings.Contains(stderr, "cli-dup-1") {
+			t.Errorf("stdout = %q, stderr = %q; want nothing and a message naming the id", stdout, stderr)
+		}
+	})
+}
