@@ -120,6 +120,10 @@ func ensureConsumer(ctx context.Context, js jetstream.JetStream, cfg Config, log
 			c, err = js.Consumer(ctx, cfg.StopStream, cfg.ConsumerName)
 		}
 	}
+	if errors.Is(err, jetstream.ErrNotPullConsumer) {
+		return nil, fmt.Errorf("%w: consumer %s on %s is a push consumer; the worker needs a pull consumer (%v)",
+			ErrMismatch, cfg.ConsumerName, cfg.StopStream, err)
+	}
 	if err != nil {
 		return nil, fmt.Errorf("bind consumer %s on %s: %w", cfg.ConsumerName, cfg.StopStream, err)
 	}
