@@ -116,6 +116,13 @@ func (c *circuit) acquire(ctx context.Context, giveUp <-chan time.Time) (probe, 
 	}
 }
 
+// changedCh is closed at the next state change.
+func (c *circuit) changedCh() <-chan struct{} {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	return c.changed
+}
+
 // systemic tells whether a verdict counts against DLF as a whole.
 func systemic(v dlf.Verdict) (counts, immediate bool) {
 	switch {

@@ -156,7 +156,7 @@ func (c *Config) maxAckPending() int {
 // heldLimit is how many commands one worker holds at once: calling,
 // waiting in-process, or publishing. Twice the call slots keeps every slot
 // busy while outcomes are being published.
-func (c *Config) heldLimit() int { return 2 * c.Concurrency }
+func (c *Config) heldLimit() int { return 4 * c.Concurrency }
 
 // pullBatch is how many messages the client buffers ahead of processing.
 func (c *Config) pullBatch() int {

@@ -320,7 +320,7 @@ func benchLogger() *zap.Logger {
 	if os.Getenv("DLF_STOP_BENCH_LOG") == "" {
 		return zap.NewNop()
 	}
-	l, err := zap.NewDevelopment(zap.IncreaseLevel(zap.WarnLevel))
+	l, err := zap.NewDevelopment(zap.IncreaseLevel(zap.InfoLevel))
 	if err != nil {
 		return zap.NewNop()
 	}

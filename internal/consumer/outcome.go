@@ -114,10 +114,42 @@ func (p *publisher) publishDead(ctx context.Context, o *Outcome, original []byte
 	h.Set(HeaderOriginalSeq, strconv.FormatUint(seq, 10))
 	h.Set(HeaderFailedAt, o.FinishedAt)
 	setIf(HeaderDetail, headerSafe(o.Detail))
+	fitPayload(m, p.js.Conn().MaxPayload())
 	if _, err := p.js.PublishMsg(ctx, m); err != nil {
 		return fmt.Errorf("publish dead letter: %w", err)
 	}
 	return nil
+}
+
+// HeaderBodyTruncated marks a dead letter whose body had to be cut to fit
+// the server's max payload; its value is the original size in bytes.
+const HeaderBodyTruncated = "Dlf-Body-Truncated"
+
+// fitPayload cuts the body of m when body and headers exceed maxPayload.
+// Only an invalid command within a few hundred bytes of the limit can
+// get there (a valid one is at most 64 KiB). The contract wants the body
+// unchanged, but a dead letter that can never be stored would return its
+// command forever; a marked, truncated copy is the lesser evil, and the
+// full command stays in the stop stream's history until it is acked.
+func fitPayload(m *nats.Msg, maxPayload int64) {
+	if maxPayload <= 0 {
+		return
+	}
+	hdr := 64 // "NATS/1.0\r\n", the final CRLF, and the header we may add
+	for k, vs := range m.Header {
+		for _, v := range vs {
+			hdr += len(k) + len(v) + 4
+		}
+	}
+	if int64(hdr+len(m.Data)) <= maxPayload {
+		return
+	}
+	keep := int(maxPayload) - hdr - 64
+	if keep < 0 {
+		keep = 0
+	}
+	m.Header.Set(HeaderBodyTruncated, strconv.Itoa(len(m.Data)))
+	m.Data = m.Data[:keep]
 }
 
 // headerSafe keeps a header value on one line: NATS headers are

@@ -199,15 +199,23 @@ func (w *Worker) call(j *job, req dlf.StopRequest, giveUpAt time.Time) (v dlf.Ve
 		}
 		return v, callTimedOut
 	}
-	if err := w.thr.wait(w.soft); err != nil {
-		w.circ.release(probe, v, true)
-		return v, callStopped
-	}
-	select {
-	case w.slots <- struct{}{}:
-	case <-w.hard.Done():
-		w.circ.release(probe, v, true)
-		return v, callStopped
+	// A 429 may arrive while this command waits for a slot; the pause is
+	// checked again once the slot is taken, and the slot given back for it.
+	for {
+		if err := w.thr.wait(w.soft); err != nil {
+			w.circ.release(probe, v, true)
+			return v, callStopped
+		}
+		select {
+		case w.slots <- struct{}{}:
+		case <-w.hard.Done():
+			w.circ.release(probe, v, true)
+			return v, callStopped
+		}
+		if !w.thr.paused() {
+			break
+		}
+		<-w.slots
 	}
 	w.m.inFlight.Inc()
 	ctx, cancel := context.WithTimeout(w.hard, w.cfg.CallTimeout)

@@ -3,6 +3,7 @@ package consumer
 import (
 	"context"
 	"fmt"
+	"strconv"
 	"testing"
 	"time"
 )
@@ -45,4 +46,30 @@ func TestDeadLetterFailureKeepsTheCommand(t *testing.T) {
 	if n := e.out.len(); n != 1 {
 		t.Errorf("%d outcome events, want 1", n)
 	}
+}
+
+// An invalid command so large that its dead letter cannot carry the body
+// unchanged is dead-lettered with the body cut and marked, not returned
+// forever.
+func TestOversizedDeadLetterIsTruncatedNotLooped(t *testing.T) {
+	e := newEnv(t, nil)
+	e.startWorker(nil)
+	max := int(e.nc.MaxPayload())
+	big := make([]byte, max-300)
+	for i := range big {
+		big[i] = 'x'
+	}
+	e.publish(big, nil)
+	o := e.single(t)
+	if o.Status != StatusRejected {
+		t.Fatalf("outcome = %+v", o)
+	}
+	d := e.dead.wait(t, 1, 10*time.Second)[0]
+	if got := d.Headers().Get(HeaderBodyTruncated); got != strconv.Itoa(len(big)) {
+		t.Errorf("%s = %q, want %d", HeaderBodyTruncated, got, len(big))
+	}
+	if len(d.Data()) == 0 || len(d.Data()) >= len(big) || string(d.Data()) != string(big[:len(d.Data())]) {
+		t.Errorf("dead letter body is not a prefix of the command (%d bytes)", len(d.Data()))
+	}
+	e.stopStreamEmpty(t)
 }

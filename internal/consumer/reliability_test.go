@@ -325,3 +325,33 @@ func TestRateLimit(t *testing.T) {
 }
 
 var _ = command.MaxBodySize
+
+// Every held command ran out of time while the circuit was open; the
+// worker must still probe (with a fetched command) and recover once DLF
+// does, instead of staying paused.
+func TestCircuitRecoversWhenNothingIsHeld(t *testing.T) {
+	e := newEnv(t, func(c *Config) {
+		c.RetryMaxElapsed = 1500 * time.Millisecond
+		c.RetryInitial = 100 * time.Millisecond
+		c.RetryMax = 300 * time.Millisecond
+	})
+	e.emu.SetFaults(emulator.Faults{AuthFail: true})
+	r := e.startWorker(nil)
+	e.publishMany(t, 3, "old")
+	e.out.wait(t, 3, 20*time.Second) // all retries_exhausted while open
+	e.emu.SetFaults(emulator.Faults{})
+	e.publishMany(t, 3, "new")
+	e.out.wait(t, 6, 20*time.Second)
+	got := byID(t, e.out.outcomes(t))
+	for _, id := range []string{"new-0", "new-1", "new-2"} {
+		if got[id].Status != StatusStopped {
+			t.Errorf("%s: %+v", id, got[id])
+		}
+	}
+	eventually(t, 5*time.Second, func() error {
+		if ok, why := r.w.Readiness(); !ok {
+			return fmt.Errorf("not ready: %s", why)
+		}
+		return nil
+	})
+}

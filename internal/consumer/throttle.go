@@ -51,6 +51,13 @@ func (t *throttle) wait(ctx context.Context) error {
 	return nil
 }
 
+// paused reports whether a 429's pause is still running.
+func (t *throttle) paused() bool {
+	t.mu.Lock()
+	defer t.mu.Unlock()
+	return time.Now().Before(t.pauseUntil)
+}
+
 // throttled records a 429: everyone waits at least d from now.
 func (t *throttle) throttled(d time.Duration) {
 	t.mu.Lock()

@@ -165,10 +165,14 @@ func (w *Worker) fetch(ctx context.Context) {
 	retry.MaxInterval = 5 * time.Second
 	retry.MaxElapsedTime = 0
 	for ctx.Err() == nil {
-		if w.circ.waitClosed(ctx) != nil {
+		if w.waitCircuit(ctx) != nil {
 			return
 		}
-		it, err := w.cons.Messages(jetstream.PullMaxMessages(w.cfg.pullBatch()))
+		// A missed heartbeat (a busy machine, a server restart) is handled
+		// by the iterator itself: tearing it down would strand what it had
+		// buffered until the ack wait runs out.
+		it, err := w.cons.Messages(jetstream.PullMaxMessages(w.cfg.pullBatch()),
+			jetstream.WithMessagesErrOnMissingHeartbeat(false))
 		if err == nil {
 			w.ready.Store(true)
 			err = w.iterate(ctx, it)
@@ -177,13 +181,13 @@ func (w *Worker) fetch(ctx context.Context) {
 				w.returnBuffered(it)
 				return
 			}
+			// Hand back what the client buffered rather than let it sit
+			// out its ack wait: while the circuit is open nothing is
+			// called, and after an error the iterator is replaced.
+			w.returnBuffered(it)
 			if errors.Is(err, errCircuitOpen) {
-				// Hand back what the client buffered: it would sit out
-				// its ack wait here while nothing is called.
-				w.returnBuffered(it)
 				continue
 			}
-			it.Stop()
 		}
 		wait := retry.NextBackOff()
 		w.log.Warn("consumer not bound; retrying", zap.Error(err), zap.Duration("in", wait))
@@ -226,6 +230,44 @@ func (w *Worker) iterate(ctx context.Context, it jetstream.MessagesContext) erro
 }
 
 var errCircuitOpen = errors.New("DLF circuit open")
+
+// waitCircuit returns once the circuit is closed. While it is open the
+// worker fetches nothing, except that when it holds no command at all it
+// takes one, to serve as the probe: without it a worker whose held
+// commands had all run out of time would never probe again and stay
+// paused after DLF recovered.
+func (w *Worker) waitCircuit(ctx context.Context) error {
+	tick := time.NewTicker(w.cfg.RetryInitial)
+	defer tick.Stop()
+	for w.circ.Open() {
+		if len(w.held) == 0 {
+			w.fetchProbe(ctx)
+		}
+		select {
+		case <-ctx.Done():
+			return ctx.Err()
+		case <-w.circ.changedCh():
+		case <-tick.C:
+		}
+	}
+	return ctx.Err()
+}
+
+// fetchProbe takes at most one message and handles it.
+func (w *Worker) fetchProbe(ctx context.Context) {
+	fctx, cancel := context.WithTimeout(ctx, 2*time.Second)
+	defer cancel()
+	batch, err := w.cons.Fetch(1, jetstream.FetchContext(fctx))
+	if err != nil {
+		return
+	}
+	for msg := range batch.Messages() {
+		w.held <- struct{}{}
+		w.m.held.Inc()
+		w.wg.Add(1)
+		go w.handle(msg)
+	}
+}
 
 // returnBuffered naks what the client had already pulled but the worker
 // had not started, so shutdown hands it on without waiting for ack wait.
