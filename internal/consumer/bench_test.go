@@ -60,6 +60,7 @@ func benchPipeline(b *testing.B, latency time.Duration, concurrency int, plain b
 	// with a stored-ack, so arrival here follows their storage.
 	sent := make([]time.Time, n)
 	lat := make([]time.Duration, 0, n)
+	var slow []string // ids that took over 10s, to explain a stall
 	var mu sync.Mutex
 	done := make(chan struct{})
 	sub, err := e.nc.Subscribe("dlf.stop.outcome.*", func(m *nats.Msg) {
@@ -69,7 +70,11 @@ func benchPipeline(b *testing.B, latency time.Duration, concurrency int, plain b
 			return
 		}
 		mu.Lock()
-		lat = append(lat, time.Since(sent[i]))
+		l := time.Since(sent[i])
+		lat = append(lat, l)
+		if l > 10*time.Second && len(slow) < 5 {
+			slow = append(slow, id+" "+string(m.Data))
+		}
 		if len(lat) == n {
 			close(done)
 		}
@@ -113,6 +118,9 @@ func benchPipeline(b *testing.B, latency time.Duration, concurrency int, plain b
 	b.ReportMetric(0, "ns/op")
 	if calls := e.emu.StopCalls(); calls != int64(n) {
 		b.Errorf("DLF calls = %d, want %d", calls, n)
+	}
+	for _, s := range slow {
+		b.Logf("slow: %s", s)
 	}
 	b.Logf("%d commands in %s: %.0f cmds/s, p50 %s, p99 %s", n, elapsed.Round(time.Millisecond),
 		float64(n)/elapsed.Seconds(), p50, p99)

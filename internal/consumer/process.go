@@ -2,6 +2,7 @@ package consumer
 
 import (
 	"context"
+	"encoding/json"
 	"fmt"
 	"time"
 
@@ -15,7 +16,7 @@ import (
 
 // publishTimeout bounds the wait for one stored-ack. A publish that takes
 // longer is treated as failed and the command is returned, never acked.
-const publishTimeout = 10 * time.Second
+const publishTimeout = 5 * time.Second
 
 // job is one delivery of one command on its way to an outcome.
 type job struct {
@@ -29,6 +30,7 @@ type job struct {
 	// (this delivery, or an earlier one per the state bucket), so a later
 	// DLF.6205 means the stop happened.
 	unanswered bool
+	decided    bool         // j.out holds a decision not yet stored
 	state      *stateRecord // as read by recall; nil without the state bucket
 	log        *zap.Logger
 }
@@ -277,6 +279,11 @@ func (w *Worker) giveBack(j *job, delay time.Duration, reason string) {
 	if j.state != nil {
 		ctx, cancel := context.WithTimeout(context.WithoutCancel(w.hard), publishTimeout)
 		entry := cmdEntry{Phase: phaseAnswered, Attempts: j.attempts, Unanswered: j.unanswered, Delivery: j.meta.NumDelivered}
+		if j.decided {
+			if b, err := json.Marshal(&j.out); err == nil {
+				entry.Phase, entry.Outcome = phasePending, b
+			}
+		}
 		err := w.state.save(ctx, j.state, func(d *stateDoc) { d.setCmd(j.cmd.ID, entry) })
 		cancel()
 		if err != nil {
@@ -310,14 +317,25 @@ func (w *Worker) finish(j *job, status, cause, detail string) {
 	o.Attempts = j.attempts
 	o.FinishedAt = FormatTime(now)
 	o.DurationMS = now.Sub(j.meta.Timestamp).Milliseconds()
+	j.decided = true
+	w.store(j)
+}
 
+// store publishes the decided outcome j.out (and its dead letter), records
+// the decision in the state bucket and acks. If any step fails the command
+// is returned, and the state bucket keeps the decision so the next
+// delivery stores the very same outcome instead of calling DLF again (a
+// second call after a 204 would get DLF.6205).
+func (w *Worker) store(j *job) {
+	o := &j.out
+	status, cause := o.Status, o.Cause
 	ctx, cancel := context.WithTimeout(w.hard, publishTimeout)
 	defer cancel()
 	if _, err := w.pub.publishOutcome(ctx, o); err != nil {
 		w.publishFailed(j, "outcome", err)
 		return
 	}
-	// A duplicate outcome means an earlier delivery decided already and
+	// A duplicate outcome means an earlier delivery stored it already and
 	// lost its ack. The dead letter is still published (it deduplicates on
 	// the same id): skipping it could lose the dead letter of a delivery
 	// that stored its outcome but failed before dead-lettering.
@@ -356,7 +374,7 @@ func (w *Worker) finish(j *job, status, cause, detail string) {
 		return
 	}
 	j.log.Info("command decided", append(fields, zap.String("error_code", o.ErrorCode),
-		zap.String("detail", detail))...)
+		zap.String("detail", o.Detail))...)
 }
 
 func (w *Worker) publishFailed(j *job, kind string, err error) {
@@ -393,6 +411,17 @@ func (w *Worker) recall(j *job) bool {
 		return false
 	}
 	j.state = rec
+	if entry != nil && entry.Phase == phasePending {
+		// An earlier delivery decided but could not store the outcome:
+		// store that same outcome now, without calling DLF again.
+		if err := json.Unmarshal(entry.Outcome, &j.out); err == nil {
+			j.attempts = entry.Attempts
+			j.decided = true
+			j.log.Info("storing the outcome an earlier delivery decided")
+			w.store(j)
+			return false
+		}
+	}
 	// Progress of earlier deliveries. A delivery that handed the command
 	// back wrote an entry; one that left none (or an older one) died or
 	// lost its lease mid-way and may have sent a call whose answer nobody

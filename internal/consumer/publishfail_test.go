@@ -73,3 +73,40 @@ func TestOversizedDeadLetterIsTruncatedNotLooped(t *testing.T) {
 	}
 	e.stopStreamEmpty(t)
 }
+
+// DLF answered 204 but the outcome could not be stored: the next delivery
+// must store that same stopped outcome, not call DLF again (which would
+// answer DLF.6205 and turn a stop into a failure).
+func TestDecisionSurvivesAFailedOutcomePublish(t *testing.T) {
+	e := newEnv(t, func(c *Config) { c.RetryInitial = 100 * time.Millisecond })
+	e.emu.AddRunning(proj, "", "s1", "i-1")
+	r := e.startWorker(nil)
+	if err := e.js.DeleteStream(context.Background(), "DLF_STOP_OUTCOMES"); err != nil {
+		t.Fatal(err)
+	}
+	e.publish(body(t, map[string]any{"command_id": "keep", "project_id": proj, "script_name": "s1", "instance_id": "i-1"}), nil)
+	eventually(t, 20*time.Second, func() error {
+		if got := testutilCount(r.w.m.publishFail.WithLabelValues("outcome")); got < 2 {
+			return fmt.Errorf("outcome failures so far: %v", got)
+		}
+		return nil
+	})
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+	if _, err := Setup(ctx, e.js, e.cfg, e.log); err != nil {
+		t.Fatal(err)
+	}
+	c := e.cfg
+	c.setDefaults()
+	out := newCollector(t, e.js, c.OutcomeStream)
+	out.wait(t, 1, 20*time.Second)
+	o := out.outcomes(t)[0]
+	if o.Status != StatusStopped || o.Cause != CauseOK || o.HTTPStatus != 204 {
+		t.Fatalf("outcome = %+v", o)
+	}
+	if n := e.emu.StopCalls(); n != 1 {
+		t.Errorf("DLF calls = %d, want 1", n)
+	}
+	e.stopStreamEmpty(t)
+	e.noDeadLetters(t)
+}

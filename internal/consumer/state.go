@@ -36,6 +36,7 @@ import (
 // Phases of a command entry.
 const (
 	phaseAnswered = "answered" // handed back undecided; the fields say how far it got
+	phasePending  = "pending"  // decided, but the outcome could not be stored yet
 	phaseDecided  = "decided"  // outcome stored; the command is done
 )
 
@@ -46,6 +47,9 @@ type cmdEntry struct {
 	Delivery   uint64 `json:"d,omitempty"` // the delivery that wrote this entry
 	Status     string `json:"s,omitempty"`
 	Cause      string `json:"c,omitempty"`
+	// Outcome is the decided outcome of a pending entry, stored as it
+	// will be published.
+	Outcome json.RawMessage `json:"o,omitempty"`
 }
 
 type stateDoc struct {

@@ -171,7 +171,12 @@ func (w *Worker) fetch(ctx context.Context) {
 		// A missed heartbeat (a busy machine, a server restart) is handled
 		// by the iterator itself: tearing it down would strand what it had
 		// buffered until the ack wait runs out.
+		//
+		// Short pull expiry and heartbeat: a pull request lost with a
+		// restarted node or a consumer leader change is replaced within
+		// seconds instead of the client default's 30s of silence.
 		it, err := w.cons.Messages(jetstream.PullMaxMessages(w.cfg.pullBatch()),
+			jetstream.PullExpiry(5*time.Second), jetstream.PullHeartbeat(2*time.Second),
 			jetstream.WithMessagesErrOnMissingHeartbeat(false))
 		if err == nil {
 			w.ready.Store(true)
