@@ -160,7 +160,7 @@ func (c *Config) heldLimit() int { return 4 * c.Concurrency }
 
 // pullBatch is how many messages the client buffers ahead of processing.
 func (c *Config) pullBatch() int {
-	n := c.Concurrency
+	n := 2 * c.Concurrency
 	if n < 16 {
 		n = 16
 	}
