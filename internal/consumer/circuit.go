@@ -191,27 +191,3 @@ func (c *circuit) signalLocked() {
 	close(c.changed)
 	c.changed = make(chan struct{})
 }
-
-// onOpen calls fn once, from another goroutine, when the circuit is (or
-// becomes) open, unless ctx ends first.
-func (c *circuit) onOpen(ctx context.Context, fn func()) {
-	if c.disabled {
-		return
-	}
-	go func() {
-		for {
-			c.mu.Lock()
-			open, ch := c.open, c.changed
-			c.mu.Unlock()
-			if open {
-				fn()
-				return
-			}
-			select {
-			case <-ch:
-			case <-ctx.Done():
-				return
-			}
-		}
-	}()
-}

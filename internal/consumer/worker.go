@@ -9,6 +9,7 @@ import (
 	"time"
 
 	"github.com/cenkalti/backoff/v4"
+	"github.com/nats-io/nats.go"
 	"github.com/nats-io/nats.go/jetstream"
 	"go.uber.org/zap"
 
@@ -168,31 +169,14 @@ func (w *Worker) fetch(ctx context.Context) {
 		if w.waitCircuit(ctx) != nil {
 			return
 		}
-		// A missed heartbeat (a busy machine, a server restart) is handled
-		// by the iterator itself: tearing it down would strand what it had
-		// buffered until the ack wait runs out.
-		//
-		// Short pull expiry and heartbeat: a pull request lost with a
-		// restarted node or a consumer leader change is replaced within
-		// seconds instead of the client default's 30s of silence.
-		it, err := w.cons.Messages(jetstream.PullMaxMessages(w.cfg.pullBatch()),
-			jetstream.PullExpiry(5*time.Second), jetstream.PullHeartbeat(2*time.Second),
-			jetstream.WithMessagesErrOnMissingHeartbeat(false))
-		if err == nil {
-			w.ready.Store(true)
-			err = w.iterate(ctx, it)
-			w.ready.Store(false)
-			if ctx.Err() != nil {
-				w.returnBuffered(it)
-				return
-			}
-			// Hand back what the client buffered rather than let it sit
-			// out its ack wait: while the circuit is open nothing is
-			// called, and after an error the iterator is replaced.
-			w.returnBuffered(it)
-			if errors.Is(err, errCircuitOpen) {
-				continue
-			}
+		w.ready.Store(true)
+		err := w.pull(ctx)
+		w.ready.Store(false)
+		if ctx.Err() != nil {
+			return
+		}
+		if errors.Is(err, errCircuitOpen) {
+			continue
 		}
 		wait := retry.NextBackOff()
 		w.log.Warn("consumer not bound; retrying", zap.Error(err), zap.Duration("in", wait))
@@ -207,30 +191,74 @@ func (w *Worker) fetch(ctx context.Context) {
 	}
 }
 
-// iterate hands messages to handlers while there is room. A slot in held
-// is taken before asking for a message, so the client never buffers a
-// message this worker has no room for beyond its pull batch.
-func (w *Worker) iterate(ctx context.Context, it jetstream.MessagesContext) error {
-	ictx, cancel := context.WithCancelCause(ctx)
-	defer cancel(nil)
-	w.circ.onOpen(ictx, func() { cancel(errCircuitOpen) })
+// pullWait bounds one pull request. Short, so a request lost with a
+// restarted node or a consumer leader change is replaced within seconds.
+const pullWait = 5 * time.Second
+
+// pull fetches only as many messages as there are free held slots, so
+// every message the client receives goes at once to a handler that
+// heartbeats it. (A prefetching iterator would buffer messages behind busy
+// slots without heartbeats; during a long 429 pause they outlived their ack
+// wait and were delivered a second time while the first copy waited.)
+func (w *Worker) pull(ctx context.Context) error {
 	for {
-		select {
-		case w.held <- struct{}{}:
-		case <-ictx.Done():
-			return context.Cause(ictx)
+		if w.circ.Open() {
+			return errCircuitOpen
 		}
-		msg, err := it.Next(jetstream.NextContext(ictx))
+		n, err := w.reserve(ctx)
 		if err != nil {
-			<-w.held
-			if c := context.Cause(ictx); c != nil {
-				return c
-			}
 			return err
 		}
-		w.m.held.Inc()
-		w.wg.Add(1)
-		go w.handle(msg)
+		fctx, cancel := context.WithTimeout(ctx, pullWait)
+		batch, err := w.cons.Fetch(n, jetstream.FetchContext(fctx))
+		if err != nil {
+			cancel()
+			w.unreserve(n)
+			return err
+		}
+		got := 0
+		for msg := range batch.Messages() {
+			got++
+			w.m.held.Inc()
+			w.wg.Add(1)
+			go w.handle(msg)
+		}
+		cancel()
+		w.unreserve(n - got)
+		if err := batch.Error(); err != nil && ctx.Err() == nil && !errors.Is(err, context.DeadlineExceeded) &&
+			!errors.Is(err, nats.ErrTimeout) {
+			if errors.Is(err, jetstream.ErrConsumerDeleted) || errors.Is(err, jetstream.ErrConsumerNotFound) {
+				return err
+			}
+			w.log.Debug("pull ended with an error; pulling again", zap.Error(err))
+		}
+	}
+}
+
+// reserve blocks for one free held slot, then takes every other free one
+// up to the pull batch.
+func (w *Worker) reserve(ctx context.Context) (int, error) {
+	select {
+	case w.held <- struct{}{}:
+	case <-ctx.Done():
+		return 0, ctx.Err()
+	}
+	n := 1
+	for n < w.cfg.pullBatch() {
+		select {
+		case w.held <- struct{}{}:
+			n++
+			continue
+		default:
+		}
+		break
+	}
+	return n, nil
+}
+
+func (w *Worker) unreserve(n int) {
+	for i := 0; i < n; i++ {
+		<-w.held
 	}
 }
 
@@ -271,22 +299,6 @@ func (w *Worker) fetchProbe(ctx context.Context) {
 		w.m.held.Inc()
 		w.wg.Add(1)
 		go w.handle(msg)
-	}
-}
-
-// returnBuffered naks what the client had already pulled but the worker
-// had not started, so shutdown hands it on without waiting for ack wait.
-func (w *Worker) returnBuffered(it jetstream.MessagesContext) {
-	it.Drain()
-	for {
-		msg, err := it.Next(jetstream.NextMaxWait(2 * time.Second))
-		if err != nil {
-			return
-		}
-		if err := msg.Nak(); err != nil {
-			w.log.Warn("return buffered command", zap.Error(err))
-		}
-		w.m.returned.WithLabelValues("shutdown").Inc()
 	}
 }
 
