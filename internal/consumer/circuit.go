@@ -168,7 +168,7 @@ func (c *circuit) release(probe bool, v dlf.Verdict, cancelled bool) {
 	c.failures++
 	if c.open {
 		if probe {
-			c.nextTry = time.Now().Add(c.probeBo.NextBackOff())
+			c.nextTry = time.Now().Add(min(c.probeBo.NextBackOff(), c.probeBo.MaxInterval))
 			c.signalLocked()
 		}
 		return
@@ -176,7 +176,7 @@ func (c *circuit) release(probe bool, v dlf.Verdict, cancelled bool) {
 	if immediate || c.failures >= c.threshold {
 		c.open = true
 		c.probeBo.Reset()
-		c.nextTry = time.Now().Add(c.probeBo.NextBackOff())
+		c.nextTry = time.Now().Add(min(c.probeBo.NextBackOff(), c.probeBo.MaxInterval))
 		c.log.Warn("DLF circuit open: pausing fetches, probing with one call at a time",
 			zap.Int("http_status", v.HTTPStatus), zap.String("error_code", v.ErrorCode),
 			zap.Int("consecutive_failures", c.failures))

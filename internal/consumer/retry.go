@@ -41,7 +41,9 @@ func (s *schedule) next(now time.Time, retryAfter time.Duration) (wait time.Dura
 	if !now.Before(s.giveUpAt) {
 		return 0, false
 	}
-	wait = s.b.NextBackOff()
+	// backoff/v4 jitters around the capped interval, so a wait can exceed
+	// the cap by half; the contract says "at most RETRY_MAX_INTERVAL".
+	wait = min(s.b.NextBackOff(), s.b.MaxInterval)
 	if retryAfter > wait {
 		wait = retryAfter
 	}

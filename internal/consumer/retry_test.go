@@ -18,7 +18,7 @@ func TestScheduleBoundsAndRetryAfter(t *testing.T) {
 		if !ok {
 			t.Fatalf("gave up at step %d", i)
 		}
-		lo, hi := time.Duration(float64(nominal)*0.5), time.Duration(float64(nominal)*1.5)
+		lo, hi := time.Duration(float64(nominal)*0.5), min(time.Duration(float64(nominal)*1.5), cfg.RetryMax)
 		if w < lo || w > hi {
 			t.Errorf("step %d: wait %s outside [%s, %s]", i, w, lo, hi)
 		}
