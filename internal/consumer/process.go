@@ -393,7 +393,7 @@ func (w *Worker) publishFailed(j *job, kind string, err error) {
 // be read (returned for later).
 func (w *Worker) recall(j *job) bool {
 	ctx, cancel := context.WithTimeout(w.hard, publishTimeout)
-	rec, claimed, err := w.state.claimOrLoad(ctx, j.stateKey(), j.cmd.ID, j.meta.NumDelivered)
+	rec, err := w.state.lookup(ctx, j.stateKey())
 	cancel()
 	if err != nil {
 		j.log.Warn("state bucket unavailable; returning the command", zap.Error(err))
@@ -411,9 +411,6 @@ func (w *Worker) recall(j *job) bool {
 		return false
 	}
 	j.state = rec
-	if claimed {
-		return true // nothing was known: the common case
-	}
 	if entry != nil && entry.Phase == phasePending {
 		// An earlier delivery decided but could not store the outcome:
 		// store that same outcome now, without calling DLF again.
@@ -432,9 +429,7 @@ func (w *Worker) recall(j *job) bool {
 	n := j.meta.NumDelivered
 	if entry != nil {
 		j.attempts = entry.Attempts
-		// A "calling" entry was left by a delivery that claimed the
-		// command and never wrote again: it died or lost its lease.
-		j.unanswered = entry.Unanswered || entry.Phase == phaseCalling || entry.Delivery+1 < n
+		j.unanswered = entry.Unanswered || entry.Delivery+1 < n
 	} else if n > 1 {
 		j.unanswered = true
 	}

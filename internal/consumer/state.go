@@ -29,16 +29,14 @@ import (
 // rejected command has no instance; its decision goes under
 // cmd.<base64url(id)> (ids may hold ':' and "..", which keys may not).
 //
-// The common case, a first delivery that DLF answers 204, costs two writes
-// and no read: a create that claims the key (and fails if anything is
-// known), and a compare-and-set update with the decision. A later delivery
-// reads the document; one that finds no trace of an earlier delivery's
-// progress knows from the delivery count that a call may have gone
-// unanswered (see recall).
+// The common case, a first delivery that DLF answers 204, costs a share of
+// one batched read (statebatch.go) and one compare-and-set write after the
+// outcome is stored. Nothing is written before a call: a delivery that
+// finds no trace of an earlier delivery's progress knows from the delivery
+// count that a call may have gone unanswered (see recall).
 
 // Phases of a command entry.
 const (
-	phaseCalling  = "calling"  // claimed by a first delivery that is about to call DLF
 	phaseAnswered = "answered" // handed back undecided; the fields say how far it got
 	phasePending  = "pending"  // decided, but the outcome could not be stored yet
 	phaseDecided  = "decided"  // outcome stored; the command is done
@@ -70,7 +68,8 @@ type stateRecord struct {
 }
 
 type stateStore struct {
-	kv jetstream.KeyValue
+	kv     jetstream.KeyValue
+	reader *batchReader // nil: lookups go one by one
 }
 
 func cmdKey(id string) string { return "cmd." + base64.RawURLEncoding.EncodeToString([]byte(id)) }
@@ -101,6 +100,14 @@ func ensureState(ctx context.Context, js jetstream.JetStream, cfg *Config, log *
 	return &stateStore{kv: kv}, nil
 }
 
+// lookup reads one document for a command, batched with other commands'.
+func (s *stateStore) lookup(ctx context.Context, key string) (*stateRecord, error) {
+	if s.reader != nil {
+		return s.reader.lookup(ctx, key)
+	}
+	return s.load(ctx, key)
+}
+
 // load reads one document; a missing key is an empty document.
 func (s *stateStore) load(ctx context.Context, key string) (*stateRecord, error) {
 	r := &stateRecord{key: key}
@@ -116,32 +123,6 @@ func (s *stateStore) load(ctx context.Context, key string) (*stateRecord, error)
 	// command, and the next write replaces it.
 	_ = json.Unmarshal(e.Value(), &r.doc)
 	return r, nil
-}
-
-// claimOrLoad is the one state operation before a command is worked on.
-// On a first delivery it creates the key with a "calling" entry for the
-// command: when the key did not exist (the common case) that single write
-// both proves there is nothing to know and records that a call is about
-// to go out; claimed is then true. Otherwise, or when the key exists, it
-// reads the document. (A create costs the server less than a lookup of a
-// key that is not there, and tells the next delivery more.)
-func (s *stateStore) claimOrLoad(ctx context.Context, key, id string, delivery uint64) (r *stateRecord, claimed bool, err error) {
-	if delivery == 1 {
-		doc := stateDoc{Cmds: map[string]*cmdEntry{id: {Phase: phaseCalling, Delivery: 1}}}
-		b, err := json.Marshal(&doc)
-		if err != nil {
-			return nil, false, err
-		}
-		rev, err := s.kv.Create(ctx, key, b)
-		if err == nil {
-			return &stateRecord{key: key, rev: rev, doc: doc}, true, nil
-		}
-		if !errors.Is(err, jetstream.ErrKeyExists) {
-			return nil, false, fmt.Errorf("claim state %s: %w", key, err)
-		}
-	}
-	r, err = s.load(ctx, key)
-	return r, false, err
 }
 
 // maxCASRetries bounds the re-read-and-merge loop when another worker

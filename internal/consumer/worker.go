@@ -147,6 +147,10 @@ func (w *Worker) Run(ctx context.Context) error {
 		if err != nil {
 			return err
 		}
+		if st.reader, err = newBatchReader(w.js.Conn(), w.cfg.StateBucket); err != nil {
+			return err
+		}
+		defer st.reader.close() // after every handler is done (deferred before wg.Wait returns)
 		w.state = st
 	}
 
