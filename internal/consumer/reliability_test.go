@@ -73,6 +73,8 @@ func TestLostResponseIsAlreadyStopped(t *testing.T) {
 		}
 		return nil
 	})
+	t.Logf("lost_response status=%s cause=%s outcomes=%d dead_letters=%d dlf_calls=%d",
+		o.Status, o.Cause, e.out.len(), e.dead.len(), e.emu.StopCallsFor(proj, "s1", "i-1"))
 }
 
 // An earlier delivery recorded a call that went unanswered: a DLF.6205

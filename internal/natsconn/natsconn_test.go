@@ -16,6 +16,7 @@ import (
 	"os"
 	"path/filepath"
 	"strings"
+	"sync"
 	"testing"
 	"time"
 
@@ -32,7 +33,36 @@ import (
 )
 
 func TestMain(m *testing.M) {
-	goleak.VerifyTestMain(m)
+	goleak.VerifyTestMain(m, goleak.Cleanup(func(code int) {
+		// The auth matrix figure: every connect the tests made, by method
+		// (the top-level test) and result.
+		matrix.Lock()
+		fmt.Printf("auth_matrix accepted=%d refused=%d by_test=%v\n", matrix.accepted, matrix.refused, matrix.byTest)
+		matrix.Unlock()
+		os.Exit(code)
+	}))
+}
+
+var matrix struct {
+	sync.Mutex
+	accepted, refused int
+	byTest            map[string]string
+}
+
+func countConnect(t *testing.T, accepted bool) {
+	name, _, _ := strings.Cut(t.Name(), "/")
+	matrix.Lock()
+	defer matrix.Unlock()
+	if matrix.byTest == nil {
+		matrix.byTest = map[string]string{}
+	}
+	if accepted {
+		matrix.accepted++
+		matrix.byTest[name] += "+"
+	} else {
+		matrix.refused++
+		matrix.byTest[name] += "-"
+	}
 }
 
 // runServer starts an embedded NATS server on a random loopback port (or
@@ -124,6 +154,7 @@ func connectAndCheck(t *testing.T, c config.NATS, wantErr string, secrets ...str
 		if logs.FilterMessage("nats connected").Len() != 1 {
 			t.Errorf("connect not logged: %v", logs.All())
 		}
+		countConnect(t, true)
 		return
 	}
 	if err == nil {
@@ -142,6 +173,7 @@ func connectAndCheck(t *testing.T, c config.NATS, wantErr string, secrets ...str
 			t.Errorf("error %q contains the secret %q", msg, s)
 		}
 	}
+	countConnect(t, false)
 	t.Logf("refused as expected: %v", err)
 }
 
