@@ -182,11 +182,15 @@ func TestWorkerRunsAsDeployed(t *testing.T) {
 // waitFor polls cond every 50ms until it holds or total has passed.
 func waitFor(t *testing.T, total time.Duration, cond func() bool, what string) {
 	t.Helper()
-	deadline := time.Now().Add(total)
+	deadline := time.NewTimer(total)
+	defer deadline.Stop()
+	tick := time.NewTicker(50 * time.Millisecond)
+	defer tick.Stop()
 	for !cond() {
-		if time.Now().After(deadline) {
+		select {
+		case <-deadline.C:
 			t.Fatalf("timed out after %s waiting for %s", total, what)
+		case <-tick.C:
 		}
-		time.Sleep(50 * time.Millisecond)
 	}
 }

@@ -97,12 +97,16 @@ func mustSend(t *testing.T, c *http.Client, method, url string, hdr map[string]s
 // waitFor polls cond until it holds or the deadline passes.
 func waitFor(t *testing.T, total time.Duration, what string, cond func() bool) {
 	t.Helper()
-	deadline := time.Now().Add(total)
+	deadline := time.NewTimer(total)
+	defer deadline.Stop()
+	tick := time.NewTicker(5 * time.Millisecond)
+	defer tick.Stop()
 	for !cond() {
-		if time.Now().After(deadline) {
+		select {
+		case <-deadline.C:
 			t.Fatalf("timed out after %s waiting for %s", total, what)
+		case <-tick.C:
 		}
-		time.Sleep(5 * time.Millisecond)
 	}
 }
 
