@@ -16,13 +16,11 @@ import (
 	"testing"
 	"time"
 
-	"github.com/nats-io/nats.go"
 	"github.com/nats-io/nats.go/jetstream"
 	"go.uber.org/zap"
 
 	"github.com/dlf-stop/worker/internal/consumer"
 	"github.com/dlf-stop/worker/internal/dlf/emulator"
-	"github.com/dlf-stop/worker/internal/embedded"
 )
 
 // These tests pin contract section 6, "Systemic failure", on the real
@@ -249,20 +247,7 @@ type dlffRig struct {
 // /readyz says 200.
 func startDLFFaultRig(ctx context.Context, t *testing.T, emu *emulator.Emulator, emuURL string) *dlffRig {
 	t.Helper()
-	srv, err := embedded.Start(embedded.Options{StoreDir: t.TempDir()})
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { srv.Shutdown(); srv.WaitForShutdown() })
-	nc, err := nats.Connect(srv.ClientURL())
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(nc.Close)
-	js, err := jetstream.New(nc)
-	if err != nil {
-		t.Fatal(err)
-	}
+	srv, _, js := startJetStream(t)
 	if _, err := consumer.Setup(ctx, js, consumer.Config{AckWait: dlffAckWait}, zap.NewNop()); err != nil {
 		t.Fatal(err)
 	}

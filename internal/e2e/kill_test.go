@@ -13,13 +13,11 @@ import (
 	"testing"
 	"time"
 
-	"github.com/nats-io/nats.go"
 	"github.com/nats-io/nats.go/jetstream"
 	"go.uber.org/zap"
 
 	"github.com/dlf-stop/worker/internal/consumer"
 	"github.com/dlf-stop/worker/internal/dlf/emulator"
-	"github.com/dlf-stop/worker/internal/embedded"
 )
 
 // TestWorkerKilledRepeatedly pins the promise "every stop command JetStream
@@ -44,23 +42,9 @@ func TestWorkerKilledRepeatedly(t *testing.T) {
 		script       = "s"
 	)
 
-	srv, err := embedded.Start(embedded.Options{StoreDir: t.TempDir()})
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { srv.Shutdown(); srv.WaitForShutdown() })
+	srv, _, js := startJetStream(t)
 	emu, emuURL := emulator.StartForTest(t, emulator.WithRequestLogSize(0))
 	emu.SetFaults(emulator.Faults{Latency: 20 * time.Millisecond})
-
-	nc, err := nats.Connect(srv.ClientURL())
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(nc.Close)
-	js, err := jetstream.New(nc)
-	if err != nil {
-		t.Fatal(err)
-	}
 	ctx, cancel := context.WithTimeout(context.Background(), overall)
 	defer cancel()
 

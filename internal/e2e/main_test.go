@@ -12,6 +12,12 @@ import (
 	"sync"
 	"testing"
 	"time"
+
+	"github.com/nats-io/nats-server/v2/server"
+	"github.com/nats-io/nats.go"
+	"github.com/nats-io/nats.go/jetstream"
+
+	"github.com/dlf-stop/worker/internal/embedded"
 )
 
 // workerBin is the worker binary built once for the package.
@@ -106,6 +112,35 @@ func rssKiB(pid int) (rss, peak int64, err error) {
 		}
 	}
 	return rss, peak, nil
+}
+
+// startJetStream runs an embedded JetStream server for one test, with a
+// client connection to it; all are closed when the test ends.
+func startJetStream(t testing.TB) (*server.Server, *nats.Conn, jetstream.JetStream) {
+	t.Helper()
+	srv, err := embedded.Start(embedded.Options{StoreDir: t.TempDir()})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { srv.Shutdown(); srv.WaitForShutdown() })
+	nc, js := connectJS(t, srv.ClientURL())
+	return srv, nc, js
+}
+
+// connectJS connects to url (with opts, e.g. credentials), closed when the
+// test ends.
+func connectJS(t testing.TB, url string, opts ...nats.Option) (*nats.Conn, jetstream.JetStream) {
+	t.Helper()
+	nc, err := nats.Connect(url, opts...)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(nc.Close)
+	js, err := jetstream.New(nc)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return nc, js
 }
 
 // eventually polls fn until it returns nil or the deadline passes.

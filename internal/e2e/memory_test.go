@@ -9,13 +9,11 @@ import (
 	"testing"
 	"time"
 
-	"github.com/nats-io/nats.go"
 	"github.com/nats-io/nats.go/jetstream"
 	"go.uber.org/zap"
 
 	"github.com/dlf-stop/worker/internal/consumer"
 	"github.com/dlf-stop/worker/internal/dlf/emulator"
-	"github.com/dlf-stop/worker/internal/embedded"
 )
 
 // BenchmarkBacklogMemory measures the worker process's resident memory
@@ -35,23 +33,9 @@ func BenchmarkBacklogMemory(b *testing.B) {
 }
 
 func backlogPeakRSS(b *testing.B, backlog int, watch time.Duration) int64 {
-	srv, err := embedded.Start(embedded.Options{StoreDir: b.TempDir()})
-	if err != nil {
-		b.Fatal(err)
-	}
-	b.Cleanup(func() { srv.Shutdown(); srv.WaitForShutdown() })
+	srv, _, js := startJetStream(b)
 	emu, emuURL := emulator.StartForTest(b, emulator.WithRequestLogSize(0))
 	emu.SetFaults(emulator.Faults{Latency: 50 * time.Millisecond})
-
-	nc, err := nats.Connect(srv.ClientURL())
-	if err != nil {
-		b.Fatal(err)
-	}
-	b.Cleanup(nc.Close)
-	js, err := jetstream.New(nc)
-	if err != nil {
-		b.Fatal(err)
-	}
 	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
 	defer cancel()
 	if _, err := consumer.Setup(ctx, js, consumer.Config{}, zap.NewNop()); err != nil {

@@ -51,15 +51,7 @@ func secretsAKSKRun(t *testing.T) {
 		user  = "worker"
 	)
 	srv := startAuthServer(t, &server.Options{Username: user, Password: pw})
-	nc, err := nats.Connect(srv.ClientURL(), nats.UserInfo(user, pw))
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(nc.Close)
-	js, err := jetstream.New(nc)
-	if err != nil {
-		t.Fatal(err)
-	}
+	_, js := connectJS(t, srv.ClientURL(), nats.UserInfo(user, pw))
 	emu, emuURL := emulator.StartForTest(t, emulator.WithCredentials(ak, sk))
 
 	dir := t.TempDir()
