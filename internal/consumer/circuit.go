@@ -58,23 +58,6 @@ func (c *circuit) Open() bool {
 	return c.open
 }
 
-// waitClosed blocks while the circuit is open; used by the fetch loop.
-func (c *circuit) waitClosed(ctx context.Context) error {
-	for {
-		c.mu.Lock()
-		open, ch := c.open, c.changed
-		c.mu.Unlock()
-		if !open {
-			return nil
-		}
-		select {
-		case <-ch:
-		case <-ctx.Done():
-			return ctx.Err()
-		}
-	}
-}
-
 // acquire waits until a call may be made: at once when closed; as the one
 // probe when open and the probe backoff has passed. probe tells the caller
 // to report through release. It returns early with ok=false when ctx ends

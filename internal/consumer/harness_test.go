@@ -200,15 +200,6 @@ func (e *env) publish(body []byte, hdr nats.Header) uint64 {
 	return ack.Sequence
 }
 
-func (e *env) publishJSON(v any) uint64 {
-	e.t.Helper()
-	b, err := json.Marshal(v)
-	if err != nil {
-		e.t.Fatal(err)
-	}
-	return e.publish(b, nil)
-}
-
 // collector reads every message of a stream with an ordered consumer.
 type collector struct {
 	mu   sync.Mutex

@@ -6,7 +6,6 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
-	"time"
 
 	"github.com/nats-io/nats.go/jetstream"
 	"go.uber.org/zap"
@@ -173,5 +172,3 @@ func (s *stateStore) putEntry(ctx context.Context, key, id string, e cmdEntry) e
 		d.Cmds[id] = &e
 	})
 }
-
-func nowString(t time.Time) string { return FormatTime(t) }
