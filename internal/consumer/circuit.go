@@ -61,14 +61,15 @@ func (c *circuit) Open() bool {
 // acquire waits until a call may be made: at once when closed; as the one
 // probe when open and the probe backoff has passed. probe tells the caller
 // to report through release. It returns early with ok=false when ctx ends
-// or giveUp passes first.
-func (c *circuit) acquire(ctx context.Context, giveUp <-chan time.Time) (probe, ok bool) {
+// or giveUpAt passes first.
+func (c *circuit) acquire(ctx context.Context, giveUpAt time.Time) (probe, ok bool) {
 	if c.disabled {
 		return false, true
 	}
 	for {
 		c.mu.Lock()
 		if !c.open {
+			// The common case: no timer, no allocation.
 			c.mu.Unlock()
 			return false, true
 		}
@@ -84,13 +85,14 @@ func (c *circuit) acquire(ctx context.Context, giveUp <-chan time.Time) (probe, 
 			wait = time.Hour // woken by the probe's result
 		}
 		c.mu.Unlock()
-		t := time.NewTimer(wait)
+		left := giveUpAt.Sub(now)
+		if left <= 0 {
+			return false, false
+		}
+		t := time.NewTimer(min(wait, left))
 		select {
 		case <-ch:
 		case <-t.C:
-		case <-giveUp:
-			t.Stop()
-			return false, false
 		case <-ctx.Done():
 			t.Stop()
 			return false, false

@@ -192,9 +192,7 @@ const (
 // chosen as the probe), the throttle, and a concurrency slot; only the call
 // itself holds the slot.
 func (w *Worker) call(j *job, req dlf.StopRequest, giveUpAt time.Time) (v dlf.Verdict, res callResult) {
-	giveUp := time.NewTimer(time.Until(giveUpAt))
-	probe, ok := w.circ.acquire(w.soft, giveUp.C)
-	giveUp.Stop()
+	probe, ok := w.circ.acquire(w.soft, giveUpAt)
 	if !ok {
 		if w.soft.Err() != nil {
 			return v, callStopped

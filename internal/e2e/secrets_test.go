@@ -59,21 +59,12 @@ func secretsAKSKRun(t *testing.T) {
 	skFile := writeSecretFile(t, dir, "sk", sk)
 	pwFile := writeSecretFile(t, dir, "password", pw)
 
-	w := startWorker(t, map[string]string{
-		"NATS_URL":                   srv.ClientURL(),
-		"NATS_USER":                  user,
-		"NATS_PASSWORD_FILE":         pwFile,
-		"HUAWEICLOUD_SDK_AK_FILE":    akFile,
-		"HUAWEICLOUD_SDK_SK_FILE":    skFile,
-		"DLF_ENDPOINT":               emuURL,
-		"HUAWEICLOUD_SDK_PROJECT_ID": secretsProject,
-		"HTTP_ADDR":                  freeAddr(t),
-		"LOG_LEVEL":                  "debug",
-		"LOG_FORMAT":                 "json",
-		"RETRY_INITIAL_INTERVAL":     "50ms",
-		"RETRY_MAX_INTERVAL":         "400ms",
-		"RETRY_MAX_ELAPSED":          "60s",
-	})
+	w := startWorker(t, debugWorkerEnv(t, srv.ClientURL(), emuURL, map[string]string{
+		"NATS_USER":               user,
+		"NATS_PASSWORD_FILE":      pwFile,
+		"HUAWEICLOUD_SDK_AK_FILE": akFile,
+		"HUAWEICLOUD_SDK_SK_FILE": skFile,
+	}))
 	wl := newSecretsWorkload(ctx, t, js, emu, w)
 
 	// Normal: 70 running, 10 unknown instances (400 DLF.6205, failed and
@@ -175,19 +166,10 @@ func secretsTokenRun(t *testing.T) {
 	}
 	emu, emuURL := emulator.StartForTest(t, emulator.WithAuthToken(token))
 
-	w := startWorker(t, map[string]string{
-		"NATS_URL":                   srv.ClientURL(),
-		"NATS_NKEY":                  seedFile,
-		"DLF_AUTH_TOKEN_FILE":        tokenFile,
-		"DLF_ENDPOINT":               emuURL,
-		"HUAWEICLOUD_SDK_PROJECT_ID": secretsProject,
-		"HTTP_ADDR":                  freeAddr(t),
-		"LOG_LEVEL":                  "debug",
-		"LOG_FORMAT":                 "json",
-		"RETRY_INITIAL_INTERVAL":     "50ms",
-		"RETRY_MAX_INTERVAL":         "400ms",
-		"RETRY_MAX_ELAPSED":          "60s",
-	})
+	w := startWorker(t, debugWorkerEnv(t, srv.ClientURL(), emuURL, map[string]string{
+		"NATS_NKEY":           seedFile,
+		"DLF_AUTH_TOKEN_FILE": tokenFile,
+	}))
 	wl := newSecretsWorkload(ctx, t, js, emu, w)
 	wl.round("normal", 50, 5, 30)
 	wl.expectStopped("normal")
@@ -524,4 +506,24 @@ func randHex(t *testing.T, n int) string {
 		t.Fatal(err)
 	}
 	return hex.EncodeToString(b)
+}
+
+// debugWorkerEnv is the environment of both runs: debug JSON logs, fast
+// retries, plus the run's own credentials in auth.
+func debugWorkerEnv(t *testing.T, natsURL, emuURL string, auth map[string]string) map[string]string {
+	env := map[string]string{
+		"NATS_URL":                   natsURL,
+		"DLF_ENDPOINT":               emuURL,
+		"HUAWEICLOUD_SDK_PROJECT_ID": secretsProject,
+		"HTTP_ADDR":                  freeAddr(t),
+		"LOG_LEVEL":                  "debug",
+		"LOG_FORMAT":                 "json",
+		"RETRY_INITIAL_INTERVAL":     "50ms",
+		"RETRY_MAX_INTERVAL":         "400ms",
+		"RETRY_MAX_ELAPSED":          "60s",
+	}
+	for k, v := range auth {
+		env[k] = v
+	}
+	return env
 }

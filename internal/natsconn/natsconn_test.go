@@ -289,16 +289,23 @@ type operator struct {
 	opKP     nkeys.KeyPair
 }
 
+// newKey creates a key pair of one kind and returns it with its public key.
+func newKey(t *testing.T, create func() (nkeys.KeyPair, error)) (nkeys.KeyPair, string) {
+	t.Helper()
+	kp, err := create()
+	if err != nil {
+		t.Fatal(err)
+	}
+	pub, err := kp.PublicKey()
+	if err != nil {
+		t.Fatal(err)
+	}
+	return kp, pub
+}
+
 func newOperator(t *testing.T) *operator {
 	t.Helper()
-	opKP, err := nkeys.CreateOperator()
-	if err != nil {
-		t.Fatal(err)
-	}
-	opPub, err := opKP.PublicKey()
-	if err != nil {
-		t.Fatal(err)
-	}
+	opKP, opPub := newKey(t, nkeys.CreateOperator)
 	oc := jwt.NewOperatorClaims(opPub)
 	oc.Name = "test-operator"
 	ojwt, err := oc.Encode(opKP)
@@ -316,14 +323,7 @@ func newOperator(t *testing.T) *operator {
 // the resolver so the server knows it.
 func (o *operator) account(t *testing.T, register bool) nkeys.KeyPair {
 	t.Helper()
-	kp, err := nkeys.CreateAccount()
-	if err != nil {
-		t.Fatal(err)
-	}
-	pub, err := kp.PublicKey()
-	if err != nil {
-		t.Fatal(err)
-	}
+	kp, pub := newKey(t, nkeys.CreateAccount)
 	ac := jwt.NewAccountClaims(pub)
 	ac.Name = "test-account"
 	ajwt, err := ac.Encode(o.opKP)
@@ -343,14 +343,7 @@ func (o *operator) account(t *testing.T, register bool) nkeys.KeyPair {
 // instead of the user's own.
 func creds(t *testing.T, dir, name string, account nkeys.KeyPair, seedOf nkeys.KeyPair) (string, string) {
 	t.Helper()
-	ukp, err := nkeys.CreateUser()
-	if err != nil {
-		t.Fatal(err)
-	}
-	upub, err := ukp.PublicKey()
-	if err != nil {
-		t.Fatal(err)
-	}
+	ukp, upub := newKey(t, nkeys.CreateUser)
 	uc := jwt.NewUserClaims(upub)
 	uc.Name = "test-user"
 	ujwt, err := uc.Encode(account)
