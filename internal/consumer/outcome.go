@@ -75,21 +75,21 @@ type publisher struct {
 	deadSubject   string
 }
 
-// publishOutcome stores o and reports whether the stream had it already
-// (a repeat within the duplicate window: the decision was made before).
-func (p *publisher) publishOutcome(ctx context.Context, o *Outcome) (duplicate bool, err error) {
+// publishOutcome stores o. A repeat within the duplicate window (the same
+// Nats-Msg-Id) is dropped by the stream and reported as success: the
+// outcome is stored either way.
+func (p *publisher) publishOutcome(ctx context.Context, o *Outcome) error {
 	body, err := json.Marshal(o)
 	if err != nil {
-		return false, fmt.Errorf("encode outcome: %w", err)
+		return fmt.Errorf("encode outcome: %w", err)
 	}
 	m := nats.NewMsg(p.outcomePrefix + "." + o.Status)
 	m.Data = body
 	m.Header.Set(jetstream.MsgIDHeader, o.CommandID)
-	ack, err := p.js.PublishMsg(ctx, m)
-	if err != nil {
-		return false, fmt.Errorf("publish outcome: %w", err)
+	if _, err := p.js.PublishMsg(ctx, m); err != nil {
+		return fmt.Errorf("publish outcome: %w", err)
 	}
-	return ack.Duplicate, nil
+	return nil
 }
 
 // publishDead stores the original command bytes, unchanged, so that a

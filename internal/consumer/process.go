@@ -329,7 +329,7 @@ func (w *Worker) store(j *job) {
 	status, cause := o.Status, o.Cause
 	ctx, cancel := context.WithTimeout(w.hard, publishTimeout)
 	defer cancel()
-	if _, err := w.pub.publishOutcome(ctx, o); err != nil {
+	if err := w.pub.publishOutcome(ctx, o); err != nil {
 		w.publishFailed(j, "outcome", err)
 		return
 	}
