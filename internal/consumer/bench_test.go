@@ -1,10 +1,10 @@
 package consumer
 
 import (
-	"fmt"
 	"slices"
 	"strconv"
 	"sync"
+	"syscall"
 	"testing"
 	"time"
 
@@ -87,6 +87,7 @@ func benchPipeline(b *testing.B, latency time.Duration, concurrency int, plain b
 	e.startWorker(nil)
 
 	b.ResetTimer()
+	cpu0 := cpuTime()
 	start := time.Now()
 	for i := 0; i < n; i++ {
 		m := nats.NewMsg("dlf.stop.request")
@@ -106,6 +107,7 @@ func benchPipeline(b *testing.B, latency time.Duration, concurrency int, plain b
 		b.Fatalf("only %d of %d outcomes", len(lat), n)
 	}
 	elapsed := time.Since(start)
+	cpu := cpuTime() - cpu0
 	b.StopTimer()
 
 	mu.Lock()
@@ -115,6 +117,10 @@ func benchPipeline(b *testing.B, latency time.Duration, concurrency int, plain b
 	b.ReportMetric(float64(n)/elapsed.Seconds(), "cmds/s")
 	b.ReportMetric(float64(p50.Microseconds())/1000, "p50_ms")
 	b.ReportMetric(float64(p99.Microseconds())/1000, "p99_ms")
+	// CPU per command is steadier than throughput on a shared machine,
+	// whose speed drifts between runs; both count the whole process
+	// (server, worker, emulator and publisher).
+	b.ReportMetric(float64(cpu.Microseconds())/float64(n), "cpu_us/cmd")
 	b.ReportMetric(0, "ns/op")
 	if calls := e.emu.StopCalls(); calls != int64(n) {
 		b.Errorf("DLF calls = %d, want %d", calls, n)
@@ -124,5 +130,13 @@ func benchPipeline(b *testing.B, latency time.Duration, concurrency int, plain b
 	}
 	b.Logf("%d commands in %s: %.0f cmds/s, p50 %s, p99 %s", n, elapsed.Round(time.Millisecond),
 		float64(n)/elapsed.Seconds(), p50, p99)
-	_ = fmt.Sprint()
+}
+
+// cpuTime is the CPU the whole process has used, user and system.
+func cpuTime() time.Duration {
+	var ru syscall.Rusage
+	if err := syscall.Getrusage(syscall.RUSAGE_SELF, &ru); err != nil {
+		return 0
+	}
+	return time.Duration(ru.Utime.Nano() + ru.Stime.Nano())
 }

@@ -23,6 +23,7 @@ type job struct {
 	msg      jetstream.Msg
 	meta     *jetstream.MsgMetadata
 	cmd      command.Command
+	verr     error // why the command is invalid; nil when valid
 	valid    bool
 	out      Outcome
 	attempts int // DLF calls for this command, across deliveries when the state bucket is on
@@ -33,6 +34,10 @@ type job struct {
 	decided    bool         // j.out holds a decision not yet stored
 	state      *stateRecord // as read by recall; nil without the state bucket
 	log        *zap.Logger
+	// release lets go of the message (see handle); handedOff says the
+	// state writer will call it once the decision is recorded.
+	release   func()
+	handedOff bool
 }
 
 // stateKey is where the command's state lives (see state.go).
@@ -43,16 +48,23 @@ func (j *job) stateKey() string {
 	return cmdKey(j.cmd.ID)
 }
 
-// process takes one delivery to a decision (outcome stored, then ack) or
-// hands it back to JetStream (nak) when it cannot decide now.
-func (w *Worker) process(msg jetstream.Msg) {
+// prepare reads what a delivery says: its metadata and its command. It
+// returns nil when the message cannot be handled at all; it has then been
+// returned to JetStream.
+func (w *Worker) prepare(msg jetstream.Msg, release func()) (j *job) {
+	defer func() {
+		if r := recover(); r != nil {
+			w.recovered(msg, r)
+			j = nil
+		}
+	}()
 	meta, err := msg.Metadata()
 	if err != nil {
 		// Not a JetStream delivery: cannot happen on a pull consumer, and
 		// without metadata nothing can be decided safely. Return it.
 		w.log.Error("message without JetStream metadata; returning it", zap.Error(err))
 		_ = msg.NakWithDelay(w.cfg.RetryInitial)
-		return
+		return nil
 	}
 	hdr := msg.Headers()
 	cmd, verr := command.Decode(msg.Data(), command.Meta{
@@ -61,7 +73,7 @@ func (w *Worker) process(msg jetstream.Msg) {
 		Stream:    meta.Stream,
 		Seq:       meta.Sequence.Stream,
 	}, w.cfg.Defaults)
-	j := &job{msg: msg, meta: meta, cmd: cmd}
+	j = &job{msg: msg, meta: meta, cmd: cmd, verr: verr, valid: verr == nil, release: release}
 	j.out = Outcome{
 		CommandID:  cmd.ID,
 		ProjectID:  cmd.ProjectID,
@@ -75,11 +87,18 @@ func (w *Worker) process(msg jetstream.Msg) {
 	j.log = w.log.With(zap.String("command_id", cmd.ID), zap.String("project_id", cmd.ProjectID),
 		zap.String("script_name", cmd.ScriptName), zap.String("instance_id", cmd.InstanceID),
 		zap.Uint64("delivery", meta.NumDelivered))
+	return j
+}
 
-	j.valid = verr == nil
-	if w.state != nil && !w.recall(j) {
+// process takes one prepared delivery to a decision (outcome stored, then
+// ack) or hands it back to JetStream (nak) when it cannot decide now. rec
+// and lerr are the state bucket's answer for the command (unused without
+// the bucket).
+func (w *Worker) process(j *job, rec *stateRecord, lerr error) {
+	if w.state != nil && !w.recall(j, rec, lerr) {
 		return
 	}
+	cmd, meta, verr := j.cmd, j.meta, j.verr
 	if verr != nil {
 		w.finish(j, StatusRejected, CauseInvalidCommand, verr.Error())
 		return
@@ -346,19 +365,31 @@ func (w *Worker) store(j *job) {
 	if j.state != nil {
 		// Only after the outcome is stored may the command be recorded as
 		// decided: a decided record makes every later delivery a silent ack.
-		err := w.state.save(ctx, j.state, func(d *stateDoc) {
+		// Nothing waits for the write; its answer acks the command.
+		j.handedOff = true
+		w.state.saveAsync(w.hard, j.state, func(d *stateDoc) {
 			if status == StatusStopped && j.valid && d.StoppedBy == "" {
 				d.StoppedBy, d.StoppedAt = j.cmd.ID, o.FinishedAt
 				delete(d.Cmds, j.cmd.ID)
 				return
 			}
 			d.setCmd(j.cmd.ID, cmdEntry{Phase: phaseDecided, Attempts: j.attempts, Status: status, Cause: cause})
-		})
-		if err != nil {
+		}, func() {
+			w.acked(j)
+			j.release()
+		}, func(err error) {
 			w.publishFailed(j, "state", err)
-			return
-		}
+			j.release()
+		})
+		return
 	}
+	w.acked(j)
+}
+
+// acked acks a command whose outcome (and decision record) is stored.
+func (w *Worker) acked(j *job) {
+	o := &j.out
+	status, cause := o.Status, o.Cause
 	if err := j.msg.Ack(); err != nil {
 		// The outcome is stored; a redelivery repeats it under the same
 		// Nats-Msg-Id, which the outcome stream drops as a duplicate.
@@ -385,14 +416,11 @@ func (w *Worker) publishFailed(j *job, kind string, err error) {
 	w.giveBack(j, w.cfg.RetryInitial, "publish_failed")
 }
 
-// recall consults the state bucket before anything is called. It returns
+// recall applies what the state bucket says, read before anything is called. It returns
 // false when the delivery was fully handled here: already decided (acked
 // silently), already stopped by another command, or the bucket could not
 // be read (returned for later).
-func (w *Worker) recall(j *job) bool {
-	ctx, cancel := context.WithTimeout(w.hard, publishTimeout)
-	rec, err := w.state.lookup(ctx, j.stateKey())
-	cancel()
+func (w *Worker) recall(j *job, rec *stateRecord, err error) bool {
 	if err != nil {
 		j.log.Warn("state bucket unavailable; returning the command", zap.Error(err))
 		w.giveBack(j, w.cfg.RetryInitial, "state_unavailable")

@@ -69,6 +69,7 @@ type stateRecord struct {
 type stateStore struct {
 	kv     jetstream.KeyValue
 	reader *batchReader // nil: lookups go one by one
+	writer *stateWriter // nil: saveAsync falls back to save
 }
 
 func cmdKey(id string) string { return "cmd." + base64.RawURLEncoding.EncodeToString([]byte(id)) }
@@ -99,12 +100,18 @@ func ensureState(ctx context.Context, js jetstream.JetStream, cfg *Config, log *
 	return &stateStore{kv: kv}, nil
 }
 
-// lookup reads one document for a command, batched with other commands'.
-func (s *stateStore) lookup(ctx context.Context, key string) (*stateRecord, error) {
+// lookupThen reads one document for a command, batched with other
+// commands'. then runs on the reader's goroutine and must not block.
+func (s *stateStore) lookupThen(key string, then func(*stateRecord, error)) {
 	if s.reader != nil {
-		return s.reader.lookup(ctx, key)
+		s.reader.lookupThen(key, then)
+		return
 	}
-	return s.load(ctx, key)
+	go func() {
+		ctx, cancel := context.WithTimeout(context.Background(), publishTimeout)
+		defer cancel()
+		then(s.load(ctx, key))
+	}()
 }
 
 // load reads one document; a missing key is an empty document.
@@ -156,6 +163,45 @@ func (s *stateStore) save(ctx context.Context, r *stateRecord, change func(*stat
 		}
 		*r = *fresh
 	}
+}
+
+// saveAsync is save without a goroutine waiting for the answer (see
+// statewrite.go). ok runs on the answer's goroutine and must not block;
+// failed runs on a goroutine of its own. A compare-and-set refusal goes
+// through save's re-read-and-merge loop, bounded by ctx and the publish
+// timeout.
+func (s *stateStore) saveAsync(ctx context.Context, r *stateRecord, change func(*stateDoc), ok func(), failed func(error)) {
+	slow := func() {
+		sctx, cancel := context.WithTimeout(ctx, publishTimeout)
+		err := s.save(sctx, r, change)
+		cancel()
+		if err != nil {
+			failed(err)
+			return
+		}
+		ok()
+	}
+	if s.writer == nil {
+		go slow()
+		return
+	}
+	change(&r.doc)
+	b, err := json.Marshal(&r.doc)
+	if err != nil {
+		go failed(err)
+		return
+	}
+	s.writer.write(r.key, b, r.rev, publishTimeout, func(rev uint64, err error) {
+		switch {
+		case err == nil:
+			r.rev = rev
+			ok()
+		case errors.Is(err, errWrongRevision):
+			go slow()
+		default:
+			go failed(err)
+		}
+	})
 }
 
 // put overwrites a command entry unconditionally; for tests that set up

@@ -34,13 +34,8 @@ type batchReader struct {
 }
 
 type lookupReq struct {
-	key string
-	res chan lookupRes
-}
-
-type lookupRes struct {
-	rec *stateRecord
-	err error
+	key  string
+	then func(*stateRecord, error)
 }
 
 // maxBatchKeys stays below the server's limit of responses per request.
@@ -77,19 +72,27 @@ func (b *batchReader) close() {
 	_ = b.sub.Unsubscribe()
 }
 
-// lookup reads one key through the next batch.
-func (b *batchReader) lookup(ctx context.Context, key string) (*stateRecord, error) {
-	r := &lookupReq{key: key, res: make(chan lookupRes, 1)}
+// lookupThen reads one key through the next batch; then runs on the
+// reader's goroutine and must not block.
+func (b *batchReader) lookupThen(key string, then func(*stateRecord, error)) {
 	select {
-	case b.reqs <- r:
-	case <-ctx.Done():
-		return nil, ctx.Err()
+	case b.reqs <- &lookupReq{key: key, then: then}:
 	case <-b.stop:
-		return nil, errors.New("state lookups stopped")
+		then(nil, errors.New("state lookups stopped"))
 	}
+}
+
+// lookup reads one key through the next batch and waits for it.
+func (b *batchReader) lookup(ctx context.Context, key string) (*stateRecord, error) {
+	type result struct {
+		rec *stateRecord
+		err error
+	}
+	res := make(chan result, 1)
+	b.lookupThen(key, func(rec *stateRecord, err error) { res <- result{rec, err} })
 	select {
-	case res := <-r.res:
-		return res.rec, res.err
+	case r := <-res:
+		return r.rec, r.err
 	case <-ctx.Done():
 		return nil, ctx.Err()
 	}
@@ -123,7 +126,7 @@ func (b *batchReader) answer(batch []*lookupReq) {
 	found, err := b.fetch(batch)
 	for _, r := range batch {
 		if err != nil {
-			r.res <- lookupRes{err: err}
+			r.then(nil, err)
 			continue
 		}
 		rec := &stateRecord{key: r.key}
@@ -133,7 +136,7 @@ func (b *batchReader) answer(batch []*lookupReq) {
 			// instance in one batch must not share a document.
 			_ = json.Unmarshal(f.raw, &rec.doc)
 		}
-		r.res <- lookupRes{rec: rec}
+		r.then(rec, nil)
 	}
 }
 

@@ -151,6 +151,10 @@ func (w *Worker) Run(ctx context.Context) error {
 			return err
 		}
 		defer st.reader.close() // after every handler is done (deferred before wg.Wait returns)
+		if st.writer, err = newStateWriter(w.js.Conn(), w.cfg.StateBucket); err != nil {
+			return err
+		}
+		defer st.writer.close()
 		w.state = st
 	}
 
@@ -225,7 +229,7 @@ func (w *Worker) pull(ctx context.Context) error {
 			got++
 			w.m.held.Inc()
 			w.wg.Add(1)
-			go w.handle(msg)
+			w.handle(msg)
 		}
 		cancel()
 		w.unreserve(n - got)
@@ -302,26 +306,54 @@ func (w *Worker) fetchProbe(ctx context.Context) {
 		w.held <- struct{}{}
 		w.m.held.Inc()
 		w.wg.Add(1)
-		go w.handle(msg)
+		w.handle(msg)
 	}
 }
 
+// handle starts the work on one fetched message, on the fetching
+// goroutine: the message is held (and heartbeated) until release. With the
+// state bucket, the command's goroutine starts only once its lookup is
+// answered, so no goroutine sleeps on the batched read.
 func (w *Worker) handle(msg jetstream.Msg) {
-	defer func() {
+	hb := startHeartbeat(msg, w.ackWait/3)
+	release := func() {
+		hb.stop()
 		<-w.held
 		w.m.held.Dec()
 		w.wg.Done()
-	}()
-	hb := startHeartbeat(msg, w.ackWait/3)
-	defer hb.stop()
+	}
+	j := w.prepare(msg, release)
+	if j == nil {
+		release()
+		return
+	}
+	if w.state == nil {
+		go w.run(j, nil, nil)
+		return
+	}
+	w.state.lookupThen(j.stateKey(), func(rec *stateRecord, err error) { go w.run(j, rec, err) })
+}
+
+// run processes a prepared job on its own goroutine and lets go of the
+// message afterwards, unless the state writer still has to record the
+// decision (it releases the message then).
+func (w *Worker) run(j *job, rec *stateRecord, lerr error) {
 	defer func() {
 		if r := recover(); r != nil {
-			w.m.panics.Inc()
-			w.log.Error("panic while processing a command; returning it", zap.Any("panic", r), zap.Stack("stack"))
-			_ = msg.NakWithDelay(w.cfg.RetryInitial)
+			w.recovered(j.msg, r)
+		}
+		if !j.handedOff {
+			j.release()
 		}
 	}()
-	w.process(msg)
+	w.process(j, rec, lerr)
+}
+
+// recovered returns a message whose processing panicked.
+func (w *Worker) recovered(msg jetstream.Msg, r any) {
+	w.m.panics.Inc()
+	w.log.Error("panic while processing a command; returning it", zap.Any("panic", r), zap.Stack("stack"))
+	_ = msg.NakWithDelay(w.cfg.RetryInitial)
 }
 
 // heartbeat tells JetStream, every interval, that a held command is still

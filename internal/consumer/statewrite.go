@@ -1,0 +1,183 @@
+package consumer
+
+import (
+	"encoding/json"
+	"errors"
+	"fmt"
+	"strconv"
+	"sync"
+	"time"
+
+	"github.com/nats-io/nats.go"
+	"github.com/nats-io/nats.go/jetstream"
+)
+
+// stateWriter stores the decision record of a command without a goroutine
+// waiting for it. The write is an ordinary JetStream publish with a
+// compare-and-set header and a reply subject; the stored-ack (or the
+// refusal) arrives on one shared subscription whose handler runs the
+// command's continuation, which acks it.
+//
+// Why not kv.Update: a goroutine parked on a request and woken by its
+// reply costs, on a two-core machine, about three times what storing the
+// message costs the server. The decision write is the only per-command
+// step the reliability features add to a first delivery that DLF answers
+// 204, and the budget for them is a fifth of the throughput.
+type stateWriter struct {
+	nc     *nats.Conn
+	prefix string // $KV.<bucket>.
+	inbox  string
+	sub    *nats.Subscription
+
+	mu      sync.Mutex
+	seq     uint64
+	pending map[string]*pendingWrite // by reply token
+	stop    chan struct{}
+	done    sync.WaitGroup
+}
+
+type pendingWrite struct {
+	key      string
+	deadline time.Time
+	then     func(rev uint64, err error)
+}
+
+// errWrongRevision is a compare-and-set refusal: another writer updated
+// the key since it was read.
+var errWrongRevision = errors.New("state key changed since it was read")
+
+// writeSweep is how often writes without an answer are looked for.
+const writeSweep = time.Second
+
+func newStateWriter(nc *nats.Conn, bucket string) (*stateWriter, error) {
+	w := &stateWriter{
+		nc:      nc,
+		prefix:  "$KV." + bucket + ".",
+		inbox:   nc.NewRespInbox(),
+		pending: map[string]*pendingWrite{},
+		stop:    make(chan struct{}),
+	}
+	sub, err := nc.Subscribe(w.inbox+".*", w.answer)
+	if err != nil {
+		return nil, fmt.Errorf("state writes: %w", err)
+	}
+	// Answers are tiny and their handler never blocks; a burst of them
+	// must not be dropped as a slow consumer.
+	_ = sub.SetPendingLimits(-1, -1)
+	w.sub = sub
+	w.done.Add(1)
+	go w.sweep()
+	return w, nil
+}
+
+// close fails every write still without an answer and stops the writer.
+func (w *stateWriter) close() {
+	close(w.stop)
+	w.done.Wait()
+	_ = w.sub.Unsubscribe()
+	w.mu.Lock()
+	left := w.pending
+	w.pending = map[string]*pendingWrite{}
+	w.mu.Unlock()
+	for _, p := range left {
+		p.then(0, errors.New("write state: worker stopped before the answer"))
+	}
+}
+
+// write stores value under key if the key is still at revision rev (0:
+// the key must not exist). then runs exactly once, on the answer's
+// goroutine or the sweeper's, so it must not block: slow work goes to a
+// goroutine of its own.
+func (w *stateWriter) write(key string, value []byte, rev uint64, timeout time.Duration, then func(rev uint64, err error)) {
+	m := nats.NewMsg(w.prefix + key)
+	m.Data = value
+	m.Header.Set(jetstream.ExpectedLastSubjSeqHeader, strconv.FormatUint(rev, 10))
+	w.mu.Lock()
+	w.seq++
+	token := strconv.FormatUint(w.seq, 36)
+	w.pending[token] = &pendingWrite{key: key, deadline: time.Now().Add(timeout), then: then}
+	w.mu.Unlock()
+	m.Reply = w.inbox + "." + token
+	if err := w.nc.PublishMsg(m); err != nil {
+		if p := w.take(token); p != nil {
+			p.then(0, fmt.Errorf("write state %s: %w", key, err))
+		}
+	}
+}
+
+func (w *stateWriter) take(token string) *pendingWrite {
+	w.mu.Lock()
+	defer w.mu.Unlock()
+	p := w.pending[token]
+	delete(w.pending, token)
+	return p
+}
+
+// pubAck is the part of JetStream's publish answer the writer reads.
+type pubAck struct {
+	Seq   uint64 `json:"seq"`
+	Error *struct {
+		Code        int    `json:"code"`
+		ErrCode     int    `json:"err_code"`
+		Description string `json:"description"`
+	} `json:"error"`
+}
+
+// jsWrongLastSequence is JetStream's error code for a failed
+// expected-last-subject-sequence check.
+const jsWrongLastSequence = 10071
+
+func (w *stateWriter) answer(m *nats.Msg) {
+	p := w.take(m.Subject[len(w.inbox)+1:])
+	if p == nil {
+		return // answered after the sweeper gave up on it
+	}
+	if status := m.Header.Get("Status"); status != "" {
+		// 503: no stream listens on the subject (bucket deleted, or
+		// no leader at the moment).
+		p.then(0, fmt.Errorf("write state %s: status %s %s", p.key, status, m.Header.Get("Description")))
+		return
+	}
+	var ack pubAck
+	switch err := json.Unmarshal(m.Data, &ack); {
+	case err != nil:
+		p.then(0, fmt.Errorf("write state %s: unreadable answer: %w", p.key, err))
+	case ack.Error != nil && ack.Error.ErrCode == jsWrongLastSequence:
+		p.then(0, fmt.Errorf("write state %s: %w", p.key, errWrongRevision))
+	case ack.Error != nil:
+		p.then(0, fmt.Errorf("write state %s: %s (%d)", p.key, ack.Error.Description, ack.Error.ErrCode))
+	case ack.Seq == 0:
+		p.then(0, fmt.Errorf("write state %s: answer without a sequence", p.key))
+	default:
+		p.then(ack.Seq, nil)
+	}
+}
+
+// sweep fails writes whose answer did not come in time: lost with a
+// broken connection or a stream leader that changed. Such a write may
+// still have been stored; the caller treats it like any failed write and
+// the next delivery reads what is really there.
+func (w *stateWriter) sweep() {
+	defer w.done.Done()
+	t := time.NewTicker(writeSweep)
+	defer t.Stop()
+	for {
+		select {
+		case <-w.stop:
+			return
+		case now := <-t.C:
+			var late []*pendingWrite
+			w.mu.Lock()
+			for token, p := range w.pending {
+				if now.After(p.deadline) {
+					late = append(late, p)
+					delete(w.pending, token)
+				}
+			}
+			w.mu.Unlock()
+			for _, p := range late {
+				p.then(0, fmt.Errorf("write state %s: no answer in time", p.key))
+			}
+		}
+	}
+}
