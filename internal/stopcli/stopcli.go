@@ -22,7 +22,10 @@ import (
 	"github.com/dlf-stop/worker/internal/natsconn"
 )
 
-// Exit statuses (contract section 8).
+// Exit statuses (contract section 8). ExitNoOutcome covers every case in
+// which no outcome event arrived, including NATS being unreachable and the
+// command not being stored: the caller learns nothing about the instance
+// and may try again; ExitOther means an outcome said it was not stopped.
 const (
 	ExitStopped   = 0
 	ExitOther     = 1
@@ -106,7 +109,7 @@ func publishAndWait(ctx context.Context, cfg config.Config, id string, body []by
 	defer cancel()
 	nc, err := natsconn.Connect(ctx, cfg.NATS, zap.NewNop(), "dlf-stop-worker stop")
 	if err != nil {
-		return nil, ExitOther, err
+		return nil, ExitNoOutcome, err
 	}
 	defer nc.Close()
 	// Subscribe before publishing so the outcome cannot slip past. The
@@ -121,25 +124,25 @@ func publishAndWait(ctx context.Context, cfg config.Config, id string, body []by
 		}
 	})
 	if err != nil {
-		return nil, ExitOther, fmt.Errorf("subscribe to outcomes: %w", err)
+		return nil, ExitNoOutcome, fmt.Errorf("subscribe to outcomes: %w", err)
 	}
 	defer func() { _ = sub.Unsubscribe() }()
 	if err := nc.Flush(); err != nil {
-		return nil, ExitOther, fmt.Errorf("subscribe to outcomes: %w", err)
+		return nil, ExitNoOutcome, fmt.Errorf("subscribe to outcomes: %w", err)
 	}
 	js, err := jetstream.New(nc)
 	if err != nil {
-		return nil, ExitOther, err
+		return nil, ExitNoOutcome, err
 	}
 	m := nats.NewMsg(cfg.Subjects.StopSubject)
 	m.Data = body
 	m.Header.Set(nats.MsgIdHdr, id)
 	ack, err := js.PublishMsg(ctx, m)
 	if err != nil {
-		return nil, ExitOther, fmt.Errorf("publish to %s: %w", cfg.Subjects.StopSubject, err)
+		return nil, ExitNoOutcome, fmt.Errorf("publish to %s: %w", cfg.Subjects.StopSubject, err)
 	}
 	if ack.Duplicate {
-		return nil, ExitOther, fmt.Errorf("command id %s was published within the duplicate window already; its outcome was sent then", id)
+		return nil, ExitNoOutcome, fmt.Errorf("command id %s was published within the duplicate window already; its outcome was sent then", id)
 	}
 	select {
 	case out := <-got:

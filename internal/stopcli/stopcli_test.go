@@ -4,6 +4,7 @@ import (
 	"bytes"
 	"context"
 	"encoding/json"
+	"net"
 	"strings"
 	"testing"
 	"time"
@@ -102,6 +103,29 @@ func TestBadNATSEnvironmentIsUsage(t *testing.T) {
 	}
 	if stdout != "" || !strings.Contains(stderr, "NATS_URL") {
 		t.Errorf("stdout = %q, stderr = %q; want nothing and a message naming NATS_URL", stdout, stderr)
+	}
+}
+
+// NATS down: no outcome can come, so the status is "no outcome" (the
+// same line may be run again), and the message names the problem without
+// the password.
+func TestNATSUnreachable(t *testing.T) {
+	l, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	url := "nats://" + l.Addr().String()
+	l.Close() // nothing listens there any more
+	code, stdout, stderr := runStop(t, map[string]string{"NATS_URL": url, "NATS_USER": "u", "NATS_PASSWORD": "s3cret-pw"},
+		"--script", "s", "--instance", "i-1", "--wait", "2s")
+	if code != stopcli.ExitNoOutcome {
+		t.Errorf("exit = %d, want %d", code, stopcli.ExitNoOutcome)
+	}
+	if stdout != "" || stderr == "" {
+		t.Errorf("stdout = %q, stderr = %q; want nothing and an error", stdout, stderr)
+	}
+	if strings.Contains(stderr, "s3cret-pw") {
+		t.Errorf("stderr holds the NATS password: %q", stderr)
 	}
 }
 
@@ -317,8 +341,8 @@ func TestWithWorker(t *testing.T) {
 			t.Fatalf("first stop: exit = %d, want %d", code, stopcli.ExitStopped)
 		}
 		code, stdout, stderr := runStop(t, lookup, "--script", script, "--instance", inst, "--id", "cli-dup-1", "--wait", "2s")
-		if code != stopcli.ExitOther {
-			t.Errorf("exit = %d, want %d", code, stopcli.ExitOther)
+		if code != stopcli.ExitNoOutcome {
+			t.Errorf("exit = %d, want %d", code, stopcli.ExitNoOutcome)
 		}
 		if stdout != "" || !strings.Contains(stderr, "cli-dup-1") {
 			t.Errorf("stdout = %q, stderr = %q; want nothing and a message naming the id", stdout, stderr)
