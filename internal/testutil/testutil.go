@@ -1,0 +1,90 @@
+package testutil
+
+import (
+	"bytes"
+	"sync"
+	"testing"
+	"time"
+
+	"github.com/nats-io/nats-server/v2/server"
+
+	"github.com/dlf-stop/worker/internal/embedded"
+)
+
+// pollEvery is how often Eventually and Consistently look again.
+const pollEvery = 10 * time.Millisecond
+
+// Eventually polls fn until it returns nil, and fails the test with fn's
+// last error when that has not happened within the given time.
+func Eventually(t testing.TB, within time.Duration, fn func() error) {
+	t.Helper()
+	deadline := time.NewTimer(within)
+	defer deadline.Stop()
+	tick := time.NewTicker(pollEvery)
+	defer tick.Stop()
+	for {
+		err := fn()
+		if err == nil {
+			return
+		}
+		select {
+		case <-deadline.C:
+			t.Fatalf("condition not met within %s: %v", within, err)
+		case <-tick.C:
+		}
+	}
+}
+
+// Consistently fails the test as soon as fn returns an error during d.
+func Consistently(t testing.TB, d time.Duration, fn func() error) {
+	t.Helper()
+	end := time.NewTimer(d)
+	defer end.Stop()
+	tick := time.NewTicker(pollEvery)
+	defer tick.Stop()
+	for {
+		if err := fn(); err != nil {
+			t.Fatal(err)
+		}
+		select {
+		case <-end.C:
+			return
+		case <-tick.C:
+		}
+	}
+}
+
+// SyncBuffer is a bytes.Buffer that one goroutine (a child process's
+// output, a logger) may write while the test reads it.
+type SyncBuffer struct {
+	mu  sync.Mutex
+	buf bytes.Buffer
+}
+
+func (b *SyncBuffer) Write(p []byte) (int, error) {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	return b.buf.Write(p)
+}
+
+// String returns everything written so far.
+func (b *SyncBuffer) String() string {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	return b.buf.String()
+}
+
+// StartNATS runs a JetStream server on a random loopback port, with a
+// store directory of the test's own, until the test ends.
+func StartNATS(t testing.TB) *server.Server {
+	t.Helper()
+	ns, err := embedded.Start(embedded.Options{StoreDir: t.TempDir()})
+	if err != nil {
+		t.Fatalf("start NATS: %v", err)
+	}
+	t.Cleanup(func() {
+		ns.Shutdown()
+		ns.WaitForShutdown()
+	})
+	return ns
+}
