@@ -4,12 +4,12 @@ import (
 	"bytes"
 	"context"
 	"encoding/json"
+	"errors"
 	"fmt"
 	"net/http"
 	"os"
 	"slices"
 	"strings"
-	"sync"
 	"testing"
 	"time"
 
@@ -17,27 +17,69 @@ import (
 	"go.uber.org/goleak"
 	"go.uber.org/zap"
 
+	"github.com/dlf-stop/worker/internal/consumer"
 	"github.com/dlf-stop/worker/internal/devenv"
 	"github.com/dlf-stop/worker/internal/stopcli"
+	"github.com/dlf-stop/worker/internal/testutil"
 )
 
-// syncBuffer is a bytes.Buffer safe to write from RunWith's goroutine
-// while the test reads it.
-type syncBuffer struct {
-	mu  sync.Mutex
-	buf bytes.Buffer
+// devRun is devenv.RunWith running in the background.
+type devRun struct {
+	out    *testutil.SyncBuffer
+	cancel context.CancelFunc
+	done   chan struct{} // closed when RunWith has returned
+	err    error         // what RunWith returned; read only once done is closed
 }
 
-func (b *syncBuffer) Write(p []byte) (int, error) {
-	b.mu.Lock()
-	defer b.mu.Unlock()
-	return b.buf.Write(p)
+// runDev starts RunWith with opts; when the test ends it is cancelled and
+// waited for, so no test leaves a dev environment running.
+func runDev(t *testing.T, opts devenv.Options) *devRun {
+	t.Helper()
+	ctx, cancel := context.WithCancel(context.Background())
+	d := &devRun{out: &testutil.SyncBuffer{}, cancel: cancel, done: make(chan struct{})}
+	go func() {
+		d.err = devenv.RunWith(ctx, d.out, opts)
+		close(d.done)
+	}()
+	t.Cleanup(func() { _ = d.stop() })
+	return d
 }
 
-func (b *syncBuffer) String() string {
-	b.mu.Lock()
-	defer b.mu.Unlock()
-	return b.buf.String()
+// stop cancels RunWith and returns what it returned. A closed done makes
+// a second call (the cleanup's) return at once.
+func (d *devRun) stop() error {
+	d.cancel()
+	select {
+	case <-d.done:
+		return d.err
+	case <-time.After(15 * time.Second):
+		return errors.New("RunWith did not return within 15s of cancel")
+	}
+}
+
+// waitOutput polls until the output contains substr; it fails when RunWith
+// returns first or 20s pass.
+func (d *devRun) waitOutput(t *testing.T, substr string) {
+	t.Helper()
+	testutil.Eventually(t, 20*time.Second, func() error {
+		t.Helper()
+		// Whether RunWith has returned is read before the output, so a
+		// miss after it returned is final.
+		returned := false
+		select {
+		case <-d.done:
+			returned = true
+		default:
+		}
+		text := d.out.String()
+		if strings.Contains(text, substr) {
+			return nil
+		}
+		if returned {
+			t.Fatalf("RunWith returned before printing the banner: %v\n%s", d.err, text)
+		}
+		return fmt.Errorf("no banner; stdout so far:\n%s", text)
+	})
 }
 
 // banner is what the test reads from the dev environment's stdout.
@@ -92,22 +134,10 @@ func parseBanner(t *testing.T, text string) banner {
 	return b
 }
 
-// outcome is the part of an outcome event the test looks at.
-type outcome struct {
-	CommandID  string `json:"command_id"`
-	ProjectID  string `json:"project_id"`
-	ScriptName string `json:"script_name"`
-	InstanceID string `json:"instance_id"`
-	Status     string `json:"status"`
-	Cause      string `json:"cause"`
-	HTTPStatus int    `json:"http_status"`
-	ErrorCode  string `json:"error_code"`
-}
-
 // outcomes collects outcome events from the moment it subscribes.
 type outcomes struct {
 	ch   chan *nats.Msg
-	seen []outcome
+	seen []consumer.Outcome
 }
 
 func watchOutcomes(t *testing.T, nc *nats.Conn) *outcomes {
@@ -125,7 +155,7 @@ func watchOutcomes(t *testing.T, nc *nats.Conn) *outcomes {
 }
 
 // wait returns the first outcome for instance, failing the test after 15s.
-func (o *outcomes) wait(t *testing.T, instance string) outcome {
+func (o *outcomes) wait(t *testing.T, instance string) consumer.Outcome {
 	t.Helper()
 	deadline := time.After(15 * time.Second)
 	for {
@@ -136,7 +166,7 @@ func (o *outcomes) wait(t *testing.T, instance string) outcome {
 		}
 		select {
 		case m := <-o.ch:
-			var e outcome
+			var e consumer.Outcome
 			if err := json.Unmarshal(m.Data, &e); err != nil {
 				t.Fatalf("outcome on %s is not JSON: %v: %s", m.Subject, err, m.Data)
 			}
@@ -153,28 +183,17 @@ func (o *outcomes) wait(t *testing.T, instance string) outcome {
 // waitHTTP polls url until it answers want, failing after 10s.
 func waitHTTP(t *testing.T, client *http.Client, url string, want int) {
 	t.Helper()
-	deadline := time.Now().Add(10 * time.Second)
-	last := "no answer"
-	for {
+	testutil.Eventually(t, 10*time.Second, func() error {
 		resp, err := client.Get(url)
-		if err == nil {
-			_ = resp.Body.Close()
-			if resp.StatusCode == want {
-				return
-			}
-			last = resp.Status
-		} else {
-			last = err.Error()
+		if err != nil {
+			return err
 		}
-		if time.Now().After(deadline) {
-			t.Fatalf("GET %s: %s, want %d", url, last, want)
+		_ = resp.Body.Close()
+		if resp.StatusCode != want {
+			return fmt.Errorf("GET %s: %s, want %d", url, resp.Status, want)
 		}
-		select {
-		case <-time.After(50 * time.Millisecond):
-		case <-t.Context().Done():
-			t.FailNow()
-		}
-	}
+		return nil
+	})
 }
 
 func TestRunWith(t *testing.T) {
@@ -182,42 +201,11 @@ func TestRunWith(t *testing.T) {
 	ignore := goleak.IgnoreCurrent()
 	t.Cleanup(func() { goleak.VerifyNone(t, ignore) })
 
-	ctx, cancel := context.WithCancel(context.Background())
-	out := &syncBuffer{}
-	done := make(chan error, 1)
-	go func() {
-		done <- devenv.RunWith(ctx, out, devenv.Options{NATSPort: -1, HTTPAddr: "127.0.0.1:0", Logger: zap.NewNop()})
-	}()
-	var (
-		stopOnce sync.Once
-		runErr   error
-	)
-	stop := func() error {
-		stopOnce.Do(func() {
-			cancel()
-			select {
-			case runErr = <-done:
-			case <-time.After(15 * time.Second):
-				runErr = fmt.Errorf("RunWith did not return within 15s of cancel")
-			}
-		})
-		return runErr
-	}
-	t.Cleanup(func() { _ = stop() })
+	dev := runDev(t, devenv.Options{NATSPort: -1, HTTPAddr: "127.0.0.1:0", Logger: zap.NewNop()})
 
 	// The banner is printed once the worker consumes.
-	deadline := time.Now().Add(20 * time.Second)
-	for !strings.Contains(out.String(), " stop --script ") {
-		select {
-		case err := <-done:
-			t.Fatalf("RunWith returned before printing the banner: %v\n%s", err, out.String())
-		case <-time.After(20 * time.Millisecond):
-		}
-		if time.Now().After(deadline) {
-			t.Fatalf("no banner within 20s; stdout so far:\n%s", out.String())
-		}
-	}
-	text := out.String()
+	dev.waitOutput(t, " stop --script ")
+	text := dev.out.String()
 	t.Logf("banner:\n%s", text)
 	b := parseBanner(t, text)
 	if len(b.instances) != 3 {
@@ -306,7 +294,7 @@ func TestRunWith(t *testing.T) {
 	}
 
 	nc.Close()
-	if err := stop(); err != nil {
+	if err := dev.stop(); err != nil {
 		t.Errorf("RunWith after cancel: %v, want nil", err)
 	}
 	if _, err := client.Get("http://" + b.httpAddr + "/healthz"); err == nil {
@@ -315,33 +303,12 @@ func TestRunWith(t *testing.T) {
 }
 
 func TestRunWithInstances(t *testing.T) {
-	ctx, cancel := context.WithCancel(context.Background())
-	out := &syncBuffer{}
-	done := make(chan error, 1)
-	go func() {
-		done <- devenv.RunWith(ctx, out, devenv.Options{NATSPort: -1, HTTPAddr: "127.0.0.1:0", Logger: zap.NewNop(), Instances: 1})
-	}()
-	deadline := time.After(20 * time.Second)
-	for !strings.Contains(out.String(), " pub dlf.stop.request ") {
-		select {
-		case err := <-done:
-			t.Fatalf("RunWith returned before printing the banner: %v", err)
-		case <-deadline:
-			cancel()
-			t.Fatalf("no banner within 20s:\n%s", out.String())
-		case <-time.After(20 * time.Millisecond):
-		}
+	dev := runDev(t, devenv.Options{NATSPort: -1, HTTPAddr: "127.0.0.1:0", Logger: zap.NewNop(), Instances: 1})
+	dev.waitOutput(t, " pub dlf.stop.request ")
+	if err := dev.stop(); err != nil {
+		t.Errorf("RunWith: %v", err)
 	}
-	cancel()
-	select {
-	case err := <-done:
-		if err != nil {
-			t.Errorf("RunWith: %v", err)
-		}
-	case <-time.After(15 * time.Second):
-		t.Fatal("RunWith did not return within 15s of cancel")
-	}
-	text := out.String()
+	text := dev.out.String()
 	n := strings.Count(text[strings.Index(text, "ready to stop:"):strings.Index(text, "Watch outcomes")], "\n  ")
 	if n != 1 {
 		t.Errorf("listed %d instances, want 1:\n%s", n, text)

@@ -9,7 +9,6 @@ import (
 	"testing"
 	"time"
 
-	"github.com/nats-io/nats-server/v2/server"
 	"github.com/nats-io/nats.go"
 	"github.com/nats-io/nats.go/jetstream"
 	"go.uber.org/goleak"
@@ -19,9 +18,9 @@ import (
 	"github.com/dlf-stop/worker/internal/config"
 	"github.com/dlf-stop/worker/internal/consumer"
 	"github.com/dlf-stop/worker/internal/dlf/emulator"
-	"github.com/dlf-stop/worker/internal/embedded"
 	"github.com/dlf-stop/worker/internal/service"
 	"github.com/dlf-stop/worker/internal/stopcli"
+	"github.com/dlf-stop/worker/internal/testutil"
 )
 
 func TestMain(m *testing.M) {
@@ -44,20 +43,6 @@ func runStop(t *testing.T, lookup map[string]string, args ...string) (code int, 
 	code = stopcli.Run(context.Background(), args, env(lookup), &out, &errOut)
 	t.Logf("worker stop %s -> %d\nstdout: %s\nstderr: %s", strings.Join(args, " "), code, out.String(), errOut.String())
 	return code, out.String(), errOut.String()
-}
-
-// startNATS runs a JetStream server on a random port until the test ends.
-func startNATS(t *testing.T) *server.Server {
-	t.Helper()
-	ns, err := embedded.Start(embedded.Options{StoreDir: t.TempDir()})
-	if err != nil {
-		t.Fatalf("start NATS: %v", err)
-	}
-	t.Cleanup(func() {
-		ns.Shutdown()
-		ns.WaitForShutdown()
-	})
-	return ns
 }
 
 func TestUsageErrors(t *testing.T) {
@@ -130,7 +115,7 @@ func TestNATSUnreachable(t *testing.T) {
 }
 
 func TestNoWorkerTimesOut(t *testing.T) {
-	ns := startNATS(t)
+	ns := testutil.StartNATS(t)
 	nc, err := nats.Connect(ns.ClientURL())
 	if err != nil {
 		t.Fatal(err)
@@ -201,7 +186,7 @@ const (
 // and a DLF emulator, and stops it when the test ends.
 func startWorker(t *testing.T) (natsURL string, emu *emulator.Emulator) {
 	t.Helper()
-	ns := startNATS(t)
+	ns := testutil.StartNATS(t)
 	emu, emuURL := emulator.StartForTest(t)
 
 	cfg := config.Default()
@@ -244,26 +229,21 @@ func startWorker(t *testing.T) (natsURL string, emu *emulator.Emulator) {
 	return ns.ClientURL(), emu
 }
 
-// outcome is the part of the outcome event these tests look at.
-type outcome struct {
-	CommandID  string `json:"command_id"`
-	ProjectID  string `json:"project_id"`
-	ScriptName string `json:"script_name"`
-	InstanceID string `json:"instance_id"`
-	Status     string `json:"status"`
-	Cause      string `json:"cause"`
-	HTTPStatus int    `json:"http_status"`
-	ErrorCode  string `json:"error_code"`
+// predictable keeps the fields of o a test can know in advance; times,
+// attempts and the worker id differ from run to run.
+func predictable(o consumer.Outcome) consumer.Outcome {
+	return consumer.Outcome{CommandID: o.CommandID, ProjectID: o.ProjectID, ScriptName: o.ScriptName, InstanceID: o.InstanceID,
+		Status: o.Status, Cause: o.Cause, HTTPStatus: o.HTTPStatus, ErrorCode: o.ErrorCode}
 }
 
 // oneJSONLine checks stdout is exactly one line holding one JSON object.
-func oneJSONLine(t *testing.T, stdout string) outcome {
+func oneJSONLine(t *testing.T, stdout string) consumer.Outcome {
 	t.Helper()
 	line, ok := strings.CutSuffix(stdout, "\n")
 	if !ok || line == "" || strings.Contains(line, "\n") {
 		t.Fatalf("stdout = %q, want exactly one line", stdout)
 	}
-	var o outcome
+	var o consumer.Outcome
 	if err := json.Unmarshal([]byte(line), &o); err != nil {
 		t.Fatalf("stdout is not one JSON object: %v: %q", err, line)
 	}
@@ -280,8 +260,8 @@ func TestWithWorker(t *testing.T) {
 		if code != stopcli.ExitStopped {
 			t.Errorf("exit = %d, want %d", code, stopcli.ExitStopped)
 		}
-		o := oneJSONLine(t, stdout)
-		want := outcome{CommandID: "cli-stop-1", ProjectID: defaultProject, ScriptName: script,
+		o := predictable(oneJSONLine(t, stdout))
+		want := consumer.Outcome{CommandID: "cli-stop-1", ProjectID: defaultProject, ScriptName: script,
 			InstanceID: inst, Status: "stopped", Cause: "ok", HTTPStatus: 204}
 		if o != want {
 			t.Errorf("outcome = %+v, want %+v", o, want)
