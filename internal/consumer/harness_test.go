@@ -19,6 +19,7 @@ import (
 	"github.com/dlf-stop/worker/internal/dlf"
 	"github.com/dlf-stop/worker/internal/dlf/emulator"
 	"github.com/dlf-stop/worker/internal/embedded"
+	"github.com/dlf-stop/worker/internal/testutil"
 )
 
 // env is one test's world: a real JetStream server on a random port with
@@ -244,7 +245,7 @@ func (c *collector) all() []jetstream.Msg {
 // wait polls until the collector holds at least n messages.
 func (c *collector) wait(t testing.TB, n int, within time.Duration) []jetstream.Msg {
 	t.Helper()
-	eventually(t, within, func() error {
+	testutil.Eventually(t, within, func() error {
 		if got := c.len(); got < n {
 			return fmt.Errorf("have %d messages, want %d", got, n)
 		}
@@ -264,45 +265,6 @@ func (c *collector) outcomes(t testing.TB) []Outcome {
 		out = append(out, o)
 	}
 	return out
-}
-
-// eventually polls fn until it returns nil or the deadline passes.
-func eventually(t testing.TB, within time.Duration, fn func() error) {
-	t.Helper()
-	deadline := time.NewTimer(within)
-	defer deadline.Stop()
-	tick := time.NewTicker(10 * time.Millisecond)
-	defer tick.Stop()
-	for {
-		err := fn()
-		if err == nil {
-			return
-		}
-		select {
-		case <-deadline.C:
-			t.Fatalf("condition not met within %s: %v", within, err)
-		case <-tick.C:
-		}
-	}
-}
-
-// consistently asserts that fn stays nil for the whole duration.
-func consistently(t testing.TB, d time.Duration, fn func() error) {
-	t.Helper()
-	end := time.NewTimer(d)
-	defer end.Stop()
-	tick := time.NewTicker(10 * time.Millisecond)
-	defer tick.Stop()
-	for {
-		if err := fn(); err != nil {
-			t.Fatal(err)
-		}
-		select {
-		case <-end.C:
-			return
-		case <-tick.C:
-		}
-	}
 }
 
 // benchLogger logs warnings to stderr when DLF_STOP_BENCH_LOG is set, to

@@ -9,6 +9,7 @@ import (
 	"go.uber.org/goleak"
 
 	"github.com/dlf-stop/worker/internal/dlf/emulator"
+	"github.com/dlf-stop/worker/internal/testutil"
 )
 
 // publishMany stores n valid commands for running instances i-0..i-(n-1).
@@ -75,7 +76,7 @@ func TestGracefulShutdownFinishesInFlightAndReturnsTheRest(t *testing.T) {
 	e.publishMany(t, n, "g")
 	opt := goleak.IgnoreCurrent()
 	r := e.startWorker(nil)
-	eventually(t, 10*time.Second, func() error {
+	testutil.Eventually(t, 10*time.Second, func() error {
 		if got := e.emu.StopCalls(); got < 4 {
 			return fmt.Errorf("%d calls in flight", got)
 		}
@@ -119,7 +120,7 @@ func TestShutdownTimeoutReturnsHungCalls(t *testing.T) {
 	e.emu.SetFaults(emulator.Faults{Hang: true})
 	e.publishMany(t, 6, "h")
 	r := e.startWorker(nil)
-	eventually(t, 10*time.Second, func() error {
+	testutil.Eventually(t, 10*time.Second, func() error {
 		if got := e.emu.StopCalls(); got < 4 {
 			return fmt.Errorf("%d calls hanging", got)
 		}
@@ -148,7 +149,7 @@ func TestCrashedWorkerLosesNothingAndReplicasShare(t *testing.T) {
 	const n = 300
 	e.publishMany(t, n, "k")
 	a := e.startWorker(func(c *Config) { c.WorkerID = "a" })
-	eventually(t, 10*time.Second, func() error {
+	testutil.Eventually(t, 10*time.Second, func() error {
 		if got := e.out.len(); got < 20 {
 			return fmt.Errorf("%d outcomes", got)
 		}
@@ -182,7 +183,7 @@ func TestNATSServerRestartMidBatch(t *testing.T) {
 	const n = 300
 	e.publishMany(t, n, "r")
 	e.startWorker(nil)
-	eventually(t, 10*time.Second, func() error {
+	testutil.Eventually(t, 10*time.Second, func() error {
 		if got := e.out.len(); got < 30 {
 			return fmt.Errorf("%d outcomes", got)
 		}

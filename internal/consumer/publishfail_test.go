@@ -6,6 +6,8 @@ import (
 	"strconv"
 	"testing"
 	"time"
+
+	"github.com/dlf-stop/worker/internal/testutil"
 )
 
 // A dead letter that cannot be stored must not let the command go: it is
@@ -19,7 +21,7 @@ func TestDeadLetterFailureKeepsTheCommand(t *testing.T) {
 	}
 	bad := []byte(`{"script_name":"..","instance_id":"i"}`)
 	e.publish(bad, nil)
-	eventually(t, 20*time.Second, func() error {
+	testutil.Eventually(t, 20*time.Second, func() error {
 		if got := testutilCount(r.w.m.publishFail.WithLabelValues("dead_letter")); got < 2 {
 			return fmt.Errorf("dead-letter failures so far: %v", got)
 		}
@@ -85,7 +87,7 @@ func TestDecisionSurvivesAFailedOutcomePublish(t *testing.T) {
 		t.Fatal(err)
 	}
 	e.publish(body(t, map[string]any{"command_id": "keep", "project_id": proj, "script_name": "s1", "instance_id": "i-1"}), nil)
-	eventually(t, 20*time.Second, func() error {
+	testutil.Eventually(t, 20*time.Second, func() error {
 		if got := testutilCount(r.w.m.publishFail.WithLabelValues("outcome")); got < 2 {
 			return fmt.Errorf("outcome failures so far: %v", got)
 		}

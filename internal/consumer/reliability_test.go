@@ -12,6 +12,7 @@ import (
 
 	"github.com/dlf-stop/worker/internal/command"
 	"github.com/dlf-stop/worker/internal/dlf/emulator"
+	"github.com/dlf-stop/worker/internal/testutil"
 )
 
 // The same command id published again after the stream's duplicate
@@ -26,13 +27,13 @@ func TestDecidedCommandIsNotRepeated(t *testing.T) {
 	e.out.wait(t, 1, 10*time.Second)
 	e.publish(b, nats.Header{nats.MsgIdHdr: []string{"m-2"}})
 	e.stopStreamEmpty(t)
-	eventually(t, 5*time.Second, func() error {
+	testutil.Eventually(t, 5*time.Second, func() error {
 		if got := testutilCount(r.w.m.skipped); got != 1 {
 			return fmt.Errorf("skipped = %v", got)
 		}
 		return nil
 	})
-	consistently(t, 300*time.Millisecond, func() error {
+	testutil.Consistently(t, 300*time.Millisecond, func() error {
 		if n := e.out.len(); n != 1 {
 			return fmt.Errorf("%d outcomes, want 1", n)
 		}
@@ -52,7 +53,7 @@ func TestLostResponseIsAlreadyStopped(t *testing.T) {
 	e.emu.SetFaultsFor(proj, "s1", "i-1", emulator.Faults{DropAfterStop: true})
 	e.startWorker(nil)
 	e.publish(body(t, map[string]any{"command_id": "lost", "project_id": proj, "script_name": "s1", "instance_id": "i-1"}), nil)
-	eventually(t, 10*time.Second, func() error {
+	testutil.Eventually(t, 10*time.Second, func() error {
 		if !e.emu.Stopped(proj, "s1", "i-1") {
 			return fmt.Errorf("not stopped yet")
 		}
@@ -67,7 +68,7 @@ func TestLostResponseIsAlreadyStopped(t *testing.T) {
 		t.Error("instance not stopped")
 	}
 	e.noDeadLetters(t)
-	consistently(t, 300*time.Millisecond, func() error {
+	testutil.Consistently(t, 300*time.Millisecond, func() error {
 		if n := e.out.len(); n != 1 {
 			return fmt.Errorf("%d outcomes", n)
 		}
@@ -168,7 +169,7 @@ func TestAttemptsSurviveRedelivery(t *testing.T) {
 	e.emu.SetFaultsFor(proj, "s1", "i-1", emulator.Faults{ErrorRate: 1, ErrorStatus: 500})
 	r := e.startWorker(nil)
 	e.publish(body(t, map[string]any{"command_id": "re", "project_id": proj, "script_name": "s1", "instance_id": "i-1"}), nil)
-	eventually(t, 10*time.Second, func() error {
+	testutil.Eventually(t, 10*time.Second, func() error {
 		if n := e.emu.StopCallsFor(proj, "s1", "i-1"); n < 3 {
 			return fmt.Errorf("%d calls", n)
 		}
@@ -203,7 +204,7 @@ func TestCircuitOpensOnAuthFailureAndRecovers(t *testing.T) {
 	e.emu.SetFaults(emulator.Faults{AuthFail: true})
 	r := e.startWorker(nil)
 	e.publishMany(t, 50, "a")
-	eventually(t, 10*time.Second, func() error {
+	testutil.Eventually(t, 10*time.Second, func() error {
 		if ok, _ := r.w.Readiness(); ok {
 			return fmt.Errorf("still ready")
 		}
@@ -215,7 +216,7 @@ func TestCircuitOpensOnAuthFailureAndRecovers(t *testing.T) {
 	// While open, calls are single probes spaced by backoff, not one per
 	// command: over 1.5s at most ~1.5s/100ms probes plus the opening ones.
 	before := e.emu.StopCalls()
-	consistently(t, 1500*time.Millisecond, func() error {
+	testutil.Consistently(t, 1500*time.Millisecond, func() error {
 		if n := e.out.len(); n != 0 {
 			return fmt.Errorf("%d outcomes while DLF refused us", n)
 		}
@@ -235,7 +236,7 @@ func TestCircuitOpensOnAuthFailureAndRecovers(t *testing.T) {
 		}
 	}
 	e.noDeadLetters(t)
-	eventually(t, 5*time.Second, func() error {
+	testutil.Eventually(t, 5*time.Second, func() error {
 		if ok, why := r.w.Readiness(); !ok {
 			return fmt.Errorf("not ready: %s", why)
 		}
@@ -248,7 +249,7 @@ func TestCircuitOpensWhenDLFIsDown(t *testing.T) {
 	e.emu.SetFaults(emulator.Faults{Down: true})
 	r := e.startWorker(nil)
 	e.publishMany(t, 30, "d")
-	eventually(t, 10*time.Second, func() error {
+	testutil.Eventually(t, 10*time.Second, func() error {
 		if !r.w.circ.Open() {
 			return fmt.Errorf("circuit closed")
 		}
@@ -271,7 +272,7 @@ func TestThrottlePausesEveryCall(t *testing.T) {
 	e.emu.SetFaults(emulator.Faults{Throttle: true, RetryAfter: time.Second})
 	e.startWorker(nil)
 	e.publishMany(t, 20, "t")
-	eventually(t, 10*time.Second, func() error {
+	testutil.Eventually(t, 10*time.Second, func() error {
 		if n := e.emu.StopCalls(); n < 12 {
 			return fmt.Errorf("%d calls", n)
 		}
@@ -350,7 +351,7 @@ func TestCircuitRecoversWhenNothingIsHeld(t *testing.T) {
 			t.Errorf("%s: %+v", id, got[id])
 		}
 	}
-	eventually(t, 5*time.Second, func() error {
+	testutil.Eventually(t, 5*time.Second, func() error {
 		if ok, why := r.w.Readiness(); !ok {
 			return fmt.Errorf("not ready: %s", why)
 		}

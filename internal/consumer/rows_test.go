@@ -16,6 +16,7 @@ import (
 	"github.com/nats-io/nats.go/jetstream"
 
 	"github.com/dlf-stop/worker/internal/dlf/emulator"
+	"github.com/dlf-stop/worker/internal/testutil"
 )
 
 // One test per row of the decision table (contract section 6), each on a
@@ -48,7 +49,7 @@ func (e *env) single(t *testing.T) Outcome {
 // removes acked messages).
 func (e *env) stopStreamEmpty(t *testing.T) {
 	t.Helper()
-	eventually(t, 10*time.Second, func() error {
+	testutil.Eventually(t, 10*time.Second, func() error {
 		s, err := e.js.Stream(context.Background(), "DLF_STOP")
 		if err != nil {
 			return err
@@ -123,7 +124,7 @@ func (e *env) checkDead(t *testing.T, o Outcome, original []byte, seq uint64) {
 
 func (e *env) noDeadLetters(t *testing.T) {
 	t.Helper()
-	consistently(t, 300*time.Millisecond, func() error {
+	testutil.Consistently(t, 300*time.Millisecond, func() error {
 		if n := e.dead.len(); n != 0 {
 			return fmt.Errorf("%d dead letters, want none", n)
 		}
@@ -269,7 +270,7 @@ func retryThenHeal(t *testing.T, f emulator.Faults, mutate func(*Config)) (*env,
 	e.emu.SetFaultsFor(proj, "s1", "i-1", f)
 	e.startWorker(nil)
 	e.publish(body(t, map[string]any{"command_id": "c-r", "project_id": proj, "script_name": "s1", "instance_id": "i-1"}), nil)
-	eventually(t, 20*time.Second, func() error {
+	testutil.Eventually(t, 20*time.Second, func() error {
 		if n := e.emu.StopCallsFor(proj, "s1", "i-1"); n < 2 {
 			return fmt.Errorf("%d calls so far", n)
 		}
@@ -312,7 +313,7 @@ func TestRowConnectionRefusedRetried(t *testing.T) {
 	e.emu.SetFaults(emulator.Faults{Down: true})
 	r := e.startWorker(nil)
 	e.publish(body(t, map[string]any{"project_id": proj, "script_name": "s1", "instance_id": "i-1"}), nil)
-	eventually(t, 10*time.Second, func() error {
+	testutil.Eventually(t, 10*time.Second, func() error {
 		if got := testutilCount(r.w.m.calls.WithLabelValues("0")); got < 2 {
 			return fmt.Errorf("%v refused calls so far", got)
 		}
@@ -334,7 +335,7 @@ func TestRow429HonoursRetryAfter(t *testing.T) {
 	e.emu.SetFaultsFor(proj, "s1", "i-1", emulator.Faults{Throttle: true, RetryAfter: time.Second})
 	e.startWorker(nil)
 	e.publish(body(t, map[string]any{"project_id": proj, "script_name": "s1", "instance_id": "i-1"}), nil)
-	eventually(t, 10*time.Second, func() error {
+	testutil.Eventually(t, 10*time.Second, func() error {
 		if n := e.emu.StopCallsFor(proj, "s1", "i-1"); n < 2 {
 			return fmt.Errorf("%d calls", n)
 		}
