@@ -23,7 +23,7 @@ import (
 	"github.com/dlf-stop/worker/internal/command"
 	"github.com/dlf-stop/worker/internal/consumer"
 	"github.com/dlf-stop/worker/internal/dlf/emulator"
-	"github.com/dlf-stop/worker/internal/embedded"
+	"github.com/dlf-stop/worker/internal/testutil"
 )
 
 // TestBadInputAtVolume pins "invalid input is rejected, dead-lettered
@@ -44,22 +44,8 @@ func TestBadInputAtVolume(t *testing.T) {
 	ctx, cancel := context.WithTimeout(context.Background(), overall)
 	defer cancel()
 
-	srv, err := embedded.Start(embedded.Options{StoreDir: t.TempDir()})
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { srv.Shutdown(); srv.WaitForShutdown() })
+	srv, nc, js := startJetStream(t)
 	emu, emuURL := emulator.StartForTest(t)
-
-	nc, err := nats.Connect(srv.ClientURL())
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(nc.Close)
-	js, err := jetstream.New(nc)
-	if err != nil {
-		t.Fatal(err)
-	}
 
 	// Room the NATS message needs beyond the body: the Nats-Msg-Id header
 	// on the way in, the Dlf-* headers on the dead letter.
@@ -161,20 +147,7 @@ func TestBadInputAtVolume(t *testing.T) {
 	proc := newProcWatch(w)
 
 	// The worker creates the streams; wait for them before reading.
-	eventually(t, 20*time.Second, func() error {
-		if err := proc.check(); err != nil {
-			return nil // reported below
-		}
-		for _, s := range []string{"DLF_STOP", "DLF_STOP_OUTCOMES", "DLF_STOP_DEAD"} {
-			if _, err := js.Stream(ctx, s); err != nil {
-				return fmt.Errorf("stream %s: %w", s, err)
-			}
-		}
-		return nil
-	})
-	if err := proc.check(); err != nil {
-		t.Fatalf("worker did not start: %v; log: %s", err, tail(w.lines(), 10))
-	}
+	waitForStreams(ctx, t, js, proc)
 	outs := collectStream(ctx, t, js, "DLF_STOP_OUTCOMES")
 	deads := collectStream(ctx, t, js, "DLF_STOP_DEAD")
 
@@ -190,7 +163,7 @@ func TestBadInputAtVolume(t *testing.T) {
 
 	// Wait for every outcome and dead letter, then for the work queue to
 	// be empty: a command decided but not acked would still be there.
-	eventually(t, 60*time.Second, func() error {
+	testutil.Eventually(t, 60*time.Second, func() error {
 		if err := proc.check(); err != nil {
 			return nil
 		}
@@ -199,7 +172,7 @@ func TestBadInputAtVolume(t *testing.T) {
 		}
 		return nil
 	})
-	eventually(t, 30*time.Second, func() error {
+	testutil.Eventually(t, 30*time.Second, func() error {
 		if err := proc.check(); err != nil {
 			return nil
 		}
@@ -221,13 +194,7 @@ func TestBadInputAtVolume(t *testing.T) {
 		redeliveries = int64(ci.Delivered.Consumer) - 2*n
 	}
 	// Read both streams to their end: nothing may come after the counts.
-	wantOut, wantDead := streamMsgs(ctx, t, js, "DLF_STOP_OUTCOMES"), streamMsgs(ctx, t, js, "DLF_STOP_DEAD")
-	eventually(t, 10*time.Second, func() error {
-		if o, d := uint64(outs.len()), uint64(deads.len()); o != wantOut || d != wantDead {
-			return fmt.Errorf("read %d of %d outcomes, %d of %d dead letters", o, wantOut, d, wantDead)
-		}
-		return nil
-	})
+	wantOut, wantDead := readCollectedToEnd(ctx, t, js, outs, deads)
 
 	outByID := map[string][]badOutcome{}
 	for _, m := range outs.all() {
@@ -527,6 +494,20 @@ func collectStream(ctx context.Context, t *testing.T, js jetstream.JetStream, st
 	return c
 }
 
+// readCollectedToEnd waits until outs and deads hold every message the
+// outcome and dead-letter streams hold now, and returns those counts.
+func readCollectedToEnd(ctx context.Context, t *testing.T, js jetstream.JetStream, outs, deads *streamCollector) (wantOut, wantDead uint64) {
+	t.Helper()
+	wantOut, wantDead = streamMsgs(ctx, t, js, "DLF_STOP_OUTCOMES"), streamMsgs(ctx, t, js, "DLF_STOP_DEAD")
+	testutil.Eventually(t, 10*time.Second, func() error {
+		if o, d := uint64(outs.len()), uint64(deads.len()); o != wantOut || d != wantDead {
+			return fmt.Errorf("read %d of %d outcomes, %d of %d dead letters", o, wantOut, d, wantDead)
+		}
+		return nil
+	})
+	return wantOut, wantDead
+}
+
 func (c *streamCollector) len() int { c.mu.Lock(); defer c.mu.Unlock(); return len(c.msgs) }
 
 func (c *streamCollector) all() []streamMsg {
@@ -556,6 +537,26 @@ func (p *procWatch) check() error {
 		}
 	}
 	return fmt.Errorf("worker process exited: %v", p.err)
+}
+
+// waitForStreams waits until the worker has created its streams, and fails
+// the test if the process exited first.
+func waitForStreams(ctx context.Context, t *testing.T, js jetstream.JetStream, proc *procWatch) {
+	t.Helper()
+	testutil.Eventually(t, 20*time.Second, func() error {
+		if err := proc.check(); err != nil {
+			return nil // reported below
+		}
+		for _, s := range []string{"DLF_STOP", "DLF_STOP_OUTCOMES", "DLF_STOP_DEAD"} {
+			if _, err := js.Stream(ctx, s); err != nil {
+				return fmt.Errorf("stream %s: %w", s, err)
+			}
+		}
+		return nil
+	})
+	if err := proc.check(); err != nil {
+		t.Fatalf("worker did not start: %v; log: %s", err, tail(proc.c.lines(), 10))
+	}
 }
 
 // terminate sends SIGTERM and waits for a clean exit (status 0) after

@@ -18,6 +18,7 @@ import (
 
 	"github.com/dlf-stop/worker/internal/consumer"
 	"github.com/dlf-stop/worker/internal/dlf/emulator"
+	"github.com/dlf-stop/worker/internal/testutil"
 )
 
 // TestWorkerKilledRepeatedly pins the promise "every stop command JetStream
@@ -130,58 +131,20 @@ loop:
 	// the work queue is empty: a command left there was decided but not
 	// acked, and its redelivery is where a second outcome or a stray dead
 	// letter would come from.
-	stop, err := js.Stream(ctx, "DLF_STOP")
-	if err != nil {
-		t.Fatal(err)
-	}
-	var unacked uint64
-	drainDeadline := time.NewTimer(drainWithin)
-	defer drainDeadline.Stop()
-	poll := time.NewTicker(50 * time.Millisecond)
-	defer poll.Stop()
-drain:
-	for {
-		info, err := stop.Info(ctx)
-		if err != nil {
-			t.Fatal(err)
-		}
-		unacked = info.State.Msgs
-		if unacked == 0 {
-			break
-		}
-		select {
-		case <-poll.C:
-		case <-drainDeadline.C:
-			t.Errorf("%d commands still in DLF_STOP %s after every command had an outcome", unacked, drainWithin)
-			break drain
-		}
+	unacked := waitDrained(ctx, t, js, "DLF_STOP", drainWithin)
+	if unacked != 0 {
+		t.Errorf("%d commands still in DLF_STOP %s after every command had an outcome", unacked, drainWithin)
 	}
 	if err := w.killAndWait(); err != nil {
 		t.Fatal(err)
 	}
 
 	// Read both streams to their end before counting.
-	outInfo := streamMsgs(ctx, t, js, "DLF_STOP_OUTCOMES")
-	deadInfo := streamMsgs(ctx, t, js, "DLF_STOP_DEAD")
-	eventually(t, 10*time.Second, func() error {
-		if got := outcomes.total(); uint64(got) != outInfo {
-			return fmt.Errorf("read %d of %d outcome events", got, outInfo)
-		}
-		if got := dead.total(); uint64(got) != deadInfo {
-			return fmt.Errorf("read %d of %d dead letters", got, deadInfo)
-		}
-		return nil
-	})
+	readWatchedToEnd(ctx, t, js, outcomes, dead)
 
 	s := outcomes.snapshot()
-	lost := 0
-	var lostIDs []string
-	for _, id := range ids {
-		if len(s.byID[id]) == 0 {
-			lost++
-			lostIDs = append(lostIDs, id)
-		}
-	}
+	lostIDs := s.missing(ids)
+	lost := len(lostIDs)
 	duplicates := s.total - len(s.byID)
 	var notStopped []string
 	for id, sts := range s.byID {
@@ -460,6 +423,64 @@ func (w *deadWatch) snapshot() deadSnapshot {
 		s.causes[k] = v
 	}
 	return s
+}
+
+// missing returns the ids that have no outcome event, in the order given.
+func (s outcomeSnapshot) missing(ids []string) []string {
+	var out []string
+	for _, id := range ids {
+		if len(s.byID[id]) == 0 {
+			out = append(out, id)
+		}
+	}
+	return out
+}
+
+// waitDrained polls until stream holds no message or within has passed, and
+// returns how many it still holds; whether a remainder is an error is the
+// caller's to say.
+func waitDrained(ctx context.Context, t *testing.T, js jetstream.JetStream, stream string, within time.Duration) uint64 {
+	t.Helper()
+	st, err := js.Stream(ctx, stream)
+	if err != nil {
+		t.Fatal(err)
+	}
+	deadline := time.NewTimer(within)
+	defer deadline.Stop()
+	poll := time.NewTicker(50 * time.Millisecond)
+	defer poll.Stop()
+	for {
+		info, err := st.Info(ctx)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if info.State.Msgs == 0 {
+			return 0
+		}
+		select {
+		case <-poll.C:
+		case <-deadline.C:
+			return info.State.Msgs
+		}
+	}
+}
+
+// readWatchedToEnd waits until the watchers have read every message the
+// outcome and dead-letter streams hold now, so that counts taken after it
+// are final.
+func readWatchedToEnd(ctx context.Context, t *testing.T, js jetstream.JetStream, outcomes *outcomeWatch, dead *deadWatch) {
+	t.Helper()
+	outN := streamMsgs(ctx, t, js, "DLF_STOP_OUTCOMES")
+	deadN := streamMsgs(ctx, t, js, "DLF_STOP_DEAD")
+	testutil.Eventually(t, 10*time.Second, func() error {
+		if got := outcomes.total(); uint64(got) != outN {
+			return fmt.Errorf("read %d of %d outcome events", got, outN)
+		}
+		if got := dead.total(); uint64(got) != deadN {
+			return fmt.Errorf("read %d of %d dead letters", got, deadN)
+		}
+		return nil
+	})
 }
 
 func streamMsgs(ctx context.Context, t *testing.T, js jetstream.JetStream, name string) uint64 {

@@ -11,13 +11,12 @@ import (
 	"strings"
 	"sync"
 	"testing"
-	"time"
 
 	"github.com/nats-io/nats-server/v2/server"
 	"github.com/nats-io/nats.go"
 	"github.com/nats-io/nats.go/jetstream"
 
-	"github.com/dlf-stop/worker/internal/embedded"
+	"github.com/dlf-stop/worker/internal/testutil"
 )
 
 // workerBin is the worker binary built once for the package.
@@ -118,11 +117,7 @@ func rssKiB(pid int) (rss, peak int64, err error) {
 // client connection to it; all are closed when the test ends.
 func startJetStream(t testing.TB) (*server.Server, *nats.Conn, jetstream.JetStream) {
 	t.Helper()
-	srv, err := embedded.Start(embedded.Options{StoreDir: t.TempDir()})
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { srv.Shutdown(); srv.WaitForShutdown() })
+	srv := testutil.StartNATS(t)
 	nc, js := connectJS(t, srv.ClientURL())
 	return srv, nc, js
 }
@@ -141,24 +136,4 @@ func connectJS(t testing.TB, url string, opts ...nats.Option) (*nats.Conn, jetst
 		t.Fatal(err)
 	}
 	return nc, js
-}
-
-// eventually polls fn until it returns nil or the deadline passes.
-func eventually(t testing.TB, within time.Duration, fn func() error) {
-	t.Helper()
-	deadline := time.NewTimer(within)
-	defer deadline.Stop()
-	tick := time.NewTicker(20 * time.Millisecond)
-	defer tick.Stop()
-	for {
-		err := fn()
-		if err == nil {
-			return
-		}
-		select {
-		case <-deadline.C:
-			t.Fatalf("condition not met within %s: %v", within, err)
-		case <-tick.C:
-		}
-	}
 }

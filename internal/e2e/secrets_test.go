@@ -22,6 +22,7 @@ import (
 	"github.com/dlf-stop/worker/internal/command"
 	"github.com/dlf-stop/worker/internal/consumer"
 	"github.com/dlf-stop/worker/internal/dlf/emulator"
+	"github.com/dlf-stop/worker/internal/testutil"
 )
 
 // TestSecretsNeverLeak pins "secrets are never logged, never put in
@@ -155,15 +156,7 @@ func secretsTokenRun(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	nc, err := nats.Connect(srv.ClientURL(), nkOpt)
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(nc.Close)
-	js, err := jetstream.New(nc)
-	if err != nil {
-		t.Fatal(err)
-	}
+	_, js := connectJS(t, srv.ClientURL(), nkOpt)
 	emu, emuURL := emulator.StartForTest(t, emulator.WithAuthToken(token))
 
 	w := startWorker(t, debugWorkerEnv(t, srv.ClientURL(), emuURL, map[string]string{
@@ -228,20 +221,7 @@ func newSecretsWorkload(ctx context.Context, t *testing.T, js jetstream.JetStrea
 			wl.bad = append(wl.bad, b)
 		}
 	}
-	eventually(t, 20*time.Second, func() error {
-		if err := wl.proc.check(); err != nil {
-			return nil
-		}
-		for _, s := range []string{"DLF_STOP", "DLF_STOP_OUTCOMES", "DLF_STOP_DEAD"} {
-			if _, err := js.Stream(ctx, s); err != nil {
-				return fmt.Errorf("stream %s: %w", s, err)
-			}
-		}
-		return nil
-	})
-	if err := wl.proc.check(); err != nil {
-		t.Fatalf("worker did not start: %v; log: %s", err, tail(w.lines(), 10))
-	}
+	waitForStreams(ctx, t, js, wl.proc)
 	wl.outs = collectStream(ctx, t, js, "DLF_STOP_OUTCOMES")
 	wl.deads = collectStream(ctx, t, js, "DLF_STOP_DEAD")
 	return wl
@@ -308,7 +288,7 @@ func (wl *secretsWorkload) outcomes() map[string]badOutcome {
 
 func (wl *secretsWorkload) waitOutcomes(ids []string) {
 	wl.t.Helper()
-	eventually(wl.t, 30*time.Second, func() error {
+	testutil.Eventually(wl.t, 30*time.Second, func() error {
 		if err := wl.proc.check(); err != nil {
 			return nil
 		}
@@ -333,7 +313,7 @@ func (wl *secretsWorkload) waitOutcomes(ids []string) {
 // named fault, so a fault phase really met the worker.
 func (wl *secretsWorkload) waitFaults(fault string, n int) {
 	wl.t.Helper()
-	eventually(wl.t, 20*time.Second, func() error {
+	testutil.Eventually(wl.t, 20*time.Second, func() error {
 		got := 0
 		for _, r := range wl.emu.Requests() {
 			if r.Fault == fault {
@@ -375,14 +355,7 @@ func (wl *secretsWorkload) finish(secrets []secretNeedle, run string) {
 	if err := terminate(wl.w, 30*time.Second); err != nil {
 		t.Errorf("SIGTERM: %v; log: %s", err, tail(wl.w.lines(), 10))
 	}
-	wantOut := streamMsgs(wl.ctx, t, wl.js, "DLF_STOP_OUTCOMES")
-	wantDead := streamMsgs(wl.ctx, t, wl.js, "DLF_STOP_DEAD")
-	eventually(t, 10*time.Second, func() error {
-		if o, d := uint64(wl.outs.len()), uint64(wl.deads.len()); o != wantOut || d != wantDead {
-			return fmt.Errorf("read %d of %d outcomes, %d of %d dead letters", o, wantOut, d, wantDead)
-		}
-		return nil
-	})
+	readCollectedToEnd(wl.ctx, t, wl.js, wl.outs, wl.deads)
 
 	// Every credential that went over the wire to DLF.
 	needles := append([]secretNeedle(nil), secrets...)
