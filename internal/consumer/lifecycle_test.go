@@ -3,6 +3,7 @@ package consumer
 import (
 	"fmt"
 	"strconv"
+	"sync/atomic"
 	"testing"
 	"time"
 
@@ -54,7 +55,7 @@ func TestSlowCommandsDoNotDelayHealthyOnes(t *testing.T) {
 	}
 	start := time.Now()
 	e.publishMany(t, 100, "ok")
-	outs := e.out.wait(t, 100, 6*time.Second)
+	e.out.wait(t, 100, 6*time.Second)
 	if took := time.Since(start); took > 6*time.Second {
 		t.Fatalf("100 healthy commands took %s behind slow ones", took)
 	}
@@ -66,7 +67,6 @@ func TestSlowCommandsDoNotDelayHealthyOnes(t *testing.T) {
 			t.Errorf("slow command %s finished among the healthy ones", id)
 		}
 	}
-	_ = outs
 }
 
 func TestGracefulShutdownFinishesInFlightAndReturnsTheRest(t *testing.T) {
@@ -217,4 +217,41 @@ func portOf(t *testing.T, url string) int {
 	}
 	t.Fatalf("no port in %q", url)
 	return 0
+}
+
+// A panic while a command is processed returns the command instead of
+// killing the worker or leaking its slot: the redelivery decides it, and
+// the worker still shuts down cleanly.
+func TestPanicReturnsTheCommand(t *testing.T) {
+	e := newEnv(t, func(c *Config) { c.RetryInitial = 100 * time.Millisecond })
+	e.emu.AddRunning(proj, "", "s1", "i-panic")
+	var panicked atomic.Bool
+	clock := func() time.Time {
+		// The first reading of the clock is when the first decision is
+		// made, after DLF answered 204.
+		if panicked.CompareAndSwap(false, true) {
+			panic("test: clock broke")
+		}
+		return time.Now()
+	}
+	opt := goleak.IgnoreCurrent()
+	r := e.startWorker(func(c *Config) { c.Concurrency = 1 }, WithClock(clock))
+	e.publish(body(t, map[string]any{"command_id": "c-panic", "project_id": proj, "script_name": "s1", "instance_id": "i-panic"}), nil)
+	outs := e.out.wait(t, 1, 10*time.Second)
+	o := e.out.outcomes(t)[0]
+	if len(outs) != 1 || o.Status != StatusStopped || o.Cause != CauseAlreadyStopped {
+		t.Fatalf("outcome after the panic: %+v", o)
+	}
+	if got := testutilCount(r.w.m.panics); got != 1 {
+		t.Errorf("panics counted: %v, want 1", got)
+	}
+	stopStart := time.Now()
+	r.stop(t)
+	if took := time.Since(stopStart); took > 3*time.Second {
+		t.Errorf("stop took %s after a panic: a held slot leaked", took)
+	}
+	if held := gaugeValue(r.w.m.held); held != 0 {
+		t.Errorf("held gauge %v after stop, want 0", held)
+	}
+	goleak.VerifyNone(t, opt)
 }

@@ -366,7 +366,6 @@ func (w *Worker) store(j *job) {
 		// Only after the outcome is stored may the command be recorded as
 		// decided: a decided record makes every later delivery a silent ack.
 		// Nothing waits for the write; its answer acks the command.
-		j.handedOff = true
 		w.state.saveAsync(w.hard, j.state, func(d *stateDoc) {
 			if status == StatusStopped && j.valid && d.StoppedBy == "" {
 				d.StoppedBy, d.StoppedAt = j.cmd.ID, o.FinishedAt
@@ -381,6 +380,9 @@ func (w *Worker) store(j *job) {
 			w.publishFailed(j, "state", err)
 			j.release()
 		})
+		// Set only once the write is under way (a panic before leaves the
+		// release to run), and read only by this goroutine.
+		j.handedOff = true
 		return
 	}
 	w.acked(j)
@@ -416,10 +418,10 @@ func (w *Worker) publishFailed(j *job, kind string, err error) {
 	w.giveBack(j, w.cfg.RetryInitial, "publish_failed")
 }
 
-// recall applies what the state bucket says, read before anything is called. It returns
-// false when the delivery was fully handled here: already decided (acked
-// silently), already stopped by another command, or the bucket could not
-// be read (returned for later).
+// recall applies what the state bucket said of the command, read before
+// anything is called. It returns false when the delivery was fully handled
+// here: already decided (acked silently), already stopped by another
+// command, or the bucket could not be read (returned for later).
 func (w *Worker) recall(j *job, rec *stateRecord, err error) bool {
 	if err != nil {
 		j.log.Warn("state bucket unavailable; returning the command", zap.Error(err))
