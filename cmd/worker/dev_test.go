@@ -10,59 +10,8 @@ import (
 	"time"
 
 	"github.com/dlf-stop/worker/internal/consumer"
+	"github.com/dlf-stop/worker/internal/testutil"
 )
-
-// banner is what `worker dev` prints on stdout.
-type banner struct {
-	natsURL   string
-	httpAddr  string // host:port
-	instances []string
-	pubJSON   string   // payload of the `nats pub` line
-	stopLine  string   // the `worker stop` line, trimmed
-	stopEnv   string   // NATS_URL=... of that line
-	stopArgs  []string // arguments after `stop` on that line
-}
-
-func parseBanner(t *testing.T, text string) banner {
-	t.Helper()
-	var b banner
-	inInstances := false
-	for line := range strings.Lines(text) {
-		line = strings.TrimRight(line, "\r\n")
-		f := strings.Fields(line)
-		switch {
-		case inInstances && len(f) == 1:
-			b.instances = append(b.instances, f[0])
-			continue
-		case inInstances:
-			inInstances = false
-		}
-		switch {
-		case strings.HasPrefix(line, "NATS URL:") && len(f) >= 3:
-			b.natsURL = f[2]
-		case strings.HasPrefix(line, "HTTP address:") && len(f) >= 3:
-			b.httpAddr = strings.TrimPrefix(f[2], "http://")
-		case strings.HasPrefix(line, "Running instances ready to stop:"):
-			inInstances = true
-		case strings.Contains(line, " pub dlf.stop.request '"):
-			i, j := strings.Index(line, "'"), strings.LastIndex(line, "'")
-			if j > i {
-				b.pubJSON = line[i+1 : j]
-			}
-		case strings.Contains(line, " stop --script "):
-			b.stopLine = strings.TrimSpace(line)
-			if len(f) > 0 && strings.HasPrefix(f[0], "NATS_URL=") {
-				b.stopEnv = strings.TrimPrefix(f[0], "NATS_URL=")
-			}
-			_, after, _ := strings.Cut(line, " stop ")
-			b.stopArgs = strings.Fields(after)
-		}
-	}
-	if b.natsURL == "" || b.httpAddr == "" || len(b.instances) == 0 || b.pubJSON == "" || b.stopArgs == nil {
-		t.Fatalf("banner incomplete (%+v):\n%s", b, text)
-	}
-	return b
-}
 
 func TestDev(t *testing.T) {
 	// Take the preferred ports so the fallback to free ports is what runs
@@ -71,60 +20,63 @@ func TestDev(t *testing.T) {
 	held8080 := hold(t, "127.0.0.1:8080")
 	tmp := t.TempDir()
 	dev := start(t, map[string]string{"TMPDIR": tmp}, "dev")
-	b := parseBanner(t, dev.waitStdout(t, " stop --script ", 30*time.Second))
+	b, err := testutil.ParseDevBanner(dev.waitStdout(t, " stop --script ", 30*time.Second))
+	if err != nil {
+		t.Fatal(err)
+	}
 
-	if held4222 && strings.HasSuffix(b.natsURL, ":4222") {
-		t.Errorf("NATS URL %s uses port 4222, which the test holds", b.natsURL)
+	if held4222 && strings.HasSuffix(b.NATSURL, ":4222") {
+		t.Errorf("NATS URL %s uses port 4222, which the test holds", b.NATSURL)
 	}
-	if held8080 && b.httpAddr == "127.0.0.1:8080" {
-		t.Errorf("HTTP address %s is the one the test holds", b.httpAddr)
+	if held8080 && b.HTTPAddr == "127.0.0.1:8080" {
+		t.Errorf("HTTP address %s is the one the test holds", b.HTTPAddr)
 	}
-	if b.stopEnv != b.natsURL {
-		t.Errorf("worker stop line uses NATS_URL=%s, banner says %s", b.stopEnv, b.natsURL)
+	if b.StopEnv != b.NATSURL {
+		t.Errorf("worker stop line uses NATS_URL=%s, banner says %s", b.StopEnv, b.NATSURL)
 	}
-	if len(b.instances) < 2 {
-		t.Fatalf("instances = %v, want at least 2", b.instances)
+	if len(b.Instances) < 2 {
+		t.Fatalf("instances = %v, want at least 2", b.Instances)
 	}
-	waitHTTP(t, dev, "http://"+b.httpAddr+"/healthz", http.StatusOK, 10*time.Second)
-	waitHTTP(t, dev, "http://"+b.httpAddr+"/readyz", http.StatusOK, 10*time.Second)
+	waitHTTP(t, dev, "http://"+b.HTTPAddr+"/healthz", http.StatusOK, 10*time.Second)
+	waitHTTP(t, dev, "http://"+b.HTTPAddr+"/readyz", http.StatusOK, 10*time.Second)
 
 	// The printed worker stop line names this binary; pasted into a shell
 	// as it is, it stops its instance.
-	if f := strings.Fields(b.stopLine); len(f) < 3 || f[1] != workerBin || f[2] != "stop" {
-		t.Errorf("worker stop line %q: want NATS_URL=... %s stop ...", b.stopLine, workerBin)
+	if f := strings.Fields(b.StopLine); len(f) < 3 || f[1] != workerBin || f[2] != "stop" {
+		t.Errorf("worker stop line %q: want NATS_URL=... %s stop ...", b.StopLine, workerBin)
 	}
 	var stop *child
 	if _, err := os.Stat("/bin/sh"); err == nil {
-		stop = startProgram(t, "/bin/sh", nil, "-c", b.stopLine)
+		stop = startProgram(t, "/bin/sh", nil, "-c", b.StopLine)
 	} else {
-		stop = start(t, map[string]string{"NATS_URL": b.stopEnv}, append([]string{"stop"}, b.stopArgs...)...)
+		stop = start(t, map[string]string{"NATS_URL": b.StopEnv}, append([]string{"stop"}, b.StopArgs...)...)
 	}
 	if code := stop.wait(t, 35*time.Second); code != 0 {
-		t.Errorf("%s: exit %d, want 0\nstderr: %s", b.stopLine, code, stop.stderr.String())
+		t.Errorf("%s: exit %d, want 0\nstderr: %s", b.StopLine, code, stop.stderr.String())
 	}
 	out := stop.stdout.String()
 	if strings.Count(out, "\n") != 1 || !strings.HasSuffix(out, "\n") || !strings.Contains(out, `"status":"stopped"`) {
 		t.Errorf("worker stop stdout = %q, want one JSON line with \"status\":\"stopped\"", out)
 	}
 	var so consumer.Outcome
-	if err := json.Unmarshal([]byte(out), &so); err != nil || !slices.Contains(b.instances, so.InstanceID) {
+	if err := json.Unmarshal([]byte(out), &so); err != nil || !slices.Contains(b.Instances, so.InstanceID) {
 		t.Errorf("worker stop outcome %q (%v): want one for a listed instance", out, err)
 	}
 
 	// The printed nats pub line's payload, published as the nats CLI does.
-	nc := connect(t, b.natsURL)
+	nc := connect(t, b.NATSURL)
 	got := watchOutcomes(t, nc)
 	var pub consumer.Outcome
-	if err := json.Unmarshal([]byte(b.pubJSON), &pub); err != nil {
-		t.Fatalf("nats pub payload %q: %v", b.pubJSON, err)
+	if err := json.Unmarshal([]byte(b.PubJSON), &pub); err != nil {
+		t.Fatalf("nats pub payload %q: %v", b.PubJSON, err)
 	}
-	if !slices.Contains(b.instances, pub.InstanceID) || pub.InstanceID == so.InstanceID {
+	if !slices.Contains(b.Instances, pub.InstanceID) || pub.InstanceID == so.InstanceID {
 		t.Errorf("nats pub line stops %q; want a listed instance the worker stop line does not stop", pub.InstanceID)
 	}
-	if err := nc.Publish("dlf.stop.request", []byte(b.pubJSON)); err != nil {
+	if err := nc.Publish("dlf.stop.request", []byte(b.PubJSON)); err != nil {
 		t.Fatal(err)
 	}
-	o := got.wait(t, 15*time.Second, func(o consumer.Outcome) bool { return o.InstanceID == pub.InstanceID })
+	o := got.Wait(t, 15*time.Second, func(o consumer.Outcome) bool { return o.InstanceID == pub.InstanceID })
 	if o.Status != "stopped" || o.HTTPStatus != 204 {
 		t.Errorf("nats pub line: outcome %+v, want stopped with 204", o)
 	}

@@ -152,7 +152,7 @@ func TestWorker(t *testing.T) {
 	if _, err := js.Publish(t.Context(), "dlf.stop.request", []byte(body)); err != nil {
 		t.Fatalf("publish command: %v", err)
 	}
-	o := got.wait(t, 15*time.Second, func(o consumer.Outcome) bool { return o.CommandID == "bin-1" })
+	o := got.Wait(t, 15*time.Second, func(o consumer.Outcome) bool { return o.CommandID == "bin-1" })
 	if o.Status != "stopped" || o.Cause != "ok" || o.ProjectID != project || o.InstanceID != inst || o.HTTPStatus != 204 || o.WorkerID == "" {
 		t.Errorf("outcome = %+v, want stopped/ok/204 for %s/%s with a worker id", o, project, inst)
 	}
@@ -182,7 +182,7 @@ func TestWorker(t *testing.T) {
 		t.Errorf("exit after SIGTERM = %d, want 0\nstderr:\n%s", code, c.stderr.String())
 	}
 	t.Logf("exited %s after SIGTERM", time.Since(start).Round(time.Millisecond))
-	o = got.wait(t, 5*time.Second, func(o consumer.Outcome) bool { return o.CommandID == "bin-2" })
+	o = got.Wait(t, 5*time.Second, func(o consumer.Outcome) bool { return o.CommandID == "bin-2" })
 	if o.Status != "stopped" || !emu.Stopped(project, script, slow) {
 		t.Errorf("in-flight command: outcome %+v, emulator stopped=%v; want stopped", o, emu.Stopped(project, script, slow))
 	}

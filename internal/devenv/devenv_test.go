@@ -82,102 +82,22 @@ func (d *devRun) waitOutput(t *testing.T, substr string) {
 	})
 }
 
-// banner is what the test reads from the dev environment's stdout.
-type banner struct {
-	natsURL   string
-	httpAddr  string // host:port
-	instances []string
-	pubJSON   string   // payload of the `nats pub` line
-	stopEnv   string   // NATS_URL=... of the `worker stop` line
-	stopArgs  []string // arguments after `stop` on that line
-}
-
-func parseBanner(t *testing.T, text string) banner {
+// outcomeOf waits for the outcome of instance, checking on the way that
+// every outcome is published on the subject of its status.
+func outcomeOf(t *testing.T, w *testutil.Watcher[consumer.Outcome], instance string) consumer.Outcome {
 	t.Helper()
-	var b banner
-	inInstances := false
-	for line := range strings.Lines(text) {
-		line = strings.TrimRight(line, "\n")
-		trimmed := strings.TrimSpace(line)
-		f := strings.Fields(line)
-		switch {
-		case strings.HasPrefix(line, "NATS URL:") && len(f) >= 3:
-			b.natsURL = f[2]
-		case strings.HasPrefix(line, "HTTP address:") && len(f) >= 3:
-			b.httpAddr = strings.TrimPrefix(f[2], "http://")
-		case strings.HasPrefix(line, "Running instances ready to stop:"):
-			inInstances = true
-			continue
-		case strings.Contains(line, " pub dlf.stop.request '"):
-			i, j := strings.Index(line, "'"), strings.LastIndex(line, "'")
-			if j > i {
-				b.pubJSON = line[i+1 : j]
-			}
-		case strings.Contains(line, " stop --script "):
-			if len(f) > 0 && strings.HasPrefix(f[0], "NATS_URL=") {
-				b.stopEnv = f[0]
-			}
-			_, after, _ := strings.Cut(line, " stop ")
-			b.stopArgs = strings.Fields(after)
-		}
-		if inInstances {
-			if trimmed == "" {
-				inInstances = false
-			} else {
-				b.instances = append(b.instances, trimmed)
-			}
-		}
-	}
-	if b.natsURL == "" || b.httpAddr == "" || len(b.instances) == 0 || b.pubJSON == "" || b.stopArgs == nil {
-		t.Fatalf("banner incomplete (%+v):\n%s", b, text)
-	}
-	return b
+	return w.Wait(t, 15*time.Second, func(o consumer.Outcome) bool { return o.InstanceID == instance })
 }
 
-// outcomes collects outcome events from the moment it subscribes.
-type outcomes struct {
-	ch   chan *nats.Msg
-	seen []consumer.Outcome
-}
-
-func watchOutcomes(t *testing.T, nc *nats.Conn) *outcomes {
+func watchOutcomes(t *testing.T, nc *nats.Conn) *testutil.Watcher[consumer.Outcome] {
 	t.Helper()
-	o := &outcomes{ch: make(chan *nats.Msg, 64)}
-	sub, err := nc.ChanSubscribe("dlf.stop.outcome.*", o.ch)
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { _ = sub.Unsubscribe() })
-	if err := nc.Flush(); err != nil {
-		t.Fatal(err)
-	}
-	return o
-}
-
-// wait returns the first outcome for instance, failing the test after 15s.
-func (o *outcomes) wait(t *testing.T, instance string) consumer.Outcome {
-	t.Helper()
-	deadline := time.After(15 * time.Second)
-	for {
-		for _, e := range o.seen {
-			if e.InstanceID == instance {
-				return e
-			}
-		}
-		select {
-		case m := <-o.ch:
-			var e consumer.Outcome
-			if err := json.Unmarshal(m.Data, &e); err != nil {
-				t.Fatalf("outcome on %s is not JSON: %v: %s", m.Subject, err, m.Data)
-			}
-			if m.Subject != "dlf.stop.outcome."+e.Status {
-				t.Errorf("outcome with status %q published on %s", e.Status, m.Subject)
-			}
-			o.seen = append(o.seen, e)
-		case <-deadline:
-			t.Fatalf("no outcome for instance %s within 15s (seen %+v)", instance, o.seen)
+	w := testutil.Watch[consumer.Outcome](t, nc, "dlf.stop.outcome.*")
+	w.Check = func(t testing.TB, subject string, o consumer.Outcome) {
+		if subject != "dlf.stop.outcome."+o.Status {
+			t.Errorf("outcome with status %q published on %s", o.Status, subject)
 		}
 	}
+	return w
 }
 
 // waitHTTP polls url until it answers want, failing after 10s.
@@ -207,27 +127,30 @@ func TestRunWith(t *testing.T) {
 	dev.waitOutput(t, " stop --script ")
 	text := dev.out.String()
 	t.Logf("banner:\n%s", text)
-	b := parseBanner(t, text)
-	if len(b.instances) != 3 {
-		t.Errorf("instances = %v, want 3 by default", b.instances)
+	b, err := testutil.ParseDevBanner(text)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if len(b.Instances) != 3 {
+		t.Errorf("instances = %v, want 3 by default", b.Instances)
 	}
 	// The worker stop line runs this very binary (here: the test binary).
 	exe, err := os.Executable()
 	if err != nil {
 		t.Fatal(err)
 	}
-	if want := "NATS_URL=" + b.natsURL + " " + exe + " stop --script "; !strings.Contains(text, want) {
+	if want := "NATS_URL=" + b.NATSURL + " " + exe + " stop --script "; !strings.Contains(text, want) {
 		t.Errorf("no worker stop line starting %q", want)
 	}
-	if !strings.Contains(text, "nats --server "+b.natsURL+" pub dlf.stop.request '") {
-		t.Errorf("nats pub line does not use the NATS URL %s", b.natsURL)
+	if !strings.Contains(text, "nats --server "+b.NATSURL+" pub dlf.stop.request '") {
+		t.Errorf("nats pub line does not use the NATS URL %s", b.NATSURL)
 	}
 
 	client := &http.Client{Transport: &http.Transport{DisableKeepAlives: true}, Timeout: 5 * time.Second}
-	waitHTTP(t, client, "http://"+b.httpAddr+"/healthz", http.StatusOK)
-	waitHTTP(t, client, "http://"+b.httpAddr+"/readyz", http.StatusOK)
+	waitHTTP(t, client, "http://"+b.HTTPAddr+"/healthz", http.StatusOK)
+	waitHTTP(t, client, "http://"+b.HTTPAddr+"/readyz", http.StatusOK)
 
-	nc, err := nats.Connect(b.natsURL)
+	nc, err := nats.Connect(b.NATSURL)
 	if err != nil {
 		t.Fatalf("connect to the printed NATS URL: %v", err)
 	}
@@ -240,43 +163,43 @@ func TestRunWith(t *testing.T) {
 		ScriptName string `json:"script_name"`
 		InstanceID string `json:"instance_id"`
 	}
-	if err := json.Unmarshal([]byte(b.pubJSON), &pub); err != nil {
-		t.Fatalf("nats pub payload is not JSON: %v: %s", err, b.pubJSON)
+	if err := json.Unmarshal([]byte(b.PubJSON), &pub); err != nil {
+		t.Fatalf("nats pub payload is not JSON: %v: %s", err, b.PubJSON)
 	}
-	if pub.ScriptName != devenv.DemoScript || !slices.Contains(b.instances, pub.InstanceID) {
-		t.Errorf("nats pub payload %s: want script %s and a listed instance", b.pubJSON, devenv.DemoScript)
+	if pub.ScriptName != devenv.DemoScript || !slices.Contains(b.Instances, pub.InstanceID) {
+		t.Errorf("nats pub payload %s: want script %s and a listed instance", b.PubJSON, devenv.DemoScript)
 	}
-	if err := nc.Publish("dlf.stop.request", []byte(b.pubJSON)); err != nil {
+	if err := nc.Publish("dlf.stop.request", []byte(b.PubJSON)); err != nil {
 		t.Fatal(err)
 	}
-	if o := got.wait(t, pub.InstanceID); o.Status != "stopped" || o.ProjectID != devenv.DemoProject || o.HTTPStatus != 204 {
+	if o := outcomeOf(t, got, pub.InstanceID); o.Status != "stopped" || o.ProjectID != devenv.DemoProject || o.HTTPStatus != 204 {
 		t.Errorf("nats pub line: outcome %+v, want stopped in %s with 204", o, devenv.DemoProject)
 	}
 
 	// The worker stop line, run as printed, stops its instance.
 	var stdout, stderr bytes.Buffer
-	code := stopcli.Run(context.Background(), b.stopArgs, func(k string) (string, bool) {
+	code := stopcli.Run(context.Background(), b.StopArgs, func(k string) (string, bool) {
 		if k == "NATS_URL" {
-			return strings.TrimPrefix(b.stopEnv, "NATS_URL="), true
+			return b.StopEnv, true
 		}
 		return "", false
 	}, &stdout, &stderr)
 	if code != stopcli.ExitStopped || !strings.Contains(stdout.String(), `"status":"stopped"`) {
-		t.Errorf("worker stop %v: exit %d, stdout %q, stderr %q; want 0 and a stopped outcome", b.stopArgs, code, stdout.String(), stderr.String())
+		t.Errorf("worker stop %v: exit %d, stdout %q, stderr %q; want 0 and a stopped outcome", b.StopArgs, code, stdout.String(), stderr.String())
 	}
 	stopInstance := ""
-	for i, a := range b.stopArgs {
-		if a == "--instance" && i+1 < len(b.stopArgs) {
-			stopInstance = b.stopArgs[i+1]
+	for i, a := range b.StopArgs {
+		if a == "--instance" && i+1 < len(b.StopArgs) {
+			stopInstance = b.StopArgs[i+1]
 		}
 	}
-	if !slices.Contains(b.instances, stopInstance) || stopInstance == pub.InstanceID {
+	if !slices.Contains(b.Instances, stopInstance) || stopInstance == pub.InstanceID {
 		t.Errorf("worker stop line names instance %q; want another listed instance than the nats pub line's", stopInstance)
 	}
 
 	// Every other listed instance is running too; an unknown one is not.
 	unknown := "00000000-0000-0000-0000-000000000000"
-	for i, inst := range append(append([]string(nil), b.instances...), unknown) {
+	for i, inst := range append(append([]string(nil), b.Instances...), unknown) {
 		if inst == pub.InstanceID || inst == stopInstance {
 			continue
 		}
@@ -284,7 +207,7 @@ func TestRunWith(t *testing.T) {
 		if err := nc.Publish("dlf.stop.request", []byte(body)); err != nil {
 			t.Fatal(err)
 		}
-		o := got.wait(t, inst)
+		o := outcomeOf(t, got, inst)
 		switch {
 		case inst == unknown && (o.Status != "failed" || o.ErrorCode != "DLF.6205"):
 			t.Errorf("unknown instance: outcome %+v, want failed with DLF.6205", o)
@@ -297,7 +220,7 @@ func TestRunWith(t *testing.T) {
 	if err := dev.stop(); err != nil {
 		t.Errorf("RunWith after cancel: %v, want nil", err)
 	}
-	if _, err := client.Get("http://" + b.httpAddr + "/healthz"); err == nil {
+	if _, err := client.Get("http://" + b.HTTPAddr + "/healthz"); err == nil {
 		t.Error("HTTP server still answers after RunWith returned")
 	}
 }

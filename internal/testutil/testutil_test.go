@@ -115,3 +115,68 @@ func TestStartNATS(t *testing.T) {
 		t.Fatal("JetStream is off")
 	}
 }
+
+func TestParseDevBanner(t *testing.T) {
+	text := `dlf-stop worker dev environment is running. Ctrl-C stops it.
+
+NATS URL:      nats://127.0.0.1:4222
+HTTP address:  http://127.0.0.1:8080  (/metrics /healthz /readyz)
+
+Running instances ready to stop:
+  i-1
+  i-2
+
+Publish a stop command with the nats CLI:
+  nats --server nats://127.0.0.1:4222 pub dlf.stop.request '{"script_name":"s","instance_id":"i-1"}'
+
+Or with this binary (prints the outcome):
+  NATS_URL=nats://127.0.0.1:4222 /bin/worker stop --script s --instance i-2
+`
+	b, err := ParseDevBanner(text)
+	if err != nil {
+		t.Fatal(err)
+	}
+	want := DevBanner{NATSURL: "nats://127.0.0.1:4222", HTTPAddr: "127.0.0.1:8080", Instances: []string{"i-1", "i-2"},
+		PubJSON: `{"script_name":"s","instance_id":"i-1"}`, StopLine: "NATS_URL=nats://127.0.0.1:4222 /bin/worker stop --script s --instance i-2",
+		StopEnv: "nats://127.0.0.1:4222", StopArgs: []string{"--script", "s", "--instance", "i-2"}}
+	if fmt.Sprint(b) != fmt.Sprint(want) {
+		t.Fatalf("parsed\n%+v\nwant\n%+v", b, want)
+	}
+	if _, err := ParseDevBanner("NATS URL: nats://x:1\n"); err == nil {
+		t.Fatal("an incomplete banner parsed without error")
+	}
+}
+
+func TestWatcher(t *testing.T) {
+	ns := StartNATS(t)
+	nc, err := nats.Connect(ns.ClientURL())
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer nc.Close()
+	type ev struct{ N int }
+	w := Watch[ev](t, nc, "ev.*")
+	var checked []string
+	w.Check = func(_ testing.TB, subject string, _ ev) { checked = append(checked, subject) }
+	for i := 1; i <= 3; i++ {
+		if err := nc.Publish(fmt.Sprintf("ev.%d", i), []byte(fmt.Sprintf(`{"N":%d}`, i))); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if got := w.Wait(t, 5*time.Second, func(e ev) bool { return e.N == 2 }); got.N != 2 {
+		t.Fatalf("got %+v", got)
+	}
+	// The first message was read on the way and is still found.
+	if got := w.Wait(t, time.Second, func(e ev) bool { return e.N == 1 }); got.N != 1 {
+		t.Fatalf("got %+v", got)
+	}
+	if len(checked) != 2 || checked[0] != "ev.1" {
+		t.Fatalf("checked %v", checked)
+	}
+
+	r := &recorder{TB: t}
+	run(r, func() { w.Wait(r, 50*time.Millisecond, func(e ev) bool { return e.N == 9 }) })
+	if !strings.Contains(r.failed, "no matching message") {
+		t.Fatalf("failure %q", r.failed)
+	}
+}
