@@ -40,12 +40,13 @@ type job struct {
 	handedOff bool
 }
 
-// stateKey is where the command's state lives (see state.go).
-func (j *job) stateKey() string {
+// stateKeys are where the command's state lives (see state.go): first its
+// document, then, for a valid command, the index of its id.
+func (j *job) stateKeys() []string {
 	if j.valid {
-		return instKey(j.cmd.InstanceKey())
+		return []string{instKey(j.cmd.InstanceKey()), cmdKey(j.cmd.ID)}
 	}
-	return cmdKey(j.cmd.ID)
+	return []string{cmdKey(j.cmd.ID)}
 }
 
 // prepare reads what a delivery says: its metadata and its command. It
@@ -91,11 +92,11 @@ func (w *Worker) prepare(msg jetstream.Msg, release func()) (j *job) {
 }
 
 // process takes one prepared delivery to a decision (outcome stored, then
-// ack) or hands it back to JetStream (nak) when it cannot decide now. rec
-// and lerr are the state bucket's answer for the command (unused without
-// the bucket).
-func (w *Worker) process(j *job, rec *stateRecord, lerr error) {
-	if w.state != nil && !w.recall(j, rec, lerr) {
+// ack) or hands it back to JetStream (nak) when it cannot decide now. recs
+// and lerr are the state bucket's answer for the command's stateKeys
+// (unused without the bucket).
+func (w *Worker) process(j *job, recs []*stateRecord, lerr error) {
+	if w.state != nil && !w.recall(j, recs, lerr) {
 		return
 	}
 	cmd, meta, verr := j.cmd, j.meta, j.verr
@@ -374,6 +375,9 @@ func (w *Worker) store(j *job) {
 			}
 			d.setCmd(j.cmd.ID, cmdEntry{Phase: phaseDecided, Attempts: j.attempts, Status: status, Cause: cause})
 		}, func() {
+			if j.valid {
+				w.state.markDecided(j.cmd.ID, cmdEntry{Phase: phaseDecided, Attempts: j.attempts, Status: status, Cause: cause})
+			}
 			w.acked(j)
 			j.release()
 		}, func(err error) {
@@ -422,15 +426,23 @@ func (w *Worker) publishFailed(j *job, kind string, err error) {
 // anything is called. It returns false when the delivery was fully handled
 // here: already decided (acked silently), already stopped by another
 // command, or the bucket could not be read (returned for later).
-func (w *Worker) recall(j *job, rec *stateRecord, err error) bool {
+func (w *Worker) recall(j *job, recs []*stateRecord, err error) bool {
 	if err != nil {
 		j.log.Warn("state bucket unavailable; returning the command", zap.Error(err))
 		w.giveBack(j, w.cfg.RetryInitial, "state_unavailable")
 		return false
 	}
+	rec := recs[0]
 	d := &rec.doc
 	entry := d.Cmds[j.cmd.ID]
-	if d.StoppedBy == j.cmd.ID || (entry != nil && entry.Phase == phaseDecided) {
+	// The id index answers for the same id published again for another
+	// instance, however late (contract section 6).
+	var indexed *cmdEntry
+	if len(recs) > 1 {
+		indexed = recs[1].doc.Cmds[j.cmd.ID]
+	}
+	if d.StoppedBy == j.cmd.ID || (entry != nil && entry.Phase == phaseDecided) ||
+		(indexed != nil && indexed.Phase == phaseDecided) {
 		if err := j.msg.Ack(); err != nil {
 			j.log.Warn("ack of an already decided command failed", zap.Error(err))
 		}

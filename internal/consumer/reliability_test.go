@@ -45,6 +45,49 @@ func TestDecidedCommandIsNotRepeated(t *testing.T) {
 	e.noDeadLetters(t)
 }
 
+// The same command id published again, late, for another instance is
+// still the same command (contract section 6): acked without a call and
+// without a second outcome. The id index recognises it.
+func TestDecidedIDReusedForAnotherInstance(t *testing.T) {
+	e := newEnv(t, nil)
+	e.emu.AddRunning(proj, "", "s1", "i-1")
+	e.emu.AddRunning(proj, "", "s1", "i-2")
+	r := e.startWorker(nil)
+	e.publish(body(t, map[string]any{"command_id": "reused", "project_id": proj, "script_name": "s1", "instance_id": "i-1"}),
+		nats.Header{nats.MsgIdHdr: []string{"m-1"}})
+	e.out.wait(t, 1, 10*time.Second)
+	st := e.state(t)
+	testutil.Eventually(t, 5*time.Second, func() error {
+		rec, err := st.load(context.Background(), cmdKey("reused"))
+		if err != nil {
+			return err
+		}
+		if en := rec.doc.Cmds["reused"]; en == nil || en.Phase != phaseDecided || en.Status != StatusStopped {
+			return fmt.Errorf("id index: %+v", rec.doc.Cmds)
+		}
+		return nil
+	})
+	e.publish(body(t, map[string]any{"command_id": "reused", "project_id": proj, "script_name": "s1", "instance_id": "i-2"}),
+		nats.Header{nats.MsgIdHdr: []string{"m-2"}})
+	e.stopStreamEmpty(t)
+	testutil.Eventually(t, 5*time.Second, func() error {
+		if got := testutilCount(r.w.m.skipped); got != 1 {
+			return fmt.Errorf("skipped = %v", got)
+		}
+		return nil
+	})
+	testutil.Consistently(t, 300*time.Millisecond, func() error {
+		if n := e.out.len(); n != 1 {
+			return fmt.Errorf("%d outcomes, want 1", n)
+		}
+		return nil
+	})
+	if n := e.emu.StopCalls(); n != 1 {
+		t.Errorf("DLF calls = %d, want 1", n)
+	}
+	e.noDeadLetters(t)
+}
+
 // The lost 204: DLF stops the instance but the answer never arrives; the
 // retry gets DLF.6205, which now means "already stopped".
 func TestLostResponseIsAlreadyStopped(t *testing.T) {

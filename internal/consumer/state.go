@@ -26,11 +26,14 @@ import (
 // "stopped_by" is both "this instance is stopped" (for any other command:
 // already_stopped) and the decision of the command that stopped it. A
 // rejected command has no instance; its decision goes under
-// cmd.<base64url(id)> (ids may hold ':' and "..", which keys may not).
+// cmd.<base64url(id)> (ids may hold ':' and "..", which keys may not). The
+// same key indexes a valid command's id once it is decided: the contract
+// makes a decided id final whatever instance a later command with that id
+// names.
 //
 // The common case, a first delivery that DLF answers 204, costs a share of
-// one batched read (statebatch.go) and one compare-and-set write after the
-// outcome is stored. Nothing is written before a call: a delivery that
+// one batched read of both keys (statebatch.go), one compare-and-set write
+// after the outcome is stored, and the index write after that. Nothing is written before a call: a delivery that
 // finds no trace of an earlier delivery's progress knows from the delivery
 // count that a call may have gone unanswered (see recall).
 
@@ -100,17 +103,26 @@ func ensureState(ctx context.Context, js jetstream.JetStream, cfg *Config, log *
 	return &stateStore{kv: kv}, nil
 }
 
-// lookupThen reads one document for a command, batched with other
-// commands'. then runs on the reader's goroutine and must not block.
-func (s *stateStore) lookupThen(key string, then func(*stateRecord, error)) {
+// lookupThen reads the documents of keys, batched with other commands'
+// lookups. then runs on the reader's goroutine and must not block.
+func (s *stateStore) lookupThen(keys []string, then func([]*stateRecord, error)) {
 	if s.reader != nil {
-		s.reader.lookupThen(key, then)
+		s.reader.lookupThen(keys, then)
 		return
 	}
 	go func() {
 		ctx, cancel := context.WithTimeout(context.Background(), publishTimeout)
 		defer cancel()
-		then(s.load(ctx, key))
+		recs := make([]*stateRecord, len(keys))
+		for i, key := range keys {
+			r, err := s.load(ctx, key)
+			if err != nil {
+				then(nil, err)
+				return
+			}
+			recs[i] = r
+		}
+		then(recs, nil)
 	}()
 }
 
@@ -202,6 +214,21 @@ func (s *stateStore) saveAsync(ctx context.Context, r *stateRecord, change func(
 			go failed(err)
 		}
 	})
+}
+
+// markDecided records, under the command id's own key, that a valid
+// command is decided. Its decision lives in its instance's document; this
+// index is what recognises the same id published again for another
+// instance. It is written without waiting for the stored-ack (see
+// stateWriter.put): it only serves that rare reuse of an id.
+func (s *stateStore) markDecided(id string, e cmdEntry) {
+	if s.writer == nil {
+		return
+	}
+	d := stateDoc{Cmds: map[string]*cmdEntry{id: &e}}
+	if b, err := json.Marshal(&d); err == nil {
+		s.writer.put(cmdKey(id), b)
+	}
 }
 
 // put overwrites a command entry unconditionally; for tests that set up

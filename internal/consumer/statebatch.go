@@ -34,11 +34,13 @@ type batchReader struct {
 }
 
 type lookupReq struct {
-	key  string
-	then func(*stateRecord, error)
+	keys []string
+	then func([]*stateRecord, error)
 }
 
-// maxBatchKeys stays below the server's limit of responses per request.
+// maxBatchKeys bounds the lookups in one batch. A lookup reads at most
+// two keys, so a batch stays below the server's limit of 1,024 answers
+// per request.
 const maxBatchKeys = 256
 
 // batchTimeout bounds one batched lookup; on expiry every command in it is
@@ -72,11 +74,11 @@ func (b *batchReader) close() {
 	_ = b.sub.Unsubscribe()
 }
 
-// lookupThen reads one key through the next batch; then runs on the
-// reader's goroutine and must not block.
-func (b *batchReader) lookupThen(key string, then func(*stateRecord, error)) {
+// lookupThen reads keys through the next batch and answers them in the
+// same order; then runs on the reader's goroutine and must not block.
+func (b *batchReader) lookupThen(keys []string, then func([]*stateRecord, error)) {
 	select {
-	case b.reqs <- &lookupReq{key: key, then: then}:
+	case b.reqs <- &lookupReq{keys: keys, then: then}:
 	case <-b.stop:
 		then(nil, errors.New("state lookups stopped"))
 	}
@@ -85,14 +87,17 @@ func (b *batchReader) lookupThen(key string, then func(*stateRecord, error)) {
 // lookup reads one key through the next batch and waits for it.
 func (b *batchReader) lookup(ctx context.Context, key string) (*stateRecord, error) {
 	type result struct {
-		rec *stateRecord
-		err error
+		recs []*stateRecord
+		err  error
 	}
 	res := make(chan result, 1)
-	b.lookupThen(key, func(rec *stateRecord, err error) { res <- result{rec, err} })
+	b.lookupThen([]string{key}, func(recs []*stateRecord, err error) { res <- result{recs, err} })
 	select {
 	case r := <-res:
-		return r.rec, r.err
+		if r.err != nil {
+			return nil, r.err
+		}
+		return r.recs[0], nil
 	case <-ctx.Done():
 		return nil, ctx.Err()
 	}
@@ -129,14 +134,18 @@ func (b *batchReader) answer(batch []*lookupReq) {
 			r.then(nil, err)
 			continue
 		}
-		rec := &stateRecord{key: r.key}
-		if f, ok := found[r.key]; ok {
-			rec.rev = f.rev
-			// Each command gets its own copy: two commands for one
-			// instance in one batch must not share a document.
-			_ = json.Unmarshal(f.raw, &rec.doc)
+		recs := make([]*stateRecord, len(r.keys))
+		for i, key := range r.keys {
+			rec := &stateRecord{key: key}
+			if f, ok := found[key]; ok {
+				rec.rev = f.rev
+				// Each command gets its own copy: two commands for one
+				// instance in one batch must not share a document.
+				_ = json.Unmarshal(f.raw, &rec.doc)
+			}
+			recs[i] = rec
 		}
-		r.then(rec, nil)
+		r.then(recs, nil)
 	}
 }
 
@@ -146,12 +155,14 @@ type rawEntry struct {
 }
 
 func (b *batchReader) fetch(batch []*lookupReq) (map[string]rawEntry, error) {
-	subjects := make([]string, 0, len(batch))
-	seen := make(map[string]bool, len(batch))
+	subjects := make([]string, 0, 2*len(batch))
+	seen := make(map[string]bool, 2*len(batch))
 	for _, r := range batch {
-		if !seen[r.key] {
-			seen[r.key] = true
-			subjects = append(subjects, b.prefix+r.key)
+		for _, key := range r.keys {
+			if !seen[key] {
+				seen[key] = true
+				subjects = append(subjects, b.prefix+key)
+			}
 		}
 	}
 	req, err := json.Marshal(struct {

@@ -105,6 +105,14 @@ func (w *stateWriter) write(key string, value []byte, rev uint64, timeout time.D
 	}
 }
 
+// put stores value under key without a compare-and-set and without asking
+// for the stored-ack: for records whose loss costs little and whose
+// writers never conflict. A put lost with a broken connection or a
+// crashed server is not noticed.
+func (w *stateWriter) put(key string, value []byte) {
+	_ = w.nc.Publish(w.prefix+key, value)
+}
+
 func (w *stateWriter) take(token string) *pendingWrite {
 	w.mu.Lock()
 	defer w.mu.Unlock()

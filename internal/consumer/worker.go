@@ -331,13 +331,13 @@ func (w *Worker) handle(msg jetstream.Msg) {
 		go w.run(j, nil, nil)
 		return
 	}
-	w.state.lookupThen(j.stateKey(), func(rec *stateRecord, err error) { go w.run(j, rec, err) })
+	w.state.lookupThen(j.stateKeys(), func(recs []*stateRecord, err error) { go w.run(j, recs, err) })
 }
 
 // run processes a prepared job on its own goroutine and lets go of the
 // message afterwards, unless the state writer still has to record the
 // decision (it releases the message then).
-func (w *Worker) run(j *job, rec *stateRecord, lerr error) {
+func (w *Worker) run(j *job, recs []*stateRecord, lerr error) {
 	defer func() {
 		if r := recover(); r != nil {
 			w.recovered(j.msg, r)
@@ -346,7 +346,7 @@ func (w *Worker) run(j *job, rec *stateRecord, lerr error) {
 			j.release()
 		}
 	}()
-	w.process(j, rec, lerr)
+	w.process(j, recs, lerr)
 }
 
 // recovered returns a message whose processing panicked.
