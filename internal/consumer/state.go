@@ -225,10 +225,7 @@ func (s *stateStore) markDecided(id string, e cmdEntry) {
 	if s.writer == nil {
 		return
 	}
-	d := stateDoc{Cmds: map[string]*cmdEntry{id: &e}}
-	if b, err := json.Marshal(&d); err == nil {
-		s.writer.put(cmdKey(id), b)
-	}
+	s.writer.put(cmdKey(id), decidedIndexDoc(id, e))
 }
 
 // put overwrites a command entry unconditionally; for tests that set up

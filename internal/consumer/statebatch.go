@@ -165,13 +165,7 @@ func (b *batchReader) fetch(batch []*lookupReq) (map[string]rawEntry, error) {
 			}
 		}
 	}
-	req, err := json.Marshal(struct {
-		MultiLast []string `json:"multi_last"`
-		Batch     int      `json:"batch"`
-	}{subjects, len(subjects)})
-	if err != nil {
-		return nil, err
-	}
+	req := multiLastRequest(subjects)
 	b.seq++
 	reply := b.inbox + "." + strconv.FormatUint(b.seq, 10)
 	if err := b.nc.PublishRequest(b.api, reply, req); err != nil {

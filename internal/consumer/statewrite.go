@@ -1,7 +1,6 @@
 package consumer
 
 import (
-	"encoding/json"
 	"errors"
 	"fmt"
 	"strconv"
@@ -146,8 +145,8 @@ func (w *stateWriter) answer(m *nats.Msg) {
 		p.then(0, fmt.Errorf("write state %s: status %s %s", p.key, status, m.Header.Get("Description")))
 		return
 	}
-	var ack pubAck
-	switch err := json.Unmarshal(m.Data, &ack); {
+	ack, err := parsePubAck(m.Data)
+	switch {
 	case err != nil:
 		p.then(0, fmt.Errorf("write state %s: unreadable answer: %w", p.key, err))
 	case ack.Error != nil && ack.Error.ErrCode == jsWrongLastSequence:

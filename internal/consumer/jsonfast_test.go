@@ -1,0 +1,63 @@
+package consumer
+
+import (
+	"encoding/json"
+	"reflect"
+	"testing"
+)
+
+// The hand-written documents must be exactly what encoding/json writes,
+// and the hand-read answers exactly what it reads.
+func TestHandWrittenJSONMatchesEncodingJSON(t *testing.T) {
+	ids := []string{"c-1", "job:42.cancel_x", "DLF_STOP-12", `quote"back\slash`, "<tag>&", "ünï", "nul\x00", ""}
+	entries := []cmdEntry{
+		{Phase: phaseDecided, Attempts: 1, Status: StatusStopped, Cause: CauseOK},
+		{Phase: phaseDecided, Attempts: 0, Status: StatusRejected, Cause: CauseInvalidCommand},
+		{Phase: phaseDecided, Attempts: 3},
+		{Phase: phaseAnswered, Attempts: 2, Unanswered: true, Delivery: 4},
+		{Phase: phasePending, Outcome: json.RawMessage(`{"status":"failed"}`)},
+	}
+	for _, id := range ids {
+		for _, e := range entries {
+			want, err := json.Marshal(&stateDoc{Cmds: map[string]*cmdEntry{id: &e}})
+			if err != nil {
+				t.Fatal(err)
+			}
+			if got := decidedIndexDoc(id, e); string(got) != string(want) {
+				t.Errorf("index doc of %q %+v:\n got %s\nwant %s", id, e, got, want)
+			}
+		}
+	}
+
+	subjects := []string{"$KV.dlf_stop_state.inst.p.ws._.i-1", "$KV.dlf_stop_state.cmd.YzE", `$KV.b."odd\`}
+	want, err := json.Marshal(struct {
+		MultiLast []string `json:"multi_last"`
+		Batch     int      `json:"batch"`
+	}{subjects, len(subjects)})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if got := multiLastRequest(subjects); string(got) != string(want) {
+		t.Errorf("request:\n got %s\nwant %s", got, want)
+	}
+}
+
+func TestParsePubAck(t *testing.T) {
+	for _, in := range []string{
+		`{"stream":"KV_dlf_stop_state","seq":42}`,
+		`{"stream":"KV_dlf_stop_state","domain":"hub","seq":7,"duplicate":true}`,
+		`{"stream":"KV_x","seq":18446744073709551615}`,
+		`{"error":{"code":400,"err_code":10071,"description":"wrong last sequence: 5"},"stream":"KV_x","seq":0}`,
+		`{"stream":"KV_x","seq":12x}`,
+		`{"stream":"KV_x"}`,
+		`not json`,
+		``,
+	} {
+		var want pubAck
+		werr := json.Unmarshal([]byte(in), &want)
+		got, gerr := parsePubAck([]byte(in))
+		if (werr == nil) != (gerr == nil) || !reflect.DeepEqual(got, want) {
+			t.Errorf("%s: got %+v, %v; encoding/json %+v, %v", in, got, gerr, want, werr)
+		}
+	}
+}
