@@ -19,7 +19,7 @@ import (
 //
 // Why not kv.Update: a goroutine parked on a request and woken by its
 // reply costs, on a two-core machine, about three times what storing the
-// message costs the server. The decision write is the only per-command
+// message costs the server. The decision write is the main per-command
 // step the reliability features add to a first delivery that DLF answers
 // 204, and the budget for them is a fifth of the throughput.
 type stateWriter struct {
