@@ -26,23 +26,7 @@ func TestDecidedCommandIsNotRepeated(t *testing.T) {
 	e.publish(b, nats.Header{nats.MsgIdHdr: []string{"m-1"}})
 	e.out.wait(t, 1, 10*time.Second)
 	e.publish(b, nats.Header{nats.MsgIdHdr: []string{"m-2"}})
-	e.stopStreamEmpty(t)
-	testutil.Eventually(t, 5*time.Second, func() error {
-		if got := testutilCount(r.w.m.skipped); got != 1 {
-			return fmt.Errorf("skipped = %v", got)
-		}
-		return nil
-	})
-	testutil.Consistently(t, 300*time.Millisecond, func() error {
-		if n := e.out.len(); n != 1 {
-			return fmt.Errorf("%d outcomes, want 1", n)
-		}
-		return nil
-	})
-	if n := e.emu.StopCalls(); n != 1 {
-		t.Errorf("DLF calls = %d, want 1", n)
-	}
-	e.noDeadLetters(t)
+	e.repeatSkipped(t, r)
 }
 
 // The same command id published again, late, for another instance is
@@ -69,6 +53,13 @@ func TestDecidedIDReusedForAnotherInstance(t *testing.T) {
 	})
 	e.publish(body(t, map[string]any{"command_id": "reused", "project_id": proj, "script_name": "s1", "instance_id": "i-2"}),
 		nats.Header{nats.MsgIdHdr: []string{"m-2"}})
+	e.repeatSkipped(t, r)
+}
+
+// repeatSkipped checks that the second command, a repeat of a decided
+// id, left the stream without a call, an outcome or a dead letter.
+func (e *env) repeatSkipped(t *testing.T, r *running) {
+	t.Helper()
 	e.stopStreamEmpty(t)
 	testutil.Eventually(t, 5*time.Second, func() error {
 		if got := testutilCount(r.w.m.skipped); got != 1 {

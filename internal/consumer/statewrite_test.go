@@ -11,6 +11,20 @@ import (
 	"github.com/nats-io/nats.go"
 )
 
+// stateWithWriter binds the state bucket with an asynchronous writer, as
+// a running worker has it.
+func (e *env) stateWithWriter(t *testing.T) (*stateStore, *stateWriter) {
+	t.Helper()
+	st := e.state(t)
+	w, err := newStateWriter(e.nc, "dlf_stop_state")
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(w.close)
+	st.writer = w
+	return st, w
+}
+
 type writeResult struct {
 	rev uint64
 	err error
@@ -33,12 +47,7 @@ func writeAndWait(t *testing.T, w *stateWriter, key, value string, rev uint64, t
 // refused because the key moved (compare-and-set), or refused otherwise.
 func TestStateWriterAnswers(t *testing.T) {
 	e := newEnv(t, nil)
-	st := e.state(t)
-	w, err := newStateWriter(e.nc, "dlf_stop_state")
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer w.close()
+	st, w := e.stateWithWriter(t)
 
 	first := writeAndWait(t, w, "inst.a", `{"stopped_by":"c1"}`, 0, 5*time.Second)
 	if first.err != nil || first.rev == 0 {
@@ -118,13 +127,7 @@ func TestStateWriterUnanswered(t *testing.T) {
 // save's re-read-and-merge, so neither writer's entry is lost.
 func TestSaveAsyncMergesAfterConflict(t *testing.T) {
 	e := newEnv(t, nil)
-	st := e.state(t)
-	w, err := newStateWriter(e.nc, "dlf_stop_state")
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer w.close()
-	st.writer = w
+	st, _ := e.stateWithWriter(t)
 	ctx := context.Background()
 
 	mine, err := st.load(ctx, "inst.m") // read before the other writer
