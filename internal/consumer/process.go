@@ -375,9 +375,6 @@ func (w *Worker) store(j *job) {
 			}
 			d.setCmd(j.cmd.ID, cmdEntry{Phase: phaseDecided, Attempts: j.attempts, Status: status, Cause: cause})
 		}, func() {
-			if j.valid {
-				w.state.markDecided(j.cmd.ID, cmdEntry{Phase: phaseDecided, Attempts: j.attempts, Status: status, Cause: cause})
-			}
 			w.acked(j)
 			j.release()
 		}, func(err error) {
@@ -387,6 +384,13 @@ func (w *Worker) store(j *job) {
 		// Set only once the write is under way (a panic before leaves the
 		// release to run), and read only by this goroutine.
 		j.handedOff = true
+		// The id index goes out with the decision, in the same flush: the
+		// outcome is stored, so the id is decided whatever becomes of the
+		// write above (if that fails, the redelivery finds the index and
+		// is acked without storing the outcome again).
+		if j.valid {
+			w.state.markDecided(j.cmd.ID, cmdEntry{Phase: phaseDecided, Attempts: j.attempts, Status: status, Cause: cause})
+		}
 		return
 	}
 	w.acked(j)
