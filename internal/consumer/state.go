@@ -33,7 +33,7 @@ import (
 //
 // The common case, a first delivery that DLF answers 204, costs a share of
 // one batched read of both keys (statebatch.go), one compare-and-set write
-// after the outcome is stored, and the index write after that. Nothing is
+// after the outcome is stored, and the index write beside it. Nothing is
 // written before a call: a delivery that finds no trace of an earlier
 // delivery's progress knows from the delivery count that a call may have
 // gone unanswered (see recall).
