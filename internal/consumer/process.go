@@ -378,6 +378,7 @@ func (w *Worker) store(j *job) {
 			w.acked(j)
 			j.release()
 		}, func(err error) {
+			w.checkState()
 			w.publishFailed(j, "state", err)
 			j.release()
 		})
@@ -433,6 +434,7 @@ func (w *Worker) publishFailed(j *job, kind string, err error) {
 func (w *Worker) recall(j *job, recs []*stateRecord, err error) bool {
 	if err != nil {
 		j.log.Warn("state bucket unavailable; returning the command", zap.Error(err))
+		w.checkState()
 		w.giveBack(j, w.cfg.RetryInitial, "state_unavailable")
 		return false
 	}

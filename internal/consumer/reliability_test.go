@@ -392,3 +392,40 @@ func TestCircuitRecoversWhenNothingIsHeld(t *testing.T) {
 		return nil
 	})
 }
+
+// An operator deletes the state bucket while the worker runs: the worker
+// creates it again, as at start-up, and commands go on being decided
+// instead of being returned for ever.
+func TestStateBucketDeletedWhileRunning(t *testing.T) {
+	e := newEnv(t, func(c *Config) { c.RetryInitial = 100 * time.Millisecond })
+	r := e.startWorker(nil)
+	e.emu.AddRunning(proj, "", "s1", "before")
+	e.publish(body(t, map[string]any{"command_id": "before", "project_id": proj, "script_name": "s1", "instance_id": "before"}), nil)
+	e.out.wait(t, 1, 10*time.Second)
+
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+	if err := e.js.DeleteKeyValue(ctx, "dlf_stop_state"); err != nil {
+		t.Fatal(err)
+	}
+	for i := 0; i < 20; i++ {
+		id := fmt.Sprintf("after-%d", i)
+		e.emu.AddRunning(proj, "", "s1", id)
+		e.publish(body(t, map[string]any{"command_id": id, "project_id": proj, "script_name": "s1", "instance_id": id}), nil)
+	}
+	e.out.wait(t, 21, 20*time.Second)
+	for id, o := range byID(t, e.out.outcomes(t)) {
+		if o.Status != StatusStopped || o.Cause != CauseOK {
+			t.Errorf("%s: %+v", id, o)
+		}
+	}
+	if _, err := e.js.KeyValue(ctx, "dlf_stop_state"); err != nil {
+		t.Errorf("state bucket after the run: %v", err)
+	}
+	// Only a failed lookup or write makes the worker look for the bucket.
+	if got := testutilCount(r.w.m.returned.WithLabelValues("state_unavailable")) +
+		testutilCount(r.w.m.publishFail.WithLabelValues("state")); got == 0 {
+		t.Error("no command met the missing bucket, yet it was created again")
+	}
+	e.noDeadLetters(t)
+}

@@ -51,8 +51,11 @@ type Worker struct {
 	waiting atomic.Int64  // commands sleeping in-process before a retry
 
 	state *stateStore // nil when DisableState
-	circ  *circuit
-	thr   *throttle
+	// stateCheckedAt (unix nanoseconds) rate-limits looking for a state
+	// bucket that has gone missing (see checkState).
+	stateCheckedAt atomic.Int64
+	circ           *circuit
+	thr            *throttle
 
 	ready    atomic.Bool
 	soft     context.Context // Run's context: ends at soft stop
@@ -347,6 +350,36 @@ func (w *Worker) run(j *job, recs []*stateRecord, lerr error) {
 		}
 	}()
 	w.process(j, recs, lerr)
+}
+
+// stateCheckEvery bounds how often a failing state bucket is looked for.
+const stateCheckEvery = 5 * time.Second
+
+// checkState runs when the state bucket could not be read. If the bucket
+// is gone (an operator deleted it), it is created again, as at start-up:
+// otherwise every command would be returned for ever and nothing would
+// say why but a warning per command. At most one check runs per
+// stateCheckEvery, off the caller's goroutine.
+func (w *Worker) checkState() {
+	now := time.Now().UnixNano()
+	last := w.stateCheckedAt.Load()
+	if now-last < int64(stateCheckEvery) || !w.stateCheckedAt.CompareAndSwap(last, now) {
+		return
+	}
+	w.wg.Add(1)
+	go func() {
+		defer w.wg.Done()
+		ctx, cancel := context.WithTimeout(w.hard, 10*time.Second)
+		defer cancel()
+		_, err := w.js.KeyValue(ctx, w.cfg.StateBucket)
+		if !errors.Is(err, jetstream.ErrBucketNotFound) {
+			return // there, or NATS itself is failing: nothing to create
+		}
+		w.log.Warn("state bucket is missing; creating it again", zap.String("bucket", w.cfg.StateBucket))
+		if _, err := ensureState(ctx, w.js, &w.cfg, w.log); err != nil {
+			w.log.Error("could not create the state bucket again", zap.Error(err))
+		}
+	}()
 }
 
 // recovered returns a message whose processing panicked.
