@@ -16,6 +16,7 @@ import (
 	"go.uber.org/zap"
 
 	"github.com/dlf-stop/worker/internal/consumer"
+	"github.com/dlf-stop/worker/internal/testutil"
 )
 
 // startConfServer runs nats-server in-process with the accounts, users and
@@ -32,22 +33,7 @@ func startConfServer(t *testing.T) *server.Server {
 	opts.HTTPHost = ""
 	opts.HTTPPort = 0
 	opts.StoreDir = t.TempDir()
-	opts.NoLog = true
-	opts.NoSigs = true
-	s, err := server.NewServer(opts)
-	if err != nil {
-		t.Fatalf("start nats-server from %s: %v", natsConfPath, err)
-	}
-	go s.Start()
-	if !s.ReadyForConnections(10 * time.Second) {
-		s.Shutdown()
-		t.Fatal("nats-server not ready")
-	}
-	t.Cleanup(func() {
-		s.Shutdown()
-		s.WaitForShutdown()
-	})
-	return s
+	return testutil.RunServer(t, opts)
 }
 
 // natsUser is a connection as one user of nats-server.conf. Permission

@@ -17,6 +17,7 @@ import (
 	"github.com/dlf-stop/worker/internal/config"
 	"github.com/dlf-stop/worker/internal/dlf/emulator"
 	"github.com/dlf-stop/worker/internal/service"
+	"github.com/dlf-stop/worker/internal/testutil"
 )
 
 // TestWorkerRunsAsDeployed runs the real worker with the environment the
@@ -101,14 +102,14 @@ func TestWorkerRunsAsDeployed(t *testing.T) {
 	case <-time.After(30 * time.Second):
 		t.Fatal("worker did not start")
 	}
-	waitFor(t, 10*time.Second, func() bool {
+	testutil.WaitFor(t, 10*time.Second, "worker /readyz 200", func() bool {
 		resp, err := http.Get("http://" + httpAddr + "/readyz")
 		if err != nil {
 			return false
 		}
 		_ = resp.Body.Close()
 		return resp.StatusCode == http.StatusOK
-	}, "worker /readyz 200")
+	})
 
 	scheduler := connectAs(t, s, "scheduler")
 	outcomes, err := scheduler.nc.SubscribeSync(outcomePrefix + ".*")
@@ -160,10 +161,10 @@ func TestWorkerRunsAsDeployed(t *testing.T) {
 	}
 
 	// Acked: the work queue is empty.
-	waitFor(t, 10*time.Second, func() bool {
+	testutil.WaitFor(t, 10*time.Second, "DLF_STOP empty", func() bool {
 		st, err := operator.js.Stream(pctx, stopStream)
 		return err == nil && st.CachedInfo().State.Msgs == 0
-	}, "DLF_STOP empty")
+	})
 
 	cancel()
 	select {
@@ -176,21 +177,5 @@ func TestWorkerRunsAsDeployed(t *testing.T) {
 	}
 	for _, u := range []*natsUser{operator, scheduler, auditor} {
 		u.noViolations(t)
-	}
-}
-
-// waitFor polls cond every 50ms until it holds or total has passed.
-func waitFor(t *testing.T, total time.Duration, cond func() bool, what string) {
-	t.Helper()
-	deadline := time.NewTimer(total)
-	defer deadline.Stop()
-	tick := time.NewTicker(50 * time.Millisecond)
-	defer tick.Stop()
-	for !cond() {
-		select {
-		case <-deadline.C:
-			t.Fatalf("timed out after %s waiting for %s", total, what)
-		case <-tick.C:
-		}
 	}
 }

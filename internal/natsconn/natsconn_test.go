@@ -20,6 +20,7 @@ import (
 	"go.uber.org/zap/zaptest/observer"
 
 	"github.com/dlf-stop/worker/internal/config"
+	"github.com/dlf-stop/worker/internal/testutil"
 )
 
 func TestMain(m *testing.M) {
@@ -63,22 +64,7 @@ func runServer(t *testing.T, opts *server.Options) *server.Server {
 	if opts.Port == 0 {
 		opts.Port = -1
 	}
-	opts.NoLog = true
-	opts.NoSigs = true
-	s, err := server.NewServer(opts)
-	if err != nil {
-		t.Fatalf("new server: %v", err)
-	}
-	go s.Start()
-	if !s.ReadyForConnections(10 * time.Second) {
-		s.Shutdown()
-		t.Fatal("server not ready")
-	}
-	t.Cleanup(func() {
-		s.Shutdown()
-		s.WaitForShutdown()
-	})
-	return s
+	return testutil.RunServer(t, opts)
 }
 
 func serverURL(s *server.Server) string {

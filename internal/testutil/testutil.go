@@ -2,6 +2,7 @@ package testutil
 
 import (
 	"bytes"
+	"fmt"
 	"sync"
 	"testing"
 	"time"
@@ -87,4 +88,39 @@ func StartNATS(t testing.TB) *server.Server {
 		ns.WaitForShutdown()
 	})
 	return ns
+}
+
+// WaitFor polls cond until it holds, and fails the test naming what it
+// waited for when that has not happened within the given time.
+func WaitFor(t testing.TB, within time.Duration, what string, cond func() bool) {
+	t.Helper()
+	Eventually(t, within, func() error {
+		if cond() {
+			return nil
+		}
+		return fmt.Errorf("waiting for %s", what)
+	})
+}
+
+// RunServer starts a NATS server from opts (without logging or signal
+// handling) and shuts it down when the test ends. opts says where it
+// listens and what it requires; StartNATS is the plain JetStream case.
+func RunServer(t testing.TB, opts *server.Options) *server.Server {
+	t.Helper()
+	opts.NoLog = true
+	opts.NoSigs = true
+	s, err := server.NewServer(opts)
+	if err != nil {
+		t.Fatalf("new NATS server: %v", err)
+	}
+	go s.Start()
+	if !s.ReadyForConnections(10 * time.Second) {
+		s.Shutdown()
+		t.Fatal("NATS server not ready within 10s")
+	}
+	t.Cleanup(func() {
+		s.Shutdown()
+		s.WaitForShutdown()
+	})
+	return s
 }

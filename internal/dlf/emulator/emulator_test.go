@@ -15,6 +15,7 @@ import (
 	"go.uber.org/goleak"
 
 	"github.com/dlf-stop/worker/internal/dlf"
+	"github.com/dlf-stop/worker/internal/testutil"
 )
 
 func TestMain(m *testing.M) { goleak.VerifyTestMain(m) }
@@ -92,22 +93,6 @@ func mustSend(t *testing.T, c *http.Client, method, url string, hdr map[string]s
 		t.Fatalf("%s %s: %v", method, url, err)
 	}
 	return a
-}
-
-// waitFor polls cond until it holds or the deadline passes.
-func waitFor(t *testing.T, total time.Duration, what string, cond func() bool) {
-	t.Helper()
-	deadline := time.NewTimer(total)
-	defer deadline.Stop()
-	tick := time.NewTicker(5 * time.Millisecond)
-	defer tick.Stop()
-	for !cond() {
-		select {
-		case <-deadline.C:
-			t.Fatalf("timed out after %s waiting for %s", total, what)
-		case <-tick.C:
-		}
-	}
 }
 
 func wantStatus(t *testing.T, a answer, want int) {
@@ -445,7 +430,7 @@ func TestCloseLeaksNothing(t *testing.T) {
 			errs <- err
 		}()
 	}
-	waitFor(t, 5*time.Second, "both requests to arrive", func() bool { return e.StopCalls() == 2 })
+	testutil.WaitFor(t, 5*time.Second, "both requests to arrive", func() bool { return e.StopCalls() == 2 })
 	// A Down/up cycle too.
 	e.SetFaults(Faults{Down: true})
 	e.SetFaults(Faults{})

@@ -12,6 +12,8 @@ import (
 	"syscall"
 	"testing"
 	"time"
+
+	"github.com/dlf-stop/worker/internal/testutil"
 )
 
 func TestFaultLatency(t *testing.T) {
@@ -49,8 +51,8 @@ func TestFaultLatencyClientGivesUp(t *testing.T) {
 	if e.Stopped("p", "s", id) {
 		t.Fatal("stopped before the latency ended")
 	}
-	waitFor(t, 5*time.Second, "the stop to be applied", func() bool { return e.Stopped("p", "s", id) })
-	waitFor(t, 5*time.Second, "the request to be recorded", func() bool { return len(e.Requests()) == 1 })
+	testutil.WaitFor(t, 5*time.Second, "the stop to be applied", func() bool { return e.Stopped("p", "s", id) })
+	testutil.WaitFor(t, 5*time.Second, "the request to be recorded", func() bool { return len(e.Requests()) == 1 })
 	if r := e.Requests()[0]; !r.Applied {
 		t.Fatalf("recorded %+v", r)
 	}
@@ -155,7 +157,7 @@ func TestFaultHangReleasedByClient(t *testing.T) {
 		t.Fatalf("gave up after %s", took)
 	}
 	// The handler ends once the client is gone: the request is recorded.
-	waitFor(t, 5*time.Second, "the hanging handler to end", func() bool { return len(e.Requests()) == 1 })
+	testutil.WaitFor(t, 5*time.Second, "the hanging handler to end", func() bool { return len(e.Requests()) == 1 })
 	r := e.Requests()[0]
 	if r.Fault != "hang" || r.Status != 0 || r.Applied {
 		t.Fatalf("recorded %+v", r)
@@ -183,7 +185,7 @@ func TestFaultHangReleasedByClose(t *testing.T) {
 		_, err := send(c, http.MethodPost, base+stopPath("p", "s", "i"), nil)
 		got <- err
 	}()
-	waitFor(t, 5*time.Second, "the request to arrive", func() bool { return e.StopCalls() == 1 })
+	testutil.WaitFor(t, 5*time.Second, "the request to arrive", func() bool { return e.StopCalls() == 1 })
 	if err := e.Close(); err != nil {
 		t.Fatal(err)
 	}
@@ -239,7 +241,7 @@ func TestFaultDropAfterStop(t *testing.T) {
 	if !e.Stopped("p", "s", id) {
 		t.Fatal("instance not stopped")
 	}
-	waitFor(t, 5*time.Second, "the request to be recorded", func() bool { return len(e.Requests()) == 1 })
+	testutil.WaitFor(t, 5*time.Second, "the request to be recorded", func() bool { return len(e.Requests()) == 1 })
 	if r := e.Requests()[0]; r.Fault != "drop" || r.Status != 0 || !r.Applied {
 		t.Fatalf("recorded %+v", r)
 	}
@@ -266,7 +268,7 @@ func TestFaultDown(t *testing.T) {
 		t.Fatal(err)
 	}
 	defer raw.Close()
-	waitFor(t, 5*time.Second, "the raw connection to be tracked", func() bool {
+	testutil.WaitFor(t, 5*time.Second, "the raw connection to be tracked", func() bool {
 		e.connMu.Lock()
 		defer e.connMu.Unlock()
 		return len(e.conns) >= 2
@@ -341,7 +343,7 @@ func TestPerInstanceFaults(t *testing.T) {
 			_, err := do(c, req)
 			hung <- err
 		}()
-		waitFor(t, 5*time.Second, "the slow request to arrive", func() bool { return e.StopCallsFor("p", "s", slow) == 1 })
+		testutil.WaitFor(t, 5*time.Second, "the slow request to arrive", func() bool { return e.StopCallsFor("p", "s", slow) == 1 })
 		wantStatus(t, mustSend(t, c, http.MethodPost, base+stopPath("p", "s", fast), nil), http.StatusNoContent)
 		select {
 		case err := <-hung:
