@@ -34,6 +34,11 @@ type Command struct {
 	InstanceID string
 	Deadline   time.Time
 	Reason     string
+	// SeqID says ID is "<stream>-<seq>": the message's place in its
+	// stream rather than an id its publisher chose. A stream deleted and
+	// created again numbers its messages from 1 again, so such an id does
+	// not name one command for ever.
+	SeqID bool
 }
 
 // Decode parses and validates a command body per contract section 3.
@@ -50,7 +55,7 @@ type Command struct {
 //
 // Decode does not keep body and is safe for concurrent use.
 func Decode(body []byte, m Meta, d Defaults) (Command, error) {
-	c := Command{ID: envelopeID(m)}
+	c := Command{ID: envelopeID(m), SeqID: !ValidID(m.MsgID)}
 	var r rawFields
 	if err := scanBody(body, &r); err != nil {
 		return c, err
@@ -69,7 +74,7 @@ func Decode(body []byte, m Meta, d Defaults) (Command, error) {
 	} else if ok && !ValidID(s) {
 		fail(fCommandID, ruleID)
 	} else if ok && m.RedriveOf == "" {
-		c.ID = s
+		c.ID, c.SeqID = s, false
 	}
 
 	switch s, ok, rule := r.str(fProjectID); {

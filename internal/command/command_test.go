@@ -62,6 +62,11 @@ func TestCommandID(t *testing.T) {
 			if !ValidID(c.ID) {
 				t.Errorf("ID %q is not valid", c.ID)
 			}
+			// Every row's ids are distinct from "<stream>-<seq>" unless
+			// they come from it.
+			if want := tt.wantID == streamSeqID(tt.meta.Stream, tt.meta.Seq); c.SeqID != want {
+				t.Errorf("SeqID = %v, want %v", c.SeqID, want)
+			}
 		})
 	}
 }

@@ -4,6 +4,8 @@ import (
 	"context"
 	"encoding/json"
 	"fmt"
+	"strconv"
+	"strings"
 	"time"
 
 	"github.com/nats-io/nats.go"
@@ -20,9 +22,13 @@ const publishTimeout = 5 * time.Second
 
 // job is one delivery of one command on its way to an outcome.
 type job struct {
-	msg      jetstream.Msg
-	meta     *jetstream.MsgMetadata
-	cmd      command.Command
+	msg  jetstream.Msg
+	meta *jetstream.MsgMetadata
+	cmd  command.Command
+	// sid is the command's identity in the state bucket: its id, and for
+	// an id made of the stream sequence also the time the stream stored
+	// it (see stateID).
+	sid      string
 	verr     error // why the command is invalid; nil when valid
 	valid    bool
 	out      Outcome
@@ -44,9 +50,30 @@ type job struct {
 // document, then, for a valid command, the index of its id.
 func (j *job) stateKeys() []string {
 	if j.valid {
-		return []string{instKey(j.cmd.InstanceKey()), cmdKey(j.cmd.ID)}
+		return []string{instKey(j.cmd.InstanceKey()), cmdKey(j.sid)}
 	}
-	return []string{cmdKey(j.cmd.ID)}
+	return []string{cmdKey(j.sid)}
+}
+
+// stateID is the identity under which the state bucket knows a command.
+// An id the publisher chose names one command for ever (contract section
+// 6). An id made of the stream sequence ("DLF_STOP-12") names a place in
+// the stream, and a stream deleted and created again hands the same place
+// to another command: were the id alone the identity, that command would
+// be taken for a decided one and acked without a stop or an outcome. The
+// time the stream stored the message tells them apart; every delivery of
+// one message carries the same time. '@' cannot occur in an id.
+func stateID(c command.Command, stored time.Time) string {
+	if !c.SeqID {
+		return c.ID
+	}
+	return c.ID + "@" + strconv.FormatInt(stored.UnixNano(), 10)
+}
+
+// shownID is the command id within a state identity, for messages.
+func shownID(sid string) string {
+	id, _, _ := strings.Cut(sid, "@")
+	return id
 }
 
 // prepare reads what a delivery says: its metadata and its command. It
@@ -74,7 +101,7 @@ func (w *Worker) prepare(msg jetstream.Msg, release func()) (j *job) {
 		Stream:    meta.Stream,
 		Seq:       meta.Sequence.Stream,
 	}, w.cfg.Defaults)
-	j = &job{msg: msg, meta: meta, cmd: cmd, verr: verr, valid: verr == nil, release: release}
+	j = &job{msg: msg, meta: meta, cmd: cmd, sid: stateID(cmd, meta.Timestamp), verr: verr, valid: verr == nil, release: release}
 	j.out = Outcome{
 		CommandID:  cmd.ID,
 		ProjectID:  cmd.ProjectID,
@@ -302,7 +329,7 @@ func (w *Worker) giveBack(j *job, delay time.Duration, reason string) {
 				entry.Phase, entry.Outcome = phasePending, b
 			}
 		}
-		err := w.state.save(ctx, j.state, func(d *stateDoc) { d.setCmd(j.cmd.ID, entry) })
+		err := w.state.save(ctx, j.state, func(d *stateDoc) { d.setCmd(j.sid, entry) })
 		cancel()
 		if err != nil {
 			// The next delivery then finds no entry from this one and
@@ -369,11 +396,11 @@ func (w *Worker) store(j *job) {
 		// Nothing waits for the write; its answer acks the command.
 		w.state.saveAsync(w.hard, j.state, func(d *stateDoc) {
 			if status == StatusStopped && j.valid && d.StoppedBy == "" {
-				d.StoppedBy, d.StoppedAt = j.cmd.ID, o.FinishedAt
-				delete(d.Cmds, j.cmd.ID)
+				d.StoppedBy, d.StoppedAt = j.sid, o.FinishedAt
+				delete(d.Cmds, j.sid)
 				return
 			}
-			d.setCmd(j.cmd.ID, cmdEntry{Phase: phaseDecided, Attempts: j.attempts, Status: status, Cause: cause})
+			d.setCmd(j.sid, cmdEntry{Phase: phaseDecided, Attempts: j.attempts, Status: status, Cause: cause})
 		}, func() {
 			w.acked(j)
 			j.release()
@@ -390,7 +417,7 @@ func (w *Worker) store(j *job) {
 		// write above (if that fails, the redelivery finds the index and
 		// is acked without storing the outcome again).
 		if j.valid {
-			w.state.markDecided(j.cmd.ID, cmdEntry{Phase: phaseDecided, Attempts: j.attempts, Status: status, Cause: cause})
+			w.state.markDecided(j.sid, cmdEntry{Phase: phaseDecided, Attempts: j.attempts, Status: status, Cause: cause})
 		}
 		return
 	}
@@ -440,14 +467,14 @@ func (w *Worker) recall(j *job, recs []*stateRecord, err error) bool {
 	}
 	rec := recs[0]
 	d := &rec.doc
-	entry := d.Cmds[j.cmd.ID]
+	entry := d.Cmds[j.sid]
 	// The id index answers for the same id published again for another
 	// instance, however late (contract section 6).
 	var indexed *cmdEntry
 	if len(recs) > 1 {
-		indexed = recs[1].doc.Cmds[j.cmd.ID]
+		indexed = recs[1].doc.Cmds[j.sid]
 	}
-	if d.StoppedBy == j.cmd.ID || (entry != nil && entry.Phase == phaseDecided) ||
+	if d.StoppedBy == j.sid || (entry != nil && entry.Phase == phaseDecided) ||
 		(indexed != nil && indexed.Phase == phaseDecided) {
 		if err := j.msg.Ack(); err != nil {
 			j.log.Warn("ack of an already decided command failed", zap.Error(err))
@@ -481,7 +508,7 @@ func (w *Worker) recall(j *job, recs []*stateRecord, err error) bool {
 	}
 	if j.valid && d.StoppedBy != "" {
 		w.finish(j, StatusStopped, CauseAlreadyStopped,
-			fmt.Sprintf("instance already stopped by command %s at %s", d.StoppedBy, d.StoppedAt))
+			fmt.Sprintf("instance already stopped by command %s at %s", shownID(d.StoppedBy), d.StoppedAt))
 		return false
 	}
 	return true

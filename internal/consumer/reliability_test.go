@@ -56,6 +56,105 @@ func TestDecidedIDReusedForAnotherInstance(t *testing.T) {
 	e.repeatSkipped(t, r)
 }
 
+// A command without an id is known by its stream sequence ("DLF_STOP-1").
+// A stream deleted and created again numbers its messages from 1 again,
+// so its first command gets that id once more: it is a new command, to be
+// stopped with its own call and outcome, not taken for the decided
+// command of the old stream and acked without a stop.
+func TestSeqIDAfterStreamRecreated(t *testing.T) {
+	e := newEnv(t, nil)
+	ctx, cancel := context.WithTimeout(context.Background(), 20*time.Second)
+	defer cancel()
+	// Both outcomes carry Nats-Msg-Id DLF_STOP-1; a short duplicate
+	// window lets the outcome stream keep the second one too.
+	const window = 100 * time.Millisecond
+	outStream, err := e.js.Stream(ctx, "DLF_STOP_OUTCOMES")
+	if err != nil {
+		t.Fatal(err)
+	}
+	oc := outStream.CachedInfo().Config
+	oc.Duplicates = window
+	if _, err := e.js.UpdateStream(ctx, oc); err != nil {
+		t.Fatal(err)
+	}
+	e.emu.AddRunning(proj, "", "s1", "old")
+	e.emu.AddRunning(proj, "", "s1", "new")
+
+	r := e.startWorker(nil)
+	e.publish(body(t, map[string]any{"project_id": proj, "script_name": "s1", "instance_id": "old"}), nil)
+	first := e.single(t)
+	if first.CommandID != "DLF_STOP-1" || first.Status != StatusStopped {
+		t.Fatalf("first outcome = %+v", first)
+	}
+	r.stop(t)
+	if err := e.js.DeleteStream(ctx, "DLF_STOP"); err != nil {
+		t.Fatal(err)
+	}
+	r = e.startWorker(nil) // creates the stream again, as at start-up
+	// The premise, not a result: the first outcome is out of the window.
+	<-time.After(window)
+	e.publish(body(t, map[string]any{"project_id": proj, "script_name": "s1", "instance_id": "new"}), nil)
+
+	outs := e.out.wait(t, 2, 10*time.Second)
+	if len(outs) != 2 {
+		t.Fatalf("%d outcomes, want 2", len(outs))
+	}
+	second := e.out.outcomes(t)[1]
+	if second.CommandID != "DLF_STOP-1" || second.InstanceID != "new" || second.Status != StatusStopped || second.Cause != CauseOK {
+		t.Errorf("second outcome = %+v", second)
+	}
+	if !e.emu.Stopped(proj, "s1", "new") {
+		t.Error("the new stream's command did not stop its instance")
+	}
+	if n := e.emu.StopCalls(); n != 2 {
+		t.Errorf("DLF calls = %d, want 2", n)
+	}
+	if got := testutilCount(r.w.m.skipped); got != 0 {
+		t.Errorf("skipped = %v, want 0", got)
+	}
+	e.stopStreamEmpty(t)
+	e.noDeadLetters(t)
+}
+
+// A redelivery of a command known by its stream sequence is still the
+// same command: the stored time that completes its identity is the same
+// on every delivery.
+func TestSeqIDDecidedIsNotRepeated(t *testing.T) {
+	e := newEnv(t, nil)
+	e.emu.AddRunning(proj, "", "s1", "i-1")
+	seq := e.publish(body(t, map[string]any{"project_id": proj, "script_name": "s1", "instance_id": "i-1"}), nil)
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+	s, err := e.js.Stream(ctx, "DLF_STOP")
+	if err != nil {
+		t.Fatal(err)
+	}
+	m, err := s.GetMsg(ctx, seq)
+	if err != nil {
+		t.Fatal(err)
+	}
+	// What a delivery that stored the outcome but lost its ack left.
+	c := command.Command{ID: "DLF_STOP-1", SeqID: true, ProjectID: proj, ScriptName: "s1", InstanceID: "i-1"}
+	if err := e.state(t).putEntry(ctx, instKey(c.InstanceKey()), stateID(c, m.Time),
+		cmdEntry{Phase: phaseDecided, Attempts: 1, Status: StatusStopped, Cause: CauseOK}); err != nil {
+		t.Fatal(err)
+	}
+	r := e.startWorker(nil)
+	e.stopStreamEmpty(t)
+	testutil.Eventually(t, 5*time.Second, func() error {
+		if got := testutilCount(r.w.m.skipped); got != 1 {
+			return fmt.Errorf("skipped = %v", got)
+		}
+		return nil
+	})
+	if n := e.emu.StopCalls(); n != 0 {
+		t.Errorf("DLF calls = %d, want 0", n)
+	}
+	if n := e.out.len(); n != 0 {
+		t.Errorf("%d outcomes, want 0", n)
+	}
+}
+
 // repeatSkipped checks that the second command, a repeat of a decided
 // id, left the stream without a call, an outcome or a dead letter.
 func (e *env) repeatSkipped(t *testing.T, r *running) {
