@@ -55,7 +55,7 @@ type Command struct {
 //
 // Decode does not keep body and is safe for concurrent use.
 func Decode(body []byte, m Meta, d Defaults) (Command, error) {
-	c := Command{ID: envelopeID(m), SeqID: !ValidID(m.MsgID)}
+	c := EnvelopeCommand(m)
 	var r rawFields
 	if err := scanBody(body, &r); err != nil {
 		return c, err
@@ -155,13 +155,15 @@ func Decode(body []byte, m Meta, d Defaults) (Command, error) {
 	return c, nil
 }
 
-// envelopeID is the id a command gets from its envelope: the Nats-Msg-Id
-// header when it follows the command_id rule, else "<stream>-<seq>".
-func envelopeID(m Meta) string {
+// EnvelopeCommand is the command as far as its envelope tells, with the
+// id it gets from it: the Nats-Msg-Id header when that follows the
+// command_id rule, else "<stream>-<seq>". Decode starts from it; a worker
+// that cannot read a body at all can still name the command with it.
+func EnvelopeCommand(m Meta) Command {
 	if ValidID(m.MsgID) {
-		return m.MsgID
+		return Command{ID: m.MsgID}
 	}
-	return streamSeqID(m.Stream, m.Seq)
+	return Command{ID: streamSeqID(m.Stream, m.Seq), SeqID: true}
 }
 
 // streamSeqID returns "<stream>-<seq>" made to follow the command_id rule:

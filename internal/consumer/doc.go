@@ -10,7 +10,8 @@
 //   - Nothing may be lost. A command is acked only after JetStream returned
 //     a stored-ack for its outcome (and its dead letter, when it has one). A
 //     failed publish naks the command with a delay; a panic is recovered and
-//     naks it; a shutdown naks everything not yet decided so another replica
+//     naks it with a growing delay, and a command that still panics after
+//     RETRY_MAX_ELAPSED is given up and dead-lettered; a shutdown naks everything not yet decided so another replica
 //     takes it at once.
 //   - A slow or failing command must not hold up healthy ones. A DLF call
 //     holds one of WORKER_CONCURRENCY slots only while it is on the wire.

@@ -1,13 +1,18 @@
 package consumer
 
 import (
+	"bytes"
 	"fmt"
 	"strconv"
+	"strings"
 	"sync/atomic"
 	"testing"
 	"time"
 
+	"github.com/nats-io/nats.go"
 	"go.uber.org/goleak"
+	"go.uber.org/zap"
+	"go.uber.org/zap/zapcore"
 
 	"github.com/dlf-stop/worker/internal/dlf/emulator"
 	"github.com/dlf-stop/worker/internal/testutil"
@@ -254,4 +259,84 @@ func TestPanicReturnsTheCommand(t *testing.T) {
 		t.Errorf("held gauge %v after stop, want 0", held)
 	}
 	goleak.VerifyNone(t, opt)
+}
+
+// A command whose processing panics on every delivery (a bug, here a
+// broken clock) is returned with a growing delay, not in a tight loop,
+// and given up once RETRY_MAX_ELAPSED has passed: failed,
+// retries_exhausted, dead-lettered with its bytes, acked.
+func TestPanicOnEveryDeliveryIsGivenUp(t *testing.T) {
+	e := newEnv(t, func(c *Config) {
+		c.RetryInitial, c.RetryMax, c.RetryMaxElapsed = 20*time.Millisecond, 100*time.Millisecond, time.Second
+	})
+	e.emu.AddRunning(proj, "", "s1", "i-poison")
+	broken := WithClock(func() time.Time { panic("test: clock broke") })
+	r := e.startWorker(nil, broken)
+	// The deadline makes the worker read the clock before any call.
+	b := body(t, map[string]any{"command_id": "c-poison", "project_id": proj, "script_name": "s1",
+		"instance_id": "i-poison", "deadline": "2999-01-01T00:00:00Z"})
+	e.publish(b, nil)
+	o := e.single(t)
+	if o.CommandID != "c-poison" || o.Status != StatusFailed || o.Cause != CauseRetriesExhausted ||
+		!strings.Contains(o.Detail, "internal error") || o.Attempts != 0 {
+		t.Fatalf("outcome = %+v", o)
+	}
+	e.checkGivenUp(t, r, b)
+}
+
+// The same when the panic comes before the command is even read (here: a
+// logger that breaks on its script name): it is named by its envelope.
+func TestPanicBeforeTheCommandIsReadIsGivenUp(t *testing.T) {
+	e := newEnv(t, func(c *Config) {
+		c.RetryInitial, c.RetryMax, c.RetryMaxElapsed = 20*time.Millisecond, 100*time.Millisecond, time.Second
+	})
+	e.log = zap.New(panicOnField{Core: e.log.Core(), key: "script_name", val: "poison"})
+	r := e.startWorker(nil)
+	b := body(t, map[string]any{"command_id": "c-body", "project_id": proj, "script_name": "poison", "instance_id": "i-1"})
+	e.publish(b, nats.Header{nats.MsgIdHdr: []string{"m-envelope"}})
+	o := e.single(t)
+	if o.CommandID != "m-envelope" || o.Status != StatusFailed || o.Cause != CauseRetriesExhausted {
+		t.Fatalf("outcome = %+v", o)
+	}
+	e.checkGivenUp(t, r, b)
+}
+
+// checkGivenUp checks what giving up a panicking command leaves: its bytes
+// dead-lettered, no DLF call, the command acked, and a bounded number of
+// deliveries (a fixed 20 ms delay would make about fifty in the second).
+func (e *env) checkGivenUp(t *testing.T, r *running, original []byte) {
+	t.Helper()
+	dead := e.dead.wait(t, 1, 5*time.Second)
+	if !bytes.Equal(dead[0].Data(), original) {
+		t.Errorf("dead letter body = %s", dead[0].Data())
+	}
+	if got := dead[0].Headers().Get(HeaderCause); got != CauseRetriesExhausted {
+		t.Errorf("dead letter cause = %q", got)
+	}
+	e.stopStreamEmpty(t)
+	if n := e.emu.StopCalls(); n != 0 {
+		t.Errorf("DLF calls = %d, want 0", n)
+	}
+	if got := testutilCount(r.w.m.panics); got < 2 || got > 20 {
+		t.Errorf("panics = %v, want 2..20", got)
+	}
+	if got := testutilCount(r.w.m.commands.WithLabelValues(StatusFailed, CauseRetriesExhausted)); got != 1 {
+		t.Errorf("failed/retries_exhausted counted %v times, want 1", got)
+	}
+}
+
+// panicOnField is a logger core that panics when given a field with a
+// certain value, to make processing panic where a test wants it.
+type panicOnField struct {
+	zapcore.Core
+	key, val string
+}
+
+func (c panicOnField) With(fs []zapcore.Field) zapcore.Core {
+	for _, f := range fs {
+		if f.Key == c.key && f.String == c.val {
+			panic("test: logger broke")
+		}
+	}
+	return panicOnField{Core: c.Core.With(fs), key: c.key, val: c.val}
 }

@@ -82,7 +82,7 @@ func shownID(sid string) string {
 func (w *Worker) prepare(msg jetstream.Msg, release func()) (j *job) {
 	defer func() {
 		if r := recover(); r != nil {
-			w.recovered(msg, r)
+			w.recovered(msg, nil, r)
 			j = nil
 		}
 	}()
@@ -356,7 +356,10 @@ func (w *Worker) giveBack(j *job, delay time.Duration, reason string) {
 // finish stores the outcome (and the dead letter when the status is not
 // stopped) and acks only after JetStream confirmed both.
 func (w *Worker) finish(j *job, status, cause, detail string) {
-	now := w.now()
+	w.finishAt(j, w.now(), status, cause, detail)
+}
+
+func (w *Worker) finishAt(j *job, now time.Time, status, cause, detail string) {
 	o := &j.out
 	o.Status, o.Cause, o.Detail = status, cause, detail
 	o.Attempts = j.attempts

@@ -13,6 +13,7 @@ import (
 	"github.com/nats-io/nats.go/jetstream"
 	"go.uber.org/zap"
 
+	"github.com/dlf-stop/worker/internal/command"
 	"github.com/dlf-stop/worker/internal/dlf"
 )
 
@@ -343,7 +344,7 @@ func (w *Worker) handle(msg jetstream.Msg) {
 func (w *Worker) run(j *job, recs []*stateRecord, lerr error) {
 	defer func() {
 		if r := recover(); r != nil {
-			w.recovered(j.msg, r)
+			w.recovered(j.msg, j, r)
 		}
 		if !j.handedOff {
 			j.release()
@@ -382,11 +383,58 @@ func (w *Worker) checkState() {
 	}()
 }
 
-// recovered returns a message whose processing panicked.
-func (w *Worker) recovered(msg jetstream.Msg, r any) {
+// recovered handles a panic while processing msg; j is nil when it came
+// before the job existed. A panic is a bug, and it may strike the same
+// command on every delivery. So the command is returned with a delay that
+// grows like a failing call's backoff, and once RETRY_MAX_ELAPSED has
+// passed since it was stored it is given up like one (failed,
+// retries_exhausted, dead-lettered) instead of being returned for ever.
+// A command already decided when it panicked is only returned: its next
+// delivery stores that decision.
+func (w *Worker) recovered(msg jetstream.Msg, j *job, r any) {
 	w.m.panics.Inc()
-	w.log.Error("panic while processing a command; returning it", zap.Any("panic", r), zap.Stack("stack"))
-	_ = msg.NakWithDelay(w.cfg.RetryInitial)
+	w.log.Error("panic while processing a command", zap.Any("panic", r), zap.Stack("stack"))
+	meta, err := msg.Metadata()
+	if err != nil {
+		_ = msg.NakWithDelay(w.cfg.RetryInitial)
+		return
+	}
+	// The injected clock may be what panicked: this path reads time.Now.
+	now := time.Now()
+	giveUpAt := meta.Timestamp.Add(w.cfg.RetryMaxElapsed)
+	if now.Before(giveUpAt) || (j != nil && j.decided) {
+		delay := w.cfg.RetryInitial
+		for n := uint64(1); n < meta.NumDelivered && delay < w.cfg.RetryMax; n++ {
+			delay *= 2
+		}
+		delay = max(min(delay, w.cfg.RetryMax, giveUpAt.Sub(now)), 0)
+		w.log.Warn("returning the command that panicked", zap.Uint64("delivery", meta.NumDelivered),
+			zap.Duration("delay", delay), zap.Time("given_up_at", giveUpAt))
+		_ = msg.NakWithDelay(delay)
+		return
+	}
+	w.giveUpAfterPanics(msg, meta, j, now)
+}
+
+func (w *Worker) giveUpAfterPanics(msg jetstream.Msg, meta *jetstream.MsgMetadata, j *job, now time.Time) {
+	defer func() {
+		if r := recover(); r != nil {
+			w.m.panics.Inc()
+			w.log.Error("panic while giving up a command that panicked; returning it", zap.Any("panic", r))
+			_ = msg.NakWithDelay(w.cfg.RetryMax)
+		}
+	}()
+	if j == nil {
+		// Its body could not even be read: it is named by its envelope.
+		c := command.EnvelopeCommand(command.Meta{MsgID: msg.Headers().Get(nats.MsgIdHdr),
+			Stream: meta.Stream, Seq: meta.Sequence.Stream})
+		j = &job{msg: msg, meta: meta, cmd: c, sid: stateID(c, meta.Timestamp), release: func() {},
+			log: w.log.With(zap.String("command_id", c.ID), zap.Uint64("delivery", meta.NumDelivered))}
+		j.out = Outcome{CommandID: c.ID, ReceivedAt: FormatTime(meta.Timestamp), WorkerID: w.cfg.WorkerID}
+	}
+	w.finishAt(j, now, StatusFailed, CauseRetriesExhausted, fmt.Sprintf(
+		"processing failed with an internal error on every delivery (%d) for RETRY_MAX_ELAPSED; the worker log has the panic",
+		meta.NumDelivered))
 }
 
 // heartbeat tells JetStream, every interval, that a held command is still
