@@ -402,7 +402,9 @@ func (w *Worker) recovered(msg jetstream.Msg, j *job, r any) {
 	// The injected clock may be what panicked: this path reads time.Now.
 	now := time.Now()
 	giveUpAt := meta.Timestamp.Add(w.cfg.RetryMaxElapsed)
-	if now.Before(giveUpAt) || (j != nil && j.decided) {
+	// One delivery more is always allowed, so a panic that struck once (a
+	// command first seen after its time was up) does not end a command.
+	if now.Before(giveUpAt) || meta.NumDelivered < 2 || (j != nil && j.decided) {
 		delay := w.cfg.RetryInitial
 		for n := uint64(1); n < meta.NumDelivered && delay < w.cfg.RetryMax; n++ {
 			delay *= 2
