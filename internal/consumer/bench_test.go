@@ -22,7 +22,7 @@ import (
 // publish to stored outcome. Run it with a fixed count so the figures are
 // comparable:
 //
-//	go test -run '^$' -bench BenchmarkPipeline -benchtime 20000x -count 5 ./internal/consumer/
+//	go test -run '^$' -bench BenchmarkPipeline -benchtime 20000x -count 9 ./internal/consumer/
 //
 // The two runs of a pair are adjacent in time because the machine's speed
 // drifts between runs further apart; their order alternates from one pair
