@@ -389,8 +389,13 @@ func (w *Worker) checkState() {
 // grows like a failing call's backoff, and once RETRY_MAX_ELAPSED has
 // passed since it was stored it is given up like one (failed,
 // retries_exhausted, dead-lettered) instead of being returned for ever.
-// A command already decided when it panicked is only returned: its next
-// delivery stores that decision.
+// A command already decided when it panicked is only returned, as giving
+// it up could contradict a decision that may already be stored.
+//
+// Nothing is recorded in the state bucket here: what the job says it did
+// may not be what happened before the panic. With no record, the next
+// delivery knows from the delivery count that a call may have gone
+// unanswered, which is the safe side (a DLF.6205 then means stopped).
 func (w *Worker) recovered(msg jetstream.Msg, j *job, r any) {
 	w.m.panics.Inc()
 	w.log.Error("panic while processing a command", zap.Any("panic", r), zap.Stack("stack"))
