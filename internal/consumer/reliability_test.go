@@ -116,6 +116,28 @@ func TestSeqIDAfterStreamRecreated(t *testing.T) {
 	e.noDeadLetters(t)
 }
 
+func TestStateID(t *testing.T) {
+	at := time.Unix(1764201600, 123456789)
+	tests := []struct {
+		c     command.Command
+		sid   string
+		shown string
+	}{
+		{command.Command{ID: "chosen-1"}, "chosen-1", "chosen-1"},
+		{command.Command{ID: "DLF_STOP-12", SeqID: true}, "DLF_STOP-12@1764201600123456789", "DLF_STOP-12"},
+		// A chosen id that looks like a derived one is still chosen.
+		{command.Command{ID: "DLF_STOP-12"}, "DLF_STOP-12", "DLF_STOP-12"},
+	}
+	for _, tt := range tests {
+		if got := stateID(tt.c, at); got != tt.sid {
+			t.Errorf("stateID(%+v) = %q, want %q", tt.c, got, tt.sid)
+		}
+		if got := shownID(tt.sid); got != tt.shown {
+			t.Errorf("shownID(%q) = %q, want %q", tt.sid, got, tt.shown)
+		}
+	}
+}
+
 // A redelivery of a command known by its stream sequence is still the
 // same command: the stored time that completes its identity is the same
 // on every delivery.
