@@ -20,6 +20,7 @@ type Metrics struct {
 	returned     *prometheus.CounterVec
 	circuitOpen  prometheus.Gauge
 	skipped      prometheus.Counter
+	reusedIDs    prometheus.Counter
 	throttled    prometheus.Counter
 }
 
@@ -72,13 +73,17 @@ func NewMetrics(reg prometheus.Registerer) (*Metrics, error) {
 			Name: "dlf_stop_commands_already_decided_total",
 			Help: "Deliveries acked without a call or outcome because the state bucket had them decided.",
 		}),
+		reusedIDs: prometheus.NewCounter(prometheus.CounterOpts{
+			Name: "dlf_stop_command_ids_reused_total",
+			Help: "Of those, commands whose id was decided for another instance: acked without a stop (contract section 6); a publisher reuses ids.",
+		}),
 		throttled: prometheus.NewCounter(prometheus.CounterOpts{
 			Name: "dlf_stop_throttled_total",
 			Help: "429 answers from DLF; each pauses every call of this worker.",
 		}),
 	}
 	for _, c := range []prometheus.Collector{m.commands, m.calls, m.callDuration, m.retries,
-		m.inFlight, m.held, m.publishFail, m.panics, m.returned, m.circuitOpen, m.skipped, m.throttled} {
+		m.inFlight, m.held, m.publishFail, m.panics, m.returned, m.circuitOpen, m.skipped, m.reusedIDs, m.throttled} {
 		if err := reg.Register(c); err != nil {
 			return nil, err
 		}

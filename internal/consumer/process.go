@@ -477,12 +477,20 @@ func (w *Worker) recall(j *job, recs []*stateRecord, err error) bool {
 	if len(recs) > 1 {
 		indexed = recs[1].doc.Cmds[j.sid]
 	}
-	if d.StoppedBy == j.sid || (entry != nil && entry.Phase == phaseDecided) ||
-		(indexed != nil && indexed.Phase == phaseDecided) {
+	here := d.StoppedBy == j.sid || (entry != nil && entry.Phase == phaseDecided)
+	if here || (indexed != nil && indexed.Phase == phaseDecided) {
 		if err := j.msg.Ack(); err != nil {
 			j.log.Warn("ack of an already decided command failed", zap.Error(err))
 		}
 		w.m.skipped.Inc()
+		if !here {
+			// The contract makes the id final, so this instance is not
+			// stopped and no outcome says so: only this line and the
+			// metric show a publisher that reuses ids.
+			w.m.reusedIDs.Inc()
+			j.log.Warn("command id already decided for another instance; acked without a stop or an outcome")
+			return false
+		}
 		j.log.Info("command already decided; acked without a call or a new outcome")
 		return false
 	}

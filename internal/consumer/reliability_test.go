@@ -27,6 +27,9 @@ func TestDecidedCommandIsNotRepeated(t *testing.T) {
 	e.out.wait(t, 1, 10*time.Second)
 	e.publish(b, nats.Header{nats.MsgIdHdr: []string{"m-2"}})
 	e.repeatSkipped(t, r)
+	if got := testutilCount(r.w.m.reusedIDs); got != 0 {
+		t.Errorf("reused ids counted %v for a plain repeat, want 0", got)
+	}
 }
 
 // The same command id published again, late, for another instance is
@@ -54,6 +57,12 @@ func TestDecidedIDReusedForAnotherInstance(t *testing.T) {
 	e.publish(body(t, map[string]any{"command_id": "reused", "project_id": proj, "script_name": "s1", "instance_id": "i-2"}),
 		nats.Header{nats.MsgIdHdr: []string{"m-2"}})
 	e.repeatSkipped(t, r)
+	if got := testutilCount(r.w.m.reusedIDs); got != 1 {
+		t.Errorf("reused ids counted %v, want 1", got)
+	}
+	if e.emu.Stopped(proj, "s1", "i-2") {
+		t.Error("the reused id stopped its instance")
+	}
 }
 
 // A command without an id is known by its stream sequence ("DLF_STOP-1").
