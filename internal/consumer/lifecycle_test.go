@@ -266,9 +266,7 @@ func TestPanicReturnsTheCommand(t *testing.T) {
 // and given up once RETRY_MAX_ELAPSED has passed: failed,
 // retries_exhausted, dead-lettered with its bytes, acked.
 func TestPanicOnEveryDeliveryIsGivenUp(t *testing.T) {
-	e := newEnv(t, func(c *Config) {
-		c.RetryInitial, c.RetryMax, c.RetryMaxElapsed = 20*time.Millisecond, 100*time.Millisecond, time.Second
-	})
+	e := newEnv(t, quickGiveUp)
 	e.emu.AddRunning(proj, "", "s1", "i-poison")
 	broken := WithClock(func() time.Time { panic("test: clock broke") })
 	r := e.startWorker(nil, broken)
@@ -287,9 +285,7 @@ func TestPanicOnEveryDeliveryIsGivenUp(t *testing.T) {
 // The same when the panic comes before the command is even read (here: a
 // logger that breaks on its script name): it is named by its envelope.
 func TestPanicBeforeTheCommandIsReadIsGivenUp(t *testing.T) {
-	e := newEnv(t, func(c *Config) {
-		c.RetryInitial, c.RetryMax, c.RetryMaxElapsed = 20*time.Millisecond, 100*time.Millisecond, time.Second
-	})
+	e := newEnv(t, quickGiveUp)
 	e.log = zap.New(panicOnField{Core: e.log.Core(), key: "script_name", val: "poison"})
 	r := e.startWorker(nil)
 	b := body(t, map[string]any{"command_id": "c-body", "project_id": proj, "script_name": "poison", "instance_id": "i-1"})
@@ -299,6 +295,11 @@ func TestPanicBeforeTheCommandIsReadIsGivenUp(t *testing.T) {
 		t.Fatalf("outcome = %+v", o)
 	}
 	e.checkGivenUp(t, r, b)
+}
+
+// quickGiveUp makes a command's time run out after a second.
+func quickGiveUp(c *Config) {
+	c.RetryInitial, c.RetryMax, c.RetryMaxElapsed = 20*time.Millisecond, 100*time.Millisecond, time.Second
 }
 
 // checkGivenUp checks what giving up a panicking command leaves: its bytes
