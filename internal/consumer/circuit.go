@@ -59,9 +59,9 @@ func (c *circuit) Open() bool {
 }
 
 // acquire waits until a call may be made: at once when closed; as the one
-// probe when open and the probe backoff has passed. probe tells the caller
-// to report through release. It returns early with ok=false when ctx ends
-// or giveUpAt passes first.
+// probe when open and the probe backoff has passed; and, open or not, once
+// giveUpAt has come, for the command's last attempt. probe tells the caller
+// to report through release. It returns ok=false when ctx ends first.
 func (c *circuit) acquire(ctx context.Context, giveUpAt time.Time) (probe, ok bool) {
 	if c.disabled {
 		return false, true
@@ -87,7 +87,9 @@ func (c *circuit) acquire(ctx context.Context, giveUpAt time.Time) (probe, ok bo
 		c.mu.Unlock()
 		left := giveUpAt.Sub(now)
 		if left <= 0 {
-			return false, false
+			// The contract owes every command one last attempt when its
+			// time is up; the circuit only decides how many go before it.
+			return false, true
 		}
 		t := time.NewTimer(min(wait, left))
 		select {

@@ -22,6 +22,7 @@ type Metrics struct {
 	skipped      prometheus.Counter
 	reusedIDs    prometheus.Counter
 	throttled    prometheus.Counter
+	stateReadErr prometheus.Counter
 }
 
 // NewMetrics registers the series on reg (use prometheus.NewRegistry() in
@@ -81,9 +82,14 @@ func NewMetrics(reg prometheus.Registerer) (*Metrics, error) {
 			Name: "dlf_stop_throttled_total",
 			Help: "429 answers from DLF; each pauses every call of this worker.",
 		}),
+		stateReadErr: prometheus.NewCounter(prometheus.CounterOpts{
+			Name: "dlf_stop_state_read_failures_total",
+			Help: "State bucket lookups that failed; the command stays held and reads again, and is returned only if the bucket stays unreadable.",
+		}),
 	}
 	for _, c := range []prometheus.Collector{m.commands, m.calls, m.callDuration, m.retries,
-		m.inFlight, m.held, m.publishFail, m.panics, m.returned, m.circuitOpen, m.skipped, m.reusedIDs, m.throttled} {
+		m.inFlight, m.held, m.publishFail, m.panics, m.returned, m.circuitOpen, m.skipped, m.reusedIDs, m.throttled,
+		m.stateReadErr} {
 		if err := reg.Register(c); err != nil {
 			return nil, err
 		}

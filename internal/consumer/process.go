@@ -37,9 +37,13 @@ type job struct {
 	// (this delivery, or an earlier one per the state bucket), so a later
 	// DLF.6205 means the stop happened.
 	unanswered bool
-	decided    bool         // j.out holds a decision not yet stored
-	state      *stateRecord // as read by recall; nil without the state bucket
-	log        *zap.Logger
+	decided    bool // j.out holds a decision not yet stored
+	// outcomeStored: j.out is in the outcome stream (only the dead
+	// letter or the decision record is missing), by this delivery or an
+	// earlier one per the state bucket; it must not be published again.
+	outcomeStored bool
+	state         *stateRecord // as read by recall; nil without the state bucket
+	log           *zap.Logger
 	// release lets go of the message (see handle); handedOff says the
 	// state writer will call it once the decision is recorded.
 	release   func()
@@ -123,8 +127,13 @@ func (w *Worker) prepare(msg jetstream.Msg, release func()) (j *job) {
 // and lerr are the state bucket's answer for the command's stateKeys
 // (unused without the bucket).
 func (w *Worker) process(j *job, recs []*stateRecord, lerr error) {
-	if w.state != nil && !w.recall(j, recs, lerr) {
-		return
+	if w.state != nil {
+		if lerr != nil {
+			recs, lerr = w.readAgain(j, lerr)
+		}
+		if !w.recall(j, recs, lerr) {
+			return
+		}
 	}
 	cmd, meta, verr := j.cmd, j.meta, j.verr
 	if verr != nil {
@@ -153,9 +162,13 @@ func (w *Worker) process(j *job, recs []*stateRecord, lerr error) {
 		case callStopped:
 			w.giveBack(j, 0, "shutdown")
 			return
-		case callTimedOut:
-			w.finish(j, StatusFailed, CauseRetriesExhausted,
-				"RETRY_MAX_ELAPSED passed while the DLF circuit was open; last: "+describe(last))
+		case callExpired:
+			detail := fmt.Sprintf("deadline %s passed before the first call", cmd.Deadline.Format(time.RFC3339Nano))
+			if j.attempts > 0 {
+				detail = fmt.Sprintf("deadline %s passed before the next attempt; last: %s",
+					cmd.Deadline.Format(time.RFC3339Nano), describe(last))
+			}
+			w.finish(j, StatusExpired, CauseDeadlinePassed, detail)
 			return
 		}
 		last = v
@@ -201,6 +214,12 @@ func (w *Worker) process(j *job, recs []*stateRecord, lerr error) {
 // with NakWithDelay so it holds nothing here while it waits. It reports
 // whether the caller should go on with the next attempt.
 func (w *Worker) waitInProcess(j *job, wait time.Duration) bool {
+	select {
+	case <-w.stopping:
+		w.giveBack(j, 0, "shutdown")
+		return false
+	default:
+	}
 	if wait > w.cfg.ShortWaitMax {
 		w.m.retries.WithLabelValues("redelivery").Inc()
 		w.giveBack(j, wait, "backoff")
@@ -229,51 +248,64 @@ func (w *Worker) waitInProcess(j *job, wait time.Duration) bool {
 type callResult int
 
 const (
-	callMade     callResult = iota
-	callStopped             // shutdown came first: no call was made
-	callTimedOut            // the give-up time passed while the circuit was open
+	callMade    callResult = iota
+	callStopped            // shutdown came first: no call was made
+	callExpired            // the command's deadline passed before it could be sent: no call was made
 )
 
 // call makes one DLF attempt and records what the answer says on the job.
 // Before the call it passes the circuit (waiting while it is open, unless
-// chosen as the probe), the throttle, and a concurrency slot; only the call
+// chosen as the probe), the throttle and a concurrency slot; only the call
 // itself holds the slot.
+//
+// Each of those waits ends at a soft stop (callStopped: the command goes
+// back at once) and at the command's deadline (callExpired: a command
+// whose deadline has passed is never sent). At giveUpAt the circuit and a
+// 429's pause stop holding the command back: the contract owes it one last
+// attempt when its time is up, so that it ends within DLF_TIMEOUT of
+// RETRY_MAX_ELAPSED. A configured DLF_RATE_LIMIT still applies to it.
 func (w *Worker) call(j *job, req dlf.StopRequest, giveUpAt time.Time) (v dlf.Verdict, res callResult) {
-	probe, ok := w.circ.acquire(w.soft, giveUpAt)
+	ctx := w.soft
+	if dl := j.cmd.Deadline; !dl.IsZero() {
+		var cancel context.CancelFunc
+		ctx, cancel = context.WithDeadline(w.soft, dl)
+		defer cancel()
+	}
+	notSent := func(probe bool) (dlf.Verdict, callResult) {
+		w.circ.release(probe, v, true)
+		if w.soft.Err() != nil {
+			return v, callStopped
+		}
+		return v, callExpired
+	}
+	probe, ok := w.circ.acquire(ctx, giveUpAt)
 	if !ok {
 		if w.soft.Err() != nil {
 			return v, callStopped
 		}
-		return v, callTimedOut
+		return v, callExpired
 	}
 	// A 429 may arrive while this command waits for a slot; the pause is
 	// checked again once the slot is taken, and the slot given back for it.
 	for {
-		if err := w.thr.wait(w.soft); err != nil {
-			w.circ.release(probe, v, true)
-			return v, callStopped
+		if err := w.thr.wait(ctx, giveUpAt); err != nil {
+			return notSent(probe)
 		}
 		select {
 		case w.slots <- struct{}{}:
-		case <-w.hard.Done():
-			w.circ.release(probe, v, true)
-			return v, callStopped
+		case <-ctx.Done():
+			return notSent(probe)
 		}
-		if !w.thr.paused() {
+		if ctx.Err() != nil { // both were ready and select took the slot
+			<-w.slots
+			return notSent(probe)
+		}
+		if !w.thr.pausedFor(giveUpAt) {
 			break
 		}
 		<-w.slots
 	}
-	w.m.inFlight.Inc()
-	ctx, cancel := context.WithTimeout(w.hard, w.cfg.CallTimeout)
-	start := time.Now()
-	resp, err := w.dlf.Stop(ctx, req)
-	elapsed := time.Since(start)
-	cancel()
-	w.m.inFlight.Dec()
-	<-w.slots
-
-	v = dlf.Classify(resp, err)
+	v, elapsed, err := w.attempt(req, probe)
 	j.attempts++
 	w.circ.release(probe, v, w.hard.Err() != nil)
 	switch {
@@ -302,6 +334,29 @@ func (w *Worker) call(j *job, req dlf.StopRequest, giveUpAt time.Time) (v dlf.Ve
 	return v, callMade
 }
 
+// attempt sends the request on a slot the caller took, and gives the slot
+// back however it ends. A panic in the client must not keep the slot, nor
+// the circuit's probe turn: either loss would stall the worker for good.
+func (w *Worker) attempt(req dlf.StopRequest, probe bool) (v dlf.Verdict, elapsed time.Duration, err error) {
+	answered := false
+	defer func() {
+		w.m.inFlight.Dec()
+		<-w.slots
+		if !answered {
+			w.circ.release(probe, v, true)
+		}
+	}()
+	w.m.inFlight.Inc()
+	ctx, cancel := context.WithTimeout(w.hard, w.cfg.CallTimeout)
+	defer cancel()
+	start := time.Now()
+	resp, err := w.dlf.Stop(ctx, req)
+	elapsed = time.Since(start)
+	v = dlf.Classify(resp, err)
+	answered = true
+	return v, elapsed, err
+}
+
 // describe renders a verdict for the outcome's detail.
 func describe(v dlf.Verdict) string {
 	switch {
@@ -326,7 +381,7 @@ func (w *Worker) giveBack(j *job, delay time.Duration, reason string) {
 		entry := cmdEntry{Phase: phaseAnswered, Attempts: j.attempts, Unanswered: j.unanswered, Delivery: j.meta.NumDelivered}
 		if j.decided {
 			if b, err := json.Marshal(&j.out); err == nil {
-				entry.Phase, entry.Outcome = phasePending, b
+				entry.Phase, entry.Outcome, entry.OutcomeStored = phasePending, b, j.outcomeStored
 			}
 		}
 		err := w.state.save(ctx, j.state, func(d *stateDoc) { d.setCmd(j.sid, entry) })
@@ -379,9 +434,15 @@ func (w *Worker) store(j *job) {
 	status, cause := o.Status, o.Cause
 	ctx, cancel := context.WithTimeout(w.hard, publishTimeout)
 	defer cancel()
-	if err := w.pub.publishOutcome(ctx, o); err != nil {
-		w.publishFailed(j, "outcome", err)
-		return
+	// Published once only: a republish is dropped as a duplicate for just
+	// two minutes, and a dead-letter stream that stays broken for longer
+	// would otherwise store a copy of the outcome every two minutes.
+	if !j.outcomeStored {
+		if err := w.pub.publishOutcome(ctx, o); err != nil {
+			w.publishFailed(j, "outcome", err)
+			return
+		}
+		j.outcomeStored = true
 	}
 	// A duplicate outcome means an earlier delivery stored it already and
 	// lost its ack. The dead letter is still published (it deduplicates on
@@ -450,11 +511,42 @@ func (w *Worker) acked(j *job) {
 func (w *Worker) publishFailed(j *job, kind string, err error) {
 	w.m.publishFail.WithLabelValues(kind).Inc()
 	j.log.Warn("publish failed; returning the command undecided", zap.String("kind", kind), zap.Error(err))
-	if w.hard.Err() != nil {
+	if w.soft.Err() != nil {
 		w.giveBack(j, 0, "shutdown")
 		return
 	}
-	w.giveBack(j, w.cfg.RetryInitial, "publish_failed")
+	// A stream that stays broken must not turn into a tight redelivery
+	// loop: the delay grows with the deliveries, as a failing call's would.
+	w.giveBack(j, w.redeliveryDelay(j.meta.NumDelivered), "publish_failed")
+}
+
+// readAgain retries a failed state lookup while the command stays held,
+// for at most SHORT_WAIT_MAX of waits. Returning the command at once would
+// cost more than a redelivery: the next delivery would find no trace of
+// this one, and a higher delivery count with no trace reads as "a call may
+// have gone unanswered" (see recall), so a stream leader change of a few
+// seconds would turn genuine DLF.6205 answers into already_stopped.
+func (w *Worker) readAgain(j *job, err error) ([]*stateRecord, error) {
+	w.m.stateReadErr.Inc()
+	w.checkState()
+	deadline := time.Now().Add(w.cfg.ShortWaitMax)
+	for wait := w.cfg.RetryInitial; !time.Now().Add(wait).After(deadline); wait *= 2 {
+		j.log.Debug("state bucket unavailable; reading again", zap.Error(err), zap.Duration("in", wait))
+		t := time.NewTimer(wait)
+		select {
+		case <-t.C:
+		case <-w.stopping:
+			t.Stop()
+			return nil, err
+		}
+		recs, rerr := w.state.lookupWait(w.soft, j.stateKeys())
+		if rerr == nil {
+			return recs, nil
+		}
+		w.m.stateReadErr.Inc()
+		err = rerr
+	}
+	return nil, err
 }
 
 // recall applies what the state bucket said of the command, read before
@@ -501,6 +593,7 @@ func (w *Worker) recall(j *job, recs []*stateRecord, err error) bool {
 		if err := json.Unmarshal(entry.Outcome, &j.out); err == nil {
 			j.attempts = entry.Attempts
 			j.decided = true
+			j.outcomeStored = entry.OutcomeStored
 			j.log.Info("storing the outcome an earlier delivery decided")
 			w.store(j)
 			return false

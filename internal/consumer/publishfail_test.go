@@ -112,3 +112,43 @@ func TestDecisionSurvivesAFailedOutcomePublish(t *testing.T) {
 	e.stopStreamEmpty(t)
 	e.noDeadLetters(t)
 }
+
+// A dead-letter stream that stays broken longer than the outcome stream's
+// duplicate window must not make the outcome be stored again with every
+// redelivery: the state bucket remembers it is stored.
+func TestBrokenDeadLetterStreamStoresTheOutcomeOnce(t *testing.T) {
+	e := newEnv(t, func(c *Config) {
+		c.RetryInitial = 100 * time.Millisecond
+		c.RetryMax = 300 * time.Millisecond
+	})
+	ctx, cancel := context.WithTimeout(context.Background(), 20*time.Second)
+	defer cancel()
+	// A short duplicate window stands for two minutes gone by.
+	s, err := e.js.Stream(ctx, "DLF_STOP_OUTCOMES")
+	if err != nil {
+		t.Fatal(err)
+	}
+	oc := s.CachedInfo().Config
+	oc.Duplicates = 200 * time.Millisecond
+	if _, err := e.js.UpdateStream(ctx, oc); err != nil {
+		t.Fatal(err)
+	}
+	r := e.startWorker(nil)
+	if err := e.js.DeleteStream(ctx, "DLF_STOP_DEAD"); err != nil {
+		t.Fatal(err)
+	}
+	e.publish([]byte(`{"script_name":"..","instance_id":"i"}`), nil)
+	testutil.Eventually(t, 20*time.Second, func() error {
+		if got := testutilCount(r.w.m.publishFail.WithLabelValues("dead_letter")); got < 6 {
+			return fmt.Errorf("dead-letter failures so far: %v", got)
+		}
+		return nil
+	})
+	if _, err := Setup(ctx, e.js, e.cfg, e.log); err != nil {
+		t.Fatal(err)
+	}
+	e.stopStreamEmpty(t)
+	if n := e.out.len(); n != 1 {
+		t.Errorf("%d outcome events, want 1", n)
+	}
+}

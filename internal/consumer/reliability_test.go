@@ -538,24 +538,37 @@ func TestStateBucketDeletedWhileRunning(t *testing.T) {
 	if err := e.js.DeleteKeyValue(ctx, "dlf_stop_state"); err != nil {
 		t.Fatal(err)
 	}
+	// First in line, so it surely meets the missing bucket: an instance
+	// DLF does not know. Its DLF.6205 is a plain failure; had the command
+	// been returned for the failed read, its next delivery would take
+	// the 6205 for the answer to an unanswered call (already_stopped).
+	e.publish(body(t, map[string]any{"command_id": "unknown", "project_id": proj, "script_name": "s1", "instance_id": "i-404"}), nil)
 	for i := 0; i < 20; i++ {
 		id := fmt.Sprintf("after-%d", i)
 		e.emu.AddRunning(proj, "", "s1", id)
 		e.publish(body(t, map[string]any{"command_id": id, "project_id": proj, "script_name": "s1", "instance_id": id}), nil)
 	}
-	e.out.wait(t, 21, 20*time.Second)
+	e.out.wait(t, 22, 20*time.Second)
 	for id, o := range byID(t, e.out.outcomes(t)) {
-		if o.Status != StatusStopped || o.Cause != CauseOK {
-			t.Errorf("%s: %+v", id, o)
+		want := [2]string{StatusStopped, CauseOK}
+		if id == "unknown" {
+			want = [2]string{StatusFailed, CauseDLFError}
+		}
+		if o.Status != want[0] || o.Cause != want[1] {
+			t.Errorf("%s: %+v, want %v", id, o, want)
 		}
 	}
 	if _, err := e.js.KeyValue(ctx, "dlf_stop_state"); err != nil {
 		t.Errorf("state bucket after the run: %v", err)
 	}
 	// Only a failed lookup or write makes the worker look for the bucket.
-	if got := testutilCount(r.w.m.returned.WithLabelValues("state_unavailable")) +
-		testutilCount(r.w.m.publishFail.WithLabelValues("state")); got == 0 {
+	if got := testutilCount(r.w.m.stateReadErr) + testutilCount(r.w.m.publishFail.WithLabelValues("state")); got == 0 {
 		t.Error("no command met the missing bucket, yet it was created again")
 	}
-	e.noDeadLetters(t)
+	if got := testutilCount(r.w.m.returned.WithLabelValues("state_unavailable")); got != 0 {
+		t.Errorf("%v commands returned for a bucket that was back within a second", got)
+	}
+	if n := e.dead.len(); n != 1 {
+		t.Errorf("%d dead letters, want 1 (the unknown instance)", n)
+	}
 }

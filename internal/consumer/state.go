@@ -55,6 +55,9 @@ type cmdEntry struct {
 	// Outcome is the decided outcome of a pending entry, stored as it
 	// will be published.
 	Outcome json.RawMessage `json:"o,omitempty"`
+	// OutcomeStored: the pending entry's outcome is already in the
+	// outcome stream; only its dead letter (or the decision) is missing.
+	OutcomeStored bool `json:"os,omitempty"`
 }
 
 type stateDoc struct {
@@ -101,6 +104,17 @@ func ensureState(ctx context.Context, js jetstream.JetStream, cfg *Config, log *
 	if err != nil {
 		return nil, fmt.Errorf("bind state bucket %s: %w", cfg.StateBucket, err)
 	}
+	// Lookups are batched direct gets (statebatch.go), which a bucket
+	// made without direct access refuses: every command would then be
+	// returned for ever. Say so at start instead.
+	st, err := kv.Status(ctx)
+	if err != nil {
+		return nil, fmt.Errorf("state bucket %s: %w", cfg.StateBucket, err)
+	}
+	if bs, ok := st.(*jetstream.KeyValueBucketStatus); ok && bs.StreamInfo() != nil && !bs.StreamInfo().Config.AllowDirect {
+		return nil, fmt.Errorf("%w: state bucket %s does not allow direct gets (allow_direct), which the worker reads it with",
+			ErrMismatch, cfg.StateBucket)
+	}
 	return &stateStore{kv: kv}, nil
 }
 
@@ -125,6 +139,22 @@ func (s *stateStore) lookupThen(keys []string, then func([]*stateRecord, error))
 		}
 		then(recs, nil)
 	}()
+}
+
+// lookupWait is lookupThen for a caller that can wait.
+func (s *stateStore) lookupWait(ctx context.Context, keys []string) ([]*stateRecord, error) {
+	type result struct {
+		recs []*stateRecord
+		err  error
+	}
+	res := make(chan result, 1)
+	s.lookupThen(keys, func(recs []*stateRecord, err error) { res <- result{recs, err} })
+	select {
+	case r := <-res:
+		return r.recs, r.err
+	case <-ctx.Done():
+		return nil, ctx.Err()
+	}
 }
 
 // load reads one document; a missing key is an empty document.

@@ -31,11 +31,20 @@ func newThrottle(cfg *Config) *throttle {
 	return t
 }
 
-// wait blocks until a call may start.
-func (t *throttle) wait(ctx context.Context) error {
+// wait blocks until a call may start: until a 429's pause is over (or
+// giveUpAt, when the command's last attempt is due), then for the rate
+// limiter. It fails when ctx ends first, or when the limiter's wait would
+// outlast ctx's deadline.
+func (t *throttle) wait(ctx context.Context, giveUpAt time.Time) error {
+	if err := ctx.Err(); err != nil {
+		return err
+	}
 	t.mu.Lock()
 	until := t.pauseUntil
 	t.mu.Unlock()
+	if giveUpAt.Before(until) {
+		until = giveUpAt
+	}
 	if d := time.Until(until); d > 0 {
 		tm := time.NewTimer(d)
 		select {
@@ -51,11 +60,13 @@ func (t *throttle) wait(ctx context.Context) error {
 	return nil
 }
 
-// paused reports whether a 429's pause is still running.
-func (t *throttle) paused() bool {
+// pausedFor reports whether a 429's pause still holds back a command
+// whose last attempt is due at giveUpAt.
+func (t *throttle) pausedFor(giveUpAt time.Time) bool {
+	now := time.Now()
 	t.mu.Lock()
 	defer t.mu.Unlock()
-	return time.Now().Before(t.pauseUntil)
+	return now.Before(t.pauseUntil) && now.Before(giveUpAt)
 }
 
 // throttled records a 429: everyone waits at least d from now.

@@ -410,11 +410,7 @@ func (w *Worker) recovered(msg jetstream.Msg, j *job, r any) {
 	// One delivery more is always allowed, so a panic that struck once (a
 	// command first seen after its time was up) does not end a command.
 	if now.Before(giveUpAt) || meta.NumDelivered < 2 || (j != nil && j.decided) {
-		delay := w.cfg.RetryInitial
-		for n := uint64(1); n < meta.NumDelivered && delay < w.cfg.RetryMax; n++ {
-			delay *= 2
-		}
-		delay = max(min(delay, w.cfg.RetryMax, giveUpAt.Sub(now)), 0)
+		delay := max(min(w.redeliveryDelay(meta.NumDelivered), giveUpAt.Sub(now)), 0)
 		w.log.Warn("returning the command that panicked", zap.Uint64("delivery", meta.NumDelivered),
 			zap.Duration("delay", delay), zap.Time("given_up_at", giveUpAt))
 		_ = msg.NakWithDelay(delay)
@@ -479,4 +475,16 @@ func (h *heartbeat) stop() {
 	h.stopped = true
 	h.t.Stop()
 	h.mu.Unlock()
+}
+
+// redeliveryDelay is how long a command returned for the n-th time waits:
+// RETRY_INITIAL_INTERVAL, doubling per delivery up to RETRY_MAX_INTERVAL.
+// It spaces out a command that fails for a reason outside DLF (a panic, a
+// stream that refuses its outcome or dead letter) instead of looping.
+func (w *Worker) redeliveryDelay(n uint64) time.Duration {
+	delay := w.cfg.RetryInitial
+	for i := uint64(1); i < n && delay < w.cfg.RetryMax; i++ {
+		delay *= 2
+	}
+	return min(delay, w.cfg.RetryMax)
 }

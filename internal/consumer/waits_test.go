@@ -1,0 +1,250 @@
+package consumer
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"strings"
+	"sync/atomic"
+	"testing"
+	"time"
+
+	"go.uber.org/zap"
+
+	"github.com/dlf-stop/worker/internal/dlf"
+	"github.com/dlf-stop/worker/internal/dlf/emulator"
+	"github.com/dlf-stop/worker/internal/testutil"
+)
+
+// The tests here are about the waits before a call: the circuit, a 429's
+// pause and the concurrency slots. Each wait must give way to the
+// command's deadline, to its give-up time and to a shutdown.
+
+// Commands whose time runs out while the circuit is open still get the
+// last attempt the contract owes them, and so do the commands first seen
+// after their time is up (fetched one at a time while the circuit is
+// open): none ends without a call.
+func TestCircuitOpenAtGiveUpStillMakesTheLastAttempt(t *testing.T) {
+	e := newEnv(t, func(c *Config) {
+		c.Concurrency = 1 // the first 401 opens the circuit before any other call
+		c.RetryMaxElapsed = time.Second
+		c.RetryInitial = 2 * time.Second // the first probe would come after the give-up
+		c.RetryMax = 5 * time.Second
+		c.CallTimeout = 2 * time.Second
+	})
+	e.emu.SetFaults(emulator.Faults{AuthFail: true})
+	const n = 6 // more than the 4 x WORKER_CONCURRENCY the worker holds
+	e.publishMany(t, n, "late")
+	e.startWorker(nil)
+	e.out.wait(t, n, 20*time.Second)
+	for id, o := range byID(t, e.out.outcomes(t)) {
+		if o.Status != StatusFailed || o.Cause != CauseRetriesExhausted || o.Attempts < 1 || o.HTTPStatus != 401 {
+			t.Errorf("%s: %+v; want failed/retries_exhausted after at least one call", id, o)
+		}
+		if calls := e.emu.StopCallsFor(proj, "s1", id); calls < 1 {
+			t.Errorf("%s: given up without a DLF call", id)
+		}
+	}
+}
+
+// A 429 pauses every call of the worker; a command whose deadline passes
+// during the pause is expired, never sent.
+func TestDeadlinePassingInA429PauseIsNotSent(t *testing.T) {
+	e := newEnv(t, func(c *Config) { c.Concurrency = 4 })
+	e.emu.AddRunning(proj, "", "s1", "slow")
+	e.emu.AddRunning(proj, "", "s1", "urgent")
+	e.emu.SetFaultsFor(proj, "s1", "slow", emulator.Faults{Throttle: true, RetryAfter: 3 * time.Second})
+	e.startWorker(nil)
+	e.publish(body(t, map[string]any{"command_id": "slow", "project_id": proj, "script_name": "s1", "instance_id": "slow"}), nil)
+	testutil.Eventually(t, 10*time.Second, func() error {
+		if e.emu.StopCallsFor(proj, "s1", "slow") == 0 {
+			return errors.New("no 429 yet")
+		}
+		return nil
+	})
+	deadline := time.Now().Add(time.Second)
+	e.publish(body(t, map[string]any{"command_id": "urgent", "project_id": proj, "script_name": "s1", "instance_id": "urgent",
+		"deadline": deadline.Format(time.RFC3339Nano)}), nil)
+	e.out.wait(t, 1, 10*time.Second)
+	o := byID(t, e.out.outcomes(t))["urgent"]
+	if o.Status != StatusExpired || o.Cause != CauseDeadlinePassed || o.Attempts != 0 || !strings.Contains(o.Detail, "before the first call") {
+		t.Fatalf("urgent: %+v; want expired before the first call", o)
+	}
+	if calls := e.emu.StopCallsFor(proj, "s1", "urgent"); calls != 0 {
+		t.Errorf("urgent was sent %d times after its deadline", calls)
+	}
+	if e.emu.Stopped(proj, "s1", "urgent") {
+		t.Error("the expired command stopped its instance")
+	}
+	e.emu.ClearFaultsFor(proj, "s1", "slow")
+	e.out.wait(t, 2, 20*time.Second)
+}
+
+// A Retry-After longer than the time a command has left does not hold the
+// command's last attempt back: it ends within DLF_TIMEOUT of
+// RETRY_MAX_ELAPSED, not when the pause is over.
+func TestLongRetryAfterDoesNotOutlastTheGiveUp(t *testing.T) {
+	e := newEnv(t, func(c *Config) {
+		c.RetryMaxElapsed = 2 * time.Second
+		c.RetryInitial = 100 * time.Millisecond
+		c.CallTimeout = 2 * time.Second
+	})
+	e.emu.AddRunning(proj, "", "s1", "i-1")
+	e.emu.SetFaultsFor(proj, "s1", "i-1", emulator.Faults{Throttle: true, RetryAfter: 30 * time.Second})
+	e.startWorker(nil)
+	e.publish(body(t, map[string]any{"command_id": "c", "project_id": proj, "script_name": "s1", "instance_id": "i-1"}), nil)
+	o := e.single(t)
+	if o.Status != StatusFailed || o.Cause != CauseRetriesExhausted || o.HTTPStatus != 429 || o.Attempts < 2 {
+		t.Fatalf("outcome = %+v; want retries_exhausted after a last attempt", o)
+	}
+	if o.DurationMS > 2000+2000+500 {
+		t.Errorf("ended %d ms after it was stored; want within RETRY_MAX_ELAPSED + DLF_TIMEOUT", o.DurationMS)
+	}
+}
+
+// At a soft stop, commands waiting for a call slot are returned at once;
+// only the call already on the wire goes on.
+func TestShutdownSendsNoCallForCommandsWaitingForASlot(t *testing.T) {
+	e := newEnv(t, func(c *Config) { c.Concurrency = 1 })
+	e.emu.SetFaults(emulator.Faults{Latency: time.Second})
+	e.publishMany(t, 3, "q")
+	r := e.startWorker(nil)
+	testutil.Eventually(t, 10*time.Second, func() error {
+		if n := e.emu.StopCalls(); n != 1 {
+			return fmt.Errorf("%d calls", n)
+		}
+		return nil
+	})
+	r.stop(t)
+	if n := e.emu.StopCalls(); n != 1 {
+		t.Errorf("%d DLF calls; the commands waiting for the slot were sent after the stop", n)
+	}
+	e.out.wait(t, 1, 5*time.Second) // the call that was in flight
+	// The decided command's ack reaches the server on its own time.
+	testutil.Eventually(t, 5*time.Second, func() error {
+		s, err := e.js.Stream(context.Background(), "DLF_STOP")
+		if err != nil {
+			return err
+		}
+		if n := s.CachedInfo().State.Msgs; n != 2 {
+			return fmt.Errorf("%d commands in the stream, want the 2 returned", n)
+		}
+		return nil
+	})
+}
+
+// panicky wraps a Stopper and panics on the calls for which panicAt
+// returns true.
+type panicky struct {
+	Stopper
+	calls   atomic.Int64
+	panicAt func(call int64) bool
+}
+
+func (p *panicky) Stop(ctx context.Context, r dlf.StopRequest) (*dlf.Response, error) {
+	if p.panicAt(p.calls.Add(1)) {
+		panic("injected client panic")
+	}
+	return p.Stopper.Stop(ctx, r)
+}
+
+func withPanicky(p *panicky) Option {
+	return func(w *Worker) { p.Stopper = w.dlf; w.dlf = p }
+}
+
+// A panic inside the DLF client gives its call slot back: with one slot,
+// a lost one would stop every later call.
+func TestPanicInTheClientKeepsNoSlot(t *testing.T) {
+	e := newEnv(t, func(c *Config) { c.Concurrency = 1; c.RetryInitial = 50 * time.Millisecond })
+	p := &panicky{panicAt: func(n int64) bool { return n == 1 }}
+	e.publishMany(t, 2, "p")
+	e.startWorker(nil, withPanicky(p))
+	e.out.wait(t, 2, 20*time.Second)
+	for id, o := range byID(t, e.out.outcomes(t)) {
+		if o.Status != StatusStopped {
+			t.Errorf("%s: %+v", id, o)
+		}
+	}
+}
+
+// A panic in the circuit's probe call gives the probe turn back: an open
+// circuit that never probed again would pause the worker for good.
+func TestPanicInTheProbeLetsTheCircuitProbeAgain(t *testing.T) {
+	e := newEnv(t, func(c *Config) {
+		c.Concurrency = 1
+		c.RetryInitial = 50 * time.Millisecond
+		c.RetryMax = 200 * time.Millisecond
+	})
+	e.emu.SetFaults(emulator.Faults{AuthFail: true})
+	// Call 1 gets the 401 that opens the circuit; call 2 is the first probe.
+	p := &panicky{panicAt: func(n int64) bool { return n == 2 }}
+	e.publishMany(t, 1, "probe")
+	r := e.startWorker(nil, withPanicky(p))
+	testutil.Eventually(t, 10*time.Second, func() error {
+		if p.calls.Load() < 2 {
+			return fmt.Errorf("%d calls", p.calls.Load())
+		}
+		return nil
+	})
+	e.emu.SetFaults(emulator.Faults{})
+	o := e.single(t)
+	if o.Status != StatusStopped {
+		t.Fatalf("outcome = %+v", o)
+	}
+	testutil.Eventually(t, 5*time.Second, func() error {
+		if r.w.circ.Open() {
+			return errors.New("circuit still open")
+		}
+		return nil
+	})
+}
+
+// A state bucket that refuses direct gets cannot be read by the worker:
+// it says so at start rather than returning every command for ever.
+func TestStateBucketWithoutDirectGetsStopsTheStart(t *testing.T) {
+	e := newEnv(t, nil)
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+	// The environment's set-up created the bucket as the worker would.
+	s, err := e.js.Stream(ctx, "KV_dlf_stop_state")
+	if err != nil {
+		t.Fatal(err)
+	}
+	cfg := s.CachedInfo().Config
+	cfg.AllowDirect = false
+	if _, err := e.js.UpdateStream(ctx, cfg); err != nil {
+		t.Fatal(err)
+	}
+	_, err = Setup(ctx, e.js, e.cfg, e.log)
+	if !errors.Is(err, ErrMismatch) || !strings.Contains(err.Error(), "dlf_stop_state") || !strings.Contains(err.Error(), "allow_direct") {
+		t.Fatalf("Setup = %v; want a mismatch naming the bucket and allow_direct", err)
+	}
+}
+
+// The circuit lets a command whose time is up through for its last
+// attempt even while open and long before the next probe, and still
+// lets a cancelled wait go without a call.
+func TestCircuitLetsTheLastAttemptThrough(t *testing.T) {
+	cfg := Config{CircuitThreshold: 5, RetryInitial: time.Hour, RetryMax: time.Hour}
+	c := newCircuit(&cfg, zap.NewNop(), nil)
+	c.release(false, dlf.Verdict{HTTPStatus: 401}, false)
+	if !c.Open() {
+		t.Fatal("a 401 did not open the circuit")
+	}
+	start := time.Now()
+	probe, ok := c.acquire(context.Background(), start.Add(100*time.Millisecond))
+	if !ok || probe {
+		t.Fatalf("acquire at the give-up time = probe %v, ok %v; want the last attempt (false, true)", probe, ok)
+	}
+	if waited := time.Since(start); waited < 100*time.Millisecond || waited > 5*time.Second {
+		t.Errorf("waited %s for a give-up 100ms away", waited)
+	}
+	if probe, ok := c.acquire(context.Background(), time.Now().Add(-time.Second)); !ok || probe {
+		t.Errorf("acquire past the give-up time = %v, %v; want the last attempt at once", probe, ok)
+	}
+	ctx, cancel := context.WithCancel(context.Background())
+	cancel()
+	if _, ok := c.acquire(ctx, time.Now().Add(time.Hour)); ok {
+		t.Error("a cancelled wait was let through")
+	}
+}
