@@ -322,7 +322,14 @@ func TestDeadline(t *testing.T) {
 		{"absent", `-`, time.Time{}, true},
 		{"no zone", `"2030-01-02T03:04:05"`, time.Time{}, false},
 		{"space separator", `"2030-01-02 03:04:05Z"`, time.Time{}, false},
-		{"lower-case t and z", `"2030-01-02t03:04:05z"`, time.Time{}, false},
+		{"lower-case t and z", `"2030-01-02t03:04:05z"`, at("2030-01-02T03:04:05Z"), true},
+		{"lower-case t", `"2030-01-02t03:04:05.5+08:00"`, at("2030-01-01T19:04:05.5Z"), true},
+		{"lower-case z", `"2030-01-02T03:04:05z"`, at("2030-01-02T03:04:05Z"), true},
+		{"other letter as separator", `"2030-01-02x03:04:05Z"`, time.Time{}, false},
+		{"lower-case t with one-digit hour", `"2030-01-02t3:04:05z"`, time.Time{}, false},
+		{"lower-case z with offset", `"2030-01-02T03:04:05z+01:00"`, time.Time{}, false},
+		{"lower-case t, space separator", `"2030-01-02 t03:04:05z"`, time.Time{}, false},
+		{"lower-case month 13", `"2030-13-02t03:04:05z"`, time.Time{}, false},
 		{"one-digit hour", `"2030-01-02T3:04:05Z"`, time.Time{}, false},
 		{"one-digit hour with offset", `"2030-01-02T3:04:05.9-23:59"`, time.Time{}, false},
 		{"two-digit year", `"30-01-02T03:04:05Z"`, time.Time{}, false},
@@ -337,7 +344,9 @@ func TestDeadline(t *testing.T) {
 		{"month 13", `"2030-13-02T03:04:05Z"`, time.Time{}, false},
 		{"February 30", `"2030-02-30T03:04:05Z"`, time.Time{}, false},
 		{"hour 24", `"2030-01-02T24:00:00Z"`, time.Time{}, false},
+		// RFC 3339 allows a leap second; time.Time cannot hold one.
 		{"leap second", `"2030-12-31T23:59:60Z"`, time.Time{}, false},
+		{"leap second, lower case", `"2030-12-31t23:59:60z"`, time.Time{}, false},
 		{"leading space", `" 2030-01-02T03:04:05Z"`, time.Time{}, false},
 		{"RFC 1123", `"Wed, 02 Jan 2030 03:04:05 GMT"`, time.Time{}, false},
 		{"words", `"tomorrow"`, time.Time{}, false},
@@ -355,6 +364,42 @@ func TestDeadline(t *testing.T) {
 			checkField(t, err, field)
 			if !c.Deadline.Equal(tt.want) {
 				t.Errorf("Deadline = %v, want %v", c.Deadline, tt.want)
+			}
+		})
+	}
+}
+
+// RFC 3339 section 5.6: "T" and "Z" may be lower case, with the same meaning.
+func TestDeadlineLowerCaseSameInstant(t *testing.T) {
+	for _, upper := range []string{
+		"2030-01-02T03:04:05Z",
+		"2030-01-02T03:04:05.123456789Z",
+		"2030-01-02T03:04:05+08:00",
+		"2030-01-02T03:04:05.5-05:30",
+		"2030-01-02T03:04:05-00:00",
+	} {
+		t.Run(upper, func(t *testing.T) {
+			want, err := Decode([]byte(body("deadline", q(upper))), testMeta, Defaults{})
+			if err != nil {
+				t.Fatal(err)
+			}
+			for _, lower := range []string{
+				strings.Replace(upper, "T", "t", 1),
+				strings.Replace(upper, "Z", "z", 1),
+				strings.ToLower(upper),
+			} {
+				got, err := Decode([]byte(body("deadline", q(lower))), testMeta, Defaults{})
+				if err != nil {
+					t.Fatalf("%s: %v", lower, err)
+				}
+				if !got.Deadline.Equal(want.Deadline) {
+					t.Errorf("%s: Deadline = %v, want %v", lower, got.Deadline, want.Deadline)
+				}
+				_, gotOff := got.Deadline.Zone()
+				_, wantOff := want.Deadline.Zone()
+				if gotOff != wantOff {
+					t.Errorf("%s: zone offset %d, want %d", lower, gotOff, wantOff)
+				}
 			}
 		})
 	}

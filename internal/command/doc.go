@@ -26,8 +26,10 @@
 //   - deadline must have the exact RFC 3339 shape and parse with
 //     time.RFC3339Nano; Go alone is more lenient (a one-digit hour, a comma
 //     before the fraction, an offset such as +24:00 or +01:60), and those are
-//     rejected. Go (and hence Decode) also rejects a lower-case "t"/"z" and a
-//     leap second ":60", which RFC 3339 allows.
+//     rejected. A lower-case "t" and "z", which RFC 3339 section 5.6 allows
+//     and Go does not, are accepted: "2030-01-02t03:04:05z" is the same
+//     instant as "2030-01-02T03:04:05Z". A leap second (":60"), which RFC
+//     3339 also allows, is rejected: time.Time cannot represent it.
 //   - reason's 1024-byte limit applies to the decoded string (escapes such as
 //     "\u00e9" count as the two bytes of é).
 //   - The body command_id is validated even on a redrive (Dlf-Redrive-Of),

@@ -6,6 +6,7 @@ import (
 	"errors"
 	"regexp"
 	"strconv"
+	"strings"
 	"testing"
 	"time"
 	"unicode/utf8"
@@ -17,7 +18,7 @@ var (
 	refToken64  = regexp.MustCompile(`^[A-Za-z0-9-]{1,64}$`)
 	refToken128 = regexp.MustCompile(`^[A-Za-z0-9-]{1,128}$`)
 	refScript   = regexp.MustCompile(`^[\p{L}0-9_.-]{1,128}$`)
-	refRFC3339  = regexp.MustCompile(`^\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}(\.\d+)?(Z|[+-]([01]\d|2[0-3]):[0-5]\d)$`)
+	refRFC3339  = regexp.MustCompile(`^\d{4}-\d{2}-\d{2}[Tt]\d{2}:\d{2}:\d{2}(\.\d+)?([Zz]|[+-]([01]\d|2[0-3]):[0-5]\d)$`)
 )
 
 func refScriptOK(s string) bool { return refScript.MatchString(s) && s != "." && s != ".." }
@@ -26,7 +27,7 @@ func refDeadline(s string) (time.Time, bool) {
 	if !refRFC3339.MatchString(s) {
 		return time.Time{}, false
 	}
-	t, err := time.Parse(time.RFC3339Nano, s)
+	t, err := time.Parse(time.RFC3339Nano, strings.ToUpper(s))
 	return t, err == nil
 }
 
@@ -166,6 +167,8 @@ func FuzzDecode(f *testing.F) {
 		`{"project_id":"p","Script_Name":"job","instance_id":"i"}`,
 		`{"project_id":"p","script_name":"job","instance_id":"i","deadline":"2030-01-02T03:04:05,5+24:00"}`,
 		`{"project_id":"p","script_name":"job","instance_id":"i","deadline":"2030-01-02T03:04:05.999999999-23:59"}`,
+		`{"project_id":"p","script_name":"job","instance_id":"i","deadline":"2030-01-02t03:04:05.5z"}`,
+		`{"project_id":"p","script_name":"job","instance_id":"i","deadline":"2030-12-31t23:59:60z"}`,
 		`{"project_id":"p","script_name":"job","instance_id":"i","reason":"` + rep("r", 1025) + `"}`,
 		`{"command_id":"a b","project_id":"p","script_name":"job","instance_id":"i"}`,
 		`{"command_id":"` + rep("c", 128) + `","project_id":"p","script_name":"job","instance_id":"i"}`,

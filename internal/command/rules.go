@@ -1,6 +1,7 @@
 package command
 
 import (
+	"strings"
 	"time"
 	"unicode"
 	"unicode/utf8"
@@ -86,6 +87,9 @@ func parseDeadline(s string) (time.Time, bool) {
 	if !rfc3339Shape(s) {
 		return time.Time{}, false
 	}
+	// RFC 3339 section 5.6 allows a lower-case "t" and "z"; Go takes only
+	// upper case. After the shape check no other letter is left to change.
+	s = strings.ToUpper(s)
 	t, err := time.Parse(time.RFC3339Nano, s) // checks the ranges of date and time
 	if err != nil {
 		return time.Time{}, false
@@ -95,15 +99,27 @@ func parseDeadline(s string) (time.Time, bool) {
 
 // rfc3339Shape reports whether s is "YYYY-MM-DDTHH:MM:SS", an optional "."
 // with one or more digits, then "Z" or "+hh:mm"/"-hh:mm" with hh <= 23 and
-// mm <= 59. Ranges of the date and time are left to time.Parse.
+// mm <= 59; "T" and "Z" may be lower case. Ranges of the date and time are
+// left to time.Parse.
 func rfc3339Shape(s string) bool {
 	const head = "dddd-dd-ddTdd:dd:dd"
 	if len(s) < len(head)+1 {
 		return false
 	}
 	for i := 0; i < len(head); i++ {
-		if head[i] == 'd' && !isDigit(s[i]) || head[i] != 'd' && s[i] != head[i] {
-			return false
+		switch head[i] {
+		case 'd':
+			if !isDigit(s[i]) {
+				return false
+			}
+		case 'T':
+			if s[i] != 'T' && s[i] != 't' {
+				return false
+			}
+		default:
+			if s[i] != head[i] {
+				return false
+			}
 		}
 	}
 	rest := s[len(head):]
@@ -117,7 +133,7 @@ func rfc3339Shape(s string) bool {
 		}
 		rest = rest[n:]
 	}
-	if rest == "Z" {
+	if rest == "Z" || rest == "z" {
 		return true
 	}
 	return len(rest) == 6 && (rest[0] == '+' || rest[0] == '-') &&

@@ -225,36 +225,6 @@ func (s Subjects) Validate() error { return errors.Join(s.problems()...) }
 // Validate checks the DLF settings alone (see Config.Validate).
 func (d DLF) Validate() error { return errors.Join(d.problems()...) }
 
-// RedactURL returns a URL, or a comma separated list of them, with any user
-// information replaced by "[redacted]". It works on text that does not parse
-// as a URL too. NATS takes a user name without a password as a token, so the
-// whole user information is redacted, not only the password.
-func RedactURL(s string) string {
-	parts := strings.Split(s, ",")
-	for i, part := range parts {
-		parts[i] = redactOne(part)
-	}
-	return strings.Join(parts, ",")
-}
-
-func redactOne(s string) string {
-	start := 0
-	if i := strings.Index(s, "://"); i >= 0 {
-		start = i + len("://")
-	}
-	end := len(s)
-	if i := strings.IndexAny(s[start:], "/?#"); i >= 0 {
-		end = start + i
-	}
-	at := strings.LastIndex(s[start:end], "@")
-	if at < 0 {
-		return s
-	}
-	return s[:start] + redacted + s[start+at:]
-}
-
-const redacted = "[redacted]"
-
 // Redacted returns the configuration keyed by environment variable name,
 // safe to log: secrets that are set show as "[redacted]", unset values as
 // "", URLs without user information. DLF_ENDPOINT is the effective endpoint.

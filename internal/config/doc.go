@@ -64,7 +64,12 @@
 // are errors. NATS_URL is a comma separated list of nats://, tls://, ws:// or
 // wss:// URLs (a URL without a scheme means nats://); credentials inside a URL
 // are passed on to NATS as they are and are redacted wherever the URL is
-// shown (RedactURL).
+// shown (RedactURL). A '/', '?', '#', '@' or ',' in a user name or password
+// must be percent-encoded: unencoded, it ends the user information early, so
+// the URL is invalid (the error says so) or names another host ("u:12/34@h"
+// is host u, port 12). Since no parser can tell where such a password
+// ends, RedactURL hides everything up to the last '@' of each URL of the
+// list, so a host, port or path before that '@' is hidden too.
 //
 // # Rate limit
 //

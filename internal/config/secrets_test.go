@@ -126,15 +126,125 @@ func TestRedactURL(t *testing.T) {
 		{"nats://u:p@h:4222", "nats://[redacted]@h:4222"},
 		{"nats://token@h:4222", "nats://[redacted]@h:4222"},
 		{"u:p@h:4222", "[redacted]@h:4222"},
-		{"nats://u:p@a@h:4222/x@y", "nats://[redacted]@h:4222/x@y"},
 		{"nats://a:1, nats://u:p@b:2", "nats://a:1, nats://[redacted]@b:2"},
-		{"https://h/path?q=a@b", "https://h/path?q=a@b"},
 		{"https://u:p@[::1", "https://[redacted]@[::1"},
 		{"", ""},
+		{"nats://@h", "nats://@h"},
+		{" u:p@h, tls://h2", " [redacted]@h, tls://h2"},
+		// A '/', '?', '#', ',' or '@' may belong to a password, so an '@'
+		// after one hides what comes before it, path and host included.
+		{"nats://worker:ab/cd@h:4222", "nats://[redacted]@h:4222"},
+		{"nats://u:12/34@h", "nats://[redacted]@h"},
+		{"nats://u:p,q@h", "nats://[redacted]@h"},
+		{"nats://u:s3cr#et@h", "nats://[redacted]@h"},
+		{"nats://u:s3cr?et@h", "nats://[redacted]@h"},
+		{"nats://u:p@a@h:4222/x@y", "nats://[redacted]@y"},
+		{"https://h/path?q=a@b", "https://[redacted]@b"},
+		{"u:ab/cd@h:4222", "[redacted]@h:4222"},
+		{"u:p,q@h1,nats://v:12/34@h2", "[redacted]@h1,nats://[redacted]@h2"},
+		{"nats://a@h1,nats://b@h2", "nats://[redacted]@h1,nats://[redacted]@h2"},
+		{"nats://h1,u:p@h2", "nats://[redacted]@h2"},
+		{"nats://u:a://b@h", "nats://[redacted]@h"},
+		{"u:a://b@h", "[redacted]@h"},
+		{"nats://u:x, tls://y@h", "nats://u:x, tls://[redacted]@h"},
 	}
 	for _, tt := range tests {
 		if got := RedactURL(tt.in); got != tt.want {
 			t.Errorf("RedactURL(%q) = %q, want %q", tt.in, got, tt.want)
 		}
 	}
+}
+
+// TestURLPasswordWithSeparatorsNeverLeaks covers passwords holding characters
+// that end the user information for a URL parser: base64 passwords hold '/',
+// and nats.go splits NATS_URL on ',' before parsing.
+func TestURLPasswordWithSeparatorsNeverLeaks(t *testing.T) {
+	tests := []struct {
+		url     string
+		secret  string
+		invalid bool // FromEnv must refuse it
+	}{
+		{"nats://worker:ab/cd@h:4222", "ab/cd", true},
+		{"nats://u:12/34@h", "12/34", false},
+		{"nats://u:p,q@h", "p,q", true},
+		{"nats://u:p,q@h", "u:p", true}, // nats.go's first entry, "nats://u:p"
+		{"nats://u:s3cr#et@h", "s3cr#et", true},
+		{"u:ab/cd@h:4222", "ab/cd", true},
+		{"nats://ok:1, u:s3cr#et@h", "s3cr#et", true},
+		{"nats://u:p,q@h, nats://u:12/34@h2", "p,q", true},
+		{"tls://ok:1,nats://u:12/34@h", "12/34", false},
+	}
+	for _, tt := range tests {
+		t.Run(tt.url, func(t *testing.T) {
+			check := func(where, s string) {
+				t.Helper()
+				if strings.Contains(s, tt.secret) {
+					t.Errorf("%s contains %q:\n%s", where, tt.secret, s)
+				}
+			}
+			check("RedactURL", RedactURL(tt.url))
+
+			m := env("NATS_URL", tt.url)
+			_, err := FromEnv(lookupMap(m))
+			switch {
+			case tt.invalid && err == nil:
+				t.Fatal("FromEnv accepted the URL")
+			case !tt.invalid && err != nil:
+				t.Fatalf("FromEnv: %v", err)
+			case err != nil:
+				check("FromEnv error", err.Error())
+				if !strings.Contains(err.Error(), "[redacted]") || !strings.Contains(err.Error(), "percent-encode") {
+					t.Errorf("FromEnv error does not show the redacted URL with a hint:\n%v", err)
+				}
+			}
+
+			c, err := Load(lookupMap(m))
+			if err != nil {
+				t.Fatal(err)
+			}
+			if err := c.NATS.Validate(); err != nil {
+				check("NATS.Validate error", err.Error())
+			}
+			check("Redacted", fmt.Sprint(c.Redacted()))
+			check("NATS %v", fmt.Sprintf("%v", c.NATS))
+			b, err := json.Marshal(c.NATS)
+			if err != nil {
+				t.Fatal(err)
+			}
+			check("NATS json", string(b))
+		})
+	}
+}
+
+func TestURLUserinfo(t *testing.T) {
+	// An entry without a scheme after one with a scheme cannot be told apart
+	// from the password of the first, so both go into one piece.
+	got := URLUserinfo("a:b@h0,nats://u:p,q@h1, x:ab/cd@h2,tls://h3,nats://tok@h4")
+	want := []string{"a:b", "u:p,q@h1, x:ab/cd", "tok"}
+	if !slices.Equal(got, want) {
+		t.Fatalf("URLUserinfo = %q, want %q", got, want)
+	}
+}
+
+// FuzzRedactURL checks that any password without "://" is hidden whole, in a
+// URL with or without a scheme and behind another entry of the list.
+func FuzzRedactURL(f *testing.F) {
+	for _, pass := range []string{"p", "ab/cd", "12/34", "p,q", "s3cr#et", "a?b", "a@b", "x, y", "%2F", ""} {
+		f.Add(pass)
+	}
+	f.Fuzz(func(t *testing.T, pass string) {
+		if strings.Contains("u:"+pass, "://") {
+			t.Skip() // looks like a scheme: the limit RedactURL documents
+		}
+		for in, want := range map[string]string{
+			"nats://u:" + pass + "@h:4222":            "nats://[redacted]@h:4222",
+			"u:" + pass + "@h:4222":                   "[redacted]@h:4222",
+			"tls://a:1,nats://u:" + pass + "@h:4222":  "tls://a:1,nats://[redacted]@h:4222",
+			"nats://u:" + pass + "@h:4222, tls://b:1": "nats://[redacted]@h:4222, tls://b:1",
+		} {
+			if got := RedactURL(in); got != want {
+				t.Errorf("RedactURL(%q) = %q, want %q", in, got, want)
+			}
+		}
+	})
 }

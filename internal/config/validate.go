@@ -106,20 +106,30 @@ func (p *problems) natsURLs(urls string) {
 		p.add(name, "must not be empty")
 		return
 	}
+	// Redact before splitting: a ',' in a password would otherwise leave
+	// each half of it shown in its own entry.
+	spans := userinfoSpans(urls)
+	hint := ""
+	if len(spans) > 0 {
+		hint = "; percent-encode any '/', '?', '#', '@' or ',' in a user name or password"
+	}
+	start := 0
 	for part := range strings.SplitSeq(urls, ",") {
+		lead := len(part) - len(strings.TrimLeftFunc(part, unicode.IsSpace))
 		s := strings.TrimSpace(part)
+		shown := redactRange(urls, spans, start+lead, start+lead+len(s))
+		start += len(part) + len(",")
 		if s == "" {
 			p.add(name, "empty entry in the list %q", RedactURL(urls))
 			continue
 		}
-		shown := RedactURL(s)
 		raw := s
 		if !strings.Contains(s, "://") {
 			raw = "nats://" + s
 		}
 		u, err := url.Parse(raw)
 		if err != nil {
-			p.add(name, "%q is not a valid URL", shown)
+			p.add(name, "%q is not a valid URL%s", shown, hint)
 			continue
 		}
 		switch strings.ToLower(u.Scheme) {
@@ -129,7 +139,7 @@ func (p *problems) natsURLs(urls string) {
 			continue
 		}
 		if u.Hostname() == "" {
-			p.add(name, "%q has no host", shown)
+			p.add(name, "%q has no host%s", shown, hint)
 		}
 	}
 }

@@ -13,8 +13,10 @@ import (
 // letters everywhere would garble messages and hide nothing.
 const minSecretLen = 4
 
-// userinfoRe matches the user information of a URL inside a message.
-var userinfoRe = regexp.MustCompile(`([A-Za-z][A-Za-z0-9+.-]*://)[^/?#@\s"']*@`)
+// urlRe matches a URL inside a message, up to the next white space; a
+// password's '/', '?', '#', ',' or '@' does not end it, so config.RedactURL
+// sees all of it.
+var urlRe = regexp.MustCompile(`[A-Za-z][A-Za-z0-9+.-]*://\S*`)
 
 // redactor scrubs secrets out of messages before they reach an error or a
 // log: user information of URLs, and the known secret values.
@@ -27,33 +29,29 @@ func newRedactor(c config.NATS) *redactor {
 	r := &redactor{}
 	r.add(c.Password)
 	r.add(c.Token)
-	for part := range strings.SplitSeq(c.URL, ",") {
-		r.addUserinfo(strings.TrimSpace(part))
+	// The whole list, not its entries: a ',' may belong to a password.
+	for _, info := range config.URLUserinfo(c.URL) {
+		r.addUserinfo(info)
 	}
 	return r
 }
 
-func (r *redactor) addUserinfo(u string) {
-	rest := u
-	if i := strings.Index(rest, "://"); i >= 0 {
-		rest = rest[i+len("://"):]
-	}
-	if i := strings.IndexAny(rest, "/?#"); i >= 0 {
-		rest = rest[:i]
-	}
-	at := strings.LastIndex(rest, "@")
-	if at < 0 {
-		return
-	}
-	info := rest[:at]
+// addUserinfo adds the values nats.go may quote on their own: it splits
+// NATS_URL on ',' and a URL parser ends the user information at '/', '?' or
+// '#', so a message can hold a password, a piece of it ("invalid port
+// \":piece\""), or its unescaped form without the rest of the URL.
+func (r *redactor) addUserinfo(info string) {
 	r.add(info)
 	user, pass, found := strings.Cut(info, ":")
 	if !found {
 		pass = user // a user name alone is a token to NATS
 	}
-	r.add(pass)
-	if p, err := url.PathUnescape(pass); err == nil {
+	pieces := strings.FieldsFunc(pass, func(c rune) bool { return strings.ContainsRune(",/?#@", c) })
+	for _, p := range append([]string{pass}, pieces...) {
 		r.add(p)
+		if u, err := url.PathUnescape(p); err == nil {
+			r.add(u)
+		}
 	}
 }
 
@@ -74,7 +72,7 @@ func (r *redactor) add(secret string) {
 // scrub returns msg with URL user information and known secrets replaced by
 // "[redacted]".
 func (r *redactor) scrub(msg string) string {
-	msg = userinfoRe.ReplaceAllString(msg, "${1}[redacted]@")
+	msg = urlRe.ReplaceAllStringFunc(msg, config.RedactURL)
 	r.mu.Lock()
 	defer r.mu.Unlock()
 	for _, s := range r.secrets {
