@@ -24,10 +24,20 @@ import (
 
 // Hooks let callers observe start-up; all optional.
 type Hooks struct {
+	// Serving is called once the operations HTTP server answers, before
+	// NATS is connected, with its bound address: /healthz is 200 from
+	// then on and /readyz 503 until the worker consumes.
+	Serving func(httpAddr string)
 	// Started is called once the worker consumes, with the bound address
 	// of the operations HTTP server.
 	Started func(httpAddr string)
 }
+
+// Start-up steps /readyz names while the worker does not exist yet.
+const (
+	StepConnecting = "connecting to NATS"
+	StepSetup      = "setting up JetStream"
+)
 
 // Run runs the worker until ctx ends, then shuts down gracefully: stop
 // fetching, finish or return in-flight commands within SHUTDOWN_TIMEOUT,
@@ -57,6 +67,38 @@ func Run(ctx context.Context, cfg config.Config, log *zap.Logger, hooks Hooks) e
 	}
 	defer client.CloseIdleConnections()
 
+	// The operations server answers from here on, while NATS connects and
+	// JetStream is set up (which may take long): /healthz is 200 so a
+	// liveness probe does not kill a process that is only waiting, /readyz
+	// 503 naming the step. It is shut down last, after the worker stopped
+	// and NATS drained (deferred before everything that follows).
+	reg := prometheus.NewRegistry()
+	reg.MustRegister(collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))
+	metrics, err := consumer.NewMetrics(reg)
+	if err != nil {
+		return fmt.Errorf("metrics: %w", err)
+	}
+	readiness := opshttp.NewReadiness(StepConnecting)
+	ops, err := opshttp.Listen(cfg.HTTPAddr, reg, readiness.Ready, log)
+	if err != nil {
+		return fmt.Errorf("HTTP_ADDR: listen %s: %w", cfg.HTTPAddr, err)
+	}
+	served := make(chan struct{})
+	go func() {
+		defer close(served)
+		ops.Serve()
+	}()
+	defer func() {
+		sctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+		defer cancel()
+		_ = ops.Shutdown(sctx)
+		<-served // Serve returns as soon as Shutdown closed the listener
+	}()
+	log.Info("serving operations HTTP", zap.String("http_addr", ops.Addr()))
+	if hooks.Serving != nil {
+		hooks.Serving(ops.Addr())
+	}
+
 	nc, err := natsconn.Connect(ctx, cfg.NATS, log, "dlf-stop-worker "+workerID)
 	if err != nil {
 		return err
@@ -67,6 +109,7 @@ func Run(ctx context.Context, cfg config.Config, log *zap.Logger, hooks Hooks) e
 		return fmt.Errorf("jetstream: %w", err)
 	}
 
+	readiness.Starting(StepSetup)
 	ccfg := ConsumerConfig(cfg, workerID)
 	setupCtx, cancelSetup := context.WithTimeout(ctx, 30*time.Second)
 	cons, err := consumer.Setup(setupCtx, js, ccfg, log)
@@ -75,27 +118,11 @@ func Run(ctx context.Context, cfg config.Config, log *zap.Logger, hooks Hooks) e
 		return fmt.Errorf("set up JetStream: %w", err)
 	}
 
-	reg := prometheus.NewRegistry()
-	reg.MustRegister(collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))
-	metrics, err := consumer.NewMetrics(reg)
-	if err != nil {
-		return fmt.Errorf("metrics: %w", err)
-	}
 	w, err := consumer.New(js, cons, client, ccfg, log, metrics)
 	if err != nil {
 		return err
 	}
-
-	ops, err := opshttp.Listen(cfg.HTTPAddr, reg, w.Readiness, log)
-	if err != nil {
-		return fmt.Errorf("HTTP_ADDR: listen %s: %w", cfg.HTTPAddr, err)
-	}
-	go ops.Serve()
-	defer func() {
-		sctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
-		defer cancel()
-		_ = ops.Shutdown(sctx)
-	}()
+	readiness.Delegate(w.Readiness)
 	log.Info("consuming", zap.String("stream", ccfg.StopStream), zap.String("consumer", ccfg.ConsumerName),
 		zap.String("http_addr", ops.Addr()), zap.Int("concurrency", ccfg.Concurrency))
 	if hooks.Started != nil {
