@@ -12,7 +12,6 @@ import (
 	"net/url"
 	"strconv"
 	"strings"
-	"sync/atomic"
 	"time"
 	"unicode"
 	"unicode/utf8"
@@ -209,6 +208,11 @@ type Option func(*Client)
 // WithHTTPClient makes the client use (a shallow copy of) hc instead of its
 // own tuned one. Its redirect policy is overridden: redirects are never
 // followed. nil keeps the default.
+//
+// The connections of such a client are not dialled by this package, so
+// TransportError.Sent cannot count the bytes they accept and rests on
+// net/http's word alone (see TransportError): a request whose final write
+// to the connection failed then still counts as sent.
 func WithHTTPClient(hc *http.Client) Option {
 	return func(c *Client) {
 		if hc != nil {
@@ -247,7 +251,8 @@ func NewClient(cfg Config, opts ...Option) (*Client, error) {
 		o(c)
 	}
 	if c.hc == nil {
-		c.hc = &http.Client{Transport: newTransport(cfg)}
+		dialer := &net.Dialer{Timeout: min(cfg.Timeout, 5*time.Second), KeepAlive: 30 * time.Second}
+		c.hc = &http.Client{Transport: newTransport(cfg, dialer.DialContext)}
 	} else {
 		hc := *c.hc // shallow copy: never change the caller's client
 		c.hc = &hc
@@ -256,11 +261,13 @@ func NewClient(cfg Config, opts ...Option) (*Client, error) {
 	return c, nil
 }
 
-func newTransport(cfg Config) *http.Transport {
-	dialer := &net.Dialer{Timeout: min(cfg.Timeout, 5*time.Second), KeepAlive: 30 * time.Second}
+// newTransport builds the client's transport over dial. Every connection it
+// makes counts the bytes written to it (countingConn), which is how Stop
+// tells whether a request left the process (TransportError.Sent).
+func newTransport(cfg Config, dial func(ctx context.Context, network, addr string) (net.Conn, error)) *http.Transport {
 	return &http.Transport{
 		Proxy:                 http.ProxyFromEnvironment,
-		DialContext:           dialer.DialContext,
+		DialContext:           countingDial(dial),
 		ForceAttemptHTTP2:     true,
 		MaxIdleConns:          cfg.MaxConns,
 		MaxIdleConnsPerHost:   cfg.MaxConns,
@@ -305,20 +312,15 @@ func (c *Client) Stop(ctx context.Context, r StopRequest) (*Response, error) {
 
 	callCtx, cancel := context.WithTimeout(ctx, c.timeout)
 	defer cancel()
-	var sent atomic.Bool
-	trace := &httptrace.ClientTrace{WroteRequest: func(i httptrace.WroteRequestInfo) {
-		if i.Err == nil {
-			sent.Store(true)
-		}
-	}}
-	req, err := c.newRequest(httptrace.WithClientTrace(callCtx, trace), r, creds)
+	var st sendTracker
+	req, err := c.newRequest(httptrace.WithClientTrace(callCtx, st.trace()), r, creds)
 	if err != nil {
 		return nil, err
 	}
 
 	resp, err := c.hc.Do(req)
 	if err != nil {
-		return nil, transportError(ctx, err, sent.Load())
+		return nil, transportError(ctx, err, st.sent())
 	}
 	defer resp.Body.Close()
 

@@ -1,9 +1,14 @@
 package dlf
 
 import (
+	"context"
 	"errors"
+	"net"
+	"net/http/httptrace"
 	"strconv"
 	"strings"
+	"sync"
+	"sync/atomic"
 	"time"
 )
 
@@ -114,10 +119,24 @@ func normalizeCode(c string) string {
 // TransportError is a call that got no HTTP answer: the connection could not
 // be made, broke, or the call timed out or was cancelled.
 //
-// Sent reports that the whole request had been written to the connection
-// (net/http/httptrace WroteRequest) before the failure: DLF may have received
-// it and stopped the instance, so the outcome is unknown. With Sent false the
-// request certainly did not reach the server (for example connection refused).
+// Sent reports that the request was written to a connection, that is handed
+// to the operating system, on the last connection the call used (net/http
+// retries a request on a new connection when nothing of it was written):
+// DLF may have received it and stopped the instance, so the outcome is
+// unknown. With Sent false the request did not reach DLF whole: the
+// connection could not be made, or the write failed (a peer reset, a
+// kept-alive connection the server had closed), whatever net/http tried next.
+//
+// Precisely, Sent is true when net/http reported the request written
+// without error (net/http/httptrace WroteRequest) and the connection, which
+// this package dialled, accepted at least one byte after it was handed the
+// request (sendTracker.sent says why one byte). Limits: a write that breaks
+// partway through the request counts as sent; over HTTP/2, a call cancelled
+// or timed out just as its request is flushed can count as not sent. With a
+// client from WithHTTPClient, whose connections this package does not dial,
+// Sent rests on WroteRequest alone, which HTTP/1.1 reports before its final
+// write, so a request lost in that write counts as sent too.
+//
 // Timeout reports that the call ran out of time (DLF_TIMEOUT, the caller's
 // deadline, or a network timeout). When the caller cancelled its context, Err
 // matches context.Canceled.
@@ -145,3 +164,123 @@ func (e *TransportError) Error() string {
 }
 
 func (e *TransportError) Unwrap() error { return e.Err }
+
+// countingConn is a connection this package dialled. It counts the bytes the
+// operating system accepted from Write, so Stop can tell whether a request
+// left the process (TransportError.Sent).
+type countingConn struct {
+	net.Conn
+	written atomic.Int64
+}
+
+func (c *countingConn) Write(p []byte) (int, error) {
+	n, err := c.Conn.Write(p)
+	c.written.Add(int64(n))
+	return n, err
+}
+
+// countingDial wraps every connection dial makes in a countingConn. Proxy
+// handshakes and TLS sit above it, so their bytes are counted too; a call
+// only compares the count at GotConn with the count at its end.
+func countingDial(dial func(ctx context.Context, network, addr string) (net.Conn, error)) func(ctx context.Context, network, addr string) (net.Conn, error) {
+	return func(ctx context.Context, network, addr string) (net.Conn, error) {
+		conn, err := dial(ctx, network, addr)
+		if err != nil {
+			return nil, err
+		}
+		return &countingConn{Conn: conn}, nil
+	}
+}
+
+// countingConnOf finds the countingConn under conn: conn itself, or the
+// connection under TLS (GotConn reports the *tls.Conn). nil when conn was
+// not dialled by this package.
+func countingConnOf(conn net.Conn) *countingConn {
+	for range 4 { // TLS over a proxy tunnel is two layers; stop at a cycle
+		switch c := conn.(type) {
+		case *countingConn:
+			return c
+		case interface{ NetConn() net.Conn }:
+			conn = c.NetConn()
+		default:
+			return nil
+		}
+	}
+	return nil
+}
+
+// sendTracker follows one Stop call through the attempts net/http makes
+// (GetConn starts one, GotConn names its connection) and remembers, for the
+// last attempt only, what is needed to decide TransportError.Sent. Its
+// callbacks run on net/http's goroutines, hence the mutex.
+type sendTracker struct {
+	mu    sync.Mutex
+	conn  *countingConn // of the last attempt; nil when unknown or not ours
+	base  int64         // conn.written at GotConn
+	wrote bool          // WroteRequest without error in the last attempt
+}
+
+func (s *sendTracker) trace() *httptrace.ClientTrace {
+	return &httptrace.ClientTrace{
+		GetConn: func(string) {
+			s.mu.Lock()
+			s.conn, s.base, s.wrote = nil, 0, false
+			s.mu.Unlock()
+		},
+		GotConn: func(i httptrace.GotConnInfo) {
+			cc := countingConnOf(i.Conn)
+			s.mu.Lock()
+			s.conn, s.base, s.wrote = cc, 0, false
+			if cc != nil {
+				s.base = cc.written.Load()
+			}
+			s.mu.Unlock()
+		},
+		WroteRequest: func(i httptrace.WroteRequestInfo) {
+			s.mu.Lock()
+			s.wrote = i.Err == nil
+			s.mu.Unlock()
+		},
+	}
+}
+
+// sent decides TransportError.Sent once Do has failed: WroteRequest
+// reported no error in the last attempt and, when that attempt's connection
+// is ours, the connection accepted at least one byte since GotConn.
+//
+// WroteRequest alone is not enough: over HTTP/1.1 net/http reports it once
+// the request is in the connection's buffer, before the flush that writes it
+// out. If that flush fails having written nothing (peer reset, broken pipe
+// on a stale kept-alive connection), nothing reached DLF; the count stays
+// put. net/http then retries on a new connection; GetConn starts a new
+// attempt, so if that dial fails the first attempt's WroteRequest no longer
+// counts (for a client from WithHTTPClient this is the only protection).
+// For HTTP/1.1 the count is final when Do returns an error: net/http waits
+// for the connection's writer to stop first. Over HTTP/2 WroteRequest comes
+// after the flush and is exact by itself; the count, shared with other
+// streams, adds nothing there but does no harm. (HTTP/2 does not wait for
+// its writer when the call is cancelled or times out, so a request whose
+// flush ends at that very moment reads as not sent.)
+//
+// Why "at least one byte" and not "the whole request": net/http does not
+// expose the request's size on the wire (it adds headers of its own, TLS
+// adds record framing, HTTP/2 compresses headers), while an HTTP/1.1
+// connection carries nothing but this request between GotConn and the end
+// of the call (TLS adds its closing alert, which a connection whose write
+// just failed does not take either). So the one case read wrongly is a
+// write the operating system accepted in part before the connection broke:
+// DLF got an incomplete request it cannot act on, yet Sent is true. That
+// needs the connection to break in the middle of writing a request of about
+// half a kilobyte, and it errs toward "outcome unknown", the reading the
+// contract already handles, never toward "DLF got nothing" when it may have.
+func (s *sendTracker) sent() bool {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if !s.wrote {
+		return false
+	}
+	if s.conn == nil {
+		return true // not our connection: WroteRequest is all there is
+	}
+	return s.conn.written.Load() > s.base
+}
