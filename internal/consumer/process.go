@@ -555,6 +555,10 @@ func (w *Worker) readAgain(j *job, err error) ([]*stateRecord, error) {
 // command, or the bucket could not be read (returned for later).
 func (w *Worker) recall(j *job, recs []*stateRecord, err error) bool {
 	if err != nil {
+		if w.soft.Err() != nil {
+			w.giveBack(j, 0, "shutdown")
+			return false
+		}
 		j.log.Warn("state bucket unavailable; returning the command", zap.Error(err))
 		w.checkState()
 		w.giveBack(j, w.cfg.RetryInitial, "state_unavailable")
