@@ -106,11 +106,7 @@ func TestGracefulShutdownFinishesInFlightAndReturnsTheRest(t *testing.T) {
 	if took := time.Since(returnedAt); took > 10*time.Second {
 		t.Errorf("returned commands took %s to be redelivered", took)
 	}
-	for id, o := range byID(t, e.out.outcomes(t)) {
-		if o.Status != StatusStopped {
-			t.Errorf("%s: %+v", id, o)
-		}
-	}
+	allStopped(t, byID(t, e.out.outcomes(t)))
 	if got := len(byID(t, e.out.outcomes(t))); got != n {
 		t.Errorf("%d distinct outcomes, want %d", got, n)
 	}

@@ -77,15 +77,7 @@ func TestSeqIDAfterStreamRecreated(t *testing.T) {
 	// Both outcomes carry Nats-Msg-Id DLF_STOP-1; a short duplicate
 	// window lets the outcome stream keep the second one too.
 	const window = 100 * time.Millisecond
-	outStream, err := e.js.Stream(ctx, "DLF_STOP_OUTCOMES")
-	if err != nil {
-		t.Fatal(err)
-	}
-	oc := outStream.CachedInfo().Config
-	oc.Duplicates = window
-	if _, err := e.js.UpdateStream(ctx, oc); err != nil {
-		t.Fatal(err)
-	}
+	e.updateStream(t, "DLF_STOP_OUTCOMES", func(c *jetstream.StreamConfig) { c.Duplicates = window })
 	e.emu.AddRunning(proj, "", "s1", "old")
 	e.emu.AddRunning(proj, "", "s1", "new")
 
@@ -394,11 +386,7 @@ func TestCircuitOpensOnAuthFailureAndRecovers(t *testing.T) {
 	}
 	e.emu.SetFaults(emulator.Faults{})
 	e.out.wait(t, 50, 20*time.Second)
-	for id, o := range byID(t, e.out.outcomes(t)) {
-		if o.Status != StatusStopped {
-			t.Errorf("%s: %+v", id, o)
-		}
-	}
+	allStopped(t, byID(t, e.out.outcomes(t)))
 	e.noDeadLetters(t)
 	testutil.Eventually(t, 5*time.Second, func() error {
 		if ok, why := r.w.Readiness(); !ok {
@@ -421,11 +409,7 @@ func TestCircuitOpensWhenDLFIsDown(t *testing.T) {
 	})
 	e.emu.SetFaults(emulator.Faults{})
 	e.out.wait(t, 30, 20*time.Second)
-	for id, o := range byID(t, e.out.outcomes(t)) {
-		if o.Status != StatusStopped {
-			t.Errorf("%s: %+v", id, o)
-		}
-	}
+	allStopped(t, byID(t, e.out.outcomes(t)))
 	e.noDeadLetters(t)
 }
 
@@ -444,11 +428,7 @@ func TestThrottlePausesEveryCall(t *testing.T) {
 	})
 	e.emu.SetFaults(emulator.Faults{})
 	e.out.wait(t, 20, 20*time.Second)
-	for id, o := range byID(t, e.out.outcomes(t)) {
-		if o.Status != StatusStopped {
-			t.Errorf("%s: %+v", id, o)
-		}
-	}
+	allStopped(t, byID(t, e.out.outcomes(t)))
 	// After each 429, no request may start within ~1s except those that
 	// were already on the wire (at most the concurrency).
 	reqs := e.emu.Requests()

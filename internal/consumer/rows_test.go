@@ -49,16 +49,50 @@ func (e *env) single(t *testing.T) Outcome {
 // removes acked messages).
 func (e *env) stopStreamEmpty(t *testing.T) {
 	t.Helper()
+	e.stopStreamHolds(t, 0)
+}
+
+// stopStreamHolds waits until the stop stream holds n commands: acks
+// reach the server on their own time.
+func (e *env) stopStreamHolds(t *testing.T, n uint64) {
+	t.Helper()
 	testutil.Eventually(t, 10*time.Second, func() error {
 		s, err := e.js.Stream(context.Background(), "DLF_STOP")
 		if err != nil {
 			return err
 		}
-		if n := s.CachedInfo().State.Msgs; n != 0 {
-			return fmt.Errorf("stop stream still holds %d messages", n)
+		if got := s.CachedInfo().State.Msgs; got != n {
+			return fmt.Errorf("stop stream holds %d messages, want %d", got, n)
 		}
 		return nil
 	})
+}
+
+// updateStream changes an existing stream's configuration, as an operator
+// would before the worker starts (the worker uses streams as they are).
+func (e *env) updateStream(t *testing.T, name string, change func(*jetstream.StreamConfig)) {
+	t.Helper()
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+	s, err := e.js.Stream(ctx, name)
+	if err != nil {
+		t.Fatal(err)
+	}
+	cfg := s.CachedInfo().Config
+	change(&cfg)
+	if _, err := e.js.UpdateStream(ctx, cfg); err != nil {
+		t.Fatal(err)
+	}
+}
+
+// allStopped fails for every outcome that is not stopped.
+func allStopped(t *testing.T, outs map[string]Outcome) {
+	t.Helper()
+	for id, o := range outs {
+		if o.Status != StatusStopped {
+			t.Errorf("%s: %+v", id, o)
+		}
+	}
 }
 
 func checkTimes(t *testing.T, o Outcome) (received, finished time.Time) {

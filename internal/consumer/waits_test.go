@@ -9,6 +9,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/nats-io/nats.go/jetstream"
 	"go.uber.org/zap"
 
 	"github.com/dlf-stop/worker/internal/dlf"
@@ -119,18 +120,8 @@ func TestShutdownSendsNoCallForCommandsWaitingForASlot(t *testing.T) {
 	if n := e.emu.StopCalls(); n != 1 {
 		t.Errorf("%d DLF calls; the commands waiting for the slot were sent after the stop", n)
 	}
-	e.out.wait(t, 1, 5*time.Second) // the call that was in flight
-	// The decided command's ack reaches the server on its own time.
-	testutil.Eventually(t, 5*time.Second, func() error {
-		s, err := e.js.Stream(context.Background(), "DLF_STOP")
-		if err != nil {
-			return err
-		}
-		if n := s.CachedInfo().State.Msgs; n != 2 {
-			return fmt.Errorf("%d commands in the stream, want the 2 returned", n)
-		}
-		return nil
-	})
+	e.out.wait(t, 1, 5*time.Second) // the one that was in flight
+	e.stopStreamHolds(t, 2)         // and the two returned
 }
 
 // panicky wraps a Stopper and panics on the calls for which panicAt
@@ -160,11 +151,7 @@ func TestPanicInTheClientKeepsNoSlot(t *testing.T) {
 	e.publishMany(t, 2, "p")
 	e.startWorker(nil, withPanicky(p))
 	e.out.wait(t, 2, 20*time.Second)
-	for id, o := range byID(t, e.out.outcomes(t)) {
-		if o.Status != StatusStopped {
-			t.Errorf("%s: %+v", id, o)
-		}
-	}
+	allStopped(t, byID(t, e.out.outcomes(t)))
 }
 
 // A panic in the circuit's probe call gives the probe turn back: an open
@@ -203,19 +190,11 @@ func TestPanicInTheProbeLetsTheCircuitProbeAgain(t *testing.T) {
 // it says so at start rather than returning every command for ever.
 func TestStateBucketWithoutDirectGetsStopsTheStart(t *testing.T) {
 	e := newEnv(t, nil)
+	// The environment's set-up created the bucket as the worker would.
+	e.updateStream(t, "KV_dlf_stop_state", func(c *jetstream.StreamConfig) { c.AllowDirect = false })
 	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
 	defer cancel()
-	// The environment's set-up created the bucket as the worker would.
-	s, err := e.js.Stream(ctx, "KV_dlf_stop_state")
-	if err != nil {
-		t.Fatal(err)
-	}
-	cfg := s.CachedInfo().Config
-	cfg.AllowDirect = false
-	if _, err := e.js.UpdateStream(ctx, cfg); err != nil {
-		t.Fatal(err)
-	}
-	_, err = Setup(ctx, e.js, e.cfg, e.log)
+	_, err := Setup(ctx, e.js, e.cfg, e.log)
 	if !errors.Is(err, ErrMismatch) || !strings.Contains(err.Error(), "dlf_stop_state") || !strings.Contains(err.Error(), "allow_direct") {
 		t.Fatalf("Setup = %v; want a mismatch naming the bucket and allow_direct", err)
 	}
