@@ -60,9 +60,10 @@ func (c *circuit) Open() bool {
 
 // acquire waits until a call may be made: at once when closed; as the one
 // probe when open and the probe backoff has passed; and, open or not, once
-// giveUpAt has come, for the command's last attempt. probe tells the caller
-// to report through release. It returns ok=false when ctx ends first.
-func (c *circuit) acquire(ctx context.Context, giveUpAt time.Time) (probe, ok bool) {
+// lastAt has come (zero: never), for the command's last attempt. probe
+// tells the caller to report through release. It returns ok=false when
+// ctx ends first.
+func (c *circuit) acquire(ctx context.Context, lastAt time.Time) (probe, ok bool) {
 	if c.disabled {
 		return false, true
 	}
@@ -85,13 +86,17 @@ func (c *circuit) acquire(ctx context.Context, giveUpAt time.Time) (probe, ok bo
 			wait = time.Hour // woken by the probe's result
 		}
 		c.mu.Unlock()
-		left := giveUpAt.Sub(now)
-		if left <= 0 {
-			// The contract owes every command one last attempt when its
-			// time is up; the circuit only decides how many go before it.
-			return false, true
+		if !lastAt.IsZero() {
+			left := lastAt.Sub(now)
+			if left <= 0 {
+				// The contract owes every command one last attempt when
+				// its time is up; the circuit only decides how many go
+				// before it.
+				return false, true
+			}
+			wait = min(wait, left)
 		}
-		t := time.NewTimer(min(wait, left))
+		t := time.NewTimer(wait)
 		select {
 		case <-ch:
 		case <-t.C:

@@ -149,7 +149,17 @@ func (w *Worker) process(j *job, recs []*stateRecord, lerr error) {
 	req := dlf.StopRequest{ProjectID: cmd.ProjectID, Workspace: cmd.Workspace,
 		ScriptName: cmd.ScriptName, InstanceID: cmd.InstanceID}
 	sched := newSchedule(&w.cfg, meta.Timestamp, meta.NumDelivered)
+	// The circuit and a 429's pause give way at the give-up time, so that
+	// a command ends within DLF_TIMEOUT of it as the contract says. A
+	// command first seen after its time was up cannot meet that bound
+	// anyway; its one call waits its turn like any other, so that a
+	// backlog that aged during an outage does not hit DLF all at once.
+	lastAt := sched.giveUpAt
+	if meta.NumDelivered <= 1 && !time.Now().Before(lastAt) {
+		lastAt = time.Time{}
+	}
 	var last dlf.Verdict
+	called := false // in this delivery; last is only known then
 	for {
 		select {
 		case <-w.stopping:
@@ -157,21 +167,24 @@ func (w *Worker) process(j *job, recs []*stateRecord, lerr error) {
 			return
 		default:
 		}
-		v, res := w.call(j, req, sched.giveUpAt)
+		v, res := w.call(j, req, lastAt)
 		switch res {
 		case callStopped:
 			w.giveBack(j, 0, "shutdown")
 			return
 		case callExpired:
-			detail := fmt.Sprintf("deadline %s passed before the first call", cmd.Deadline.Format(time.RFC3339Nano))
-			if j.attempts > 0 {
-				detail = fmt.Sprintf("deadline %s passed before the next attempt; last: %s",
-					cmd.Deadline.Format(time.RFC3339Nano), describe(last))
+			dl := cmd.Deadline.Format(time.RFC3339Nano)
+			detail := fmt.Sprintf("deadline %s passed before the first call", dl)
+			switch {
+			case called:
+				detail = fmt.Sprintf("deadline %s passed before the next attempt; last: %s", dl, describe(last))
+			case j.attempts > 0:
+				detail = fmt.Sprintf("deadline %s passed before the next attempt (after %d in earlier deliveries)", dl, j.attempts)
 			}
 			w.finish(j, StatusExpired, CauseDeadlinePassed, detail)
 			return
 		}
-		last = v
+		last, called = v, true
 		if j.unanswered && v.HTTPStatus == 400 && v.ErrorCode == "DLF.6205" {
 			w.finish(j, StatusStopped, CauseAlreadyStopped,
 				"DLF.6205 after an earlier call that was sent and got no answer: that call stopped the instance")
@@ -255,16 +268,18 @@ const (
 
 // call makes one DLF attempt and records what the answer says on the job.
 // Before the call it passes the circuit (waiting while it is open, unless
-// chosen as the probe), the throttle and a concurrency slot; only the call
-// itself holds the slot.
+// chosen as the probe), a 429's pause, a concurrency slot and then the
+// rate limiter; only the call itself (and the limiter's wait just before
+// it, so that no burst above DLF_RATE_BURST can build up behind busy
+// slots) holds the slot.
 //
 // Each of those waits ends at a soft stop (callStopped: the command goes
-// back at once) and at the command's deadline (callExpired: a command
-// whose deadline has passed is never sent). At giveUpAt the circuit and a
-// 429's pause stop holding the command back: the contract owes it one last
-// attempt when its time is up, so that it ends within DLF_TIMEOUT of
-// RETRY_MAX_ELAPSED. A configured DLF_RATE_LIMIT still applies to it.
-func (w *Worker) call(j *job, req dlf.StopRequest, giveUpAt time.Time) (v dlf.Verdict, res callResult) {
+// back at once) and at the command's deadline (callExpired: a call is
+// never started after the deadline). At lastAt (zero: never) the circuit
+// and a 429's pause stop holding the command back: the contract owes it
+// one last attempt when its time is up, so that it ends within DLF_TIMEOUT
+// of RETRY_MAX_ELAPSED. A configured DLF_RATE_LIMIT still applies to it.
+func (w *Worker) call(j *job, req dlf.StopRequest, lastAt time.Time) (v dlf.Verdict, res callResult) {
 	ctx := w.soft
 	if dl := j.cmd.Deadline; !dl.IsZero() {
 		var cancel context.CancelFunc
@@ -278,7 +293,7 @@ func (w *Worker) call(j *job, req dlf.StopRequest, giveUpAt time.Time) (v dlf.Ve
 		}
 		return v, callExpired
 	}
-	probe, ok := w.circ.acquire(ctx, giveUpAt)
+	probe, ok := w.circ.acquire(ctx, lastAt)
 	if !ok {
 		if w.soft.Err() != nil {
 			return v, callStopped
@@ -288,7 +303,7 @@ func (w *Worker) call(j *job, req dlf.StopRequest, giveUpAt time.Time) (v dlf.Ve
 	// A 429 may arrive while this command waits for a slot; the pause is
 	// checked again once the slot is taken, and the slot given back for it.
 	for {
-		if err := w.thr.wait(ctx, giveUpAt); err != nil {
+		if err := w.thr.waitPause(ctx, lastAt); err != nil {
 			return notSent(probe)
 		}
 		select {
@@ -300,10 +315,14 @@ func (w *Worker) call(j *job, req dlf.StopRequest, giveUpAt time.Time) (v dlf.Ve
 			<-w.slots
 			return notSent(probe)
 		}
-		if !w.thr.pausedFor(giveUpAt) {
+		if !w.thr.pausedFor(lastAt) {
 			break
 		}
 		<-w.slots
+	}
+	if err := w.thr.waitRate(ctx); err != nil {
+		<-w.slots
+		return notSent(probe)
 	}
 	v, elapsed, err := w.attempt(req, probe)
 	j.attempts++

@@ -31,42 +31,62 @@ func newThrottle(cfg *Config) *throttle {
 	return t
 }
 
-// wait blocks until a call may start: until a 429's pause is over (or
-// giveUpAt, when the command's last attempt is due), then for the rate
-// limiter. It fails when ctx ends first, or when the limiter's wait would
-// outlast ctx's deadline.
-func (t *throttle) wait(ctx context.Context, giveUpAt time.Time) error {
+// waitPause blocks until a 429's pause is over, or until lastAt (zero:
+// no such limit) when the command's last attempt is due. It fails when
+// ctx ends first.
+func (t *throttle) waitPause(ctx context.Context, lastAt time.Time) error {
 	if err := ctx.Err(); err != nil {
 		return err
 	}
 	t.mu.Lock()
 	until := t.pauseUntil
 	t.mu.Unlock()
-	if giveUpAt.Before(until) {
-		until = giveUpAt
+	if !lastAt.IsZero() && lastAt.Before(until) {
+		until = lastAt
 	}
 	if d := time.Until(until); d > 0 {
 		tm := time.NewTimer(d)
+		defer tm.Stop()
 		select {
 		case <-tm.C:
 		case <-ctx.Done():
-			tm.Stop()
 			return ctx.Err()
 		}
-	}
-	if t.limiter != nil {
-		return t.limiter.Wait(ctx)
 	}
 	return nil
 }
 
+// waitRate blocks for the rate limiter's token. It fails when ctx ends
+// first (and gives the token back); unlike rate.Limiter.Wait it does not
+// fail early when the token would come after ctx's deadline, so a
+// command is expired only once its deadline has passed.
+func (t *throttle) waitRate(ctx context.Context) error {
+	if t.limiter == nil {
+		return nil
+	}
+	r := t.limiter.Reserve()
+	d := r.Delay()
+	if d == 0 {
+		return nil
+	}
+	tm := time.NewTimer(d)
+	defer tm.Stop()
+	select {
+	case <-tm.C:
+		return nil
+	case <-ctx.Done():
+		r.Cancel()
+		return ctx.Err()
+	}
+}
+
 // pausedFor reports whether a 429's pause still holds back a command
-// whose last attempt is due at giveUpAt.
-func (t *throttle) pausedFor(giveUpAt time.Time) bool {
+// whose last attempt is due at lastAt (zero: no such limit).
+func (t *throttle) pausedFor(lastAt time.Time) bool {
 	now := time.Now()
 	t.mu.Lock()
 	defer t.mu.Unlock()
-	return now.Before(t.pauseUntil) && now.Before(giveUpAt)
+	return now.Before(t.pauseUntil) && (lastAt.IsZero() || now.Before(lastAt))
 }
 
 // throttled records a 429: everyone waits at least d from now.

@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"sort"
 	"strings"
 	"sync/atomic"
 	"testing"
@@ -225,5 +226,100 @@ func TestCircuitLetsTheLastAttemptThrough(t *testing.T) {
 	cancel()
 	if _, ok := c.acquire(ctx, time.Now().Add(time.Hour)); ok {
 		t.Error("a cancelled wait was let through")
+	}
+}
+
+// Commands first seen after their time was up (a backlog that aged in the
+// stream) get their one call, but after a 429's pause like every other
+// call, not all at once into the throttled gateway.
+func TestLateCommandsWaitOutA429Pause(t *testing.T) {
+	e := newEnv(t, func(c *Config) {
+		c.Concurrency = 1
+		c.RetryMaxElapsed = time.Millisecond // every command is older when it is fetched
+	})
+	e.emu.SetFaults(emulator.Faults{Throttle: true, RetryAfter: 3 * time.Second})
+	e.publishMany(t, 3, "aged")
+	e.startWorker(nil)
+	testutil.Eventually(t, 10*time.Second, func() error {
+		if e.emu.StopCalls() == 0 {
+			return errors.New("no call yet")
+		}
+		return nil
+	})
+	e.emu.SetFaults(emulator.Faults{})
+	e.out.wait(t, 3, 20*time.Second)
+	reqs := e.emu.Requests()
+	sort.Slice(reqs, func(a, b int) bool { return reqs[a].Time.Before(reqs[b].Time) })
+	if len(reqs) != 3 || reqs[0].Status != 429 {
+		t.Fatalf("requests = %+v; want one call each, the first answered 429", reqs)
+	}
+	for _, rq := range reqs[1:] {
+		if gap := rq.Time.Sub(reqs[0].Time); gap < 2500*time.Millisecond {
+			t.Errorf("a call %s after the 429 with Retry-After 3s", gap.Round(time.Millisecond))
+		}
+	}
+	stopped := 0
+	for _, o := range byID(t, e.out.outcomes(t)) {
+		if o.Status == StatusStopped {
+			stopped++
+		}
+	}
+	if stopped != 2 {
+		t.Errorf("%d stopped, want the 2 that waited out the pause", stopped)
+	}
+}
+
+// A command waiting for the rate limiter's next token is expired when its
+// deadline passes, not before.
+func TestRateLimitWaitExpiresAtTheDeadline(t *testing.T) {
+	e := newEnv(t, func(c *Config) { c.RateLimit = 0.5; c.RateBurst = 1; c.Concurrency = 4 })
+	e.emu.AddRunning(proj, "", "s1", "first")
+	e.emu.AddRunning(proj, "", "s1", "second")
+	e.startWorker(nil)
+	e.publish(body(t, map[string]any{"command_id": "first", "project_id": proj, "script_name": "s1", "instance_id": "first"}), nil)
+	e.out.wait(t, 1, 10*time.Second) // took the one token; the next comes 2 s later
+	deadline := time.Now().Add(time.Second)
+	e.publish(body(t, map[string]any{"command_id": "second", "project_id": proj, "script_name": "s1", "instance_id": "second",
+		"deadline": deadline.Format(time.RFC3339Nano)}), nil)
+	e.out.wait(t, 2, 10*time.Second)
+	o := byID(t, e.out.outcomes(t))["second"]
+	if o.Status != StatusExpired || o.Attempts != 0 {
+		t.Fatalf("second: %+v; want expired without a call", o)
+	}
+	if _, fin := checkTimes(t, o); fin.Before(deadline) {
+		t.Errorf("expired at %s, before its deadline %s", fin.Format(time.RFC3339Nano), deadline.Format(time.RFC3339Nano))
+	}
+	if n := e.emu.StopCallsFor(proj, "s1", "second"); n != 0 {
+		t.Errorf("second was sent %d times", n)
+	}
+}
+
+// A command whose call panics after SIGTERM goes back at once, like every
+// other undecided command at shutdown, not after the panic's backoff.
+func TestPanicAfterSoftStopReturnsTheCommandAtOnce(t *testing.T) {
+	e := newEnv(t, func(c *Config) { c.RetryInitial = 30 * time.Second; c.RetryMax = time.Minute })
+	inFlight, release := make(chan struct{}), make(chan struct{})
+	p := &panicky{panicAt: func(n int64) bool {
+		if n != 1 {
+			return false
+		}
+		close(inFlight)
+		<-release
+		return true
+	}}
+	e.publishMany(t, 1, "sig")
+	r := e.startWorker(nil, withPanicky(p))
+	<-inFlight
+	r.cancel() // SIGTERM, while the call is on the wire
+	close(release)
+	r.stop(t)
+	start := time.Now()
+	e.startWorker(nil)
+	o := e.single(t)
+	if o.Status != StatusStopped {
+		t.Fatalf("outcome = %+v", o)
+	}
+	if took := time.Since(start); took > 10*time.Second {
+		t.Errorf("another worker got the command after %s; the panic's 30 s backoff applied at shutdown", took.Round(time.Millisecond))
 	}
 }

@@ -404,6 +404,10 @@ func (w *Worker) recovered(msg jetstream.Msg, j *job, r any) {
 		_ = msg.NakWithDelay(w.cfg.RetryInitial)
 		return
 	}
+	if w.soft != nil && w.soft.Err() != nil {
+		_ = msg.Nak() // shutting down: another worker takes it at once
+		return
+	}
 	// The injected clock may be what panicked: this path reads time.Now.
 	now := time.Now()
 	giveUpAt := meta.Timestamp.Add(w.cfg.RetryMaxElapsed)
