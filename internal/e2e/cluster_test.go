@@ -111,8 +111,8 @@ func TestBrokerFaultsCluster(t *testing.T) {
 	}
 	streams := faultStreamNames(t, js)
 	restartAt := time.Now()
-	tl.add("restart %s (consumer leader, w%d's server) at %d outcomes", cl.name(victim), victim+1,
-		faultStreamMsgs(js, faultOutcomeStream))
+	atRestart := faultStreamMsgs(js, faultOutcomeStream)
+	tl.add("restart %s (consumer leader, w%d's server) at %d outcomes", cl.name(victim), victim+1, atRestart)
 	cl.restart(victim)
 	tl.add("%s accepts connections again", cl.name(victim))
 	cl.waitCurrent(victim, streams, 30*time.Second)
@@ -124,13 +124,18 @@ func TestBrokerFaultsCluster(t *testing.T) {
 		t.Fatalf("fewer than %d outcomes by the deadline", 2*nCommands/3)
 	}
 	stepDownAt := time.Now()
-	tl.add("consumer leader step-down at %d outcomes", faultStreamMsgs(js, faultOutcomeStream))
+	atStepDown := faultStreamMsgs(js, faultOutcomeStream)
+	tl.add("consumer leader step-down at %d outcomes", atStepDown)
 	was, now := faultMoveLeader(t, client, "$JS.API.CONSUMER.LEADER.STEPDOWN."+faultStopStream+"."+faultConsumer, cl.consumerLeader)
 	tl.add("consumer leader moved from %s to %s", cl.name(was), cl.name(now))
 	was, now = faultMoveLeader(t, client, "$JS.API.STREAM.LEADER.STEPDOWN."+faultStopStream,
 		func() int { return cl.streamLeader(faultStopStream) })
 	tl.add("stream %s leader moved from %s to %s", faultStopStream, cl.name(was), cl.name(now))
 
+	// Faults that land after the last outcome would test nothing.
+	if atRestart >= nCommands || atStepDown >= nCommands {
+		t.Errorf("faults came after the work: restart at %d, step-down at %d of %d outcomes", atRestart, atStepDown, nCommands)
+	}
 	complete := faultWaitStored(js, nCommands, deadline)
 	elapsed := time.Since(start)
 	progress := sampler.stop()
@@ -244,6 +249,12 @@ func tallyFaultOutcomes(t *testing.T, ids []string, outcomes, dead []jetstream.M
 	}
 	if r.duplicates != 0 {
 		t.Errorf("%d duplicate outcomes", r.duplicates)
+	}
+	// A second outcome within two minutes is dropped by the outcome
+	// stream's duplicate window, so the count above cannot see one; a
+	// repeated command decided anew would still leave a dead letter.
+	if r.dead != 0 {
+		t.Errorf("%d dead letters although every instance was running: %v", r.dead, r.deadBy)
 	}
 	return r
 }

@@ -74,6 +74,14 @@ func startWorker(t testing.TB, env map[string]string) *child {
 			c.logs = append(c.logs, sc.Text())
 			c.mu.Unlock()
 		}
+		if err := sc.Err(); err != nil {
+			// A line over the buffer ends the capture: later lines would
+			// escape the searches tests make, so say so in the logs.
+			c.mu.Lock()
+			c.logs = append(c.logs, "E2E: worker log capture stopped: "+err.Error())
+			c.mu.Unlock()
+			_, _ = io.Copy(io.Discard, stderr) // never block the worker on a full pipe
+		}
 		c.done <- cmd.Wait()
 	}()
 	t.Cleanup(func() { c.kill() })

@@ -28,6 +28,9 @@ func BenchmarkBacklogMemory(b *testing.B) {
 		b.ReportMetric(float64(peak)/1024, "peak_rss_MB")
 		b.ReportMetric(0, "ns/op")
 		b.Logf("worker peak RSS with %d commands waiting: %.1f MB", backlog, float64(peak)/1024)
+		if limit := int64(150 << 10); peak > limit { // KiB
+			b.Errorf("peak RSS %.1f MB is over the 150 MB the worker may use", float64(peak)/1024)
+		}
 	}
 }
 

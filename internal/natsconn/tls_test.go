@@ -109,6 +109,9 @@ func TestTLS(t *testing.T) {
 	connectAndCheck(t, config.NATS{URL: serverURL(s), CA: ca.caFile}, "")
 	connectAndCheck(t, config.NATS{URL: "tls://" + s.Addr().String(), CA: ca.caFile}, "")
 	connectAndCheck(t, config.NATS{URL: serverURL(s), CA: untrusted.caFile}, "certificate signed by unknown authority")
+	// No CA at all: the system roots do not hold the test CA either, and
+	// there must be no fallback to skipping verification.
+	connectAndCheck(t, config.NATS{URL: serverURL(s)}, "certificate signed by unknown authority")
 }
 
 func TestMutualTLS(t *testing.T) {
