@@ -44,8 +44,10 @@ func TestBadInputAtVolume(t *testing.T) {
 	ctx, cancel := context.WithTimeout(context.Background(), overall)
 	defer cancel()
 
-	srv, nc, js := startJetStream(t)
-	emu, emuURL := emulator.StartForTest(t)
+	guard := newSecretsGuard(t)
+	srv := guard.server(t)
+	nc, js := guard.connect(t, srv)
+	emu, emuURL := emulator.StartForTest(t, guard.emulatorOption())
 
 	// Room the NATS message needs beyond the body: the Nats-Msg-Id header
 	// on the way in, the Dlf-* headers on the dead letter.
@@ -137,13 +139,12 @@ func TestBadInputAtVolume(t *testing.T) {
 		good[i] = sent{id: fmt.Sprintf("good-%04d", i), body: body}
 	}
 
-	w := startWorker(t, map[string]string{
+	w := startWorker(t, guard.workerEnv(map[string]string{
 		"NATS_URL":                   srv.ClientURL(),
 		"DLF_ENDPOINT":               emuURL,
 		"HUAWEICLOUD_SDK_PROJECT_ID": project,
 		"HTTP_ADDR":                  freeAddr(t),
-		"LOG_LEVEL":                  "warn",
-	})
+	}))
 	proc := newProcWatch(w)
 
 	// The worker creates the streams; wait for them before reading.
@@ -310,6 +311,7 @@ func TestBadInputAtVolume(t *testing.T) {
 			t.Errorf("SIGTERM: %v; log: %s", err, tail(w.lines(), 10))
 		}
 	}
+	guard.check(t, js, "bad_input", [][]string{w.lines()})
 }
 
 // badCase is one invalid body and the field its rejection must name.

@@ -211,7 +211,7 @@ func connectFault(t *testing.T, urls, name string, errs *faultAsyncErrs) *nats.C
 // separate replica would. Cleanups run last-in first-out, so at teardown
 // the worker's context is cancelled and Run has returned before its
 // connection is closed, and both before the servers stop.
-func startFaultWorker(t *testing.T, urls, emuURL string, cfg consumer.Config, log *zap.Logger, errs *faultAsyncErrs) {
+func startFaultWorker(t *testing.T, urls, emuURL string, creds dlf.Credentials, cfg consumer.Config, log *zap.Logger, errs *faultAsyncErrs) {
 	t.Helper()
 	nc := connectFault(t, urls, cfg.WorkerID, errs)
 	js, err := jetstream.New(nc)
@@ -224,7 +224,8 @@ func startFaultWorker(t *testing.T, urls, emuURL string, cfg consumer.Config, lo
 	if err != nil {
 		t.Fatalf("%s: setup: %v", cfg.WorkerID, err)
 	}
-	client, err := dlf.NewClient(dlf.Config{Endpoint: emuURL, Timeout: cfg.CallTimeout, MaxConns: cfg.Concurrency})
+	client, err := dlf.NewClient(dlf.Config{Endpoint: emuURL, Timeout: cfg.CallTimeout, MaxConns: cfg.Concurrency,
+		Credentials: func() dlf.Credentials { return creds }})
 	if err != nil {
 		t.Fatal(err)
 	}

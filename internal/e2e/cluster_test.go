@@ -51,7 +51,8 @@ func TestBrokerFaultsCluster(t *testing.T) {
 	cl := startFaultCluster(t, nServers)
 	cl.waitMetaLeader(30 * time.Second)
 
-	emu, emuURL := emulator.StartForTest(t, emulator.WithRequestLogSize(0))
+	guard := newSecretsGuard(t)
+	emu, emuURL := emulator.StartForTest(t, emulator.WithRequestLogSize(0), guard.emulatorOption())
 	emu.SetFaults(emulator.Faults{Latency: 5 * time.Millisecond})
 
 	client := connectFault(t, cl.urls(0), "observer", asyncErrs)
@@ -95,7 +96,7 @@ func TestBrokerFaultsCluster(t *testing.T) {
 		c.WorkerID = "w" + strconv.Itoa(i+1)
 		// Worker i starts on node i, so whichever node leads the consumer
 		// and is restarted, one worker loses its connection as well.
-		startFaultWorker(t, cl.urls(i), emuURL, c, log.With(zap.String("worker", c.WorkerID)), asyncErrs)
+		startFaultWorker(t, cl.urls(i), emuURL, guard.credentials(), c, log.With(zap.String("worker", c.WorkerID)), asyncErrs)
 	}
 	tl.add("%d workers started", nWorkers)
 	deadline := start.Add(runFor)
@@ -176,6 +177,12 @@ func TestBrokerFaultsCluster(t *testing.T) {
 		t.Logf("NATS async errors on test connections: %d, first: %v", n, asyncErrs.first.Load())
 	}
 	faultLogReport(t, logs, r.suspects, start, 6)
+	// The workers log in-process, at debug level, to the observer.
+	var lines []string
+	for _, e := range logs.All() {
+		lines = append(lines, fmt.Sprintf("%s %s %v", e.Level, e.Message, e.ContextMap()))
+	}
+	guard.search(t, js, "cluster", [][]string{lines}, false)
 
 	fmt.Printf("servers=%d workers=%d commands=%d outcomes=%d lost=%d duplicates=%d stopped=%d dead_letters=%d longest_stall=%s elapsed=%s dlf_calls=%d\n",
 		nServers, nWorkers, nCommands, r.outcomes, r.lost, r.duplicates, r.stopped, r.dead,

@@ -26,29 +26,30 @@ type dlffRig struct {
 	w        *reapable
 	httpAddr string
 	client   *http.Client
+	guard    *secretsGuard
 }
 
 // startDLFFaultRig starts JetStream, creates the streams and the consumer
-// (short ack wait), starts the worker against emuURL and waits until its
-// /readyz says 200.
-func startDLFFaultRig(ctx context.Context, t *testing.T, emu *emulator.Emulator, emuURL string) *dlffRig {
+// (short ack wait), starts the worker against emuURL with guard's secrets
+// (the emulator must demand them) and waits until its /readyz says 200.
+func startDLFFaultRig(ctx context.Context, t *testing.T, emu *emulator.Emulator, emuURL string, guard *secretsGuard) *dlffRig {
 	t.Helper()
-	srv, _, js := startJetStream(t)
+	srv := guard.server(t)
+	_, js := guard.connect(t, srv)
 	if _, err := consumer.Setup(ctx, js, consumer.Config{AckWait: dlffAckWait}, zap.NewNop()); err != nil {
 		t.Fatal(err)
 	}
 	r := &dlffRig{t: t, ctx: ctx, js: js, emu: emu, httpAddr: freeAddr(t),
-		client: &http.Client{Timeout: 2 * time.Second}}
+		client: &http.Client{Timeout: 2 * time.Second}, guard: guard}
 	t.Cleanup(r.client.CloseIdleConnections)
-	r.w = spawnWorker(t, map[string]string{
+	r.w = spawnWorker(t, guard.workerEnv(map[string]string{
 		"NATS_URL":                   srv.ClientURL(),
 		"DLF_ENDPOINT":               emuURL,
 		"HUAWEICLOUD_SDK_PROJECT_ID": dlffProject,
 		"HTTP_ADDR":                  r.httpAddr,
-		"LOG_LEVEL":                  "info",
 		"RETRY_INITIAL_INTERVAL":     "200ms",
 		"RETRY_MAX_INTERVAL":         "2s",
-	})
+	}))
 	testutil.Eventually(t, 20*time.Second, func() error {
 		code, err := r.readyz(ctx)
 		if err != nil {

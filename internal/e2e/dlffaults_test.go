@@ -36,8 +36,9 @@ func TestDLFOutageAndRecovery(t *testing.T) {
 	const commands = 1000
 	ctx, cancel := context.WithTimeout(context.Background(), 90*time.Second)
 	defer cancel()
-	emu, emuURL := emulator.StartForTest(t, emulator.WithRequestLogSize(100_000))
-	rig := startDLFFaultRig(ctx, t, emu, emuURL)
+	guard := newSecretsGuard(t)
+	emu, emuURL := emulator.StartForTest(t, emulator.WithRequestLogSize(100_000), guard.emulatorOption())
+	rig := startDLFFaultRig(ctx, t, emu, emuURL, guard)
 	rig.runFaultScenario("outage", "outage", commands, []dlffPhase{
 		{name: "down", last: 20 * time.Second, faults: emulator.Faults{Down: true}},
 		{name: "503", last: 10 * time.Second, faults: emulator.Faults{ErrorRate: 1, ErrorStatus: http.StatusServiceUnavailable}},
@@ -51,8 +52,9 @@ func TestDLFUnauthorized(t *testing.T) {
 	const commands = 500
 	ctx, cancel := context.WithTimeout(context.Background(), 60*time.Second)
 	defer cancel()
-	emu, emuURL := emulator.StartForTest(t, emulator.WithRequestLogSize(100_000))
-	rig := startDLFFaultRig(ctx, t, emu, emuURL)
+	guard := newSecretsGuard(t)
+	emu, emuURL := emulator.StartForTest(t, emulator.WithRequestLogSize(100_000), guard.emulatorOption())
+	rig := startDLFFaultRig(ctx, t, emu, emuURL, guard)
 	rig.runFaultScenario("unauthorized", "unauth", commands, []dlffPhase{
 		{name: "401", last: 10 * time.Second, faults: emulator.Faults{AuthFail: true}},
 	})
@@ -150,6 +152,7 @@ func (r *dlffRig) runFaultScenario(phase, prefix string, commands int, phases []
 	if final != http.StatusOK {
 		t.Errorf("/readyz answers %d at the end", final)
 	}
+	r.guard.check(t, r.js, phase, [][]string{r.w.c.lines()})
 }
 
 func phaseNames(ps []dlffPhase) string {

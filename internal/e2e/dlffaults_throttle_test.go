@@ -34,7 +34,8 @@ func TestThrottling(t *testing.T) {
 	// on at an exact request, so there is a measurable rate before it.
 	// Cleanups run last-registered first: the emulator closes (releasing
 	// any request in its latency wait) before the server waits for them.
-	emu := emulator.New(emulator.WithRequestLogSize(100_000))
+	guard := newSecretsGuard(t)
+	emu := emulator.New(emulator.WithRequestLogSize(100_000), guard.emulatorOption())
 	emu.SetFaults(emulator.Faults{Latency: latency})
 	throttled := make(chan time.Time, 1)
 	var seen atomic.Int64
@@ -55,7 +56,7 @@ func TestThrottling(t *testing.T) {
 		}
 	})
 
-	rig := startDLFFaultRig(ctx, t, emu, srv.URL)
+	rig := startDLFFaultRig(ctx, t, emu, srv.URL, guard)
 	ids, bodies := dlffCommands(emu, "throttle", commands)
 	outcomes := watchOutcomes(ctx, t, rig.js, "DLF_STOP_OUTCOMES", commands)
 	dead := watchDead(ctx, t, rig.js, "DLF_STOP_DEAD")
@@ -164,6 +165,7 @@ func TestThrottling(t *testing.T) {
 	if rateAfter >= rateBefore && rateBefore > 0 {
 		t.Errorf("the worker did not slow down after a 429: %.1f/s before, %.1f/s after", rateBefore, rateAfter)
 	}
+	guard.check(t, rig.js, "throttling", [][]string{rig.w.c.lines()})
 }
 
 func dlffRate(r float64) string {

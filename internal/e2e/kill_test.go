@@ -43,8 +43,10 @@ func TestWorkerKilledRepeatedly(t *testing.T) {
 		script       = "s"
 	)
 
-	srv, _, js := startJetStream(t)
-	emu, emuURL := emulator.StartForTest(t, emulator.WithRequestLogSize(0))
+	guard := newSecretsGuard(t)
+	srv := guard.server(t)
+	_, js := guard.connect(t, srv)
+	emu, emuURL := emulator.StartForTest(t, emulator.WithRequestLogSize(0), guard.emulatorOption())
 	emu.SetFaults(emulator.Faults{Latency: 20 * time.Millisecond})
 	ctx, cancel := context.WithTimeout(context.Background(), overall)
 	defer cancel()
@@ -67,15 +69,14 @@ func TestWorkerKilledRepeatedly(t *testing.T) {
 		bodies[i] = []byte(`{"command_id":"` + ids[i] + `","script_name":"` + script + `","instance_id":"` + inst + `"}`)
 	}
 
-	env := map[string]string{
+	env := guard.workerEnv(map[string]string{
 		"NATS_URL":                   srv.ClientURL(),
 		"DLF_ENDPOINT":               emuURL,
 		"HUAWEICLOUD_SDK_PROJECT_ID": project,
 		"WORKER_CONCURRENCY":         "32",
-		"LOG_LEVEL":                  "warn",
 		"RETRY_INITIAL_INTERVAL":     "100ms",
 		"RETRY_MAX_INTERVAL":         "1s",
-	}
+	})
 	spawn := func() *reapable {
 		e := make(map[string]string, len(env)+1)
 		for k, v := range env {
@@ -208,7 +209,7 @@ loop:
 	if len(d.causes) > 0 {
 		t.Logf("dead letters by status/cause/error_code: %v", d.causes)
 	}
-	t.Logf("worker log lines at warn+ across %d processes: %v", len(workers), warnSummary(workers))
+	t.Logf("worker log lines by message across %d processes: %v", len(workers), warnSummary(workers))
 
 	if lost != 0 {
 		t.Errorf("%d commands have no outcome event, e.g. %s", lost, sample(lostIDs))
@@ -232,6 +233,11 @@ loop:
 	if d.total != 0 {
 		t.Errorf("%d dead letters although every instance was running, e.g. %v", d.total, d.causes)
 	}
+	logs := make([][]string, len(workers))
+	for i, w := range workers {
+		logs[i] = w.c.lines()
+	}
+	guard.check(t, js, "kill", logs)
 }
 
 // publishPaced publishes bodies to subject, batch of them every tick, each

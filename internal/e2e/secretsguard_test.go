@@ -1,0 +1,161 @@
+package e2e
+
+import (
+	"encoding/base64"
+	"encoding/hex"
+	"fmt"
+	"sort"
+	"strings"
+	"testing"
+
+	"github.com/nats-io/nats-server/v2/server"
+	"github.com/nats-io/nats.go"
+	"github.com/nats-io/nats.go/jetstream"
+
+	"github.com/dlf-stop/worker/internal/dlf"
+	"github.com/dlf-stop/worker/internal/dlf/emulator"
+)
+
+// secretsGuard gives a failure test real secrets to hold, so that every
+// failure test is also a secrets test at debug level (issue: "all of the
+// above at debug level, then search every log line, outcome and dead
+// letter"): an AK/SK pair in files, which the emulator demands, and a NATS
+// user whose password is in a file, which the server demands.
+type secretsGuard struct {
+	ak, sk, user, pw string
+	env              map[string]string // for the worker: credentials and LOG_LEVEL=debug
+}
+
+func newSecretsGuard(t *testing.T) *secretsGuard {
+	t.Helper()
+	g := &secretsGuard{
+		ak:   "AKGUARD" + strings.ToUpper(randHex(t, 6)),
+		sk:   "sk-GUARDED-" + randHex(t, 16),
+		user: "worker",
+		pw:   "pw-GUARDED-" + randHex(t, 16),
+	}
+	dir := t.TempDir()
+	g.env = map[string]string{
+		"NATS_USER":               g.user,
+		"NATS_PASSWORD_FILE":      writeSecretFile(t, dir, "password", g.pw),
+		"HUAWEICLOUD_SDK_AK_FILE": writeSecretFile(t, dir, "ak", g.ak),
+		"HUAWEICLOUD_SDK_SK_FILE": writeSecretFile(t, dir, "sk", g.sk),
+		"LOG_LEVEL":               "debug",
+		"LOG_FORMAT":              "json",
+	}
+	return g
+}
+
+// server runs a JetStream server that accepts only the guard's user.
+func (g *secretsGuard) server(t *testing.T) *server.Server {
+	t.Helper()
+	return startAuthServer(t, &server.Options{Username: g.user, Password: g.pw})
+}
+
+// connect is the test's own connection to that server.
+func (g *secretsGuard) connect(t *testing.T, srv *server.Server) (*nats.Conn, jetstream.JetStream) {
+	t.Helper()
+	return connectJS(t, srv.ClientURL(), nats.UserInfo(g.user, g.pw))
+}
+
+func (g *secretsGuard) emulatorOption() emulator.Option { return emulator.WithCredentials(g.ak, g.sk) }
+
+// credentials are the AK/SK for an in-process DLF client.
+func (g *secretsGuard) credentials() dlf.Credentials { return dlf.Credentials{AK: g.ak, SK: g.sk} }
+
+// workerEnv is env with the guard's settings added (they win).
+func (g *secretsGuard) workerEnv(env map[string]string) map[string]string {
+	out := make(map[string]string, len(env)+len(g.env))
+	for k, v := range env {
+		out[k] = v
+	}
+	for k, v := range g.env {
+		out[k] = v
+	}
+	return out
+}
+
+// check reads the outcome and dead-letter streams in full and searches
+// them, and every log line of every worker process, for the secrets. It
+// reports the figure line "secrets run=... hits=0".
+func (g *secretsGuard) check(t *testing.T, js jetstream.JetStream, run string, logs [][]string) {
+	t.Helper()
+	g.search(t, js, run, logs, true)
+}
+
+// search is check; processes says the logs are worker processes' stderr,
+// each of which must have started at debug level (in-process workers log
+// to the test's own debug-level core instead).
+func (g *secretsGuard) search(t *testing.T, js jetstream.JetStream, run string, logs [][]string, processes bool) {
+	t.Helper()
+	needles := []secretNeedle{
+		{"SK", g.sk}, {"NATS password", g.pw},
+		{"SK base64", base64.StdEncoding.EncodeToString([]byte(g.sk))},
+		{"SK hex", hex.EncodeToString([]byte(g.sk))},
+		{"NATS user:password base64", base64.StdEncoding.EncodeToString([]byte(g.user + ":" + g.pw))},
+		{"secret marker", "-GUARDED-"},
+	}
+	type haystack struct{ where, text string }
+	var hay []haystack
+	lines, debug, atDebug := 0, 0, 0
+	for p, ls := range logs {
+		for i, l := range ls {
+			hay = append(hay, haystack{fmt.Sprintf("worker %d log line %d", p+1, i+1), l})
+			if strings.Contains(l, `"level":"debug"`) || strings.HasPrefix(l, "debug ") {
+				debug++
+			}
+			if strings.Contains(l, `"msg":"starting"`) && strings.Contains(l, `"LOG_LEVEL":"debug"`) {
+				atDebug++
+			}
+		}
+		lines += len(ls)
+	}
+	outs := faultReadAll(t, js, "DLF_STOP_OUTCOMES")
+	deads := faultReadAll(t, js, "DLF_STOP_DEAD")
+	for i, m := range outs {
+		hay = append(hay, haystack{fmt.Sprintf("outcome %d", i+1), renderMsg(m)})
+	}
+	for i, m := range deads {
+		hay = append(hay, haystack{fmt.Sprintf("dead letter %d", i+1), renderMsg(m)})
+	}
+	hits := 0
+	var found []string
+	for _, h := range hay {
+		for _, n := range needles {
+			if at := strings.Index(h.text, n.value); at >= 0 {
+				hits++
+				from, to := max(0, at-80), min(len(h.text), at+len(n.value)+40)
+				found = append(found, fmt.Sprintf("%s in %s: ...%s...", n.what, h.where, h.text[from:to]))
+			}
+		}
+	}
+	t.Logf("secrets run=%s log_lines=%d debug_lines=%d outcomes=%d dead_letters=%d hits=%d",
+		run, lines, debug, len(outs), len(deads), hits)
+	if hits != 0 {
+		t.Errorf("%d secret hits:\n%s", hits, strings.Join(found[:min(len(found), 10)], "\n"))
+	}
+	// A run without retries may log nothing at debug, but every process
+	// must have started at that level.
+	if processes && atDebug != len(logs) {
+		t.Errorf("%d of %d worker processes started with LOG_LEVEL=debug", atDebug, len(logs))
+	}
+}
+
+// renderMsg is a stored message as text: subject, headers, body.
+func renderMsg(m jetstream.Msg) string {
+	var b strings.Builder
+	b.WriteString(m.Subject() + "\n")
+	h := m.Headers()
+	keys := make([]string, 0, len(h))
+	for k := range h {
+		keys = append(keys, k)
+	}
+	sort.Strings(keys)
+	for _, k := range keys {
+		for _, v := range h[k] {
+			b.WriteString(k + ": " + v + "\n")
+		}
+	}
+	b.Write(m.Data())
+	return b.String()
+}
