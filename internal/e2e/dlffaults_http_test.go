@@ -123,7 +123,8 @@ func (r *dlffRig) pollReadyz(every time.Duration) *readyzPoll {
 func (p *readyzPoll) stop() { p.cancel(); <-p.done }
 
 type readyStats struct {
-	samples, notReady  int // within the fault window
+	samples, notReady  int // within the fault window; notReady counts 503s
+	unanswered         int // within the window: no answer or a code other than 200 and 503
 	readyAfterNotReady int // 200s within the window after the first non-200
 	firstNotReady      time.Time
 	longest            time.Duration // longest non-200 stretch from the window's start on
@@ -142,8 +143,11 @@ func (p *readyzPoll) stats(from, to time.Time) readyStats {
 		}
 		last = x.at
 		inWindow := x.at.Before(to)
+		if inWindow && x.code != http.StatusOK && x.code != http.StatusServiceUnavailable {
+			s.unanswered++ // a dead or hung worker must not pass for a paused one
+		}
 		if x.code != http.StatusOK {
-			if inWindow {
+			if inWindow && x.code == http.StatusServiceUnavailable {
 				s.notReady++
 				if s.firstNotReady.IsZero() {
 					s.firstNotReady = x.at

@@ -144,6 +144,11 @@ func (r *dlffRig) runFaultScenario(phase, prefix string, commands int, phases []
 	if rs.notReady == 0 {
 		t.Errorf("/readyz never answered 503 during the faults (%d samples from %s to %s)",
 			rs.samples, began.Format(time.StampMilli), cleared.Format(time.StampMilli))
+	} else if late := rs.firstNotReady.Sub(began); late > 5*time.Second {
+		t.Errorf("/readyz first answered 503 %s after the faults began; the circuit should open within seconds", late.Round(time.Millisecond))
+	}
+	if rs.unanswered > 0 {
+		t.Errorf("/readyz gave no answer or neither 200 nor 503 %d times during the faults", rs.unanswered)
 	}
 	if rs.readyAfterNotReady > 0 {
 		t.Errorf("/readyz answered 200 %d times during the faults after it had gone 503 at %s: the circuit closed while DLF still failed",
