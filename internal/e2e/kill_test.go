@@ -322,6 +322,7 @@ type outcomeRecord struct {
 
 // outcomeWatch counts outcome events as an ordered consumer reads them.
 type outcomeWatch struct {
+	base     uint64 // events already in the stream when the watch began, not read
 	mu       sync.Mutex
 	want     int
 	byID     map[string][]outcomeRecord
@@ -338,9 +339,17 @@ type outcomeSnapshot struct {
 
 func watchOutcomes(ctx context.Context, t *testing.T, js jetstream.JetStream, stream string, want int) *outcomeWatch {
 	t.Helper()
-	w := &outcomeWatch{want: want, byID: map[string][]outcomeRecord{}, status: map[string]int{},
+	return watchOutcomesFrom(ctx, t, js, stream, want, 0)
+}
+
+// watchOutcomesFrom watches the events stored after the first base ones
+// (the stream has limits retention and no deletes: its sequence is its
+// count).
+func watchOutcomesFrom(ctx context.Context, t *testing.T, js jetstream.JetStream, stream string, want int, base uint64) *outcomeWatch {
+	t.Helper()
+	w := &outcomeWatch{base: base, want: want, byID: map[string][]outcomeRecord{}, status: map[string]int{},
 		complete: make(chan struct{})}
-	cons, err := js.OrderedConsumer(ctx, stream, jetstream.OrderedConsumerConfig{})
+	cons, err := js.OrderedConsumer(ctx, stream, fromSeq(base))
 	if err != nil {
 		t.Fatalf("ordered consumer on %s: %v", stream, err)
 	}
@@ -385,6 +394,7 @@ func (w *outcomeWatch) snapshot() outcomeSnapshot {
 type deadRecord struct{ status, cause, code string }
 
 type deadWatch struct {
+	base   uint64 // dead letters already in the stream when the watch began, not read
 	mu     sync.Mutex
 	byID   map[string][]deadRecord
 	causes map[string]int
@@ -399,8 +409,14 @@ type deadSnapshot struct {
 
 func watchDead(ctx context.Context, t *testing.T, js jetstream.JetStream, stream string) *deadWatch {
 	t.Helper()
-	w := &deadWatch{byID: map[string][]deadRecord{}, causes: map[string]int{}}
-	cons, err := js.OrderedConsumer(ctx, stream, jetstream.OrderedConsumerConfig{})
+	return watchDeadFrom(ctx, t, js, stream, 0)
+}
+
+// watchDeadFrom is watchOutcomesFrom for dead letters.
+func watchDeadFrom(ctx context.Context, t *testing.T, js jetstream.JetStream, stream string, base uint64) *deadWatch {
+	t.Helper()
+	w := &deadWatch{base: base, byID: map[string][]deadRecord{}, causes: map[string]int{}}
+	cons, err := js.OrderedConsumer(ctx, stream, fromSeq(base))
 	if err != nil {
 		t.Fatalf("ordered consumer on %s: %v", stream, err)
 	}
@@ -485,14 +501,22 @@ func readWatchedToEnd(ctx context.Context, t *testing.T, js jetstream.JetStream,
 	outN := streamMsgs(ctx, t, js, "DLF_STOP_OUTCOMES")
 	deadN := streamMsgs(ctx, t, js, "DLF_STOP_DEAD")
 	testutil.Eventually(t, 10*time.Second, func() error {
-		if got := outcomes.total(); uint64(got) != outN {
+		if got := outcomes.base + uint64(outcomes.total()); got != outN {
 			return fmt.Errorf("read %d of %d outcome events", got, outN)
 		}
-		if got := dead.total(); uint64(got) != deadN {
+		if got := dead.base + uint64(dead.total()); got != deadN {
 			return fmt.Errorf("read %d of %d dead letters", got, deadN)
 		}
 		return nil
 	})
+}
+
+// fromSeq reads a stream from after its first base messages.
+func fromSeq(base uint64) jetstream.OrderedConsumerConfig {
+	if base == 0 {
+		return jetstream.OrderedConsumerConfig{}
+	}
+	return jetstream.OrderedConsumerConfig{DeliverPolicy: jetstream.DeliverByStartSequencePolicy, OptStartSeq: base + 1}
 }
 
 func streamMsgs(ctx context.Context, t *testing.T, js jetstream.JetStream, name string) uint64 {
