@@ -29,7 +29,8 @@ type job struct {
 	// an id made of the stream sequence also the time the stream stored
 	// it (see stateID).
 	sid      string
-	verr     error // why the command is invalid; nil when valid
+	received time.Time // when this delivery reached the worker
+	verr     error     // why the command is invalid; nil when valid
 	valid    bool
 	out      Outcome
 	attempts int // DLF calls for this command, across deliveries when the state bucket is on
@@ -105,7 +106,8 @@ func (w *Worker) prepare(msg jetstream.Msg, release func()) (j *job) {
 		Stream:    meta.Stream,
 		Seq:       meta.Sequence.Stream,
 	}, w.cfg.Defaults)
-	j = &job{msg: msg, meta: meta, cmd: cmd, sid: stateID(cmd, meta.Timestamp), verr: verr, valid: verr == nil, release: release}
+	j = &job{msg: msg, meta: meta, cmd: cmd, sid: stateID(cmd, meta.Timestamp), received: time.Now(),
+		verr: verr, valid: verr == nil, release: release}
 	j.out = Outcome{
 		CommandID:  cmd.ID,
 		ProjectID:  cmd.ProjectID,
@@ -545,10 +547,20 @@ func (w *Worker) publishFailed(j *job, kind string, err error) {
 // this one, and a higher delivery count with no trace reads as "a call may
 // have gone unanswered" (see recall), so a stream leader change of a few
 // seconds would turn genuine DLF.6205 answers into already_stopped.
+//
+// It holds the command only while less than half the ack wait has passed
+// since the delivery came. The in-progress heartbeats that keep a held
+// command from being redelivered can be lost in a consumer leader change,
+// the very moment lookups fail; a command held past its ack wait may then
+// be delivered again while this delivery goes on, and two deliveries
+// deciding the same command at once is worse than a redelivery.
 func (w *Worker) readAgain(j *job, err error) ([]*stateRecord, error) {
 	w.m.stateReadErr.Inc()
 	w.checkState()
 	deadline := time.Now().Add(w.cfg.ShortWaitMax)
+	if held := j.received.Add(w.ackWait / 2); held.Before(deadline) {
+		deadline = held
+	}
 	for wait := w.cfg.RetryInitial; !time.Now().Add(wait).After(deadline); wait *= 2 {
 		j.log.Debug("state bucket unavailable; reading again", zap.Error(err), zap.Duration("in", wait))
 		t := time.NewTimer(wait)
