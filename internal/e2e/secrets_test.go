@@ -380,7 +380,6 @@ func (wl *secretsWorkload) finish(secrets []secretNeedle, run string) {
 		t.Errorf("DLF saw no Authorization signature and no X-Auth-Token: the requests were not authenticated")
 	}
 
-	type haystack struct{ where, text string }
 	var hay []haystack
 	lines := wl.w.lines()
 	debug := 0
@@ -414,20 +413,7 @@ func (wl *secretsWorkload) finish(secrets []secretNeedle, run string) {
 		hay = append(hay, haystack{fmt.Sprintf("dead letter %d", i+1), render(m)})
 	}
 
-	hits := 0
-	var found []string
-	for _, h := range hay {
-		for _, n := range needles {
-			if n.value == "" {
-				continue
-			}
-			if at := strings.Index(h.text, n.value); at >= 0 {
-				hits++
-				from, to := max(0, at-80), min(len(h.text), at+len(n.value)+40)
-				found = append(found, fmt.Sprintf("%s in %s: ...%s...", n.what, h.where, h.text[from:to]))
-			}
-		}
-	}
+	hits, found := searchHay(hay, needles)
 	t.Logf("secrets log_lines=%d outcomes=%d dead_letters=%d hits=%d run=%s debug_lines=%d needles=%d",
 		len(lines), len(outs), len(deads), hits, run, debug, len(needles))
 	if hits != 0 {

@@ -95,7 +95,6 @@ func (g *secretsGuard) search(t *testing.T, js jetstream.JetStream, run string, 
 		{"NATS user:password base64", base64.StdEncoding.EncodeToString([]byte(g.user + ":" + g.pw))},
 		{"secret marker", "-GUARDED-"},
 	}
-	type haystack struct{ where, text string }
 	var hay []haystack
 	lines, debug, atDebug := 0, 0, 0
 	for p, ls := range logs {
@@ -118,17 +117,7 @@ func (g *secretsGuard) search(t *testing.T, js jetstream.JetStream, run string, 
 	for i, m := range deads {
 		hay = append(hay, haystack{fmt.Sprintf("dead letter %d", i+1), renderMsg(m)})
 	}
-	hits := 0
-	var found []string
-	for _, h := range hay {
-		for _, n := range needles {
-			if at := strings.Index(h.text, n.value); at >= 0 {
-				hits++
-				from, to := max(0, at-80), min(len(h.text), at+len(n.value)+40)
-				found = append(found, fmt.Sprintf("%s in %s: ...%s...", n.what, h.where, h.text[from:to]))
-			}
-		}
-	}
+	hits, found := searchHay(hay, needles)
 	t.Logf("secrets run=%s log_lines=%d debug_lines=%d outcomes=%d dead_letters=%d hits=%d",
 		run, lines, debug, len(outs), len(deads), hits)
 	if hits != 0 {
@@ -158,4 +147,25 @@ func renderMsg(m jetstream.Msg) string {
 	}
 	b.Write(m.Data())
 	return b.String()
+}
+
+// haystack is one text searched for secrets, and where it came from.
+type haystack struct{ where, text string }
+
+// searchHay finds every needle in every haystack and describes each hit
+// with some context.
+func searchHay(hay []haystack, needles []secretNeedle) (hits int, found []string) {
+	for _, h := range hay {
+		for _, n := range needles {
+			if n.value == "" {
+				continue
+			}
+			if at := strings.Index(h.text, n.value); at >= 0 {
+				hits++
+				from, to := max(0, at-80), min(len(h.text), at+len(n.value)+40)
+				found = append(found, fmt.Sprintf("%s in %s: ...%s...", n.what, h.where, h.text[from:to]))
+			}
+		}
+	}
+	return hits, found
 }
