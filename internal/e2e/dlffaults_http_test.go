@@ -4,8 +4,9 @@ import (
 	"bufio"
 	"context"
 	"fmt"
+	"maps"
 	"net/http"
-	"sort"
+	"slices"
 	"strconv"
 	"strings"
 	"sync"
@@ -37,16 +38,16 @@ func (m dlffMetrics) total() float64 {
 }
 
 func (m dlffMetrics) calls() string {
-	keys := make([]string, 0, len(m))
-	for k := range m {
-		keys = append(keys, k)
+	return joinSorted(m, ",", func(k string, v float64) string { return fmt.Sprintf("%s:%g", k, v) })
+}
+
+// joinSorted renders a map's entries in key order, for report lines.
+func joinSorted[V any](m map[string]V, sep string, entry func(string, V) string) string {
+	parts := make([]string, 0, len(m))
+	for _, k := range slices.Sorted(maps.Keys(m)) {
+		parts = append(parts, entry(k, m[k]))
 	}
-	sort.Strings(keys)
-	parts := make([]string, len(keys))
-	for i, k := range keys {
-		parts[i] = fmt.Sprintf("%s:%g", k, m[k])
-	}
-	return strings.Join(parts, ",")
+	return strings.Join(parts, sep)
 }
 
 // metrics reads dlf_stop_dlf_calls_total from the worker's /metrics.

@@ -155,16 +155,7 @@ func (tl dlffTally) check(t *testing.T, commands int) {
 func (r *dlffRig) logSummary() {
 	sum := warnSummary([]*reapable{r.w})
 	delete(sum, "command decided")
-	keys := make([]string, 0, len(sum))
-	for k := range sum {
-		keys = append(keys, k)
-	}
-	sort.Strings(keys)
-	parts := make([]string, len(keys))
-	for i, k := range keys {
-		parts[i] = fmt.Sprintf("%q=%d", k, sum[k])
-	}
-	r.t.Logf("worker log by message: %s", strings.Join(parts, " "))
+	r.t.Logf("worker log by message: %s", joinSorted(sum, " ", func(k string, n int) string { return fmt.Sprintf("%q=%d", k, n) }))
 	var warns []string
 	for _, line := range r.w.c.lines() {
 		if strings.Contains(line, `"level":"warn"`) || strings.Contains(line, `"level":"error"`) {
