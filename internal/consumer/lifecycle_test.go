@@ -10,6 +10,7 @@ import (
 	"time"
 
 	"github.com/nats-io/nats.go"
+	"github.com/nats-io/nats.go/jetstream"
 	"go.uber.org/goleak"
 	"go.uber.org/zap"
 	"go.uber.org/zap/zapcore"
@@ -138,6 +139,102 @@ func TestShutdownTimeoutReturnsHungCalls(t *testing.T) {
 	e.emu.SetFaults(emulator.Faults{})
 	e.startWorker(nil)
 	e.out.wait(t, 6, 10*time.Second) // well before the 30s ack wait: they were returned
+}
+
+// slowPulls is the worker's real consumer, except that each fetch ends a
+// moment after nats.go closed it, as when the client goroutine that sends
+// the pull's UNSUB is descheduled. It counts the naks sent at shutdown
+// while a pull was still open: each of those could be redelivered into
+// that pull and wait out a whole ack wait.
+type slowPulls struct {
+	jetstream.Consumer
+	open     atomic.Int32
+	stopping atomic.Bool
+	naks     atomic.Int32
+	early    atomic.Int32
+}
+
+func (c *slowPulls) Fetch(n int, opts ...jetstream.FetchOpt) (jetstream.MessageBatch, error) {
+	b, err := c.Consumer.Fetch(n, opts...)
+	if err != nil {
+		return nil, err
+	}
+	c.open.Add(1)
+	out := &slowBatch{MessageBatch: b, msgs: make(chan jetstream.Msg)}
+	go func() {
+		for m := range b.Messages() {
+			out.msgs <- &watchedMsg{Msg: m, pulls: c}
+		}
+		<-time.After(50 * time.Millisecond)
+		c.open.Add(-1)
+		close(out.msgs)
+	}()
+	return out, nil
+}
+
+type slowBatch struct {
+	jetstream.MessageBatch
+	msgs chan jetstream.Msg
+}
+
+func (b *slowBatch) Messages() <-chan jetstream.Msg { return b.msgs }
+
+type watchedMsg struct {
+	jetstream.Msg
+	pulls *slowPulls
+}
+
+func (m *watchedMsg) Nak() error {
+	m.pulls.nak()
+	return m.Msg.Nak()
+}
+
+func (m *watchedMsg) NakWithDelay(d time.Duration) error {
+	m.pulls.nak()
+	return m.Msg.NakWithDelay(d)
+}
+
+func (c *slowPulls) nak() {
+	if !c.stopping.Load() {
+		return
+	}
+	c.naks.Add(1)
+	if c.open.Load() > 0 {
+		c.early.Add(1)
+	}
+}
+
+// Commands returned at shutdown are naked only once the worker's pulls
+// are closed. CI once caught a nak that overtook the pull's UNSUB: the
+// command was redelivered into the dead pull and came back only after the
+// 30s ack wait (TestShutdownTimeoutReturnsHungCalls timed out on it).
+func TestShutdownReturnsCommandsOnlyAfterThePullsClosed(t *testing.T) {
+	e := newEnv(t, func(c *Config) {
+		c.Concurrency = 2
+		c.CallTimeout = 20 * time.Second
+		c.ShutdownTimeout = 200 * time.Millisecond
+	})
+	e.emu.SetFaults(emulator.Faults{Hang: true})
+	e.publishMany(t, 6, "p")
+	pulls := &slowPulls{}
+	r := e.startWorker(nil, func(w *Worker) { pulls.Consumer, w.cons = w.cons, pulls })
+	testutil.Eventually(t, 10*time.Second, func() error {
+		if got := e.emu.StopCalls(); got < 2 {
+			return fmt.Errorf("%d calls hanging", got)
+		}
+		return nil
+	})
+	pulls.stopping.Store(true)
+	r.stop(t)
+	if n := pulls.naks.Load(); n != 6 {
+		t.Errorf("%d commands returned at shutdown, want 6", n)
+	}
+	if n := pulls.early.Load(); n > 0 {
+		t.Errorf("%d commands returned while a pull was still open", n)
+	}
+	e.emu.SetFaults(emulator.Faults{})
+	e.startWorker(nil)
+	e.out.wait(t, 6, 10*time.Second) // well before the 30s ack wait
 }
 
 // A worker that dies without draining (its connection cut mid-batch)

@@ -413,6 +413,7 @@ func (w *Worker) giveBack(j *job, delay time.Duration, reason string) {
 			j.log.Warn("could not record progress in the state bucket", zap.Error(err))
 		}
 	}
+	w.awaitPullsClosed()
 	var err error
 	if delay > 0 {
 		err = j.msg.NakWithDelay(delay)

@@ -62,7 +62,11 @@ type Worker struct {
 	soft     context.Context // Run's context: ends at soft stop
 	stopping <-chan struct{} // soft.Done()
 	hard     context.Context // cancelled at hard stop
-	wg       sync.WaitGroup
+	// pullsClosed is closed once no pull request of this worker can
+	// receive a message any more; commands returned at shutdown wait for
+	// it (see closePulls).
+	pullsClosed chan struct{}
+	wg          sync.WaitGroup
 }
 
 // New builds a Worker on a consumer bound by Setup.
@@ -97,6 +101,8 @@ func New(js jetstream.JetStream, cons jetstream.Consumer, stopper Stopper, cfg C
 		held:    make(chan struct{}, cfg.heldLimit()),
 		ackWait: cfg.AckWait,
 		thr:     newThrottle(&cfg),
+
+		pullsClosed: make(chan struct{}),
 	}
 	w.circ = newCircuit(&w.cfg, log, func(open bool) {
 		if open {
@@ -165,6 +171,7 @@ func (w *Worker) Run(ctx context.Context) error {
 	w.fetch(ctx)
 
 	timer := time.AfterFunc(w.cfg.ShutdownTimeout, hardStop)
+	w.closePulls()
 	w.wg.Wait()
 	timer.Stop()
 	w.log.Info("worker stopped")
@@ -200,6 +207,27 @@ func (w *Worker) fetch(ctx context.Context) {
 		if c, err := ensureConsumer(ctx, w.js, w.cfg, w.log); err == nil {
 			w.cons = c
 		}
+	}
+}
+
+// closePulls runs once fetching has ended, and lets the commands returned
+// at shutdown go back to JetStream. A pull request lives on at the server
+// until its UNSUB arrives, which nats.go sends just after it closes the
+// batch. A nak that overtook that UNSUB was redelivered into the dead
+// request, and the command sat out a whole ack wait before any worker saw
+// it again (seen in CI). The flush is a round trip after the UNSUB, so
+// every nak that waits for it reaches the server after it.
+func (w *Worker) closePulls() {
+	if err := w.js.Conn().FlushTimeout(time.Second); err != nil {
+		w.log.Debug("flush after the last pull failed", zap.Error(err))
+	}
+	close(w.pullsClosed)
+}
+
+// awaitPullsClosed holds a command returned at shutdown until closePulls.
+func (w *Worker) awaitPullsClosed() {
+	if w.soft != nil && w.soft.Err() != nil {
+		<-w.pullsClosed
 	}
 }
 
@@ -405,6 +433,7 @@ func (w *Worker) recovered(msg jetstream.Msg, j *job, r any) {
 		return
 	}
 	if w.soft != nil && w.soft.Err() != nil {
+		w.awaitPullsClosed()
 		_ = msg.Nak() // shutting down: another worker takes it at once
 		return
 	}
