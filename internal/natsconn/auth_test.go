@@ -5,12 +5,12 @@ import (
 	"strings"
 	"testing"
 
-	"github.com/nats-io/jwt/v2"
 	"github.com/nats-io/nats-server/v2/server"
 	"github.com/nats-io/nkeys"
 	"go.uber.org/zap"
 
 	"github.com/dlf-stop/worker/internal/config"
+	"github.com/dlf-stop/worker/internal/testutil/natsjwt"
 )
 
 func TestUserPassword(t *testing.T) {
@@ -94,112 +94,21 @@ func TestNKey(t *testing.T) {
 	}
 }
 
-// operator is an operator/account/user JWT chain for a server in operator
-// mode with a memory resolver.
-type operator struct {
-	claims   *jwt.OperatorClaims
-	resolver *server.MemAccResolver
-	opKP     nkeys.KeyPair
-}
-
-// newKey creates a key pair of one kind and returns it with its public key.
-func newKey(t *testing.T, create func() (nkeys.KeyPair, error)) (nkeys.KeyPair, string) {
-	t.Helper()
-	kp, err := create()
-	if err != nil {
-		t.Fatal(err)
-	}
-	pub, err := kp.PublicKey()
-	if err != nil {
-		t.Fatal(err)
-	}
-	return kp, pub
-}
-
-func newOperator(t *testing.T) *operator {
-	t.Helper()
-	opKP, opPub := newKey(t, nkeys.CreateOperator)
-	oc := jwt.NewOperatorClaims(opPub)
-	oc.Name = "test-operator"
-	ojwt, err := oc.Encode(opKP)
-	if err != nil {
-		t.Fatal(err)
-	}
-	claims, err := jwt.DecodeOperatorClaims(ojwt)
-	if err != nil {
-		t.Fatal(err)
-	}
-	return &operator{claims: claims, resolver: &server.MemAccResolver{}, opKP: opKP}
-}
-
-// account creates an account signed by the operator; register stores it in
-// the resolver so the server knows it.
-func (o *operator) account(t *testing.T, register bool) nkeys.KeyPair {
-	t.Helper()
-	kp, pub := newKey(t, nkeys.CreateAccount)
-	ac := jwt.NewAccountClaims(pub)
-	ac.Name = "test-account"
-	ajwt, err := ac.Encode(o.opKP)
-	if err != nil {
-		t.Fatal(err)
-	}
-	if register {
-		if err := o.resolver.Store(pub, ajwt); err != nil {
-			t.Fatal(err)
-		}
-	}
-	return kp
-}
-
-// creds writes a .creds file for a new user of account and returns its
-// path and seed. With a non-nil seedOf, the file holds that key pair's seed
-// instead of the user's own.
-func creds(t *testing.T, dir, name string, account nkeys.KeyPair, seedOf nkeys.KeyPair) (string, string) {
-	t.Helper()
-	ukp, upub := newKey(t, nkeys.CreateUser)
-	uc := jwt.NewUserClaims(upub)
-	uc.Name = "test-user"
-	ujwt, err := uc.Encode(account)
-	if err != nil {
-		t.Fatal(err)
-	}
-	seed, err := ukp.Seed()
-	if err != nil {
-		t.Fatal(err)
-	}
-	b, err := jwt.FormatUserConfig(ujwt, seed)
-	if err != nil {
-		t.Fatal(err)
-	}
-	if seedOf != nil {
-		// FormatUserConfig refuses a seed that does not match the JWT, so
-		// swap it in afterwards.
-		other, err := seedOf.Seed()
-		if err != nil {
-			t.Fatal(err)
-		}
-		b = []byte(strings.Replace(string(b), string(seed), string(other), 1))
-		seed = other
-	}
-	return writeFile(t, dir, name, b), string(seed)
-}
-
 func TestCreds(t *testing.T) {
-	op := newOperator(t)
-	known := op.account(t, true)
-	unknown := op.account(t, false)
-	s := runServer(t, &server.Options{
-		TrustedOperators: []*jwt.OperatorClaims{op.claims},
-		AccountResolver:  op.resolver,
-	})
+	op := natsjwt.NewOperator(t)
+	known := op.Account(t, true, false)
+	unknown := op.Account(t, false, false)
+	opts := &server.Options{}
+	op.Configure(t, opts)
+	s := runServer(t, opts)
 	dir := t.TempDir()
 	other, err := nkeys.CreateUser()
 	if err != nil {
 		t.Fatal(err)
 	}
-	goodFile, goodSeed := creds(t, dir, "good.creds", known, nil)
-	unknownFile, unknownSeed := creds(t, dir, "unknown-account.creds", unknown, nil)
-	wrongSeedFile, wrongSeed := creds(t, dir, "wrong-seed.creds", known, other)
+	goodFile, goodSeed := natsjwt.Creds(t, dir, "good.creds", known, nil)
+	unknownFile, unknownSeed := natsjwt.Creds(t, dir, "unknown-account.creds", unknown, nil)
+	wrongSeedFile, wrongSeed := natsjwt.Creds(t, dir, "wrong-seed.creds", known, other)
 	secrets := []string{goodSeed, unknownSeed, wrongSeed}
 
 	tests := []struct {
