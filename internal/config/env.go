@@ -216,7 +216,7 @@ var vars = []envVar{
 		get:   func(c *Config) string { return c.DLF.EndpointURL() },
 	},
 	str("DLF_REGION", groupDLF, func(c *Config) *string { return &c.DLF.Region }),
-	str("HUAWEICLOUD_SDK_AK", groupDLF, func(c *Config) *string { return &c.DLF.AK }),
+	secret("HUAWEICLOUD_SDK_AK", groupDLF, func(c *Config) *string { return &c.DLF.AK }),
 	secret("HUAWEICLOUD_SDK_SK", groupDLF, func(c *Config) *string { return &c.DLF.SK }),
 	str("HUAWEICLOUD_SDK_AK_FILE", groupDLF, func(c *Config) *string { return &c.DLF.AKFile }),
 	str("HUAWEICLOUD_SDK_SK_FILE", groupDLF, func(c *Config) *string { return &c.DLF.SKFile }),

@@ -101,7 +101,7 @@ func TestRedacted(t *testing.T) {
 		"NATS_PASSWORD":                  "[redacted]",
 		"NATS_TOKEN":                     "",
 		"DLF_AUTH_TOKEN":                 "",
-		"HUAWEICLOUD_SDK_AK":             "AK",
+		"HUAWEICLOUD_SDK_AK":             "[redacted]",
 		"NATS_USER":                      "u",
 		"NATS_URL":                       "nats://[redacted]@127.0.0.1:4222,nats://[redacted]@h:1",
 		"DLF_ENDPOINT":                   "https://dayu-dlf.cn-north-4.myhuaweicloud.com",
@@ -115,7 +115,7 @@ func TestRedacted(t *testing.T) {
 			t.Errorf("Redacted()[%s] = %q, want %q", k, r[k], v)
 		}
 	}
-	if s := c.DLF.String(); !strings.Contains(s, `HUAWEICLOUD_SDK_SK:"[redacted]"`) || !strings.Contains(s, `HUAWEICLOUD_SDK_AK:"AK"`) {
+	if s := c.DLF.String(); !strings.Contains(s, `HUAWEICLOUD_SDK_SK:"[redacted]"`) || !strings.Contains(s, `HUAWEICLOUD_SDK_AK:"[redacted]"`) {
 		t.Errorf("DLF.String() = %s", s)
 	}
 }

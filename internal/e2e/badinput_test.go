@@ -44,7 +44,7 @@ func TestBadInputAtVolume(t *testing.T) {
 	ctx, cancel := context.WithTimeout(context.Background(), overall)
 	defer cancel()
 
-	guard := newSecretsGuard(t)
+	guard := newSecretsGuard(t, guardTokenCreds)
 	srv := guard.server(t)
 	nc, js := guard.connect(t, srv)
 	emu, emuURL := emulator.StartForTest(t, guard.emulatorOption())

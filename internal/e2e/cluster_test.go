@@ -51,7 +51,7 @@ func TestBrokerFaultsCluster(t *testing.T) {
 	cl := startFaultCluster(t, nServers)
 	cl.waitMetaLeader(30 * time.Second)
 
-	guard := newSecretsGuard(t)
+	guard := newSecretsGuard(t, guardAKSK)
 	emu, emuURL := emulator.StartForTest(t, emulator.WithRequestLogSize(0), guard.emulatorOption())
 	emu.SetFaults(emulator.Faults{Latency: 5 * time.Millisecond})
 

@@ -39,7 +39,7 @@ func TestDLFOutageAndRecovery(t *testing.T) {
 	const commands = 1000
 	ctx, cancel := context.WithTimeout(context.Background(), 150*time.Second)
 	defer cancel()
-	guard := newSecretsGuard(t)
+	guard := newSecretsGuard(t, guardAKSK)
 	emu, emuURL := emulator.StartForTest(t, emulator.WithRequestLogSize(100_000), guard.emulatorOption())
 	rig := startDLFFaultRig(ctx, t, emu, emuURL, guard)
 	rig.runFaultScenario("outage", "outage", commands, []dlffPhase{

@@ -43,7 +43,7 @@ func TestWorkerKilledRepeatedly(t *testing.T) {
 		script       = "s"
 	)
 
-	guard := newSecretsGuard(t)
+	guard := newSecretsGuard(t, guardAKSK)
 	srv := guard.server(t)
 	_, js := guard.connect(t, srv)
 	emu, emuURL := emulator.StartForTest(t, emulator.WithRequestLogSize(0), guard.emulatorOption())

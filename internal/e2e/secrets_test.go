@@ -29,8 +29,8 @@ import (
 // outcomes or dead letters" (contract section 7) on the real binary at
 // debug level: every stderr line, every outcome event and every dead letter
 // (bodies and headers) is searched for every secret the worker held or
-// produced - SK before and after a rotation, NATS password, IAM token, nkey
-// seed, and every Authorization signature and X-Auth-Token DLF saw.
+// produced - AK, SK before and after a rotation, NATS password, IAM token,
+// nkey seed, and every Authorization signature and X-Auth-Token DLF saw.
 func TestSecretsNeverLeak(t *testing.T) {
 	t.Run("aksk_files_user_password", secretsAKSKRun)
 	t.Run("token_file_nkey", secretsTokenRun)
@@ -115,7 +115,7 @@ func secretsAKSKRun(t *testing.T) {
 	}
 
 	secrets := []secretNeedle{
-		{"SK", sk}, {"rotated SK", newSK}, {"NATS password", pw},
+		{"AK", ak}, {"SK", sk}, {"rotated SK", newSK}, {"NATS password", pw},
 		{"SK base64", base64.StdEncoding.EncodeToString([]byte(sk))},
 		{"rotated SK base64", base64.StdEncoding.EncodeToString([]byte(newSK))},
 		{"SK hex", hex.EncodeToString([]byte(sk))},

@@ -14,54 +14,107 @@ import (
 
 	"github.com/dlf-stop/worker/internal/dlf"
 	"github.com/dlf-stop/worker/internal/dlf/emulator"
+	"github.com/dlf-stop/worker/internal/testutil/natsjwt"
 )
 
 // secretsGuard gives a failure test real secrets to hold, so that every
 // failure test is also a secrets test at debug level (issue: "all of the
 // above at debug level, then search every log line, outcome and dead
-// letter"): an AK/SK pair in files, which the emulator demands, and a NATS
-// user whose password is in a file, which the server demands.
+// letter for the AK, SK, token, NATS password and creds seed"). Each run
+// holds one of two sets; between them the failure tests cover every
+// secret the issue names:
+//
+//   - guardAKSK: an AK in the environment and an SK in a file, which the
+//     emulator demands, and a NATS user whose password is in a file, which
+//     the server demands;
+//   - guardTokenCreds: an IAM token in a file, which the emulator demands,
+//     and a NATS creds file (JWT and seed) of an account the server, in
+//     operator mode, trusts.
 type secretsGuard struct {
-	ak, sk, user, pw string
-	env              map[string]string // for the worker: credentials and LOG_LEVEL=debug
+	auth               guardAuth
+	ak, sk, user, pw   string
+	token, seed, creds string
+	op                 *natsjwt.Operator
+	env                map[string]string // for the worker: credentials and LOG_LEVEL=debug
 }
 
-func newSecretsGuard(t *testing.T) *secretsGuard {
+type guardAuth int
+
+const (
+	guardAKSK guardAuth = iota
+	guardTokenCreds
+)
+
+func (a guardAuth) String() string {
+	if a == guardTokenCreds {
+		return "token_file+nats_creds"
+	}
+	return "aksk+nats_password_file"
+}
+
+func newSecretsGuard(t *testing.T, auth guardAuth) *secretsGuard {
 	t.Helper()
-	g := &secretsGuard{
-		ak:   "AKGUARD" + strings.ToUpper(randHex(t, 6)),
-		sk:   "sk-GUARDED-" + randHex(t, 16),
-		user: "worker",
-		pw:   "pw-GUARDED-" + randHex(t, 16),
-	}
 	dir := t.TempDir()
-	g.env = map[string]string{
-		"NATS_USER":               g.user,
-		"NATS_PASSWORD_FILE":      writeSecretFile(t, dir, "password", g.pw),
-		"HUAWEICLOUD_SDK_AK_FILE": writeSecretFile(t, dir, "ak", g.ak),
-		"HUAWEICLOUD_SDK_SK_FILE": writeSecretFile(t, dir, "sk", g.sk),
-		"LOG_LEVEL":               "debug",
-		"LOG_FORMAT":              "json",
+	g := &secretsGuard{auth: auth}
+	switch auth {
+	case guardAKSK:
+		g.ak = "AKGUARD" + strings.ToUpper(randHex(t, 6))
+		g.sk = "sk-GUARDED-" + randHex(t, 16)
+		g.user = "worker"
+		g.pw = "pw-GUARDED-" + randHex(t, 16)
+		g.env = map[string]string{
+			"NATS_USER":               g.user,
+			"NATS_PASSWORD_FILE":      writeSecretFile(t, dir, "password", g.pw),
+			"HUAWEICLOUD_SDK_AK":      g.ak,
+			"HUAWEICLOUD_SDK_SK_FILE": writeSecretFile(t, dir, "sk", g.sk),
+		}
+	case guardTokenCreds:
+		g.token = "tok-GUARDED-" + randHex(t, 24)
+		g.op = natsjwt.NewOperator(t)
+		g.creds, g.seed = natsjwt.Creds(t, dir, "worker.creds", g.op.Account(t, true, true), nil)
+		g.env = map[string]string{
+			"NATS_CREDS":          g.creds,
+			"DLF_AUTH_TOKEN_FILE": writeSecretFile(t, dir, "token", g.token),
+		}
+	default:
+		t.Fatalf("unknown guard auth %d", auth)
 	}
+	g.env["LOG_LEVEL"], g.env["LOG_FORMAT"] = "debug", "json"
 	return g
 }
 
-// server runs a JetStream server that accepts only the guard's user.
+// server runs a JetStream server that accepts only the guard's NATS
+// credentials.
 func (g *secretsGuard) server(t *testing.T) *server.Server {
 	t.Helper()
+	if g.auth == guardTokenCreds {
+		o := &server.Options{}
+		g.op.Configure(t, o)
+		return startAuthServer(t, o)
+	}
 	return startAuthServer(t, &server.Options{Username: g.user, Password: g.pw})
 }
 
 // connect is the test's own connection to that server.
 func (g *secretsGuard) connect(t *testing.T, srv *server.Server) (*nats.Conn, jetstream.JetStream) {
 	t.Helper()
+	if g.auth == guardTokenCreds {
+		return connectJS(t, srv.ClientURL(), nats.UserCredentials(g.creds))
+	}
 	return connectJS(t, srv.ClientURL(), nats.UserInfo(g.user, g.pw))
 }
 
-func (g *secretsGuard) emulatorOption() emulator.Option { return emulator.WithCredentials(g.ak, g.sk) }
+func (g *secretsGuard) emulatorOption() emulator.Option {
+	if g.auth == guardTokenCreds {
+		return emulator.WithAuthToken(g.token)
+	}
+	return emulator.WithCredentials(g.ak, g.sk)
+}
 
-// credentials are the AK/SK for an in-process DLF client.
-func (g *secretsGuard) credentials() dlf.Credentials { return dlf.Credentials{AK: g.ak, SK: g.sk} }
+// credentials are the DLF credentials for an in-process DLF client.
+func (g *secretsGuard) credentials() dlf.Credentials {
+	return dlf.Credentials{AK: g.ak, SK: g.sk, AuthToken: g.token}
+}
 
 // workerEnv is env with the guard's settings added (they win).
 func (g *secretsGuard) workerEnv(env map[string]string) map[string]string {
@@ -88,12 +141,20 @@ func (g *secretsGuard) check(t *testing.T, js jetstream.JetStream, run string, l
 // to the test's own debug-level core instead).
 func (g *secretsGuard) search(t *testing.T, js jetstream.JetStream, run string, logs [][]string, processes bool) {
 	t.Helper()
-	needles := []secretNeedle{
-		{"SK", g.sk}, {"NATS password", g.pw},
-		{"SK base64", base64.StdEncoding.EncodeToString([]byte(g.sk))},
-		{"SK hex", hex.EncodeToString([]byte(g.sk))},
-		{"NATS user:password base64", base64.StdEncoding.EncodeToString([]byte(g.user + ":" + g.pw))},
-		{"secret marker", "-GUARDED-"},
+	needles := []secretNeedle{{"secret marker", "-GUARDED-"}}
+	switch g.auth {
+	case guardAKSK:
+		needles = append(needles, secretNeedle{"AK", g.ak}, secretNeedle{"SK", g.sk},
+			secretNeedle{"NATS password", g.pw},
+			secretNeedle{"SK base64", base64.StdEncoding.EncodeToString([]byte(g.sk))},
+			secretNeedle{"SK hex", hex.EncodeToString([]byte(g.sk))},
+			secretNeedle{"NATS user:password base64", base64.StdEncoding.EncodeToString([]byte(g.user + ":" + g.pw))})
+	case guardTokenCreds:
+		needles = append(needles, secretNeedle{"IAM token", g.token},
+			secretNeedle{"IAM token base64", base64.StdEncoding.EncodeToString([]byte(g.token))},
+			secretNeedle{"creds seed", g.seed},
+			// The seed's body without the "SU" prefix, as a partial print would show it.
+			secretNeedle{"creds seed body", g.seed[2:]})
 	}
 	var hay []haystack
 	lines, debug, atDebug := 0, 0, 0
@@ -118,8 +179,8 @@ func (g *secretsGuard) search(t *testing.T, js jetstream.JetStream, run string, 
 		hay = append(hay, haystack{fmt.Sprintf("dead letter %d", i+1), renderMsg(m)})
 	}
 	hits, found := searchHay(hay, needles)
-	t.Logf("secrets run=%s log_lines=%d debug_lines=%d outcomes=%d dead_letters=%d hits=%d",
-		run, lines, debug, len(outs), len(deads), hits)
+	t.Logf("secrets run=%s auth=%s log_lines=%d debug_lines=%d outcomes=%d dead_letters=%d needles=%d hits=%d",
+		run, g.auth, lines, debug, len(outs), len(deads), len(needles), hits)
 	if hits != 0 {
 		t.Errorf("%d secret hits:\n%s", hits, strings.Join(found[:min(len(found), 10)], "\n"))
 	}
