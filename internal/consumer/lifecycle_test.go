@@ -5,6 +5,7 @@ import (
 	"fmt"
 	"strconv"
 	"strings"
+	"sync"
 	"sync/atomic"
 	"testing"
 	"time"
@@ -388,6 +389,68 @@ func TestPanicBeforeTheCommandIsReadIsGivenUp(t *testing.T) {
 		t.Fatalf("outcome = %+v", o)
 	}
 	e.checkGivenUp(t, r, b)
+}
+
+// heldPulls is the worker's real consumer, except that the messages of a
+// fetch reach the worker only once release is closed: the test decides
+// that a message arrives after the soft stop.
+type heldPulls struct {
+	jetstream.Consumer
+	got     chan struct{} // a message is held
+	release chan struct{}
+	once    sync.Once
+}
+
+func (c *heldPulls) Fetch(n int, opts ...jetstream.FetchOpt) (jetstream.MessageBatch, error) {
+	b, err := c.Consumer.Fetch(n, opts...)
+	if err != nil {
+		return nil, err
+	}
+	out := &slowBatch{MessageBatch: b, msgs: make(chan jetstream.Msg, n)}
+	go func() {
+		var held []jetstream.Msg
+		for m := range b.Messages() {
+			held = append(held, m)
+			c.once.Do(func() { close(c.got) })
+		}
+		<-c.release
+		for _, m := range held {
+			out.msgs <- m
+		}
+		close(out.msgs)
+	}()
+	return out, nil
+}
+
+// A panic before the command is read comes on the fetching goroutine; at
+// shutdown it must return the command without waiting for the pulls to
+// close, which that very goroutine does next.
+func TestPanicBeforeTheCommandIsReadAtShutdownStillStops(t *testing.T) {
+	e := newEnv(t, nil)
+	e.log = zap.New(panicOnField{Core: e.log.Core(), key: "script_name", val: "poison"})
+	pulls := &heldPulls{got: make(chan struct{}), release: make(chan struct{})}
+	r := e.startWorker(nil, func(w *Worker) { pulls.Consumer, w.cons = w.cons, pulls })
+	e.publish(body(t, map[string]any{"command_id": "c-poison", "project_id": proj, "script_name": "poison", "instance_id": "i-1"}), nil)
+	select {
+	case <-pulls.got:
+	case <-time.After(10 * time.Second):
+		t.Fatal("the command was not fetched")
+	}
+	r.cancel()
+	close(pulls.release)
+	select {
+	case err := <-r.done:
+		if err != nil {
+			t.Errorf("Run: %v", err)
+		}
+	case <-time.After(10 * time.Second):
+		t.Fatal("worker did not stop after a panic in prepare at shutdown")
+	}
+	if got := testutilCount(r.w.m.panics); got != 1 {
+		t.Errorf("panics = %v, want 1", got)
+	}
+	r.once.Do(func() {}) // stopped here; the cleanup has nothing left to do
+	r.nc.Close()
 }
 
 // quickGiveUp makes a command's time run out after a second.

@@ -433,8 +433,13 @@ func (w *Worker) recovered(msg jetstream.Msg, j *job, r any) {
 		return
 	}
 	if w.soft != nil && w.soft.Err() != nil {
-		w.awaitPullsClosed()
-		_ = msg.Nak() // shutting down: another worker takes it at once
+		// Shutting down: another worker takes it at once. Without a job
+		// the panic came in prepare, on the fetching goroutine itself,
+		// which must not wait for the pulls it has yet to close.
+		if j != nil {
+			w.awaitPullsClosed()
+		}
+		_ = msg.Nak()
 		return
 	}
 	// The injected clock may be what panicked: this path reads time.Now.
