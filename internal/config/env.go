@@ -36,6 +36,37 @@ func FromEnv(lookup func(string) (string, bool)) (Config, error) {
 	return c, nil
 }
 
+// LoadNATS is Load for a command that only talks to NATS (worker stop): it
+// reports only the NATS settings and the subject, stream, consumer and
+// bucket names that could not be parsed, so a malformed variable that
+// belongs to the worker alone (WORKER_CONCURRENCY=abc) does not stop it.
+func LoadNATS(lookup func(string) (string, bool)) (Config, error) {
+	c, errs := load(lookup)
+	kept := errs[:0]
+	for _, err := range errs {
+		var ve *varError
+		if errors.As(err, &ve) && !natsOrSubjects(ve.name) {
+			continue
+		}
+		kept = append(kept, err)
+	}
+	return c, errors.Join(kept...)
+}
+
+func natsOrSubjects(name string) bool {
+	for _, v := range vars {
+		if v.name == name {
+			return v.group == groupNATS || v.group == groupSubjects
+		}
+	}
+	return false
+}
+
+func withGroup(v envVar, g group) envVar {
+	v.group = g
+	return v
+}
+
 // Load returns Default overlaid with the environment without validating it;
 // the error lists values that could not be parsed (those keep their
 // default). It also derives what the package documentation says is derived:
@@ -91,6 +122,7 @@ const (
 	groupOther group = iota
 	groupNATS
 	groupDLF
+	groupSubjects // subject, stream, consumer and bucket names
 )
 
 // envVar ties one environment variable to its Config field.
@@ -198,15 +230,15 @@ var vars = []envVar{
 	str("NATS_CERT", groupNATS, func(c *Config) *string { return &c.NATS.Cert }),
 	str("NATS_KEY", groupNATS, func(c *Config) *string { return &c.NATS.Key }),
 
-	str("STOP_SUBJECT", groupOther, func(c *Config) *string { return &c.Subjects.StopSubject }),
-	str("STOP_STREAM", groupOther, func(c *Config) *string { return &c.Subjects.StopStream }),
-	str("OUTCOME_SUBJECT_PREFIX", groupOther, func(c *Config) *string { return &c.Subjects.OutcomeSubjectPrefix }),
-	str("OUTCOME_STREAM", groupOther, func(c *Config) *string { return &c.Subjects.OutcomeStream }),
-	str("DEAD_SUBJECT", groupOther, func(c *Config) *string { return &c.Subjects.DeadSubject }),
-	str("DEAD_STREAM", groupOther, func(c *Config) *string { return &c.Subjects.DeadStream }),
-	str("CONSUMER_NAME", groupOther, func(c *Config) *string { return &c.Subjects.ConsumerName }),
-	str("STATE_BUCKET", groupOther, func(c *Config) *string { return &c.Subjects.StateBucket }),
-	integer("STREAM_REPLICAS", func(c *Config) *int { return &c.Subjects.StreamReplicas }),
+	str("STOP_SUBJECT", groupSubjects, func(c *Config) *string { return &c.Subjects.StopSubject }),
+	str("STOP_STREAM", groupSubjects, func(c *Config) *string { return &c.Subjects.StopStream }),
+	str("OUTCOME_SUBJECT_PREFIX", groupSubjects, func(c *Config) *string { return &c.Subjects.OutcomeSubjectPrefix }),
+	str("OUTCOME_STREAM", groupSubjects, func(c *Config) *string { return &c.Subjects.OutcomeStream }),
+	str("DEAD_SUBJECT", groupSubjects, func(c *Config) *string { return &c.Subjects.DeadSubject }),
+	str("DEAD_STREAM", groupSubjects, func(c *Config) *string { return &c.Subjects.DeadStream }),
+	str("CONSUMER_NAME", groupSubjects, func(c *Config) *string { return &c.Subjects.ConsumerName }),
+	str("STATE_BUCKET", groupSubjects, func(c *Config) *string { return &c.Subjects.StateBucket }),
+	withGroup(integer("STREAM_REPLICAS", func(c *Config) *int { return &c.Subjects.StreamReplicas }), groupSubjects),
 
 	{
 		name:  "DLF_ENDPOINT",

@@ -68,7 +68,7 @@ func Run(ctx context.Context, args []string, lookup func(string) (string, bool),
 	}
 	// Only NATS settings and subject names matter here; the DLF part of
 	// the configuration belongs to the worker and is not required.
-	cfg, err := config.Load(lookup)
+	cfg, err := config.LoadNATS(lookup)
 	if err != nil {
 		fmt.Fprintf(stderr, "worker stop: %v\n", err)
 		return ExitUsage

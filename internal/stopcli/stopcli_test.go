@@ -91,6 +91,31 @@ func TestBadNATSEnvironmentIsUsage(t *testing.T) {
 	}
 }
 
+// worker stop reads the worker's environment, but only its NATS settings
+// and names: a malformed variable that belongs to the worker alone must
+// not stop it, while one it uses is still a usage error. (NATS is down
+// here, so getting past the configuration ends in "no outcome".)
+func TestOnlyNATSAndSubjectVariablesMatter(t *testing.T) {
+	l, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	url := "nats://" + l.Addr().String()
+	l.Close()
+	workerOnly := map[string]string{"NATS_URL": url, "WORKER_CONCURRENCY": "abc", "DLF_TIMEOUT": "soon",
+		"DLF_RATE_LIMIT": "fast", "RETRY_MAX_ELAPSED": "forever", "DLF_ENDPOINT": "::bad::"}
+	if code, _, stderr := runStop(t, workerOnly, "--script", "s", "--instance", "i-1", "--wait", "500ms"); code != stopcli.ExitNoOutcome {
+		t.Errorf("exit = %d (%s), want %d: worker-only variables were checked", code, stderr, stopcli.ExitNoOutcome)
+	}
+	for _, name := range []string{"STREAM_REPLICAS"} {
+		bad := map[string]string{"NATS_URL": url, name: "abc"}
+		code, _, stderr := runStop(t, bad, "--script", "s", "--instance", "i-1", "--wait", "500ms")
+		if code != stopcli.ExitUsage || !strings.Contains(stderr, name) {
+			t.Errorf("%s=abc: exit = %d, stderr = %q; want %d naming it", name, code, stderr, stopcli.ExitUsage)
+		}
+	}
+}
+
 // NATS down: no outcome can come, so the status is "no outcome" (the
 // same line may be run again), and the message names the problem without
 // the password.
