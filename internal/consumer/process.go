@@ -329,15 +329,7 @@ func (w *Worker) call(j *job, req dlf.StopRequest, lastAt time.Time) (v dlf.Verd
 	v, elapsed, err := w.attempt(req, probe)
 	j.attempts++
 	w.circ.release(probe, v, w.hard.Err() != nil)
-	switch {
-	case v.HTTPStatus == 429:
-		w.m.throttled.Inc()
-		pause := v.RetryAfter
-		if pause < w.cfg.RetryInitial {
-			pause = w.cfg.RetryInitial
-		}
-		w.thr.throttled(pause)
-	case v.Class == dlf.ClassStopped:
+	if v.Class == dlf.ClassStopped {
 		w.thr.succeeded()
 	}
 	if v.NotAnswered {
@@ -375,6 +367,13 @@ func (w *Worker) attempt(req dlf.StopRequest, probe bool) (v dlf.Verdict, elapse
 	elapsed = time.Since(start)
 	v = dlf.Classify(resp, err)
 	answered = true
+	if v.HTTPStatus == 429 {
+		// Paused before the slot is given back: a command waiting for
+		// this slot checks the pause once it has the slot, and must not
+		// find it unset and slip a call into the throttled gateway.
+		w.m.throttled.Inc()
+		w.thr.throttled(max(v.RetryAfter, w.cfg.RetryInitial))
+	}
 	return v, elapsed, err
 }
 

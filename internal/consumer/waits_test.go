@@ -56,14 +56,9 @@ func TestDeadlinePassingInA429PauseIsNotSent(t *testing.T) {
 	e.emu.AddRunning(proj, "", "s1", "slow")
 	e.emu.AddRunning(proj, "", "s1", "urgent")
 	e.emu.SetFaultsFor(proj, "s1", "slow", emulator.Faults{Throttle: true, RetryAfter: 3 * time.Second})
-	e.startWorker(nil)
+	r := e.startWorker(nil)
 	e.publish(body(t, map[string]any{"command_id": "slow", "project_id": proj, "script_name": "s1", "instance_id": "slow"}), nil)
-	testutil.Eventually(t, 10*time.Second, func() error {
-		if e.emu.StopCallsFor(proj, "s1", "slow") == 0 {
-			return errors.New("no 429 yet")
-		}
-		return nil
-	})
+	r.waitFor429(t)
 	deadline := time.Now().Add(time.Second)
 	e.publish(body(t, map[string]any{"command_id": "urgent", "project_id": proj, "script_name": "s1", "instance_id": "urgent",
 		"deadline": deadline.Format(time.RFC3339Nano)}), nil)
@@ -80,6 +75,19 @@ func TestDeadlinePassingInA429PauseIsNotSent(t *testing.T) {
 	}
 	e.emu.ClearFaultsFor(proj, "s1", "slow")
 	e.out.wait(t, 2, 20*time.Second)
+}
+
+// waitFor429 waits until the worker has taken in a 429. The emulator counts
+// a call as it arrives, before its fault is chosen and long before the
+// worker has paused for the answer, so its count is not enough.
+func (r *running) waitFor429(t *testing.T) {
+	t.Helper()
+	testutil.Eventually(t, 10*time.Second, func() error {
+		if testutilCount(r.w.m.calls.WithLabelValues("429")) == 0 {
+			return errors.New("no 429 taken in yet")
+		}
+		return nil
+	})
 }
 
 // A Retry-After longer than the time a command has left does not hold the
@@ -239,13 +247,8 @@ func TestLateCommandsWaitOutA429Pause(t *testing.T) {
 	})
 	e.emu.SetFaults(emulator.Faults{Throttle: true, RetryAfter: 3 * time.Second})
 	e.publishMany(t, 3, "aged")
-	e.startWorker(nil)
-	testutil.Eventually(t, 10*time.Second, func() error {
-		if e.emu.StopCalls() == 0 {
-			return errors.New("no call yet")
-		}
-		return nil
-	})
+	r := e.startWorker(nil)
+	r.waitFor429(t)
 	e.emu.SetFaults(emulator.Faults{})
 	e.out.wait(t, 3, 20*time.Second)
 	reqs := e.emu.Requests()
