@@ -114,21 +114,30 @@ func TestGracefulShutdownFinishesInFlightAndReturnsTheRest(t *testing.T) {
 	}
 }
 
-func TestShutdownTimeoutReturnsHungCalls(t *testing.T) {
+// startHung starts a worker whose DLF calls hang, on n commands, and
+// returns once concurrency of them hang on the wire; the others wait for
+// a slot.
+func startHung(t *testing.T, concurrency, n int, prefix string, shutdown time.Duration, opts ...Option) (*env, *running) {
+	t.Helper()
 	e := newEnv(t, func(c *Config) {
-		c.Concurrency = 4
+		c.Concurrency = concurrency
 		c.CallTimeout = 20 * time.Second
-		c.ShutdownTimeout = 500 * time.Millisecond
+		c.ShutdownTimeout = shutdown
 	})
 	e.emu.SetFaults(emulator.Faults{Hang: true})
-	e.publishMany(t, 6, "h")
-	r := e.startWorker(nil)
+	e.publishMany(t, n, prefix)
+	r := e.startWorker(nil, opts...)
 	testutil.Eventually(t, 10*time.Second, func() error {
-		if got := e.emu.StopCalls(); got < 4 {
+		if got := e.emu.StopCalls(); got < int64(concurrency) {
 			return fmt.Errorf("%d calls hanging", got)
 		}
 		return nil
 	})
+	return e, r
+}
+
+func TestShutdownTimeoutReturnsHungCalls(t *testing.T) {
+	e, r := startHung(t, 4, 6, "h", 500*time.Millisecond)
 	stopStart := time.Now()
 	r.stop(t)
 	if took := time.Since(stopStart); took > 3*time.Second {
@@ -210,21 +219,8 @@ func (c *slowPulls) nak() {
 // command was redelivered into the dead pull and came back only after the
 // 30s ack wait (TestShutdownTimeoutReturnsHungCalls timed out on it).
 func TestShutdownReturnsCommandsOnlyAfterThePullsClosed(t *testing.T) {
-	e := newEnv(t, func(c *Config) {
-		c.Concurrency = 2
-		c.CallTimeout = 20 * time.Second
-		c.ShutdownTimeout = 200 * time.Millisecond
-	})
-	e.emu.SetFaults(emulator.Faults{Hang: true})
-	e.publishMany(t, 6, "p")
 	pulls := &slowPulls{}
-	r := e.startWorker(nil, func(w *Worker) { pulls.Consumer, w.cons = w.cons, pulls })
-	testutil.Eventually(t, 10*time.Second, func() error {
-		if got := e.emu.StopCalls(); got < 2 {
-			return fmt.Errorf("%d calls hanging", got)
-		}
-		return nil
-	})
+	e, r := startHung(t, 2, 6, "p", 200*time.Millisecond, func(w *Worker) { pulls.Consumer, w.cons = w.cons, pulls })
 	pulls.stopping.Store(true)
 	r.stop(t)
 	if n := pulls.naks.Load(); n != 6 {
