@@ -418,15 +418,17 @@ func (c *heldPulls) Fetch(n int, opts ...jetstream.FetchOpt) (jetstream.MessageB
 	return out, nil
 }
 
-// A panic before the command is read comes on the fetching goroutine; at
-// shutdown it must return the command without waiting for the pulls to
-// close, which that very goroutine does next.
+// A panic before the command is read comes on the fetching goroutine,
+// which closes the pulls once it returns; what follows the panic (which
+// at shutdown waits for them to close) must run elsewhere, or the worker
+// never stops.
 func TestPanicBeforeTheCommandIsReadAtShutdownStillStops(t *testing.T) {
 	e := newEnv(t, nil)
 	e.log = zap.New(panicOnField{Core: e.log.Core(), key: "script_name", val: "poison"})
 	pulls := &heldPulls{got: make(chan struct{}), release: make(chan struct{})}
-	r := e.startWorker(nil, func(w *Worker) { pulls.Consumer, w.cons = w.cons, pulls })
+	// Published first, so the worker's first pull takes it at once.
 	e.publish(body(t, map[string]any{"command_id": "c-poison", "project_id": proj, "script_name": "poison", "instance_id": "i-1"}), nil)
+	r := e.startWorker(nil, func(w *Worker) { pulls.Consumer, w.cons = w.cons, pulls })
 	select {
 	case <-pulls.got:
 	case <-time.After(10 * time.Second):

@@ -83,12 +83,13 @@ func shownID(sid string) string {
 
 // prepare reads what a delivery says: its metadata and its command. It
 // returns nil when the message cannot be handled at all; it has then been
-// returned to JetStream.
-func (w *Worker) prepare(msg jetstream.Msg, release func()) (j *job) {
+// returned to JetStream, unless prepare panicked: the panic is logged and
+// the caller hands the message to afterPanic.
+func (w *Worker) prepare(msg jetstream.Msg) (j *job, panicked bool) {
 	defer func() {
 		if r := recover(); r != nil {
-			w.recovered(msg, nil, r)
-			j = nil
+			w.logPanic(r)
+			j, panicked = nil, true
 		}
 	}()
 	meta, err := msg.Metadata()
@@ -97,7 +98,7 @@ func (w *Worker) prepare(msg jetstream.Msg, release func()) (j *job) {
 		// without metadata nothing can be decided safely. Return it.
 		w.log.Error("message without JetStream metadata; returning it", zap.Error(err))
 		_ = msg.NakWithDelay(w.cfg.RetryInitial)
-		return nil
+		return nil, false
 	}
 	hdr := msg.Headers()
 	cmd, verr := command.Decode(msg.Data(), command.Meta{
@@ -107,7 +108,7 @@ func (w *Worker) prepare(msg jetstream.Msg, release func()) (j *job) {
 		Seq:       meta.Sequence.Stream,
 	}, w.cfg.Defaults)
 	j = &job{msg: msg, meta: meta, cmd: cmd, sid: stateID(cmd, meta.Timestamp), received: time.Now(),
-		verr: verr, valid: verr == nil, release: release}
+		verr: verr, valid: verr == nil}
 	j.out = Outcome{
 		CommandID:  cmd.ID,
 		ProjectID:  cmd.ProjectID,
@@ -121,7 +122,7 @@ func (w *Worker) prepare(msg jetstream.Msg, release func()) (j *job) {
 	j.log = w.log.With(zap.String("command_id", cmd.ID), zap.String("project_id", cmd.ProjectID),
 		zap.String("script_name", cmd.ScriptName), zap.String("instance_id", cmd.InstanceID),
 		zap.Uint64("delivery", meta.NumDelivered))
-	return j
+	return j, false
 }
 
 // process takes one prepared delivery to a decision (outcome stored, then

@@ -354,11 +354,22 @@ func (w *Worker) handle(msg jetstream.Msg) {
 		w.m.held.Dec()
 		w.wg.Done()
 	}
-	j := w.prepare(msg, release)
+	j, panicked := w.prepare(msg)
+	if panicked {
+		// Off this goroutine: what follows a panic may publish and
+		// return the command, which at shutdown waits for the pulls that
+		// this goroutine closes once it returns.
+		go func() {
+			defer release()
+			w.afterPanic(msg, nil)
+		}()
+		return
+	}
 	if j == nil {
 		release()
 		return
 	}
+	j.release = release
 	if w.state == nil {
 		go w.run(j, nil, nil)
 		return
@@ -425,21 +436,30 @@ func (w *Worker) checkState() {
 // delivery knows from the delivery count that a call may have gone
 // unanswered, which is the safe side (a DLF.6205 then means stopped).
 func (w *Worker) recovered(msg jetstream.Msg, j *job, r any) {
+	w.logPanic(r)
+	w.afterPanic(msg, j)
+}
+
+// logPanic counts and logs a panic; called in the deferred recover, so
+// the stack is the panic's.
+func (w *Worker) logPanic(r any) {
 	w.m.panics.Inc()
 	w.log.Error("panic while processing a command", zap.Any("panic", r), zap.Stack("stack"))
+}
+
+// afterPanic returns or gives up the command that panicked (see
+// recovered). It may publish and return the command, which at shutdown
+// waits for the pulls to close: it never runs on the fetching goroutine,
+// which closes them.
+func (w *Worker) afterPanic(msg jetstream.Msg, j *job) {
 	meta, err := msg.Metadata()
 	if err != nil {
 		_ = msg.NakWithDelay(w.cfg.RetryInitial)
 		return
 	}
 	if w.soft != nil && w.soft.Err() != nil {
-		// Shutting down: another worker takes it at once. Without a job
-		// the panic came in prepare, on the fetching goroutine itself,
-		// which must not wait for the pulls it has yet to close.
-		if j != nil {
-			w.awaitPullsClosed()
-		}
-		_ = msg.Nak()
+		w.awaitPullsClosed()
+		_ = msg.Nak() // shutting down: another worker takes it at once
 		return
 	}
 	// The injected clock may be what panicked: this path reads time.Now.
