@@ -151,11 +151,12 @@ func TestShutdownTimeoutReturnsHungCalls(t *testing.T) {
 	e.out.wait(t, 6, 10*time.Second) // well before the 30s ack wait: they were returned
 }
 
-// slowPulls is the worker's real consumer, except that each fetch ends a
-// moment after nats.go closed it, as when the client goroutine that sends
-// the pull's UNSUB is descheduled. It counts the naks sent at shutdown
-// while a pull was still open: each of those could be redelivered into
-// that pull and wait out a whole ack wait.
+// slowPulls is the worker's real consumer, except that each fetch ends
+// 50 ms after nats.go closed it. It counts the naks sent at shutdown while
+// a pull was still open: each of those could be redelivered into that
+// pull and wait out a whole ack wait. (It shows that naks wait for the
+// end of the pull as the worker sees it; that nats.go's UNSUB goes out
+// right after that end is its own matter, see closePulls.)
 type slowPulls struct {
 	jetstream.Consumer
 	open     atomic.Int32

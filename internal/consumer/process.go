@@ -318,14 +318,20 @@ func (w *Worker) call(j *job, req dlf.StopRequest, lastAt time.Time) (v dlf.Verd
 			<-w.slots
 			return notSent(probe)
 		}
+		if w.thr.pausedFor(lastAt) {
+			<-w.slots
+			continue
+		}
+		if err := w.thr.waitRate(ctx); err != nil {
+			<-w.slots
+			return notSent(probe)
+		}
+		// A 429 may also arrive while this command waits for the rate
+		// limiter's token; its pause wins over the token.
 		if !w.thr.pausedFor(lastAt) {
 			break
 		}
 		<-w.slots
-	}
-	if err := w.thr.waitRate(ctx); err != nil {
-		<-w.slots
-		return notSent(probe)
 	}
 	v, elapsed, err := w.attempt(req, probe)
 	j.attempts++

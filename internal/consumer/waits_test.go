@@ -4,8 +4,11 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"net/http"
+	"net/http/httptest"
 	"sort"
 	"strings"
+	"sync"
 	"sync/atomic"
 	"testing"
 	"time"
@@ -294,6 +297,53 @@ func TestRateLimitWaitExpiresAtTheDeadline(t *testing.T) {
 	}
 	if n := e.emu.StopCallsFor(proj, "s1", "second"); n != 0 {
 		t.Errorf("second was sent %d times", n)
+	}
+}
+
+// A 429 that arrives while a command waits for the rate limiter's token
+// holds that command back too: its pause wins over the token.
+func TestA429WhileWaitingForARateTokenHoldsTheCall(t *testing.T) {
+	e := newEnv(t, func(c *Config) { c.RateLimit = 1; c.RateBurst = 1; c.Concurrency = 4 })
+	e.emu.AddRunning(proj, "", "s1", "first")
+	e.emu.AddRunning(proj, "", "s1", "second")
+	e.emu.SetFaultsFor(proj, "s1", "first", emulator.Faults{Throttle: true, RetryAfter: 2 * time.Second})
+	// first takes the one token at t0; its 429 (Retry-After 2s) is held
+	// on the way for 300ms, so it reaches the worker while second waits
+	// for the next token, due at t0+1s.
+	arrived := make(chan struct{})
+	var once sync.Once
+	slow := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		if strings.Contains(r.URL.Path, "/instances/first/") {
+			once.Do(func() { close(arrived) })
+			<-time.After(300 * time.Millisecond)
+		}
+		e.emu.ServeHTTP(w, r)
+	}))
+	t.Cleanup(slow.Close)
+	r := e.startWorkerAt(slow.URL, nil)
+	e.publish(body(t, map[string]any{"command_id": "first", "project_id": proj, "script_name": "s1", "instance_id": "first"}), nil)
+	select {
+	case <-arrived:
+	case <-time.After(10 * time.Second):
+		t.Fatal("first was not sent")
+	}
+	e.publish(body(t, map[string]any{"command_id": "second", "project_id": proj, "script_name": "s1", "instance_id": "second"}), nil)
+	r.waitFor429(t)
+	e.emu.ClearFaultsFor(proj, "s1", "first")
+	e.out.wait(t, 2, 20*time.Second)
+	var first429, second time.Time
+	for _, rq := range e.emu.Requests() {
+		switch {
+		case rq.InstanceID == "first" && rq.Status == 429:
+			first429 = rq.Time
+		case rq.InstanceID == "second":
+			second = rq.Time
+		}
+	}
+	// The emulator answers a 429 as it arrives; the worker pauses for 2s
+	// from when it gets it. 100ms of slack for a loaded machine.
+	if pauseEnd := first429.Add(2 * time.Second); second.Before(pauseEnd.Add(-100 * time.Millisecond)) {
+		t.Errorf("second was sent %s before the 429's pause ended", pauseEnd.Sub(second).Round(time.Millisecond))
 	}
 }
 
