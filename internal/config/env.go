@@ -62,11 +62,6 @@ func natsOrSubjects(name string) bool {
 	return false
 }
 
-func withGroup(v envVar, g group) envVar {
-	v.group = g
-	return v
-}
-
 // Load returns Default overlaid with the environment without validating it;
 // the error lists values that could not be parsed (those keep their
 // default). It also derives what the package documentation says is derived:
@@ -122,7 +117,7 @@ const (
 	groupOther group = iota
 	groupNATS
 	groupDLF
-	groupSubjects // subject, stream, consumer and bucket names
+	groupSubjects // subject, stream, consumer and bucket names (not STREAM_REPLICAS)
 )
 
 // envVar ties one environment variable to its Config field.
@@ -238,7 +233,7 @@ var vars = []envVar{
 	str("DEAD_STREAM", groupSubjects, func(c *Config) *string { return &c.Subjects.DeadStream }),
 	str("CONSUMER_NAME", groupSubjects, func(c *Config) *string { return &c.Subjects.ConsumerName }),
 	str("STATE_BUCKET", groupSubjects, func(c *Config) *string { return &c.Subjects.StateBucket }),
-	withGroup(integer("STREAM_REPLICAS", func(c *Config) *int { return &c.Subjects.StreamReplicas }), groupSubjects),
+	integer("STREAM_REPLICAS", func(c *Config) *int { return &c.Subjects.StreamReplicas }),
 
 	{
 		name:  "DLF_ENDPOINT",

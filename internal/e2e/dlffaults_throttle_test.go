@@ -117,7 +117,7 @@ func TestThrottling(t *testing.T) {
 	// down, not just the one that got it". Requests while throttled are
 	// grouped into bursts: runs with less than burstGap between neighbours.
 	const (
-		retrySlack = 100 * time.Millisecond
+		retrySlack = 250 * time.Millisecond
 		burstGap   = 200 * time.Millisecond
 	)
 	var bursts []int

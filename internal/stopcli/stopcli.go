@@ -73,6 +73,9 @@ func Run(ctx context.Context, args []string, lookup func(string) (string, bool),
 		fmt.Fprintf(stderr, "worker stop: %v\n", err)
 		return ExitUsage
 	}
+	// Streams are the worker's to create: their replica count is none of
+	// this command's business, even when it is out of range.
+	cfg.Subjects.StreamReplicas = config.Default().Subjects.StreamReplicas
 	if err := errors.Join(cfg.NATS.Validate(), cfg.Subjects.Validate()); err != nil {
 		fmt.Fprintf(stderr, "worker stop: %v\n", err)
 		return ExitUsage

@@ -102,17 +102,19 @@ func TestOnlyNATSAndSubjectVariablesMatter(t *testing.T) {
 	}
 	url := "nats://" + l.Addr().String()
 	l.Close()
-	workerOnly := map[string]string{"NATS_URL": url, "WORKER_CONCURRENCY": "abc", "DLF_TIMEOUT": "soon",
-		"DLF_RATE_LIMIT": "fast", "RETRY_MAX_ELAPSED": "forever", "DLF_ENDPOINT": "::bad::"}
-	if code, _, stderr := runStop(t, workerOnly, "--script", "s", "--instance", "i-1", "--wait", "500ms"); code != stopcli.ExitNoOutcome {
-		t.Errorf("exit = %d (%s), want %d: worker-only variables were checked", code, stderr, stopcli.ExitNoOutcome)
-	}
-	for _, name := range []string{"STREAM_REPLICAS"} {
-		bad := map[string]string{"NATS_URL": url, name: "abc"}
-		code, _, stderr := runStop(t, bad, "--script", "s", "--instance", "i-1", "--wait", "500ms")
-		if code != stopcli.ExitUsage || !strings.Contains(stderr, name) {
-			t.Errorf("%s=abc: exit = %d, stderr = %q; want %d naming it", name, code, stderr, stopcli.ExitUsage)
+	for _, workerOnly := range []map[string]string{
+		{"NATS_URL": url, "WORKER_CONCURRENCY": "abc", "DLF_TIMEOUT": "soon", "DLF_RATE_LIMIT": "fast",
+			"RETRY_MAX_ELAPSED": "forever", "DLF_ENDPOINT": "::bad::", "STREAM_REPLICAS": "abc"},
+		{"NATS_URL": url, "STREAM_REPLICAS": "6"},
+	} {
+		if code, _, stderr := runStop(t, workerOnly, "--script", "s", "--instance", "i-1", "--wait", "500ms"); code != stopcli.ExitNoOutcome {
+			t.Errorf("%v: exit = %d (%s), want %d: worker-only variables were checked", workerOnly, code, stderr, stopcli.ExitNoOutcome)
 		}
+	}
+	bad := map[string]string{"NATS_URL": url, "STOP_SUBJECT": "a b"}
+	code, _, stderr := runStop(t, bad, "--script", "s", "--instance", "i-1", "--wait", "500ms")
+	if code != stopcli.ExitUsage || !strings.Contains(stderr, "STOP_SUBJECT") {
+		t.Errorf("STOP_SUBJECT=%q: exit = %d, stderr = %q; want %d naming it", "a b", code, stderr, stopcli.ExitUsage)
 	}
 }
 
