@@ -154,8 +154,8 @@ func (c *Config) maxAckPending() int {
 }
 
 // heldLimit is how many commands one worker holds at once: calling,
-// waiting in-process, or publishing. Twice the call slots keeps every slot
-// busy while outcomes are being published.
+// waiting in-process, or publishing. Four times the call slots keeps every
+// slot busy while outcomes are being published and retries wait.
 func (c *Config) heldLimit() int { return 4 * c.Concurrency }
 
 // pullBatch is how many messages the client buffers ahead of processing.

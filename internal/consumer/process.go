@@ -322,7 +322,7 @@ func (w *Worker) call(j *job, req dlf.StopRequest, lastAt time.Time) (v dlf.Verd
 			<-w.slots
 			continue
 		}
-		if err := w.thr.waitRate(ctx); err != nil {
+		if err := w.thr.waitRate(ctx); err != nil || ctx.Err() != nil { // the token and the deadline may come together
 			<-w.slots
 			return notSent(probe)
 		}

@@ -426,12 +426,13 @@ func (w *Worker) checkState() {
 	}()
 }
 
-// recovered handles a panic while processing msg; j is nil when it came
-// before the job existed. A panic is a bug, and it may strike the same
-// command on every delivery. So the command is returned with a delay that
-// grows like a failing call's backoff, and once RETRY_MAX_ELAPSED has
-// passed since it was stored it is given up like one (failed,
-// retries_exhausted, dead-lettered) instead of being returned for ever.
+// recovered handles a panic while processing j's message (a panic that
+// came before the job existed goes to afterPanic with j nil). A panic is
+// a bug, and it may strike the same command on every delivery. So the
+// command is returned with a delay that grows like a failing call's
+// backoff, and once RETRY_MAX_ELAPSED has passed since it was stored it is
+// given up like one (failed, retries_exhausted, dead-lettered) instead of
+// being returned for ever.
 // A command already decided when it panicked is only returned, as giving
 // it up could contradict a decision that may already be stored.
 //
