@@ -9,7 +9,6 @@ import (
 	"fmt"
 	"os"
 	"path/filepath"
-	"sort"
 	"strings"
 	"testing"
 	"time"
@@ -389,29 +388,10 @@ func (wl *secretsWorkload) finish(secrets []secretNeedle, run string) {
 			debug++
 		}
 	}
-	render := func(m streamMsg) string {
-		var b strings.Builder
-		b.WriteString(m.subject + "\n")
-		keys := make([]string, 0, len(m.header))
-		for k := range m.header {
-			keys = append(keys, k)
-		}
-		sort.Strings(keys)
-		for _, k := range keys {
-			for _, v := range m.header[k] {
-				b.WriteString(k + ": " + v + "\n")
-			}
-		}
-		b.Write(m.data)
-		return b.String()
-	}
 	outs, deads := wl.outs.all(), wl.deads.all()
-	for i, m := range outs {
-		hay = append(hay, haystack{fmt.Sprintf("outcome %d", i+1), render(m)})
-	}
-	for i, m := range deads {
-		hay = append(hay, haystack{fmt.Sprintf("dead letter %d", i+1), render(m)})
-	}
+	render := func(m streamMsg) string { return renderStored(m.subject, m.header, m.data) }
+	hay = storedHay(hay, "outcome", outs, render)
+	hay = storedHay(hay, "dead letter", deads, render)
 
 	hits, found := searchHay(hay, needles)
 	t.Logf("secrets log_lines=%d outcomes=%d dead_letters=%d hits=%d run=%s debug_lines=%d needles=%d",

@@ -172,12 +172,8 @@ func (g *secretsGuard) search(t *testing.T, js jetstream.JetStream, run string, 
 	}
 	outs := faultReadAll(t, js, "DLF_STOP_OUTCOMES")
 	deads := faultReadAll(t, js, "DLF_STOP_DEAD")
-	for i, m := range outs {
-		hay = append(hay, haystack{fmt.Sprintf("outcome %d", i+1), renderMsg(m)})
-	}
-	for i, m := range deads {
-		hay = append(hay, haystack{fmt.Sprintf("dead letter %d", i+1), renderMsg(m)})
-	}
+	hay = storedHay(hay, "outcome", outs, renderMsg)
+	hay = storedHay(hay, "dead letter", deads, renderMsg)
 	hits, found := searchHay(hay, needles)
 	t.Logf("secrets run=%s auth=%s log_lines=%d debug_lines=%d outcomes=%d dead_letters=%d needles=%d hits=%d",
 		run, g.auth, lines, debug, len(outs), len(deads), len(needles), hits)
@@ -192,10 +188,12 @@ func (g *secretsGuard) search(t *testing.T, js jetstream.JetStream, run string, 
 }
 
 // renderMsg is a stored message as text: subject, headers, body.
-func renderMsg(m jetstream.Msg) string {
+func renderMsg(m jetstream.Msg) string { return renderStored(m.Subject(), m.Headers(), m.Data()) }
+
+// renderStored is a message as text: subject, headers in key order, body.
+func renderStored(subject string, h nats.Header, data []byte) string {
 	var b strings.Builder
-	b.WriteString(m.Subject() + "\n")
-	h := m.Headers()
+	b.WriteString(subject + "\n")
 	keys := make([]string, 0, len(h))
 	for k := range h {
 		keys = append(keys, k)
@@ -206,8 +204,17 @@ func renderMsg(m jetstream.Msg) string {
 			b.WriteString(k + ": " + v + "\n")
 		}
 	}
-	b.Write(m.Data())
+	b.Write(data)
 	return b.String()
+}
+
+// storedHay adds stored messages, rendered, as haystacks named what 1,
+// what 2, ...
+func storedHay[M any](hay []haystack, what string, msgs []M, render func(M) string) []haystack {
+	for i, m := range msgs {
+		hay = append(hay, haystack{fmt.Sprintf("%s %d", what, i+1), render(m)})
+	}
+	return hay
 }
 
 // haystack is one text searched for secrets, and where it came from.
