@@ -4,6 +4,7 @@ import (
 	"context"
 	"net/http"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	"github.com/cenkalti/backoff/v4"
@@ -28,9 +29,10 @@ type circuit struct {
 
 	mu       sync.Mutex
 	open     bool
-	failures int       // consecutive systemic failures
-	probing  bool      // a probe call is on the wire
-	nextTry  time.Time // earliest next probe
+	isOpen   atomic.Bool // open, for holdsBack on every call without the lock
+	failures int         // consecutive systemic failures
+	probing  bool        // a probe call is on the wire
+	nextTry  time.Time   // earliest next probe
 	probeBo  *backoff.ExponentialBackOff
 	changed  chan struct{} // closed and replaced on every state change
 	disabled bool
@@ -108,6 +110,19 @@ func (c *circuit) acquire(ctx context.Context, lastAt time.Time) (probe, ok bool
 	}
 }
 
+// holdsBack tells a call that acquire let through while the circuit was
+// closed, and that then waited for a slot, the pause or a rate token,
+// whether the circuit opened meanwhile. Such a call goes back to acquire
+// instead of being sent: otherwise every command that was waiting when DLF
+// started refusing us would still make its call, the very burst the
+// circuit is there to spare DLF and the retry budgets.
+func (c *circuit) holdsBack(probe bool, lastAt time.Time) bool {
+	if c.disabled || probe || !c.isOpen.Load() {
+		return false
+	}
+	return lastAt.IsZero() || time.Now().Before(lastAt)
+}
+
 // changedCh is closed at the next state change.
 func (c *circuit) changedCh() <-chan struct{} {
 	c.mu.Lock()
@@ -148,6 +163,7 @@ func (c *circuit) release(probe bool, v dlf.Verdict, cancelled bool) {
 		c.failures = 0
 		if c.open {
 			c.open = false
+			c.isOpen.Store(false)
 			c.probeBo.Reset()
 			c.log.Warn("DLF circuit closed: a probe call got through", zap.Int("http_status", v.HTTPStatus))
 			c.signalLocked()
@@ -167,6 +183,7 @@ func (c *circuit) release(probe bool, v dlf.Verdict, cancelled bool) {
 	}
 	if immediate || c.failures >= c.threshold {
 		c.open = true
+		c.isOpen.Store(true)
 		c.probeBo.Reset()
 		c.nextTry = time.Now().Add(min(c.probeBo.NextBackOff(), c.probeBo.MaxInterval))
 		c.log.Warn("DLF circuit open: pausing fetches, probing with one call at a time",

@@ -274,7 +274,8 @@ const (
 // chosen as the probe), a 429's pause, a concurrency slot and then the
 // rate limiter; only the call itself (and the limiter's wait just before
 // it, so that no burst above DLF_RATE_BURST can build up behind busy
-// slots) holds the slot.
+// slots) holds the slot. A circuit that opened during those waits sends
+// the call back to it.
 //
 // Each of those waits ends at a soft stop (callStopped: the command goes
 // back at once) and at the command's deadline (callExpired: a call is
@@ -328,10 +329,20 @@ func (w *Worker) call(j *job, req dlf.StopRequest, lastAt time.Time) (v dlf.Verd
 		}
 		// A 429 may also arrive while this command waits for the rate
 		// limiter's token; its pause wins over the token.
-		if !w.thr.pausedFor(lastAt) {
+		if w.thr.pausedFor(lastAt) {
+			<-w.slots
+			continue
+		}
+		if !w.circ.holdsBack(probe, lastAt) {
 			break
 		}
 		<-w.slots
+		if probe, ok = w.circ.acquire(ctx, lastAt); !ok {
+			if w.soft.Err() != nil {
+				return v, callStopped
+			}
+			return v, callExpired
+		}
 	}
 	v, elapsed, err := w.attempt(req, probe)
 	j.attempts++

@@ -3,7 +3,11 @@ package consumer
 import (
 	"context"
 	"fmt"
+	"net/http"
+	"net/http/httptest"
 	"sort"
+	"strings"
+	"sync"
 	"testing"
 	"time"
 
@@ -370,7 +374,15 @@ func TestCircuitOpensOnAuthFailureAndRecovers(t *testing.T) {
 		t.Fatalf("readiness = %v %q", ok, why)
 	}
 	// While open, calls are single probes spaced by backoff, not one per
-	// command: over 1.5s at most ~1.5s/100ms probes plus the opening ones.
+	// command: over 1.5s at most ~1.5s/100ms probes. Calls already on the
+	// wire when it opened (on a loaded machine some are still dialling)
+	// are let finish before counting; after that only a probe can be.
+	testutil.Eventually(t, 10*time.Second, func() error {
+		if n := gaugeValue(r.w.m.inFlight); n > 1 {
+			return fmt.Errorf("%v calls in flight", n)
+		}
+		return nil
+	})
 	before := e.emu.StopCalls()
 	testutil.Consistently(t, 1500*time.Millisecond, func() error {
 		if n := e.out.len(); n != 0 {
@@ -394,6 +406,63 @@ func TestCircuitOpensOnAuthFailureAndRecovers(t *testing.T) {
 		}
 		return nil
 	})
+}
+
+// A command that passed the circuit while it was closed and then waited
+// for a rate token is not sent once the circuit has opened meanwhile: it
+// waits for its turn as a probe like every other command.
+func TestCircuitOpeningHoldsCallsAlreadyAdmitted(t *testing.T) {
+	e := newEnv(t, func(c *Config) {
+		c.RateLimit, c.RateBurst = 1, 1
+		c.RetryInitial, c.RetryMax = 4*time.Second, 8*time.Second
+	})
+	e.emu.AddRunning(proj, "", "s1", "first")
+	e.emu.AddRunning(proj, "", "s1", "second")
+	e.emu.SetFaultsFor(proj, "s1", "first", emulator.Faults{AuthFail: true})
+	// first takes the one token at t0; its 401 is held on the way for
+	// 300ms, so the circuit opens while second, admitted while it was
+	// still closed, waits for the next token, due at t0+1s.
+	arrived := make(chan struct{})
+	var once sync.Once
+	slow := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		if strings.Contains(r.URL.Path, "/instances/first/") {
+			once.Do(func() { close(arrived) })
+			<-time.After(300 * time.Millisecond)
+		}
+		e.emu.ServeHTTP(w, r)
+	}))
+	t.Cleanup(slow.Close)
+	r := e.startWorkerAt(slow.URL, nil)
+	e.publish(body(t, map[string]any{"command_id": "first", "project_id": proj, "script_name": "s1", "instance_id": "first"}), nil)
+	select {
+	case <-arrived:
+	case <-time.After(10 * time.Second):
+		t.Fatal("first was not sent")
+	}
+	e.publish(body(t, map[string]any{"command_id": "second", "project_id": proj, "script_name": "s1", "instance_id": "second"}), nil)
+	testutil.Eventually(t, 10*time.Second, func() error {
+		if !r.w.circ.Open() {
+			return fmt.Errorf("circuit closed")
+		}
+		return nil
+	})
+	opened := time.Now()
+	e.emu.ClearFaultsFor(proj, "s1", "first")
+	e.out.wait(t, 2, 30*time.Second)
+	allStopped(t, byID(t, e.out.outcomes(t)))
+	var second time.Time
+	for _, rq := range e.emu.Requests() {
+		if rq.InstanceID == "second" {
+			second = rq.Time
+			break
+		}
+	}
+	// The first probe is due RetryInitial after opening, less at most
+	// half of it for jitter: 2s. Without the hold, second went out with
+	// its token, 0.7s after the circuit opened.
+	if early := second.Sub(opened); early < time.Second {
+		t.Errorf("second was sent %s after the circuit opened, before any probe was due", early.Round(time.Millisecond))
+	}
 }
 
 func TestCircuitOpensWhenDLFIsDown(t *testing.T) {
