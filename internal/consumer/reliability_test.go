@@ -182,6 +182,47 @@ func TestSeqIDDecidedIsNotRepeated(t *testing.T) {
 	}
 }
 
+// A command without an id of its own leaves only its instance's document:
+// its derived identity can never be published again, so an index entry
+// for it would be a write per command that nothing reads. A chosen id is
+// indexed, for the same id published again for another instance.
+func TestOnlyChosenIDsAreIndexed(t *testing.T) {
+	e := newEnv(t, nil)
+	e.emu.AddRunning(proj, "", "s1", "derived")
+	e.emu.AddRunning(proj, "", "s1", "chosen")
+	e.emu.AddRunning(proj, "", "s1", "last")
+	e.startWorker(nil)
+	e.publish(body(t, map[string]any{"project_id": proj, "script_name": "s1", "instance_id": "derived"}), nil)
+	e.publish(body(t, map[string]any{"command_id": "mine", "project_id": proj, "script_name": "s1", "instance_id": "chosen"}), nil)
+	e.out.wait(t, 2, 10*time.Second)
+	// Index entries are written without waiting for their stored-ack;
+	// they leave on the worker's one connection in order, so once the
+	// index of a command decided after these two is stored, theirs are.
+	e.publish(body(t, map[string]any{"command_id": "last", "project_id": proj, "script_name": "s1", "instance_id": "last"}), nil)
+	e.out.wait(t, 3, 10*time.Second)
+	kv := e.state(t).kv
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+	testutil.Eventually(t, 5*time.Second, func() error {
+		_, err := kv.Get(ctx, cmdKey("last"))
+		return err
+	})
+	lister, err := kv.ListKeys(ctx)
+	if err != nil {
+		t.Fatal(err)
+	}
+	var keys []string
+	for k := range lister.Keys() {
+		keys = append(keys, k)
+	}
+	sort.Strings(keys)
+	want := []string{cmdKey("mine"), cmdKey("last"), instKey(proj + "._.s1.chosen"), instKey(proj + "._.s1.derived"), instKey(proj + "._.s1.last")}
+	sort.Strings(want)
+	if fmt.Sprint(keys) != fmt.Sprint(want) {
+		t.Errorf("state keys = %v, want %v", keys, want)
+	}
+}
+
 // repeatSkipped checks that the second command, a repeat of a decided
 // id, left the stream without a call, an outcome or a dead letter.
 func (e *env) repeatSkipped(t *testing.T, r *running) {
