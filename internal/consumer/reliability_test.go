@@ -3,11 +3,7 @@ package consumer
 import (
 	"context"
 	"fmt"
-	"net/http"
-	"net/http/httptest"
 	"sort"
-	"strings"
-	"sync"
 	"testing"
 	"time"
 
@@ -457,30 +453,10 @@ func TestCircuitOpeningHoldsCallsAlreadyAdmitted(t *testing.T) {
 		c.RateLimit, c.RateBurst = 1, 1
 		c.RetryInitial, c.RetryMax = 4*time.Second, 8*time.Second
 	})
-	e.emu.AddRunning(proj, "", "s1", "first")
-	e.emu.AddRunning(proj, "", "s1", "second")
-	e.emu.SetFaultsFor(proj, "s1", "first", emulator.Faults{AuthFail: true})
-	// first takes the one token at t0; its 401 is held on the way for
-	// 300ms, so the circuit opens while second, admitted while it was
-	// still closed, waits for the next token, due at t0+1s.
-	arrived := make(chan struct{})
-	var once sync.Once
-	slow := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
-		if strings.Contains(r.URL.Path, "/instances/first/") {
-			once.Do(func() { close(arrived) })
-			<-time.After(300 * time.Millisecond)
-		}
-		e.emu.ServeHTTP(w, r)
-	}))
-	t.Cleanup(slow.Close)
-	r := e.startWorkerAt(slow.URL, nil)
-	e.publish(body(t, map[string]any{"command_id": "first", "project_id": proj, "script_name": "s1", "instance_id": "first"}), nil)
-	select {
-	case <-arrived:
-	case <-time.After(10 * time.Second):
-		t.Fatal("first was not sent")
-	}
-	e.publish(body(t, map[string]any{"command_id": "second", "project_id": proj, "script_name": "s1", "instance_id": "second"}), nil)
+	// first takes the one token at t0; its 401 opens the circuit while
+	// second, admitted while it was still closed, waits for the next
+	// token, due at t0+1s.
+	r := e.firstAnswerLate(t, emulator.Faults{AuthFail: true})
 	testutil.Eventually(t, 10*time.Second, func() error {
 		if !r.w.circ.Open() {
 			return fmt.Errorf("circuit closed")

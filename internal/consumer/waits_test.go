@@ -300,16 +300,17 @@ func TestRateLimitWaitExpiresAtTheDeadline(t *testing.T) {
 	}
 }
 
-// A 429 that arrives while a command waits for the rate limiter's token
-// holds that command back too: its pause wins over the token.
-func TestA429WhileWaitingForARateTokenHoldsTheCall(t *testing.T) {
-	e := newEnv(t, func(c *Config) { c.RateLimit = 1; c.RateBurst = 1; c.Concurrency = 4 })
+// firstAnswerLate starts a worker whose calls for instance "first" reach
+// the emulator 300ms late, where first answers with fault; it publishes
+// the command for first and, once that call is on its way, the command for
+// second. Both instances are running. With a rate limit of one call a
+// second, second then waits for its token, due 1s after first took its
+// own, when the answer to first reaches the worker.
+func (e *env) firstAnswerLate(t *testing.T, fault emulator.Faults) *running {
+	t.Helper()
 	e.emu.AddRunning(proj, "", "s1", "first")
 	e.emu.AddRunning(proj, "", "s1", "second")
-	e.emu.SetFaultsFor(proj, "s1", "first", emulator.Faults{Throttle: true, RetryAfter: 2 * time.Second})
-	// first takes the one token at t0; its 429 (Retry-After 2s) is held
-	// on the way for 300ms, so it reaches the worker while second waits
-	// for the next token, due at t0+1s.
+	e.emu.SetFaultsFor(proj, "s1", "first", fault)
 	arrived := make(chan struct{})
 	var once sync.Once
 	slow := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
@@ -328,6 +329,16 @@ func TestA429WhileWaitingForARateTokenHoldsTheCall(t *testing.T) {
 		t.Fatal("first was not sent")
 	}
 	e.publish(body(t, map[string]any{"command_id": "second", "project_id": proj, "script_name": "s1", "instance_id": "second"}), nil)
+	return r
+}
+
+// A 429 that arrives while a command waits for the rate limiter's token
+// holds that command back too: its pause wins over the token.
+func TestA429WhileWaitingForARateTokenHoldsTheCall(t *testing.T) {
+	e := newEnv(t, func(c *Config) { c.RateLimit = 1; c.RateBurst = 1; c.Concurrency = 4 })
+	// first takes the one token at t0; its 429 (Retry-After 2s) reaches
+	// the worker while second waits for the next token, due at t0+1s.
+	r := e.firstAnswerLate(t, emulator.Faults{Throttle: true, RetryAfter: 2 * time.Second})
 	r.waitFor429(t)
 	e.emu.ClearFaultsFor(proj, "s1", "first")
 	e.out.wait(t, 2, 20*time.Second)
