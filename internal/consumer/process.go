@@ -54,22 +54,11 @@ type job struct {
 // stateKeys are where the command's state lives (see state.go): first its
 // document, then, for a valid command, the index of its id.
 func (j *job) stateKeys() []string {
-	switch {
-	case !j.valid:
-		return []string{cmdKey(j.sid)}
-	case !j.indexed():
-		return []string{instKey(j.cmd.InstanceKey())}
+	if j.valid {
+		return []string{instKey(j.cmd.InstanceKey()), cmdKey(j.sid)}
 	}
-	return []string{instKey(j.cmd.InstanceKey()), cmdKey(j.sid)}
+	return []string{cmdKey(j.sid)}
 }
-
-// indexed tells whether a valid command's id gets an index entry. An id
-// derived from the stream sequence is known by that and the time the
-// stream stored it (see stateID), which no other message shares: only a
-// redelivery of this very message can carry it, and that finds its
-// decision in the instance's document. Its index would be a write per
-// command that nothing ever reads.
-func (j *job) indexed() bool { return !j.cmd.SeqID }
 
 // stateID is the identity under which the state bucket knows a command.
 // An id the publisher chose names one command for ever (contract section
@@ -529,12 +518,8 @@ func (w *Worker) store(j *job) {
 		// The id index goes out with the decision, in the same flush: the
 		// outcome is stored, so the id is decided whatever becomes of the
 		// write above (if that fails, the redelivery finds the index and
-		// is acked without storing the outcome again). A command known by
-		// its stream sequence has no index: its redelivery would call
-		// again, and the outcome stream drop the repeated outcome as a
-		// duplicate. Both writes go to the same stream at the same moment,
-		// so the put rarely lands where the write failed.
-		if j.valid && j.indexed() {
+		// is acked without storing the outcome again).
+		if j.valid {
 			w.state.markDecided(j.sid, cmdEntry{Phase: phaseDecided, Attempts: j.attempts, Status: status, Cause: cause})
 		}
 		return

@@ -178,44 +178,44 @@ func TestSeqIDDecidedIsNotRepeated(t *testing.T) {
 	}
 }
 
-// A command without an id of its own leaves only its instance's document:
-// its derived identity can never be published again, so an index entry
-// for it would be a write per command that nothing reads. A chosen id is
-// indexed, for the same id published again for another instance.
-func TestOnlyChosenIDsAreIndexed(t *testing.T) {
-	e := newEnv(t, nil)
-	e.emu.AddRunning(proj, "", "s1", "derived")
-	e.emu.AddRunning(proj, "", "s1", "chosen")
-	e.emu.AddRunning(proj, "", "s1", "last")
-	e.startWorker(nil)
-	e.publish(body(t, map[string]any{"project_id": proj, "script_name": "s1", "instance_id": "derived"}), nil)
-	e.publish(body(t, map[string]any{"command_id": "mine", "project_id": proj, "script_name": "s1", "instance_id": "chosen"}), nil)
-	e.out.wait(t, 2, 10*time.Second)
-	// Index entries are written without waiting for their stored-ack;
-	// they leave on the worker's one connection in order, so once the
-	// index of a command decided after these two is stored, theirs are.
-	e.publish(body(t, map[string]any{"command_id": "last", "project_id": proj, "script_name": "s1", "instance_id": "last"}), nil)
-	e.out.wait(t, 3, 10*time.Second)
-	kv := e.state(t).kv
+// A command without an id is known by its stream sequence and the time
+// the stream stored it, yet its redelivery may read differently: here a
+// worker without a default project rejected it and lost the ack, and the
+// redelivery reaches a worker that has one, so the command is now valid
+// and its instance's document knows nothing of it. The index of its id
+// still says it is decided: no call, no second outcome.
+func TestDerivedIDDecidedUnderOtherDefaultsIsNotRepeated(t *testing.T) {
+	e := newEnv(t, func(c *Config) { c.Defaults = command.Defaults{ProjectID: proj} })
+	e.emu.AddRunning(proj, "", "s1", "i-1")
+	seq := e.publish(body(t, map[string]any{"script_name": "s1", "instance_id": "i-1"}), nil)
 	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
 	defer cancel()
-	testutil.Eventually(t, 5*time.Second, func() error {
-		_, err := kv.Get(ctx, cmdKey("last"))
-		return err
-	})
-	lister, err := kv.ListKeys(ctx)
+	s, err := e.js.Stream(ctx, "DLF_STOP")
 	if err != nil {
 		t.Fatal(err)
 	}
-	var keys []string
-	for k := range lister.Keys() {
-		keys = append(keys, k)
+	m, err := s.GetMsg(ctx, seq)
+	if err != nil {
+		t.Fatal(err)
 	}
-	sort.Strings(keys)
-	want := []string{cmdKey("mine"), cmdKey("last"), instKey(proj + "._.s1.chosen"), instKey(proj + "._.s1.derived"), instKey(proj + "._.s1.last")}
-	sort.Strings(want)
-	if fmt.Sprint(keys) != fmt.Sprint(want) {
-		t.Errorf("state keys = %v, want %v", keys, want)
+	sid := stateID(command.Command{ID: "DLF_STOP-1", SeqID: true}, m.Time)
+	if err := e.state(t).putEntry(ctx, cmdKey(sid), sid,
+		cmdEntry{Phase: phaseDecided, Status: StatusRejected, Cause: CauseInvalidCommand}); err != nil {
+		t.Fatal(err)
+	}
+	r := e.startWorker(nil)
+	e.stopStreamEmpty(t)
+	testutil.Eventually(t, 5*time.Second, func() error {
+		if got := testutilCount(r.w.m.skipped); got != 1 {
+			return fmt.Errorf("skipped = %v", got)
+		}
+		return nil
+	})
+	if n := e.emu.StopCalls(); n != 0 {
+		t.Errorf("DLF calls = %d, want 0", n)
+	}
+	if n := e.out.len(); n != 0 {
+		t.Errorf("%d outcomes, want 0", n)
 	}
 }
 

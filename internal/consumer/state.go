@@ -29,8 +29,7 @@ import (
 // cmd.<base64url(id)> (ids may hold ':' and "..", which keys may not). The
 // same key indexes a valid command's id once it is decided: the contract
 // makes a decided id final whatever instance a later command with that id
-// names. An id derived from the stream sequence needs no index (see
-// job.indexed).
+// names.
 //
 // The common case, a first delivery that DLF answers 204, costs a share of
 // one batched read of both keys (statebatch.go), one compare-and-set write
