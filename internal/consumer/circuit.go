@@ -154,8 +154,13 @@ func (c *circuit) release(probe bool, v dlf.Verdict, cancelled bool) {
 		c.probing = false
 	}
 	if cancelled {
-		// Our own shutdown says nothing about DLF; let another probe go.
-		c.signalLocked()
+		// Our own shutdown or a deadline says nothing about DLF; let
+		// another probe go. A call that was not the probe changes nothing
+		// anyone waits for (and waking every rate wait for it would only
+		// re-queue them).
+		if probe {
+			c.signalLocked()
+		}
 		return
 	}
 	counts, immediate := systemic(v)

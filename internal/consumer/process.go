@@ -3,6 +3,7 @@ package consumer
 import (
 	"context"
 	"encoding/json"
+	"errors"
 	"fmt"
 	"strconv"
 	"strings"
@@ -304,9 +305,22 @@ func (w *Worker) call(j *job, req dlf.StopRequest, lastAt time.Time) (v dlf.Verd
 		}
 		return v, callExpired
 	}
-	// A 429 may arrive while this command waits for a slot; the pause is
-	// checked again once the slot is taken, and the slot given back for it.
+	// A 429 or an opening circuit may come while this command waits for a
+	// slot or a rate token. Both are checked again after each wait, and
+	// the slot is given back for them: a pause is waited out, an open
+	// circuit sends the command back for a probe turn. A rate wait ends
+	// early when the circuit changes, handing its token back, so calls held
+	// back spend no tokens and the probe does not queue behind them.
+	held := func() bool { return w.thr.pausedFor(lastAt) || w.circ.holdsBack(probe, lastAt) }
 	for {
+		if w.circ.holdsBack(probe, lastAt) {
+			if probe, ok = w.circ.acquire(ctx, lastAt); !ok {
+				if w.soft.Err() != nil {
+					return v, callStopped
+				}
+				return v, callExpired
+			}
+		}
 		if err := w.thr.waitPause(ctx, lastAt); err != nil {
 			return notSent(probe)
 		}
@@ -319,30 +333,23 @@ func (w *Worker) call(j *job, req dlf.StopRequest, lastAt time.Time) (v dlf.Verd
 			<-w.slots
 			return notSent(probe)
 		}
-		if w.thr.pausedFor(lastAt) {
+		if held() {
 			<-w.slots
 			continue
 		}
-		if err := w.thr.waitRate(ctx); err != nil || ctx.Err() != nil { // the token and the deadline may come together
+		err := w.thr.waitRate(ctx, w.circ.changedCh)
+		if errors.Is(err, errRateWoken) {
+			<-w.slots
+			continue
+		}
+		if err != nil || ctx.Err() != nil { // the token and the deadline may come together
 			<-w.slots
 			return notSent(probe)
 		}
-		// A 429 may also arrive while this command waits for the rate
-		// limiter's token; its pause wins over the token.
-		if w.thr.pausedFor(lastAt) {
-			<-w.slots
-			continue
-		}
-		if !w.circ.holdsBack(probe, lastAt) {
+		if !held() {
 			break
 		}
 		<-w.slots
-		if probe, ok = w.circ.acquire(ctx, lastAt); !ok {
-			if w.soft.Err() != nil {
-				return v, callStopped
-			}
-			return v, callExpired
-		}
 	}
 	v, elapsed, err := w.attempt(req, probe)
 	j.attempts++

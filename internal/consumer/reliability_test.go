@@ -148,34 +148,14 @@ func TestSeqIDDecidedIsNotRepeated(t *testing.T) {
 	seq := e.publish(body(t, map[string]any{"project_id": proj, "script_name": "s1", "instance_id": "i-1"}), nil)
 	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
 	defer cancel()
-	s, err := e.js.Stream(ctx, "DLF_STOP")
-	if err != nil {
-		t.Fatal(err)
-	}
-	m, err := s.GetMsg(ctx, seq)
-	if err != nil {
-		t.Fatal(err)
-	}
+	stored := e.storedAt(ctx, t, seq)
 	// What a delivery that stored the outcome but lost its ack left.
 	c := command.Command{ID: "DLF_STOP-1", SeqID: true, ProjectID: proj, ScriptName: "s1", InstanceID: "i-1"}
-	if err := e.state(t).putEntry(ctx, instKey(c.InstanceKey()), stateID(c, m.Time),
+	if err := e.state(t).putEntry(ctx, instKey(c.InstanceKey()), stateID(c, stored),
 		cmdEntry{Phase: phaseDecided, Attempts: 1, Status: StatusStopped, Cause: CauseOK}); err != nil {
 		t.Fatal(err)
 	}
-	r := e.startWorker(nil)
-	e.stopStreamEmpty(t)
-	testutil.Eventually(t, 5*time.Second, func() error {
-		if got := testutilCount(r.w.m.skipped); got != 1 {
-			return fmt.Errorf("skipped = %v", got)
-		}
-		return nil
-	})
-	if n := e.emu.StopCalls(); n != 0 {
-		t.Errorf("DLF calls = %d, want 0", n)
-	}
-	if n := e.out.len(); n != 0 {
-		t.Errorf("%d outcomes, want 0", n)
-	}
+	e.ackedSilently(t, e.startWorker(nil))
 }
 
 // A command without an id is known by its stream sequence and the time
@@ -190,6 +170,18 @@ func TestDerivedIDDecidedUnderOtherDefaultsIsNotRepeated(t *testing.T) {
 	seq := e.publish(body(t, map[string]any{"script_name": "s1", "instance_id": "i-1"}), nil)
 	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
 	defer cancel()
+	stored := e.storedAt(ctx, t, seq)
+	sid := stateID(command.Command{ID: "DLF_STOP-1", SeqID: true}, stored)
+	if err := e.state(t).putEntry(ctx, cmdKey(sid), sid,
+		cmdEntry{Phase: phaseDecided, Status: StatusRejected, Cause: CauseInvalidCommand}); err != nil {
+		t.Fatal(err)
+	}
+	e.ackedSilently(t, e.startWorker(nil))
+}
+
+// storedAt is when the stop stream stored the message at seq.
+func (e *env) storedAt(ctx context.Context, t *testing.T, seq uint64) time.Time {
+	t.Helper()
 	s, err := e.js.Stream(ctx, "DLF_STOP")
 	if err != nil {
 		t.Fatal(err)
@@ -198,12 +190,13 @@ func TestDerivedIDDecidedUnderOtherDefaultsIsNotRepeated(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	sid := stateID(command.Command{ID: "DLF_STOP-1", SeqID: true}, m.Time)
-	if err := e.state(t).putEntry(ctx, cmdKey(sid), sid,
-		cmdEntry{Phase: phaseDecided, Status: StatusRejected, Cause: CauseInvalidCommand}); err != nil {
-		t.Fatal(err)
-	}
-	r := e.startWorker(nil)
+	return m.Time
+}
+
+// ackedSilently checks that the one command in the stream, already
+// decided, left it without a call or an outcome.
+func (e *env) ackedSilently(t *testing.T, r *running) {
+	t.Helper()
 	e.stopStreamEmpty(t)
 	testutil.Eventually(t, 5*time.Second, func() error {
 		if got := testutilCount(r.w.m.skipped); got != 1 {
@@ -480,6 +473,46 @@ func TestCircuitOpeningHoldsCallsAlreadyAdmitted(t *testing.T) {
 	if early := second.Sub(opened); early < time.Second {
 		t.Errorf("second was sent %s after the circuit opened, before any probe was due", early.Round(time.Millisecond))
 	}
+}
+
+// Commands waiting for rate tokens when the circuit opens hand their
+// tokens back: the first probe does not queue behind a token for each of
+// them.
+func TestCircuitOpeningReturnsRateTokens(t *testing.T) {
+	e := newEnv(t, func(c *Config) {
+		c.RateLimit, c.RateBurst, c.Concurrency = 1, 1, 4
+		c.RetryInitial, c.RetryMax = 200*time.Millisecond, 400*time.Millisecond
+	})
+	// first takes the one token at t0, and its 401 opens the circuit at
+	// t0+300ms. By then the other five commands wait for tokens due at
+	// t0+1s, t0+2s, ... or for a slot; had they kept them, the probe's
+	// token would come after theirs, at t0+6s.
+	e.firstAnswerLate(t, emulator.Faults{AuthFail: true})
+	e.emu.SetFaults(emulator.Faults{AuthFail: true}) // before second's token
+	e.publishMany(t, 4, "r")
+	testutil.Eventually(t, 20*time.Second, func() error {
+		if n := e.emu.StopCalls(); n < 2 {
+			return fmt.Errorf("%d calls", n)
+		}
+		return nil
+	})
+	reqs := e.emu.Requests()
+	sort.Slice(reqs, func(i, j int) bool { return reqs[i].Time.Before(reqs[j].Time) })
+	if reqs[0].InstanceID != "first" {
+		t.Fatalf("%s was sent before first's 401", reqs[0].InstanceID)
+	}
+	// The probe is due RetryInitial after the 401 (1.5 times that at
+	// most, with jitter), and its token at t0+1s.
+	gap := reqs[1].Time.Sub(reqs[0].Time)
+	t.Logf("first probe %s after the 401", gap.Round(time.Millisecond))
+	if gap > 2500*time.Millisecond {
+		t.Errorf("first probe %s after the 401 that opened the circuit", gap.Round(time.Millisecond))
+	}
+	e.emu.SetFaults(emulator.Faults{})
+	e.emu.ClearFaultsFor(proj, "s1", "first")
+	e.out.wait(t, 6, 30*time.Second)
+	allStopped(t, byID(t, e.out.outcomes(t)))
+	e.noDeadLetters(t)
 }
 
 func TestCircuitOpensWhenDLFIsDown(t *testing.T) {

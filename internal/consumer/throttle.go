@@ -2,6 +2,7 @@ package consumer
 
 import (
 	"context"
+	"errors"
 	"sync"
 	"time"
 
@@ -17,6 +18,12 @@ import (
 type throttle struct {
 	limiter *rate.Limiter // nil: no configured limit
 	max     rate.Limit
+	// turn lets one call at a time hold a reservation on the limiter.
+	// A reservation given back is restored whole only when it is the
+	// latest one; with every waiting call holding its own, those given
+	// back when the circuit opens would leave the limiter in debt, and
+	// the probe waiting behind it.
+	turn chan struct{}
 
 	mu         sync.Mutex
 	pauseUntil time.Time
@@ -27,6 +34,7 @@ func newThrottle(cfg *Config) *throttle {
 	if cfg.RateLimit > 0 {
 		t.max = rate.Limit(cfg.RateLimit)
 		t.limiter = rate.NewLimiter(t.max, cfg.RateBurst)
+		t.turn = make(chan struct{}, 1)
 	}
 	return t
 }
@@ -56,24 +64,50 @@ func (t *throttle) waitPause(ctx context.Context, lastAt time.Time) error {
 	return nil
 }
 
-// waitRate blocks for the rate limiter's token. It fails when ctx ends
-// first (and gives the token back); unlike rate.Limiter.Wait it does not
-// fail early when the token would come after ctx's deadline, so a
-// command is expired only once its deadline has passed.
-func (t *throttle) waitRate(ctx context.Context) error {
+// errRateWoken ends a wait for a rate token early: see waitRate.
+var errRateWoken = errors.New("rate wait woken")
+
+// waitRate blocks for the rate limiter's token, taken in turn with the
+// other calls waiting for one. It fails when ctx ends first, and with
+// errRateWoken when the channel wake returns (asked for only when there
+// is a wait) is closed first; either way a reserved token is given back.
+// Unlike rate.Limiter.Wait it does not fail early when the token would
+// come after ctx's deadline, so a command is expired only once its
+// deadline has passed.
+func (t *throttle) waitRate(ctx context.Context, wake func() <-chan struct{}) error {
 	if t.limiter == nil {
 		return nil
 	}
+	var woken <-chan struct{}
+	select {
+	case t.turn <- struct{}{}:
+	default:
+		woken = wake()
+		select {
+		case t.turn <- struct{}{}:
+		case <-woken:
+			return errRateWoken
+		case <-ctx.Done():
+			return ctx.Err()
+		}
+	}
+	defer func() { <-t.turn }()
 	r := t.limiter.Reserve()
 	d := r.Delay()
 	if d == 0 {
 		return nil
+	}
+	if woken == nil {
+		woken = wake()
 	}
 	tm := time.NewTimer(d)
 	defer tm.Stop()
 	select {
 	case <-tm.C:
 		return nil
+	case <-woken:
+		r.Cancel()
+		return errRateWoken
 	case <-ctx.Done():
 		r.Cancel()
 		return ctx.Err()
