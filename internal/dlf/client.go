@@ -261,6 +261,16 @@ func NewClient(cfg Config, opts ...Option) (*Client, error) {
 	return c, nil
 }
 
+// idleConnTimeout closes a kept-alive connection before the gateways in
+// front of DLF are likely to (60s is common for load balancers). When the
+// server side closes an idle connection just as a request goes out on it,
+// the request was written and then the connection read as closed: that is
+// indistinguishable from a request DLF received and never answered, so it
+// counts as sent (TransportError.Sent), and a later DLF.6205 for the same
+// command would read as already stopped. Closing first keeps that race
+// from happening at the server's timeout.
+const idleConnTimeout = 30 * time.Second
+
 // newTransport builds the client's transport over dial. Every connection it
 // makes counts the bytes written to it (countingConn), which is how Stop
 // tells whether a request left the process (TransportError.Sent).
@@ -272,7 +282,7 @@ func newTransport(cfg Config, dial func(ctx context.Context, network, addr strin
 		MaxIdleConns:          cfg.MaxConns,
 		MaxIdleConnsPerHost:   cfg.MaxConns,
 		MaxConnsPerHost:       cfg.MaxConns,
-		IdleConnTimeout:       90 * time.Second,
+		IdleConnTimeout:       idleConnTimeout,
 		TLSHandshakeTimeout:   min(cfg.Timeout, 10*time.Second),
 		ExpectContinueTimeout: time.Second,
 	}

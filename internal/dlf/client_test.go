@@ -405,6 +405,10 @@ func TestNewClientDefaults(t *testing.T) {
 	if c.timeout != DefaultTimeout || tr.MaxIdleConnsPerHost != DefaultMaxConns || tr.MaxConnsPerHost != DefaultMaxConns || c.ua != DefaultUserAgent {
 		t.Errorf("defaults: timeout %s, idle/host %d, max/host %d, ua %q", c.timeout, tr.MaxIdleConnsPerHost, tr.MaxConnsPerHost, c.ua)
 	}
+	// Below the usual 60s idle timeout of load balancers (see idleConnTimeout).
+	if tr.IdleConnTimeout <= 0 || tr.IdleConnTimeout >= 60*time.Second {
+		t.Errorf("idle connections kept %s", tr.IdleConnTimeout)
+	}
 	c, err = NewClient(Config{Endpoint: "https://x", MaxConns: 7, Timeout: time.Second})
 	if err != nil {
 		t.Fatal(err)

@@ -125,7 +125,11 @@ func normalizeCode(c string) string {
 // DLF may have received it and stopped the instance, so the outcome is
 // unknown. With Sent false the request did not reach DLF whole: the
 // connection could not be made, or the write failed (a peer reset, a
-// kept-alive connection the server had closed), whatever net/http tried next.
+// kept-alive connection whose close the operating system already knew of),
+// whatever net/http tried next. A kept-alive connection that the server
+// closes while the request is on its way does take it, and then reads as
+// closed: that counts as sent, rightly, since nothing tells it from a
+// request DLF took and never answered (idleConnTimeout keeps it rare).
 //
 // Precisely, Sent is true when net/http reported the request written
 // without error (net/http/httptrace WroteRequest) and the connection, which
@@ -252,7 +256,7 @@ func (s *sendTracker) trace() *httptrace.ClientTrace {
 // the request is in the connection's buffer, before the flush that writes it
 // out. If that flush fails having written nothing (peer reset, broken pipe
 // on a stale kept-alive connection), nothing reached DLF; the count stays
-// put. net/http then retries on a new connection; GetConn starts a new
+// put, and net/http retries on a new connection; GetConn starts a new
 // attempt, so if that dial fails the first attempt's WroteRequest no longer
 // counts (for a client from WithHTTPClient this is the only protection).
 // For HTTP/1.1 the count is final when Do returns an error: net/http waits
