@@ -284,7 +284,7 @@ func (p *problems) endpoint(s string) {
 		p.add(name, "%q is not a valid URL", shown)
 		return
 	}
-	if !u.IsAbs() || u.Host == "" {
+	if !u.IsAbs() || u.Hostname() == "" {
 		p.add(name, "must be an absolute URL such as https://dayu-dlf.cn-north-4.myhuaweicloud.com, got %q", shown)
 		return
 	}
@@ -301,6 +301,15 @@ func (p *problems) endpoint(s string) {
 	}
 	if scheme == "http" && !isLoopback(u.Hostname()) {
 		p.add(name, "plain http is allowed only for loopback hosts (127.0.0.0/8, ::1, localhost), got %q; use https", shown)
+	}
+	// A path the gateway normalises is not the path that was signed.
+	if prefix := strings.TrimRight(u.Path, "/"); prefix != "" {
+		for _, seg := range strings.Split(prefix[1:], "/") {
+			if seg == "" || seg == "." || seg == ".." {
+				p.add(name, "path must not have empty, '.' or '..' segments, got %q", shown)
+				break
+			}
+		}
 	}
 }
 

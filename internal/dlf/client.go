@@ -106,7 +106,7 @@ func parseEndpoint(endpoint string) (scheme, host, prefix string, err error) {
 	if u.User != nil {
 		return "", "", "", errors.New("endpoint must not carry user information")
 	}
-	if u.Host == "" || u.Opaque != "" {
+	if u.Hostname() == "" || u.Opaque != "" { // "https://:443" would dial this machine
 		return "", "", "", fmt.Errorf("endpoint %q has no host", endpoint)
 	}
 	if u.RawQuery != "" || u.ForceQuery || u.Fragment != "" {
@@ -124,6 +124,16 @@ func parseEndpoint(endpoint string) (scheme, host, prefix string, err error) {
 	prefix = strings.TrimRight(u.Path, "/")
 	if u.RawPath != "" || (prefix != "" && CanonicalURI(prefix) != prefix+"/") {
 		return "", "", "", fmt.Errorf("endpoint %q: path prefix may hold only A-Z a-z 0-9 _ - ~ . and '/'", endpoint)
+	}
+	// A proxy or gateway that normalises "/a/../b" or "/a//b" would make
+	// every signature wrong (the signed path is the one sent): the worker
+	// would see nothing but 401s.
+	if prefix != "" {
+		for _, seg := range strings.Split(prefix[1:], "/") {
+			if seg == "" || seg == "." || seg == ".." {
+				return "", "", "", fmt.Errorf("endpoint %q: path prefix must not have empty, '.' or '..' segments", endpoint)
+			}
+		}
 	}
 	return u.Scheme, u.Host, prefix, nil
 }

@@ -370,6 +370,12 @@ func TestNewClientEndpoint(t *testing.T) {
 		{"https://example.com#frag", false},
 		{"https://example.com/a%20b", false},
 		{"https://", false},
+		{"https://:443", false},
+		{"https://gw.example.com/a/../b", false},
+		{"https://gw.example.com/a/./b", false},
+		{"https://gw.example.com/a//b", false},
+		{"https://gw.example.com/..", false},
+		{"https://gw.example.com/v.1/dlf", true},
 	}
 	for _, tc := range tests {
 		c, err := NewClient(Config{Endpoint: tc.endpoint})
