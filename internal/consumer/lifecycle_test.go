@@ -2,6 +2,7 @@ package consumer
 
 import (
 	"bytes"
+	"context"
 	"fmt"
 	"strconv"
 	"strings"
@@ -495,4 +496,32 @@ func (c panicOnField) With(fs []zapcore.Field) zapcore.Core {
 		}
 	}
 	return panicOnField{Core: c.Core.With(fs), key: c.key, val: c.val}
+}
+
+// The consumer is deleted while every held slot is busy, so no pull is
+// open to hear of it. When slots free up the next pull is answered at once
+// with "no responders"; the worker must back off and create the consumer
+// again, not pull in a tight loop for ever while the commands wait.
+func TestConsumerDeletedWhileSlotsAreFullIsBoundAgain(t *testing.T) {
+	e := newEnv(t, func(c *Config) { c.Concurrency = 1 })
+	e.emu.SetFaults(emulator.Faults{Latency: 500 * time.Millisecond})
+	const n = 7 // the four held (4 × WORKER_CONCURRENCY) and three more
+	e.publishMany(t, n, "del")
+	r := e.startWorker(nil)
+	testutil.Eventually(t, 10*time.Second, func() error {
+		if got := gaugeValue(r.w.m.held); got != 4 {
+			return fmt.Errorf("%v commands held", got)
+		}
+		return nil
+	})
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+	if err := e.js.DeleteConsumer(ctx, "DLF_STOP", "dlf-stop-worker"); err != nil {
+		t.Fatal(err)
+	}
+	// The held commands' acks fail with their consumer; the consumer made
+	// again delivers them anew, and the state bucket knows them decided.
+	e.out.wait(t, n, 30*time.Second)
+	allStopped(t, byID(t, e.out.outcomes(t)))
+	e.stopStreamEmpty(t)
 }

@@ -189,16 +189,19 @@ func (w *Worker) fetch(ctx context.Context) {
 			return
 		}
 		w.ready.Store(true)
-		err := w.pull(ctx)
+		pulled, err := w.pull(ctx)
 		w.ready.Store(false)
 		if ctx.Err() != nil {
 			return
+		}
+		if pulled {
+			retry.Reset()
 		}
 		if errors.Is(err, errCircuitOpen) {
 			continue
 		}
 		wait := retry.NextBackOff()
-		w.log.Warn("consumer not bound; retrying", zap.Error(err), zap.Duration("in", wait))
+		w.log.Warn("pulling failed; binding the consumer again", zap.Error(err), zap.Duration("in", wait))
 		select {
 		case <-ctx.Done():
 			return
@@ -244,21 +247,29 @@ const pullWait = 5 * time.Second
 // heartbeats it. (A prefetching iterator would buffer messages behind busy
 // slots without heartbeats; during a long 429 pause they outlived their ack
 // wait and were delivered a second time while the first copy waited.)
-func (w *Worker) pull(ctx context.Context) error {
+//
+// A pull that ends by expiring, or because the consumer's leader changed
+// (the next pull reaches the new one), is followed by the next at once.
+// Any other error ends pull, so that fetch waits and binds the consumer
+// again: the server answers some at once (no responders once the consumer
+// is gone, which a worker whose held slots were full never heard of), and
+// pulling again at once would spin. pulled says whether some pull went
+// through, to restart fetch's backoff.
+func (w *Worker) pull(ctx context.Context) (pulled bool, err error) {
 	for {
 		if w.circ.Open() {
-			return errCircuitOpen
+			return pulled, errCircuitOpen
 		}
 		n, err := w.reserve(ctx)
 		if err != nil {
-			return err
+			return pulled, err
 		}
 		fctx, cancel := context.WithTimeout(ctx, pullWait)
 		batch, err := w.cons.Fetch(n, jetstream.FetchContext(fctx))
 		if err != nil {
 			cancel()
 			w.unreserve(n)
-			return err
+			return pulled, err
 		}
 		got := 0
 		for msg := range batch.Messages() {
@@ -269,12 +280,13 @@ func (w *Worker) pull(ctx context.Context) error {
 		}
 		cancel()
 		w.unreserve(n - got)
-		if err := batch.Error(); err != nil && ctx.Err() == nil && !errors.Is(err, context.DeadlineExceeded) &&
-			!errors.Is(err, nats.ErrTimeout) {
-			if errors.Is(err, jetstream.ErrConsumerDeleted) || errors.Is(err, jetstream.ErrConsumerNotFound) {
-				return err
-			}
-			w.log.Debug("pull ended with an error; pulling again", zap.Error(err))
+		switch err := batch.Error(); {
+		case err == nil || ctx.Err() != nil || errors.Is(err, context.DeadlineExceeded) || errors.Is(err, nats.ErrTimeout):
+			pulled = true
+		case errors.Is(err, jetstream.ErrConsumerLeadershipChanged):
+			w.log.Debug("pull ended with a consumer leader change; pulling again", zap.Error(err))
+		default:
+			return pulled, err
 		}
 	}
 }
