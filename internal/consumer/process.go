@@ -429,7 +429,8 @@ func (w *Worker) giveBack(j *job, delay time.Duration, reason string) {
 				entry.Phase, entry.Outcome, entry.OutcomeStored = phasePending, b, j.outcomeStored
 			}
 		}
-		err := w.state.save(ctx, j.state, func(d *stateDoc) { d.setCmd(j.sid, entry) })
+		entry.At = time.Now().Unix() // the real clock: this only ages entries out
+		err := w.state.save(ctx, j.state, func(d *stateDoc) { d.setProgress(j.sid, entry, w.cfg.StateTTL) })
 		cancel()
 		if err != nil {
 			// The next delivery then finds no entry from this one and
@@ -504,13 +505,25 @@ func (w *Worker) store(j *job) {
 		// Only after the outcome is stored may the command be recorded as
 		// decided: a decided record makes every later delivery a silent ack.
 		// Nothing waits for the write; its answer acks the command.
+		// The id index goes out first, in the same flush as the decision:
+		// the outcome is stored, so the id is decided whatever becomes of
+		// the write below (if that fails, the redelivery finds the index
+		// and is acked without storing the outcome again). Published
+		// before the write, it also leaves before the write's answer can
+		// ack the command and let a stopping worker close its connection.
+		if j.valid {
+			w.state.markDecided(j.sid, cmdEntry{Phase: phaseDecided, Attempts: j.attempts, Status: status, Cause: cause})
+		}
+		now := time.Now().Unix() // the real clock: this only ages entries out
 		w.state.saveAsync(w.hard, j.state, func(d *stateDoc) {
 			if status == StatusStopped && j.valid && d.StoppedBy == "" {
 				d.StoppedBy, d.StoppedAt = j.sid, o.FinishedAt
 				delete(d.Cmds, j.sid)
+				d.prune(now, w.cfg.StateTTL, "")
 				return
 			}
-			d.setCmd(j.sid, cmdEntry{Phase: phaseDecided, Attempts: j.attempts, Status: status, Cause: cause})
+			d.setCmd(j.sid, cmdEntry{Phase: phaseDecided, Attempts: j.attempts, Status: status, Cause: cause, At: now},
+				w.cfg.StateTTL)
 		}, func() {
 			w.acked(j)
 			j.release()
@@ -522,13 +535,6 @@ func (w *Worker) store(j *job) {
 		// Set only once the write is under way (a panic before leaves the
 		// release to run), and read only by this goroutine.
 		j.handedOff = true
-		// The id index goes out with the decision, in the same flush: the
-		// outcome is stored, so the id is decided whatever becomes of the
-		// write above (if that fails, the redelivery finds the index and
-		// is acked without storing the outcome again).
-		if j.valid {
-			w.state.markDecided(j.sid, cmdEntry{Phase: phaseDecided, Attempts: j.attempts, Status: status, Cause: cause})
-		}
 		return
 	}
 	w.acked(j)
@@ -678,9 +684,23 @@ func (w *Worker) recall(j *job, recs []*stateRecord, err error) bool {
 	return true
 }
 
-func (d *stateDoc) setCmd(id string, e cmdEntry) {
+// setProgress is setCmd for a command handed back undecided, unless the
+// document already holds its decision: two deliveries may overlap (the
+// heartbeats of one lost in a consumer leader change), and the other one's
+// decision is final.
+func (d *stateDoc) setProgress(id string, e cmdEntry, keep time.Duration) {
+	if cur := d.Cmds[id]; d.StoppedBy == id || (cur != nil && cur.Phase == phaseDecided) {
+		return
+	}
+	d.setCmd(id, e, keep)
+}
+
+// setCmd writes the entry of command id, written at e.At, and prunes the
+// others (see prune) to at most keep old.
+func (d *stateDoc) setCmd(id string, e cmdEntry, keep time.Duration) {
 	if d.Cmds == nil {
 		d.Cmds = map[string]*cmdEntry{}
 	}
 	d.Cmds[id] = &e
+	d.prune(e.At, keep, id)
 }

@@ -1,11 +1,14 @@
 package consumer
 
 import (
+	"cmp"
 	"context"
 	"encoding/base64"
 	"encoding/json"
 	"errors"
 	"fmt"
+	"slices"
+	"time"
 
 	"github.com/nats-io/nats.go/jetstream"
 	"go.uber.org/zap"
@@ -58,12 +61,52 @@ type cmdEntry struct {
 	// OutcomeStored: the pending entry's outcome is already in the
 	// outcome stream; only its dead letter (or the decision) is missing.
 	OutcomeStored bool `json:"os,omitempty"`
+	// At is when the entry was written, in Unix seconds (0: by a version
+	// that did not say), so that old entries can be dropped (prune).
+	At int64 `json:"t,omitempty"`
 }
 
 type stateDoc struct {
 	StoppedBy string               `json:"stopped_by,omitempty"`
 	StoppedAt string               `json:"stopped_at,omitempty"`
 	Cmds      map[string]*cmdEntry `json:"cmds,omitempty"`
+}
+
+// maxCmdEntries bounds the command entries of one instance's document.
+// Every command decided for an instance it did not stop leaves an entry
+// there (a scheduler that sends the same stop every few seconds leaves
+// thousands a day), and each write renews the key's age, so the bucket's
+// TTL alone would let the document grow past what a message may hold.
+const maxCmdEntries = 256
+
+// prune drops, from an instance's document about to be written at now
+// (Unix seconds), the entries older than keep (STATE_TTL) and then, while
+// there are more than maxCmdEntries, the oldest decided ones; the entry of
+// except, being written, stays. A dropped decided entry is still known to
+// the id index, which every valid command gets, until that key's own TTL.
+func (d *stateDoc) prune(now int64, keep time.Duration, except string) {
+	limit := int64(keep / time.Second)
+	for id, e := range d.Cmds {
+		if id != except && e.At != 0 && now-e.At > limit {
+			delete(d.Cmds, id)
+		}
+	}
+	if len(d.Cmds) <= maxCmdEntries {
+		return
+	}
+	var decided []string
+	for id, e := range d.Cmds {
+		if id != except && e.Phase == phaseDecided {
+			decided = append(decided, id)
+		}
+	}
+	slices.SortFunc(decided, func(a, b string) int { return cmp.Compare(d.Cmds[a].At, d.Cmds[b].At) })
+	for _, id := range decided {
+		if len(d.Cmds) <= maxCmdEntries {
+			break
+		}
+		delete(d.Cmds, id)
+	}
 }
 
 // stateRecord is a document as read, with the revision to update it at.

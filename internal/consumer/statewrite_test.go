@@ -139,7 +139,7 @@ func TestSaveAsyncMergesAfterConflict(t *testing.T) {
 	}
 	done := make(chan error, 1)
 	st.saveAsync(ctx, mine, func(d *stateDoc) {
-		d.setCmd("me", cmdEntry{Phase: phaseDecided, Status: StatusFailed})
+		d.setCmd("me", cmdEntry{Phase: phaseDecided, Status: StatusFailed}, 24*time.Hour)
 	}, func() { done <- nil }, func(err error) { done <- err })
 	select {
 	case err := <-done:

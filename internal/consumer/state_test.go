@@ -1,0 +1,76 @@
+package consumer
+
+import (
+	"strconv"
+	"testing"
+	"time"
+)
+
+func TestPruneDropsOldEntries(t *testing.T) {
+	const now = 1_800_000_000
+	d := stateDoc{Cmds: map[string]*cmdEntry{
+		"old":      {Phase: phaseDecided, At: now - 3601},
+		"recent":   {Phase: phaseDecided, At: now - 3599},
+		"undated":  {Phase: phaseDecided}, // written before entries had a time
+		"old-busy": {Phase: phaseAnswered, At: now - 7200},
+	}}
+	d.setCmd("new", cmdEntry{Phase: phaseDecided, At: now}, time.Hour)
+	for _, id := range []string{"recent", "undated", "new"} {
+		if d.Cmds[id] == nil {
+			t.Errorf("%s dropped", id)
+		}
+	}
+	for _, id := range []string{"old", "old-busy"} {
+		if d.Cmds[id] != nil {
+			t.Errorf("%s kept, older than the TTL", id)
+		}
+	}
+}
+
+// A scheduler that sends the same stop again and again leaves an entry per
+// command; the document keeps the newest decided ones and every command
+// still in progress.
+func TestPruneBoundsTheDocument(t *testing.T) {
+	const now = 1_800_000_000
+	d := stateDoc{Cmds: map[string]*cmdEntry{}}
+	for i := 0; i < 10; i++ {
+		d.Cmds["busy-"+strconv.Itoa(i)] = &cmdEntry{Phase: phaseAnswered, At: now - 5000}
+	}
+	for i := 0; i < 3*maxCmdEntries; i++ {
+		d.setCmd("c-"+strconv.Itoa(i), cmdEntry{Phase: phaseDecided, At: now - 3*maxCmdEntries + int64(i)}, 24*time.Hour)
+	}
+	if len(d.Cmds) != maxCmdEntries {
+		t.Fatalf("%d entries, want %d", len(d.Cmds), maxCmdEntries)
+	}
+	for i := 0; i < 10; i++ {
+		if d.Cmds["busy-"+strconv.Itoa(i)] == nil {
+			t.Errorf("busy-%d dropped while in progress", i)
+		}
+	}
+	newest := 3*maxCmdEntries - 1
+	for i := newest; i > newest-(maxCmdEntries-10); i-- {
+		if d.Cmds["c-"+strconv.Itoa(i)] == nil {
+			t.Fatalf("c-%d dropped, one of the newest", i)
+		}
+	}
+	if d.Cmds["c-0"] != nil {
+		t.Error("c-0 kept, the oldest")
+	}
+}
+
+// Progress of one delivery never overwrites the decision of another.
+func TestProgressDoesNotUndoADecision(t *testing.T) {
+	d := stateDoc{StoppedBy: "s", Cmds: map[string]*cmdEntry{"f": {Phase: phaseDecided, Status: StatusFailed}}}
+	d.setProgress("f", cmdEntry{Phase: phaseAnswered, Attempts: 3}, time.Hour)
+	d.setProgress("s", cmdEntry{Phase: phaseAnswered, Attempts: 3}, time.Hour)
+	d.setProgress("n", cmdEntry{Phase: phaseAnswered, Attempts: 1}, time.Hour)
+	if e := d.Cmds["f"]; e.Phase != phaseDecided {
+		t.Errorf("f = %+v, decision undone", e)
+	}
+	if d.Cmds["s"] != nil {
+		t.Errorf("s, which stopped the instance, got an entry %+v", d.Cmds["s"])
+	}
+	if e := d.Cmds["n"]; e == nil || e.Phase != phaseAnswered {
+		t.Errorf("n = %+v", e)
+	}
+}
