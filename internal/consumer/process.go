@@ -337,7 +337,10 @@ func (w *Worker) call(j *job, req dlf.StopRequest, lastAt time.Time) (v dlf.Verd
 			<-w.slots
 			continue
 		}
-		err := w.thr.waitRate(ctx, w.circ.changedCh)
+		var err error
+		if w.thr.limited() { // a method value passed on would be allocated on every call
+			err = w.thr.waitRate(ctx, w.circ.changedCh)
+		}
 		if errors.Is(err, errRateWoken) {
 			<-w.slots
 			continue

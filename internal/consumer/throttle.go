@@ -64,6 +64,9 @@ func (t *throttle) waitPause(ctx context.Context, lastAt time.Time) error {
 	return nil
 }
 
+// limited says whether a rate limit is configured.
+func (t *throttle) limited() bool { return t.limiter != nil }
+
 // errRateWoken ends a wait for a rate token early: see waitRate.
 var errRateWoken = errors.New("rate wait woken")
 
