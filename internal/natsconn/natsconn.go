@@ -13,7 +13,9 @@
 //
 // The initial connect does not retry: Connect returns an error when no server
 // accepts the connection, and the caller decides (the worker exits and is
-// restarted). Once connected, the connection reconnects forever.
+// restarted). Once connected, the connection reconnects forever, also
+// after the server refused its credentials (they are read again at every
+// attempt).
 package natsconn
 
 import (
@@ -62,6 +64,12 @@ func options(c config.NATS, log *zap.Logger, name string) ([]nats.Option, *redac
 	opts := []nats.Option{
 		nats.Name(name),
 		nats.MaxReconnects(-1),
+		// Without it nats.go closes the connection for good once one
+		// server refuses two reconnects in a row: a password changed at
+		// the server before the kubelet has rewritten NATS_PASSWORD_FILE,
+		// or a creds file renewed late, would leave the worker connected
+		// to nothing for ever.
+		nats.IgnoreAuthErrorAbort(),
 		nats.ReconnectWait(ReconnectWait),
 		nats.Timeout(ConnectTimeout),
 		nats.PingInterval(PingInterval),

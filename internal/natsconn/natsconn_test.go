@@ -229,7 +229,16 @@ func TestOptionsReconnectForever(t *testing.T) {
 // TestPasswordFileRotation restarts the server with a new password: the
 // client, which reads NATS_PASSWORD_FILE at every reconnect, gets back in
 // with the rotated file, and nothing it logs holds a password.
+// A rotated NATS_PASSWORD_FILE is used at the next reconnect, whichever
+// changes first: the file (Kubernetes updated the Secret before the server
+// took the new password) or the server (the kubelet is up to a minute late
+// with the file, and every reconnect meanwhile is refused).
 func TestPasswordFileRotation(t *testing.T) {
+	t.Run("file first", func(t *testing.T) { testPasswordRotation(t, false) })
+	t.Run("server first", func(t *testing.T) { testPasswordRotation(t, true) })
+}
+
+func testPasswordRotation(t *testing.T, serverFirst bool) {
 	const oldPassword, newPassword = "old-password-0001", "new-password-0002"
 	s1, err := server.NewServer(&server.Options{Host: "127.0.0.1", Port: -1, NoLog: true, NoSigs: true, Username: "worker", Password: oldPassword})
 	if err != nil {
@@ -252,14 +261,30 @@ func TestPasswordFileRotation(t *testing.T) {
 	defer nc.Close()
 
 	// Rotate the way Kubernetes does: write a new file, rename over the old.
-	tmp := writeFile(t, dir, "password.new", []byte(newPassword))
-	if err := os.Rename(tmp, pwFile); err != nil {
-		t.Fatal(err)
+	rotate := func() {
+		tmp := writeFile(t, dir, "password.new", []byte(newPassword))
+		if err := os.Rename(tmp, pwFile); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if !serverFirst {
+		rotate()
 	}
 	s1.Shutdown()
 	s1.WaitForShutdown()
 	waitFor(t, 10*time.Second, "disconnect", func() bool { return !nc.IsConnected() })
 	runServer(t, &server.Options{Port: port, Username: "worker", Password: newPassword})
+	if serverFirst {
+		// nats.go closes a connection for good after two refusals in a row
+		// from one server, unless told not to.
+		waitFor(t, 20*time.Second, "three refused reconnects", func() bool {
+			return logs.FilterMessage("nats error").FilterField(zap.String("error", "nats: authorization violation")).Len() >= 3
+		})
+		if nc.IsClosed() {
+			t.Fatal("connection closed after refused reconnects")
+		}
+		rotate()
+	}
 	waitFor(t, 20*time.Second, "reconnect with the rotated password", func() bool {
 		return nc.IsConnected() && nc.Stats().Reconnects >= 1
 	})
