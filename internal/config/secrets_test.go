@@ -86,6 +86,29 @@ func TestSecretsNeverLeak(t *testing.T) {
 	}
 }
 
+// A secret put where the path to its file belongs (an easy slip with a
+// Kubernetes secretKeyRef) stays out of the error that refuses it. Such a
+// configuration never starts, so it is never logged whole.
+func TestSecretsGivenAsPathsStayOutOfErrors(t *testing.T) {
+	creds := "-----BEGIN NATS USER JWT-----\n" + secretNATSTok + "\n------END NATS USER JWT------"
+	for name, m := range map[string]map[string]string{
+		"sk, token, password": env("HUAWEICLOUD_SDK_AK", "AK", "HUAWEICLOUD_SDK_SK_FILE", secretSK,
+			"DLF_AUTH_TOKEN_FILE", secretAuthTok, "NATS_USER", "u", "NATS_PASSWORD_FILE", secretNATSPass),
+		"nkey seed": env("DLF_AUTH_TOKEN", secretAuthTok, "NATS_NKEY", secretNATSTok),
+		"creds":     env("DLF_AUTH_TOKEN", secretAuthTok, "NATS_CREDS", creds),
+	} {
+		_, err := FromEnv(lookupMap(m))
+		if err == nil {
+			t.Fatalf("%s: accepted", name)
+		}
+		for _, secret := range allSecrets {
+			if strings.Contains(err.Error(), secret) {
+				t.Errorf("%s: error holds %q: %v", name, secret, err)
+			}
+		}
+	}
+}
+
 func TestRedacted(t *testing.T) {
 	c, err := FromEnv(lookupMap(secretEnvs(t)["valid aksk"]))
 	if err != nil {

@@ -332,7 +332,10 @@ func (p *problems) file(name, path string) {
 		if errors.As(err, &pe) {
 			err = pe.Err
 		}
-		p.add(name, "cannot open %q: %v", path, err)
+		// The value is not shown: a secret put where the path to its file
+		// belongs (an nkey seed in NATS_NKEY, an SK in
+		// HUAWEICLOUD_SDK_SK_FILE) is the likeliest value that is no file.
+		p.add(name, "cannot open the file it names (value not shown): %v", err)
 		return
 	}
 	defer f.Close()
