@@ -49,10 +49,12 @@
 //
 // # AK and SK
 //
-// Pair reads an access key and a secret key together. The two files are
-// separate, so a rotation that writes the AK file and then the SK file leaves
-// a short window in which a request can be signed with the new AK and the old
-// SK. DLF rejects such a request with 401 and the worker retries it; by then
-// both values have converged. Writers should keep the old key pair valid until
-// both files have been replaced.
+// WatchPair watches an access key file and a secret key file as one: both
+// are re-read together, through their symlinks so that both come from the
+// same generation of a Kubernetes Secret volume, and published together,
+// so Get never returns one new key beside one old after an atomic swap. A
+// writer that replaces the two files one after the other still leaves a
+// short window in which a request is signed with a mismatched pair; DLF
+// rejects it with 401 and the worker retries. Such writers should keep the
+// old key pair valid until both files have been replaced.
 package secretfile

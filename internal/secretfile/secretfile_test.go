@@ -7,6 +7,7 @@ import (
 	"io/fs"
 	"os"
 	"path/filepath"
+	"runtime"
 	"strings"
 	"sync"
 	"sync/atomic"
@@ -313,40 +314,106 @@ func TestValueDoesNotPrintSecret(t *testing.T) {
 	assertNoSecretInLogs(t, logs, []string{"printed-secret"})
 }
 
-func TestPair(t *testing.T) {
+// An AK and an SK in one Kubernetes Secret are swapped together; the pair
+// follows every swap, and no Get ever returns keys of two generations.
+func TestPairFollowsKubernetesSwaps(t *testing.T) {
 	dir := t.TempDir()
-	skPath := filepath.Join(dir, "sk")
-	writeFile(t, skPath, "sk-old-111\n")
-
-	changed := make(chan struct{}, 1)
-	sk, err := Watch(t.Context(), skPath, zap.NewNop(), WithOnChange(func() {
-		select {
-		case changed <- struct{}{}:
-		default:
+	generation := func(n int) string {
+		gen, err := os.MkdirTemp(dir, "..2024_")
+		if err != nil {
+			t.Fatal(err)
 		}
-	}))
+		writeFile(t, filepath.Join(gen, "ak"), fmt.Sprintf("ak-%d\n", n))
+		writeFile(t, filepath.Join(gen, "sk"), fmt.Sprintf("sk-%d\n", n))
+		return filepath.Base(gen)
+	}
+	data := filepath.Join(dir, "..data")
+	if err := os.Symlink(generation(0), data); err != nil {
+		t.Fatal(err)
+	}
+	for _, f := range []string{"ak", "sk"} {
+		if err := os.Symlink(filepath.Join("..data", f), filepath.Join(dir, f)); err != nil {
+			t.Fatal(err)
+		}
+	}
+	p, err := WatchPair(t.Context(), filepath.Join(dir, "ak"), filepath.Join(dir, "sk"), zap.NewNop(),
+		WithPollInterval(time.Millisecond))
 	if err != nil {
 		t.Fatal(err)
 	}
-	p := Pair{AK: Static("AKIDEXAMPLE"), SK: sk}
 	t.Cleanup(p.Close)
-
-	if ak, sk := p.Get(); ak != "AKIDEXAMPLE" || sk != "sk-old-111" {
-		t.Errorf("Get() = %q, %q", ak, sk)
+	if ak, sk := p.Get(); ak != "ak-0" || sk != "sk-0" {
+		t.Fatalf("Get() = %q, %q", ak, sk)
 	}
-	before := p.Version()
 
-	writeFile(t, skPath, "sk-new-222\n")
+	// A reader checks every pair while the swaps go on; the 1ms poll
+	// re-reads all the time, so reads land on swaps.
+	stop := make(chan struct{})
+	mixed := make(chan string, 1)
+	var wg sync.WaitGroup
+	wg.Add(1)
+	go func() {
+		defer wg.Done()
+		for {
+			select {
+			case <-stop:
+				return
+			default:
+			}
+			if ak, sk := p.Get(); ak[len("ak-"):] != sk[len("sk-"):] {
+				select {
+				case mixed <- ak + " with " + sk:
+				default:
+				}
+			}
+		}
+	}()
+	const swaps = 50
+	for n := 1; n <= swaps; n++ {
+		old, err := os.Readlink(data)
+		if err != nil {
+			t.Fatal(err)
+		}
+		tmp := filepath.Join(dir, "..data_tmp")
+		if err := os.Symlink(generation(n), tmp); err != nil {
+			t.Fatal(err)
+		}
+		if err := os.Rename(tmp, data); err != nil {
+			t.Fatal(err)
+		}
+		if err := os.RemoveAll(filepath.Join(dir, old)); err != nil {
+			t.Fatal(err)
+		}
+	}
+	want := fmt.Sprintf("ak-%d", swaps)
+	deadline := time.Now().Add(waitTimeout)
+	for ak, _ := p.Get(); ak != want; ak, _ = p.Get() {
+		if time.Now().After(deadline) {
+			t.Fatalf("pair stuck at %s, want %s", ak, want)
+		}
+		runtime.Gosched()
+	}
+	close(stop)
+	wg.Wait()
 	select {
-	case <-changed:
-	case <-time.After(waitTimeout):
-		t.Fatal("timed out waiting for the SK to change")
+	case m := <-mixed:
+		t.Errorf("Get returned %s", m)
+	default:
 	}
-	if ak, sk := p.Get(); ak != "AKIDEXAMPLE" || sk != "sk-new-222" {
-		t.Errorf("Get() after rotation = %q, %q", ak, sk)
+	if fmt.Sprint(p) != "secretfile.Pair(redacted)" {
+		t.Errorf("a Pair prints as %v", p)
 	}
-	if after := p.Version(); after != before+1 {
-		t.Errorf("Version() = %d after one change, want %d", after, before+1)
+}
+
+func TestStaticPair(t *testing.T) {
+	p := StaticPair("AKIDEXAMPLE", "sk-static")
+	if ak, sk := p.Get(); ak != "AKIDEXAMPLE" || sk != "sk-static" || p.Version() != 1 {
+		t.Errorf("Get() = %q, %q, version %d", ak, sk, p.Version())
+	}
+	p.Close() // nothing to stop
+	var none *Pair
+	if ak, sk := none.Get(); ak != "" || sk != "" || none.Version() != 0 {
+		t.Error("a nil Pair is not empty")
 	}
 }
 

@@ -18,10 +18,24 @@ type Value struct {
 	cur atomic.Pointer[string]
 	ver atomic.Uint64
 
-	// Set by Watch only.
+	watching // set by Watch only
+}
+
+// watching is what Close needs of a watched value: a way to stop its
+// goroutine and to wait for it.
+type watching struct {
 	stop      context.CancelFunc
 	done      chan struct{}
 	closeOnce sync.Once
+}
+
+// close stops the goroutine and waits for it; without one it does nothing.
+func (w *watching) close() {
+	if w.stop == nil {
+		return
+	}
+	w.closeOnce.Do(w.stop)
+	<-w.done
 }
 
 // Static returns a Value that always holds v. Its Version is 1 and Close does
@@ -59,11 +73,9 @@ func (v *Value) Version() uint64 {
 // exit. The last value stays readable. Close is idempotent and safe to call
 // concurrently; on a Static value it does nothing.
 func (v *Value) Close() {
-	if v == nil || v.stop == nil {
-		return
+	if v != nil {
+		v.close()
 	}
-	v.closeOnce.Do(v.stop)
-	<-v.done
 }
 
 // String returns a redacted form so that a Value never prints its content.

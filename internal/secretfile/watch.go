@@ -24,28 +24,51 @@ import (
 // A nil log discards logs. Call Close to release the watch; cancelling ctx
 // stops it too, but Close still has to be called to wait for the goroutine.
 func Watch(ctx context.Context, path string, log *zap.Logger, opts ...Option) (*Value, error) {
-	if path == "" {
-		return nil, errors.New("secretfile: empty path")
+	v := &Value{}
+	v.done = make(chan struct{})
+	err := watch(ctx, []string{path}, log, opts, func(vals []string) uint64 {
+		v.set(vals[0])
+		return v.Version()
+	}, &v.stop, v.done)
+	if err != nil {
+		return nil, err
 	}
+	return v, nil
+}
+
+// watch reads paths, hands the values to publish, and starts one watching
+// goroutine that re-reads them all together and hands publish the values
+// again whenever one changed; publish returns the new version, for the
+// log. stop and done are set up for the caller's Close.
+func watch(ctx context.Context, paths []string, log *zap.Logger, opts []Option,
+	publish func([]string) uint64, stop *context.CancelFunc, done chan struct{}) error {
 	o := defaultOptions()
 	for _, opt := range opts {
 		opt(&o)
 	}
 	if err := o.validate(); err != nil {
-		return nil, err
+		return err
 	}
 	if log == nil {
 		log = zap.NewNop()
 	}
-
-	abs, err := filepath.Abs(path)
-	if err != nil {
-		return nil, fmt.Errorf("secretfile: resolve %s: %w", path, err)
+	w := &watcher{opts: o, publish: publish}
+	shown := make([]string, len(paths))
+	for i, path := range paths {
+		if path == "" {
+			return errors.New("secretfile: empty path")
+		}
+		abs, err := filepath.Abs(path)
+		if err != nil {
+			return fmt.Errorf("secretfile: resolve %s: %w", path, err)
+		}
+		w.paths = append(w.paths, abs)
+		shown[i] = path
 	}
-	w := &watcher{
-		path: abs,
-		log:  log.With(zap.String("path", path)),
-		opts: o,
+	if len(paths) == 1 {
+		w.log = log.With(zap.String("path", shown[0]))
+	} else {
+		w.log = log.With(zap.Strings("paths", shown))
 	}
 	// Watch before the first read so a change in between is not missed.
 	if !o.noFSNotify {
@@ -59,31 +82,30 @@ func Watch(ctx context.Context, path string, log *zap.Logger, opts ...Option) (*
 		}
 	}
 
-	s, err := readSecret(w.path)
+	vals, err := w.read()
 	if err != nil {
 		if w.fs != nil {
 			_ = w.fs.Close()
 		}
-		return nil, err
+		return err
 	}
+	w.cur = vals
+	publish(vals)
 
-	v := &Value{done: make(chan struct{})}
-	v.set(s)
-	w.v = v
-
-	ctx, v.stop = context.WithCancel(ctx)
-	go w.run(ctx, v.done)
-	return v, nil
+	ctx, *stop = context.WithCancel(ctx)
+	go w.run(ctx, done)
+	return nil
 }
 
 // watcher is the state of one watching goroutine. Only that goroutine
 // touches it after Watch returns.
 type watcher struct {
-	v    *Value
-	path string
-	log  *zap.Logger
-	opts options
-	fs   *fsnotify.Watcher // nil when polling only
+	paths   []string
+	cur     []string // the values last published
+	publish func([]string) uint64
+	log     *zap.Logger
+	opts    options
+	fs      *fsnotify.Watcher // nil when polling only
 
 	// failing is the last re-read error logged as a warning, so a file that
 	// stays missing warns once rather than every poll.
@@ -148,12 +170,62 @@ func (w *watcher) run(ctx context.Context, done chan<- struct{}) {
 	}
 }
 
-// reload re-reads the file and publishes a changed value. A failure keeps
-// the last good value.
+// read reads every path; it fails if any read fails.
+func (w *watcher) read() ([]string, error) {
+	paths := w.paths
+	if len(paths) > 1 {
+		paths = resolveTogether(paths)
+	}
+	vals := make([]string, len(paths))
+	for i, p := range paths {
+		s, err := readSecret(p)
+		if err != nil {
+			return nil, err
+		}
+		vals[i] = s
+	}
+	return vals, nil
+}
+
+// resolveTogether resolves paths through their symlinks, so that files of
+// a Kubernetes Secret volume are all read from one generation (its
+// ..2024_x directories are never changed, only replaced): reading the
+// paths one by one could read one file before a swap and the other after.
+// Two resolutions in a row that agree cannot straddle a swap, since a
+// generation never comes back. Paths that do not resolve (a missing file)
+// are returned as they are, for the read to report.
+func resolveTogether(paths []string) []string {
+	resolve := func() []string {
+		out := make([]string, len(paths))
+		for i, p := range paths {
+			r, err := filepath.EvalSymlinks(p)
+			if err != nil {
+				return nil
+			}
+			out[i] = r
+		}
+		return out
+	}
+	prev := resolve()
+	for range 3 {
+		if prev == nil {
+			return paths
+		}
+		cur := resolve()
+		if slices.Equal(prev, cur) {
+			return cur
+		}
+		prev = cur
+	}
+	return paths
+}
+
+// reload re-reads the files and publishes changed values, all of them
+// together. A failure keeps the last good values.
 func (w *watcher) reload() {
 	w.syncWatches()
 
-	s, err := readSecret(w.path)
+	vals, err := w.read()
 	if err != nil {
 		if msg := err.Error(); msg != w.failing {
 			w.failing = msg
@@ -167,11 +239,12 @@ func (w *watcher) reload() {
 		w.failing = ""
 		w.log.Info("secret file: readable again")
 	}
-	if s == w.v.Get() {
+	if slices.Equal(vals, w.cur) {
 		return
 	}
-	w.v.set(s)
-	w.log.Info("secret file: value changed", zap.Uint64("version", w.v.Version()))
+	w.cur = vals
+	version := w.publish(vals)
+	w.log.Info("secret file: value changed", zap.Uint64("version", version))
 	if w.opts.onChange != nil {
 		w.opts.onChange()
 	}
@@ -204,21 +277,28 @@ func (w *watcher) syncWatches() {
 	}
 }
 
-// wantDirs returns the directories to watch: the parent of the path, then
-// the parent of the file it resolves to if that is a different directory.
+// wantDirs returns the directories to watch: the parent of each path,
+// then the parent of the file it resolves to if that is a different
+// directory.
 func (w *watcher) wantDirs() []string {
-	dir := filepath.Dir(w.path)
-	dirs := []string{dir}
-	resolved, err := filepath.EvalSymlinks(w.path)
-	if err != nil {
-		return dirs
+	var dirs []string
+	add := func(d string) {
+		if !slices.Contains(dirs, d) {
+			dirs = append(dirs, d)
+		}
 	}
-	rdir := filepath.Dir(resolved)
-	if same, err := filepath.EvalSymlinks(dir); err == nil && same == rdir {
-		return dirs // Same directory under another name; inotify follows it.
-	}
-	if rdir != dir {
-		dirs = append(dirs, rdir)
+	for _, path := range w.paths {
+		dir := filepath.Dir(path)
+		add(dir)
+		resolved, err := filepath.EvalSymlinks(path)
+		if err != nil {
+			continue
+		}
+		rdir := filepath.Dir(resolved)
+		if same, err := filepath.EvalSymlinks(dir); err == nil && same == rdir {
+			continue // Same directory under another name; inotify follows it.
+		}
+		add(rdir)
 	}
 	return dirs
 }

@@ -193,13 +193,26 @@ func credentials(ctx context.Context, d config.DLF, log *zap.Logger) (func() dlf
 		}
 		return v, nil
 	}
-	ak, err := value(d.AK, d.AKFile, "HUAWEICLOUD_SDK_AK_FILE")
-	if err != nil {
-		return nil, err
-	}
-	sk, err := value(d.SK, d.SKFile, "HUAWEICLOUD_SDK_SK_FILE")
-	if err != nil {
-		return nil, err
+	// An AK and an SK both from files are watched as one pair: a
+	// Kubernetes Secret swaps them together, and a request must never be
+	// signed with one new key and one old.
+	var keys func() (ak, sk string)
+	if d.AKFile != "" && d.SKFile != "" {
+		p, err := secretfile.WatchPair(ctx, d.AKFile, d.SKFile, log)
+		if err != nil {
+			return nil, fmt.Errorf("HUAWEICLOUD_SDK_AK_FILE, HUAWEICLOUD_SDK_SK_FILE: %w", err)
+		}
+		keys = p.Get
+	} else {
+		ak, err := value(d.AK, d.AKFile, "HUAWEICLOUD_SDK_AK_FILE")
+		if err != nil {
+			return nil, err
+		}
+		sk, err := value(d.SK, d.SKFile, "HUAWEICLOUD_SDK_SK_FILE")
+		if err != nil {
+			return nil, err
+		}
+		keys = func() (string, string) { return ak.Get(), sk.Get() }
 	}
 	token, err := value(d.AuthToken, d.AuthTokenFile, "DLF_AUTH_TOKEN_FILE")
 	if err != nil {
@@ -207,7 +220,8 @@ func credentials(ctx context.Context, d config.DLF, log *zap.Logger) (func() dlf
 	}
 	securityToken := d.SecurityToken
 	return func() dlf.Credentials {
-		return dlf.Credentials{AK: ak.Get(), SK: sk.Get(), SecurityToken: securityToken, AuthToken: token.Get()}
+		ak, sk := keys()
+		return dlf.Credentials{AK: ak, SK: sk, SecurityToken: securityToken, AuthToken: token.Get()}
 	}, nil
 }
 
