@@ -29,9 +29,11 @@ const (
 
 // shutdownSlack is the least time the pod's grace period must leave after
 // SHUTDOWN_TIMEOUT: when it ends the worker still naks the commands it holds
-// and drains its NATS connection, and a SIGKILL in between would leave them
-// to wait out the ack wait instead of going to another pod at once.
-const shutdownSlack = 5 * time.Second
+// (after one flush round trip of at most 1s) and drains its NATS
+// connection (at most 5s), and a SIGKILL in between would leave them to
+// wait out the ack wait instead of going to another pod at once. (The
+// operations server's own shutdown comes after that and may be cut short.)
+const shutdownSlack = 7 * time.Second
 
 // goRuntimeEnv are variables the Go runtime reads, not the worker; a
 // manifest may set them although config.EnvNames does not list them.
