@@ -45,6 +45,9 @@ func Run(ctx context.Context, args []string, lookup func(string) (string, bool),
 	id := fs.String("id", "", "command id (default: a random one)")
 	wait := fs.Duration("wait", 30*time.Second, "how long to wait for the outcome")
 	if err := fs.Parse(args); err != nil {
+		if errors.Is(err, flag.ErrHelp) {
+			return ExitStopped // asked for the usage, which was printed: not bad usage
+		}
 		return ExitUsage
 	}
 	if fs.NArg() > 0 {

@@ -45,6 +45,16 @@ func runStop(t *testing.T, lookup map[string]string, args ...string) (code int, 
 	return code, out.String(), errOut.String()
 }
 
+// --help prints the usage and succeeds; it is not bad usage.
+func TestHelp(t *testing.T) {
+	for _, arg := range []string{"--help", "-h"} {
+		code, _, stderr := runStop(t, map[string]string{"NATS_URL": "nats://127.0.0.1:1"}, arg)
+		if code != 0 || !strings.Contains(stderr, "-script") {
+			t.Errorf("%s: exit = %d, usage %q", arg, code, stderr)
+		}
+	}
+}
+
 func TestUsageErrors(t *testing.T) {
 	// No NATS runs here: every case must fail before connecting.
 	lookup := map[string]string{"NATS_URL": "nats://127.0.0.1:1"}
