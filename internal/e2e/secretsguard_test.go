@@ -136,6 +136,25 @@ func (g *secretsGuard) check(t *testing.T, js jetstream.JetStream, run string, l
 	g.search(t, js, run, logs, true)
 }
 
+// encodedNeedles are secret as it is and as it would show if some code
+// encoded it: hex, and base64 in both alphabets, padded or not, and at each
+// of the three alignments it can have inside a longer encoded string (the
+// characters that depend on its bytes alone).
+func encodedNeedles(name, secret string) []secretNeedle {
+	out := []secretNeedle{{name, secret}, {name + " hex", hex.EncodeToString([]byte(secret))}}
+	for _, enc := range []struct {
+		name string
+		e    *base64.Encoding
+	}{{"base64", base64.StdEncoding}, {"base64url", base64.URLEncoding}} {
+		for k := 0; k < 3; k++ {
+			s := enc.e.EncodeToString([]byte(strings.Repeat("\x00", k) + secret))
+			from, to := (8*k+5)/6, 8*(k+len(secret))/6
+			out = append(out, secretNeedle{fmt.Sprintf("%s %s at offset %d", name, enc.name, k), s[from:to]})
+		}
+	}
+	return out
+}
+
 // search is check; processes says the logs are worker processes' stderr,
 // each of which must have started at debug level (in-process workers log
 // to the test's own debug-level core instead).
@@ -144,15 +163,13 @@ func (g *secretsGuard) search(t *testing.T, js jetstream.JetStream, run string, 
 	needles := []secretNeedle{{"secret marker", "-GUARDED-"}}
 	switch g.auth {
 	case guardAKSK:
-		needles = append(needles, secretNeedle{"AK", g.ak}, secretNeedle{"SK", g.sk},
-			secretNeedle{"NATS password", g.pw},
-			secretNeedle{"SK base64", base64.StdEncoding.EncodeToString([]byte(g.sk))},
-			secretNeedle{"SK hex", hex.EncodeToString([]byte(g.sk))},
-			secretNeedle{"NATS user:password base64", base64.StdEncoding.EncodeToString([]byte(g.user + ":" + g.pw))})
+		needles = append(needles, secretNeedle{"AK", g.ak})
+		needles = append(needles, encodedNeedles("SK", g.sk)...)
+		needles = append(needles, encodedNeedles("NATS password", g.pw)...)
+		needles = append(needles, encodedNeedles("NATS user:password", g.user+":"+g.pw)...)
 	case guardTokenCreds:
-		needles = append(needles, secretNeedle{"IAM token", g.token},
-			secretNeedle{"IAM token base64", base64.StdEncoding.EncodeToString([]byte(g.token))},
-			secretNeedle{"creds seed", g.seed},
+		needles = append(needles, encodedNeedles("IAM token", g.token)...)
+		needles = append(needles, secretNeedle{"creds seed", g.seed},
 			// The seed's body without the "SU" prefix, as a partial print would show it.
 			secretNeedle{"creds seed body", g.seed[2:]})
 	}
@@ -236,4 +253,23 @@ func searchHay(hay []haystack, needles []secretNeedle) (hits int, found []string
 		}
 	}
 	return hits, found
+}
+
+// A secret encoded inside a longer string, whatever its alignment, is
+// found by one of its needles.
+func TestEncodedNeedlesFindEmbeddedSecrets(t *testing.T) {
+	const secret = "sk-GUARDED-0123456789abcdef"
+	needles := encodedNeedles("SK", secret)
+	for pre := 0; pre < 6; pre++ {
+		for _, e := range []*base64.Encoding{base64.StdEncoding, base64.RawStdEncoding, base64.URLEncoding, base64.RawURLEncoding} {
+			hay := e.EncodeToString([]byte(strings.Repeat("x", pre) + secret + "-tail"))
+			found := false
+			for _, n := range needles {
+				found = found || strings.Contains(hay, n.value)
+			}
+			if !found {
+				t.Errorf("secret after %d bytes not found in %s", pre, hay)
+			}
+		}
+	}
 }
