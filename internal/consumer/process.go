@@ -687,12 +687,19 @@ func (w *Worker) recall(j *job, recs []*stateRecord, err error) bool {
 	return true
 }
 
-// setProgress is setCmd for a command handed back undecided, unless the
-// document already holds its decision: two deliveries may overlap (the
-// heartbeats of one lost in a consumer leader change), and the other one's
-// decision is final.
+// setProgress is setCmd for a command handed back, unless the document
+// already holds a decision for it that e would undo: two deliveries may
+// overlap (the heartbeats of one lost in a consumer leader change), and
+// the other one's decision is final; its pending outcome, too, stays
+// unless e is a pending outcome itself.
 func (d *stateDoc) setProgress(id string, e cmdEntry, keep time.Duration) {
-	if cur := d.Cmds[id]; d.StoppedBy == id || (cur != nil && cur.Phase == phaseDecided) {
+	cur := d.Cmds[id]
+	switch {
+	case d.StoppedBy == id:
+		return
+	case cur != nil && cur.Phase == phaseDecided:
+		return
+	case cur != nil && cur.Phase == phasePending && e.Phase != phasePending:
 		return
 	}
 	d.setCmd(id, e, keep)

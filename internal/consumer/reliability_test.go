@@ -588,6 +588,11 @@ func TestRateLimit(t *testing.T) {
 	if rate > 22 {
 		t.Errorf("request rate %.1f/s above DLF_RATE_LIMIT 20", rate)
 	}
+	// And not far below it: the calls take their tokens one at a time
+	// (throttle.turn), which must not slow them down.
+	if rate < 15 {
+		t.Errorf("request rate %.1f/s well below DLF_RATE_LIMIT 20", rate)
+	}
 }
 
 var _ = command.MaxBodySize

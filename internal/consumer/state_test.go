@@ -60,8 +60,20 @@ func TestPruneBoundsTheDocument(t *testing.T) {
 
 // Progress of one delivery never overwrites the decision of another.
 func TestProgressDoesNotUndoADecision(t *testing.T) {
-	d := stateDoc{StoppedBy: "s", Cmds: map[string]*cmdEntry{"f": {Phase: phaseDecided, Status: StatusFailed}}}
+	d := stateDoc{StoppedBy: "s", Cmds: map[string]*cmdEntry{
+		"f": {Phase: phaseDecided, Status: StatusFailed},
+		"p": {Phase: phasePending, Attempts: 2},
+		"q": {Phase: phasePending, Attempts: 2},
+	}}
 	d.setProgress("f", cmdEntry{Phase: phaseAnswered, Attempts: 3}, time.Hour)
+	d.setProgress("p", cmdEntry{Phase: phaseAnswered, Attempts: 3}, time.Hour)
+	d.setProgress("q", cmdEntry{Phase: phasePending, Attempts: 3}, time.Hour)
+	if e := d.Cmds["p"]; e.Phase != phasePending || e.Attempts != 2 {
+		t.Errorf("p = %+v, pending outcome undone", e)
+	}
+	if e := d.Cmds["q"]; e.Phase != phasePending || e.Attempts != 3 {
+		t.Errorf("q = %+v, a later pending outcome not recorded", e)
+	}
 	d.setProgress("s", cmdEntry{Phase: phaseAnswered, Attempts: 3}, time.Hour)
 	d.setProgress("n", cmdEntry{Phase: phaseAnswered, Attempts: 1}, time.Hour)
 	if e := d.Cmds["f"]; e.Phase != phaseDecided {
