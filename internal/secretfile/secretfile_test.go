@@ -405,6 +405,27 @@ func TestPairFollowsKubernetesSwaps(t *testing.T) {
 	}
 }
 
+// A pair that cannot be read names the file at fault as it was given,
+// not only the generation directory a Kubernetes volume resolves it to.
+func TestPairErrorNamesTheFile(t *testing.T) {
+	dir := t.TempDir()
+	gen := filepath.Join(dir, "..2024_a")
+	if err := os.Mkdir(gen, 0o700); err != nil {
+		t.Fatal(err)
+	}
+	writeFile(t, filepath.Join(gen, "ak"), "ak-1\n")
+	writeFile(t, filepath.Join(gen, "sk"), "\n")
+	for _, f := range []string{"ak", "sk"} {
+		if err := os.Symlink(filepath.Join("..2024_a", f), filepath.Join(dir, f)); err != nil {
+			t.Fatal(err)
+		}
+	}
+	_, err := WatchPair(t.Context(), filepath.Join(dir, "ak"), filepath.Join(dir, "sk"), zap.NewNop())
+	if err == nil || !strings.Contains(err.Error(), filepath.Join(dir, "sk")+":") || !errors.Is(err, ErrEmpty) {
+		t.Errorf("err = %v, want one naming %s and empty", err, filepath.Join(dir, "sk"))
+	}
+}
+
 func TestStaticPair(t *testing.T) {
 	p := StaticPair("AKIDEXAMPLE", "sk-static")
 	if ak, sk := p.Get(); ak != "AKIDEXAMPLE" || sk != "sk-static" || p.Version() != 1 {

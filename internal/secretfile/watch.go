@@ -180,6 +180,9 @@ func (w *watcher) read() ([]string, error) {
 	for i, p := range paths {
 		s, err := readSecret(p)
 		if err != nil {
+			if p != w.paths[i] { // read through a symlink: name the path given too
+				err = fmt.Errorf("%s: %w", w.paths[i], err)
+			}
 			return nil, err
 		}
 		vals[i] = s
