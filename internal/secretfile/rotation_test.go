@@ -49,29 +49,43 @@ func kubernetesKeepOld(t *testing.T, dir, value string) (string, func(string)) {
 }
 
 func kubernetesSwap(t *testing.T, dir, value string, removeOld bool) (string, func(string)) {
-	newGeneration := func(v string) string {
+	swap := kubeVolume(t, dir, map[string]string{"sk": value})
+	return filepath.Join(dir, "sk"), func(v string) { swap(map[string]string{"sk": v}, removeOld) }
+}
+
+// kubeVolume lays out a Secret volume the way the kubelet does, with one
+// file per key (value plus a newline): dir/..2024_x/<key>, dir/..data ->
+// ..2024_x, dir/<key> -> ..data/<key>. swap writes a new generation with
+// every key and points ..data at it in one rename; removeOld then removes
+// the old generation, as the kubelet does.
+func kubeVolume(t *testing.T, dir string, files map[string]string) (swap func(files map[string]string, removeOld bool)) {
+	t.Helper()
+	newGeneration := func(files map[string]string) string {
 		gen, err := os.MkdirTemp(dir, "..2024_")
 		if err != nil {
 			t.Fatal(err)
 		}
-		writeFile(t, filepath.Join(gen, "sk"), v+"\n")
+		for name, v := range files {
+			writeFile(t, filepath.Join(gen, name), v+"\n")
+		}
 		return filepath.Base(gen)
 	}
 	data := filepath.Join(dir, "..data")
-	if err := os.Symlink(newGeneration(value), data); err != nil {
+	if err := os.Symlink(newGeneration(files), data); err != nil {
 		t.Fatal(err)
 	}
-	path := filepath.Join(dir, "sk")
-	if err := os.Symlink(filepath.Join("..data", "sk"), path); err != nil {
-		t.Fatal(err)
+	for name := range files {
+		if err := os.Symlink(filepath.Join("..data", name), filepath.Join(dir, name)); err != nil {
+			t.Fatal(err)
+		}
 	}
-	return path, func(v string) {
+	return func(files map[string]string, removeOld bool) {
 		old, err := os.Readlink(data)
 		if err != nil {
 			t.Fatal(err)
 		}
 		tmp := filepath.Join(dir, "..data_tmp")
-		if err := os.Symlink(newGeneration(v), tmp); err != nil {
+		if err := os.Symlink(newGeneration(files), tmp); err != nil {
 			t.Fatal(err)
 		}
 		if err := os.Rename(tmp, data); err != nil {

@@ -318,24 +318,10 @@ func TestValueDoesNotPrintSecret(t *testing.T) {
 // follows every swap, and no Get ever returns keys of two generations.
 func TestPairFollowsKubernetesSwaps(t *testing.T) {
 	dir := t.TempDir()
-	generation := func(n int) string {
-		gen, err := os.MkdirTemp(dir, "..2024_")
-		if err != nil {
-			t.Fatal(err)
-		}
-		writeFile(t, filepath.Join(gen, "ak"), fmt.Sprintf("ak-%d\n", n))
-		writeFile(t, filepath.Join(gen, "sk"), fmt.Sprintf("sk-%d\n", n))
-		return filepath.Base(gen)
+	keys := func(n int) map[string]string {
+		return map[string]string{"ak": fmt.Sprintf("ak-%d", n), "sk": fmt.Sprintf("sk-%d", n)}
 	}
-	data := filepath.Join(dir, "..data")
-	if err := os.Symlink(generation(0), data); err != nil {
-		t.Fatal(err)
-	}
-	for _, f := range []string{"ak", "sk"} {
-		if err := os.Symlink(filepath.Join("..data", f), filepath.Join(dir, f)); err != nil {
-			t.Fatal(err)
-		}
-	}
+	swap := kubeVolume(t, dir, keys(0))
 	p, err := WatchPair(t.Context(), filepath.Join(dir, "ak"), filepath.Join(dir, "sk"), zap.NewNop(),
 		WithPollInterval(time.Millisecond))
 	if err != nil {
@@ -370,20 +356,7 @@ func TestPairFollowsKubernetesSwaps(t *testing.T) {
 	}()
 	const swaps = 50
 	for n := 1; n <= swaps; n++ {
-		old, err := os.Readlink(data)
-		if err != nil {
-			t.Fatal(err)
-		}
-		tmp := filepath.Join(dir, "..data_tmp")
-		if err := os.Symlink(generation(n), tmp); err != nil {
-			t.Fatal(err)
-		}
-		if err := os.Rename(tmp, data); err != nil {
-			t.Fatal(err)
-		}
-		if err := os.RemoveAll(filepath.Join(dir, old)); err != nil {
-			t.Fatal(err)
-		}
+		swap(keys(n), true)
 	}
 	want := fmt.Sprintf("ak-%d", swaps)
 	deadline := time.Now().Add(waitTimeout)
