@@ -76,20 +76,48 @@ type publisher struct {
 }
 
 // publishOutcome stores o. A repeat within the duplicate window (the same
-// Nats-Msg-Id) is dropped by the stream and reported as success: the
-// outcome is stored either way.
-func (p *publisher) publishOutcome(ctx context.Context, o *Outcome) error {
+// Nats-Msg-Id) is dropped by the stream; the ack then says so and names
+// the outcome stored first (see storedOutcome).
+func (p *publisher) publishOutcome(ctx context.Context, o *Outcome) (*jetstream.PubAck, error) {
 	body, err := json.Marshal(o)
 	if err != nil {
-		return fmt.Errorf("encode outcome: %w", err)
+		return nil, fmt.Errorf("encode outcome: %w", err)
 	}
 	m := nats.NewMsg(p.outcomePrefix + "." + o.Status)
 	m.Data = body
 	m.Header.Set(jetstream.MsgIDHeader, o.CommandID)
-	if _, err := p.js.PublishMsg(ctx, m); err != nil {
-		return fmt.Errorf("publish outcome: %w", err)
+	ack, err := p.js.PublishMsg(ctx, m)
+	if err != nil {
+		return nil, fmt.Errorf("publish outcome: %w", err)
 	}
-	return nil
+	return ack, nil
+}
+
+// storedOutcome reads the outcome JetStream stored at seq in stream, the
+// one a duplicate publish was dropped for. Only that path reads it: an
+// earlier delivery stored it and then died before its dead letter or its
+// decision record, and this delivery may have decided otherwise (its
+// DLF.6205 is the first delivery's stop, say).
+func (p *publisher) storedOutcome(ctx context.Context, stream string, seq uint64, id string) (*Outcome, error) {
+	s, err := p.js.Stream(ctx, stream)
+	if err != nil {
+		return nil, fmt.Errorf("read stored outcome: %w", err)
+	}
+	m, err := s.GetMsg(ctx, seq)
+	if err != nil {
+		return nil, fmt.Errorf("read stored outcome %s #%d: %w", stream, seq, err)
+	}
+	if got := m.Header.Get(jetstream.MsgIDHeader); got != id {
+		return nil, fmt.Errorf("read stored outcome %s #%d: it is for command %q", stream, seq, got)
+	}
+	var o Outcome
+	if err := json.Unmarshal(m.Data, &o); err != nil {
+		return nil, fmt.Errorf("read stored outcome %s #%d: %w", stream, seq, err)
+	}
+	if o.Status == "" {
+		return nil, fmt.Errorf("read stored outcome %s #%d: no status", stream, seq)
+	}
+	return &o, nil
 }
 
 // publishDead stores the original command bytes, unchanged, so that a

@@ -481,19 +481,23 @@ func (w *Worker) finishAt(j *job, now time.Time, status, cause, detail string) {
 // second call after a 204 would get DLF.6205).
 func (w *Worker) store(j *job) {
 	o := &j.out
-	status, cause := o.Status, o.Cause
 	ctx, cancel := context.WithTimeout(w.hard, publishTimeout)
 	defer cancel()
 	// Published once only: a republish is dropped as a duplicate for just
 	// two minutes, and a dead-letter stream that stays broken for longer
 	// would otherwise store a copy of the outcome every two minutes.
 	if !j.outcomeStored {
-		if err := w.pub.publishOutcome(ctx, o); err != nil {
+		ack, err := w.pub.publishOutcome(ctx, o)
+		if err != nil {
 			w.publishFailed(j, "outcome", err)
 			return
 		}
+		if ack.Duplicate {
+			w.adoptStored(ctx, j, ack)
+		}
 		j.outcomeStored = true
 	}
+	status, cause := o.Status, o.Cause
 	// A duplicate outcome means an earlier delivery stored it already and
 	// lost its ack. The dead letter is still published (it deduplicates on
 	// the same id): skipping it could lose the dead letter of a delivery
@@ -541,6 +545,39 @@ func (w *Worker) store(j *job) {
 		return
 	}
 	w.acked(j)
+}
+
+// adoptStored makes the outcome an earlier delivery stored this
+// command's decision, when this delivery's publish was dropped as its
+// duplicate. That delivery died between its outcome and its dead letter
+// or decision record, and this one may have decided otherwise: after a
+// DLF.6205 that the first call's answer had already reported as failed,
+// for one. The dead letter and the decision record must follow the
+// outcome the audit consumers saw, not the one that was dropped.
+//
+// An outcome that cannot be read, or that is another command's with the
+// same id (an id reused within the duplicate window), leaves this
+// delivery's decision as it is.
+func (w *Worker) adoptStored(ctx context.Context, j *job, ack *jetstream.PubAck) {
+	o := &j.out
+	stored, err := w.pub.storedOutcome(ctx, ack.Stream, ack.Sequence, o.CommandID)
+	if err != nil {
+		j.log.Warn("outcome already stored by an earlier delivery and unreadable; keeping this delivery's decision",
+			zap.Error(err))
+		return
+	}
+	if stored.ProjectID != o.ProjectID || stored.Workspace != o.Workspace ||
+		stored.ScriptName != o.ScriptName || stored.InstanceID != o.InstanceID {
+		j.log.Warn("an outcome with this command id was stored for another instance; keeping this delivery's decision")
+		return
+	}
+	if stored.Status != o.Status || stored.Cause != o.Cause {
+		j.log.Warn("an earlier delivery already stored another outcome; following it",
+			zap.String("stored_status", stored.Status), zap.String("stored_cause", stored.Cause),
+			zap.String("dropped_status", o.Status), zap.String("dropped_cause", o.Cause))
+	}
+	*o = *stored
+	j.attempts = o.Attempts
 }
 
 // acked acks a command whose outcome (and decision record) is stored.

@@ -2,6 +2,7 @@ package consumer
 
 import (
 	"context"
+	"encoding/json"
 	"fmt"
 	"sort"
 	"testing"
@@ -312,6 +313,49 @@ func TestCallOfACrashedDeliveryCounts(t *testing.T) {
 		t.Fatalf("outcome = %+v", o)
 	}
 	e.noDeadLetters(t)
+}
+
+// An earlier delivery stored its outcome (failed, DLF.6205) and died
+// before its dead letter and its decision record. The redelivery decides
+// otherwise (here DLF stops the instance), and its outcome is dropped as a
+// duplicate: the dead letter and the state must follow the outcome that
+// was stored, not the dropped one.
+func TestDuplicateOutcomeFollowsTheStoredOne(t *testing.T) {
+	e := newEnv(t, nil)
+	e.emu.AddRunning(proj, "", "s1", "i-1")
+	stored := Outcome{CommandID: "dup", ProjectID: proj, ScriptName: "s1", InstanceID: "i-1",
+		Status: StatusFailed, Cause: CauseDLFError, HTTPStatus: 400, ErrorCode: "DLF.6205",
+		ErrorMsg: "The script running history does not exist.", Detail: "DLF refused the stop",
+		Attempts: 1, FinishedAt: FormatTime(time.Now()), WorkerID: "died"}
+	ob, err := json.Marshal(&stored)
+	if err != nil {
+		t.Fatal(err)
+	}
+	m := nats.NewMsg("dlf.stop.outcome.failed")
+	m.Data = ob
+	m.Header.Set(nats.MsgIdHdr, "dup")
+	if _, err := e.js.PublishMsg(context.Background(), m); err != nil {
+		t.Fatal(err)
+	}
+	e.startWorker(nil)
+	b := body(t, map[string]any{"command_id": "dup", "project_id": proj, "script_name": "s1", "instance_id": "i-1"})
+	seq := e.publish(b, nil)
+	e.stopStreamEmpty(t)
+	e.checkDead(t, stored, b, seq)
+	if o := e.single(t); o.Status != StatusFailed || o.WorkerID != "died" {
+		t.Errorf("outcome = %+v, want only the stored one", o)
+	}
+	rec, err := e.state(t).load(context.Background(),
+		instKey(command.Command{ProjectID: proj, ScriptName: "s1", InstanceID: "i-1"}.InstanceKey()))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if rec.doc.StoppedBy != "" {
+		t.Errorf("state says the instance was stopped by %q; the stored outcome says failed", rec.doc.StoppedBy)
+	}
+	if c := rec.doc.Cmds["dup"]; c == nil || c.Phase != phaseDecided || c.Status != StatusFailed {
+		t.Errorf("decision record = %+v, want decided failed", c)
+	}
 }
 
 // Without such a record a DLF.6205 still fails and is dead-lettered.
