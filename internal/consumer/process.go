@@ -145,8 +145,7 @@ func (w *Worker) process(j *job, recs []*stateRecord, lerr error) {
 		return
 	}
 	if !cmd.Deadline.IsZero() && !w.now().Before(cmd.Deadline) {
-		w.finish(j, StatusExpired, CauseDeadlinePassed,
-			fmt.Sprintf("deadline %s passed before the first call", cmd.Deadline.Format(time.RFC3339Nano)))
+		w.finish(j, StatusExpired, CauseDeadlinePassed, expiredBeforeCall(j))
 		return
 	}
 
@@ -177,13 +176,10 @@ func (w *Worker) process(j *job, recs []*stateRecord, lerr error) {
 			w.giveBack(j, 0, "shutdown")
 			return
 		case callExpired:
-			dl := cmd.Deadline.Format(time.RFC3339Nano)
-			detail := fmt.Sprintf("deadline %s passed before the first call", dl)
-			switch {
-			case called:
-				detail = fmt.Sprintf("deadline %s passed before the next attempt; last: %s", dl, describe(last))
-			case j.attempts > 0:
-				detail = fmt.Sprintf("deadline %s passed before the next attempt (after %d in earlier deliveries)", dl, j.attempts)
+			detail := expiredBeforeCall(j)
+			if called {
+				detail = fmt.Sprintf("deadline %s passed before the next attempt; last: %s",
+					cmd.Deadline.Format(time.RFC3339Nano), describe(last))
 			}
 			w.finish(j, StatusExpired, CauseDeadlinePassed, detail)
 			return
@@ -405,6 +401,19 @@ func (w *Worker) attempt(req dlf.StopRequest, probe bool) (v dlf.Verdict, elapse
 	return v, elapsed, err
 }
 
+// expiredBeforeCall is the detail of a command whose deadline passed
+// before this delivery made a call; earlier deliveries may have made some,
+// and their last answer is on the job (see recall).
+func expiredBeforeCall(j *job) string {
+	dl := j.cmd.Deadline.Format(time.RFC3339Nano)
+	if j.attempts == 0 {
+		return fmt.Sprintf("deadline %s passed before the first call", dl)
+	}
+	last := dlf.Verdict{HTTPStatus: j.out.HTTPStatus, ErrorCode: j.out.ErrorCode, ErrorMsg: j.out.ErrorMsg}
+	return fmt.Sprintf("deadline %s passed before the next attempt (after %d in earlier deliveries); last: %s",
+		dl, j.attempts, describe(last))
+}
+
 // describe renders a verdict for the outcome's detail.
 func describe(v dlf.Verdict) string {
 	switch {
@@ -426,7 +435,9 @@ func describe(v dlf.Verdict) string {
 func (w *Worker) giveBack(j *job, delay time.Duration, reason string) {
 	if j.state != nil {
 		ctx, cancel := context.WithTimeout(context.WithoutCancel(w.hard), publishTimeout)
-		entry := cmdEntry{Phase: phaseAnswered, Attempts: j.attempts, Unanswered: j.unanswered, Delivery: j.meta.NumDelivered}
+		entry := cmdEntry{Phase: phaseAnswered, Attempts: j.attempts, Unanswered: j.unanswered, Delivery: j.meta.NumDelivered,
+			LastHTTPStatus: j.out.HTTPStatus, LastErrorCode: j.out.ErrorCode,
+			LastErrorMsg: truncateUTF8(j.out.ErrorMsg, maxStoredErrorMsg), LastRequestID: j.out.DLFRequestID}
 		if j.decided {
 			if b, err := json.Marshal(&j.out); err == nil {
 				entry.Phase, entry.Outcome, entry.OutcomeStored = phasePending, b, j.outcomeStored
@@ -712,6 +723,8 @@ func (w *Worker) recall(j *job, recs []*stateRecord, err error) bool {
 	n := j.meta.NumDelivered
 	if entry != nil {
 		j.attempts = entry.Attempts
+		j.out.HTTPStatus, j.out.ErrorCode = entry.LastHTTPStatus, entry.LastErrorCode
+		j.out.ErrorMsg, j.out.DLFRequestID = entry.LastErrorMsg, entry.LastRequestID
 		j.unanswered = entry.Unanswered || entry.Delivery+1 < n
 	} else if n > 1 {
 		j.unanswered = true

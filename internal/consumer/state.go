@@ -9,6 +9,7 @@ import (
 	"fmt"
 	"slices"
 	"time"
+	"unicode/utf8"
 
 	"github.com/nats-io/nats.go/jetstream"
 	"go.uber.org/zap"
@@ -64,6 +65,28 @@ type cmdEntry struct {
 	// At is when the entry was written, in Unix seconds (0: by a version
 	// that did not say), so that old entries can be dropped (prune).
 	At int64 `json:"t,omitempty"`
+	// The last DLF answer of an entry handed back, so that an outcome
+	// decided by a later delivery without a call of its own (its deadline
+	// passed meanwhile) still reports it (contract section 4).
+	LastHTTPStatus int    `json:"lh,omitempty"`
+	LastErrorCode  string `json:"le,omitempty"`
+	LastErrorMsg   string `json:"lm,omitempty"`
+	LastRequestID  string `json:"lr,omitempty"`
+}
+
+// maxStoredErrorMsg bounds the error message kept in a command entry: the
+// entries of one instance share one document.
+const maxStoredErrorMsg = 512
+
+// truncateUTF8 cuts s to at most n bytes without splitting a character.
+func truncateUTF8(s string, n int) string {
+	if len(s) <= n {
+		return s
+	}
+	for n > 0 && !utf8.RuneStart(s[n]) {
+		n--
+	}
+	return s[:n]
 }
 
 type stateDoc struct {

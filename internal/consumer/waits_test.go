@@ -52,6 +52,38 @@ func TestCircuitOpenAtGiveUpStillMakesTheLastAttempt(t *testing.T) {
 	}
 }
 
+// A command handed back after a failed call, whose deadline passes before
+// its next delivery: that delivery makes no call, and its outcome still
+// reports the last answer DLF gave (contract section 4: http_status is the
+// last attempt's), not "no call was made".
+func TestExpiredAfterRedeliveryKeepsLastAnswer(t *testing.T) {
+	e := newEnv(t, func(c *Config) {
+		c.RetryInitial, c.RetryMax, c.ShortWaitMax = time.Second, time.Second, 100*time.Millisecond
+	})
+	e.emu.AddRunning(proj, "", "s1", "i-1")
+	e.emu.SetFaultsFor(proj, "s1", "i-1", emulator.Faults{ErrorRate: 1, ErrorStatus: 503})
+	r := e.startWorker(nil)
+	e.publish(body(t, map[string]any{"command_id": "late", "project_id": proj, "script_name": "s1", "instance_id": "i-1",
+		"deadline": time.Now().Add(time.Hour).Format(time.RFC3339Nano)}), nil)
+	testutil.Eventually(t, 10*time.Second, func() error {
+		if n := testutilCount(r.w.m.returned.WithLabelValues("backoff")); n < 1 {
+			return fmt.Errorf("not handed back yet")
+		}
+		return nil
+	})
+	r.stop(t)
+	e.startWorker(nil, WithClock(func() time.Time { return time.Now().Add(2 * time.Hour) }))
+	o := e.single(t)
+	if o.Status != StatusExpired || o.Cause != CauseDeadlinePassed || o.Attempts != 1 ||
+		o.HTTPStatus != 503 || o.ErrorCode != "EMU.503" || o.ErrorMsg == "" ||
+		!strings.Contains(o.Detail, "after 1 in earlier deliveries") || !strings.Contains(o.Detail, "HTTP 503") {
+		t.Fatalf("outcome = %+v; want expired with the first delivery's 503", o)
+	}
+	if calls := e.emu.StopCallsFor(proj, "s1", "i-1"); calls != 1 {
+		t.Errorf("DLF saw %d calls, want 1", calls)
+	}
+}
+
 // A 429 pauses every call of the worker; a command whose deadline passes
 // during the pause is expired, never sent.
 func TestDeadlinePassingInA429PauseIsNotSent(t *testing.T) {
