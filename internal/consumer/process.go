@@ -534,8 +534,9 @@ func (w *Worker) store(j *job) {
 		}
 		now := time.Now().Unix() // the real clock: this only ages entries out
 		w.state.saveAsync(w.hard, j.state, func(d *stateDoc) {
+			d.forgetOldStop(now, w.cfg.StateTTL) // a re-read document may hold one again
 			if status == StatusStopped && j.valid && d.StoppedBy == "" {
-				d.StoppedBy, d.StoppedAt = j.sid, o.FinishedAt
+				d.StoppedBy, d.StoppedAt, d.StoppedT = j.sid, o.FinishedAt, now
 				delete(d.Cmds, j.sid)
 				d.prune(now, w.cfg.StateTTL, "")
 				return
@@ -679,6 +680,7 @@ func (w *Worker) recall(j *job, recs []*stateRecord, err error) bool {
 	}
 	rec := recs[0]
 	d := &rec.doc
+	d.forgetOldStop(time.Now().Unix(), w.cfg.StateTTL) // the real clock, as it was written
 	entry := d.Cmds[j.sid]
 	// The id index answers for the same id published again for another
 	// instance, however late (contract section 6).

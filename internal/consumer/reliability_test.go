@@ -358,6 +358,28 @@ func TestDuplicateOutcomeFollowsTheStoredOne(t *testing.T) {
 	}
 }
 
+// A stop recorded longer ago than STATE_TTL is forgotten, as the contract
+// says, even when its document lived on (other commands wrote to it): a
+// new command for the instance is sent to DLF.
+func TestStopOlderThanStateTTLIsForgotten(t *testing.T) {
+	e := newEnv(t, func(c *Config) { c.StateTTL = time.Hour })
+	e.emu.AddRunning(proj, "", "s1", "i-1")
+	st := e.state(t)
+	key := instKey(command.Command{ProjectID: proj, ScriptName: "s1", InstanceID: "i-1"}.InstanceKey())
+	doc := fmt.Sprintf(`{"stopped_by":"first","stopped_at":"then","st":%d}`, time.Now().Add(-2*time.Hour).Unix())
+	if _, err := st.kv.Put(context.Background(), key, []byte(doc)); err != nil {
+		t.Fatal(err)
+	}
+	e.startWorker(nil)
+	e.publish(body(t, map[string]any{"command_id": "second", "project_id": proj, "script_name": "s1", "instance_id": "i-1"}), nil)
+	if o := e.single(t); o.Status != StatusStopped || o.Cause != CauseOK {
+		t.Fatalf("outcome = %+v; want a call that stopped it", o)
+	}
+	if calls := e.emu.StopCallsFor(proj, "s1", "i-1"); calls != 1 {
+		t.Errorf("DLF saw %d calls, want 1", calls)
+	}
+}
+
 // Without such a record a DLF.6205 still fails and is dead-lettered.
 func TestDLF6205WithoutRecordFails(t *testing.T) {
 	e := newEnv(t, nil)

@@ -90,9 +90,14 @@ func truncateUTF8(s string, n int) string {
 }
 
 type stateDoc struct {
-	StoppedBy string               `json:"stopped_by,omitempty"`
-	StoppedAt string               `json:"stopped_at,omitempty"`
-	Cmds      map[string]*cmdEntry `json:"cmds,omitempty"`
+	StoppedBy string `json:"stopped_by,omitempty"`
+	StoppedAt string `json:"stopped_at,omitempty"`
+	// StoppedT is when the stop was recorded, in Unix seconds by the real
+	// clock (0: by a version that did not say), so that the stop is
+	// forgotten after STATE_TTL like a command entry: a document written
+	// on for other commands would otherwise keep it for ever.
+	StoppedT int64                `json:"st,omitempty"`
+	Cmds     map[string]*cmdEntry `json:"cmds,omitempty"`
 }
 
 // maxCmdEntries bounds the command entries of one instance's document.
@@ -108,6 +113,7 @@ const maxCmdEntries = 256
 // except, being written, stays. A dropped decided entry is still known to
 // the id index, which every valid command gets, until that key's own TTL.
 func (d *stateDoc) prune(now int64, keep time.Duration, except string) {
+	d.forgetOldStop(now, keep)
 	limit := int64(keep / time.Second)
 	for id, e := range d.Cmds {
 		if id != except && e.At != 0 && now-e.At > limit {
@@ -129,6 +135,15 @@ func (d *stateDoc) prune(now int64, keep time.Duration, except string) {
 			break
 		}
 		delete(d.Cmds, id)
+	}
+}
+
+// forgetOldStop drops a stop recorded more than keep (STATE_TTL) before
+// now (Unix seconds): the contract has the bucket remember a stopped
+// instance that long, and no longer.
+func (d *stateDoc) forgetOldStop(now int64, keep time.Duration) {
+	if d.StoppedT != 0 && now-d.StoppedT > int64(keep/time.Second) {
+		d.StoppedBy, d.StoppedAt, d.StoppedT = "", "", 0
 	}
 }
 

@@ -86,3 +86,23 @@ func TestProgressDoesNotUndoADecision(t *testing.T) {
 		t.Errorf("n = %+v", e)
 	}
 }
+
+// A stop is remembered for STATE_TTL, however often the document is
+// written for other commands since.
+func TestPruneForgetsAnOldStop(t *testing.T) {
+	const now = 1_800_000_000
+	old := stateDoc{StoppedBy: "first", StoppedAt: "then", StoppedT: now - 3601}
+	old.setCmd("later", cmdEntry{Phase: phaseDecided, At: now}, time.Hour)
+	if old.StoppedBy != "" || old.StoppedAt != "" || old.StoppedT != 0 {
+		t.Errorf("stop recorded 3601 s ago kept with a TTL of 1 h: %+v", old)
+	}
+	for _, d := range []stateDoc{
+		{StoppedBy: "first", StoppedT: now - 3599},
+		{StoppedBy: "first"}, // written before stops had a time
+	} {
+		d.setCmd("later", cmdEntry{Phase: phaseDecided, At: now}, time.Hour)
+		if d.StoppedBy != "first" {
+			t.Errorf("stop dropped before its TTL: %+v", d)
+		}
+	}
+}
