@@ -73,7 +73,17 @@ func Run(ctx context.Context, cfg config.Config, log *zap.Logger, hooks Hooks) e
 	// 503 naming the step. It is shut down last, after the worker stopped
 	// and NATS drained (deferred before everything that follows).
 	reg := prometheus.NewRegistry()
-	reg.MustRegister(collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))
+	// The runtime's own metrics, under the contract's prefix too (every
+	// metric name starts dlf_stop_): dlf_stop_go_goroutines,
+	// dlf_stop_process_resident_memory_bytes and the like.
+	runtimeReg := prometheus.WrapRegistererWithPrefix("dlf_stop_", reg)
+	for _, c := range []prometheus.Collector{
+		collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}),
+	} {
+		if err := runtimeReg.Register(c); err != nil {
+			return fmt.Errorf("metrics: %w", err)
+		}
+	}
 	metrics, err := consumer.NewMetrics(reg)
 	if err != nil {
 		return fmt.Errorf("metrics: %w", err)

@@ -46,6 +46,7 @@ func TestOpsAnswerWhileConnecting(t *testing.T) {
 	expect(t, base+"/healthz", http.StatusOK, "ok")
 	expect(t, base+"/readyz", http.StatusServiceUnavailable, "not ready: starting: "+StepConnecting)
 	expect(t, base+"/metrics", http.StatusOK, "dlf_stop_dlf_calls_in_flight 0")
+	metricNamesArePrefixed(t, base+"/metrics")
 	r.stillConnecting(t, "connecting to NATS")
 
 	err := r.cancelAndWait(t)
@@ -338,6 +339,34 @@ func expect(t *testing.T, url string, code int, body string) {
 	}
 	if gotCode != code || !strings.Contains(gotBody, body) {
 		t.Errorf("GET %s = %d %q, want %d with %q", url, gotCode, gotBody, code, body)
+	}
+}
+
+// metricNamesArePrefixed asserts that every metric served starts with
+// dlf_stop_ (contract section 7), the runtime's own included.
+func metricNamesArePrefixed(t *testing.T, url string) {
+	t.Helper()
+	_, body, err := get(url)
+	if err != nil {
+		t.Fatalf("GET %s: %v", url, err)
+	}
+	names := 0
+	for _, line := range strings.Split(body, "\n") {
+		if line == "" || strings.HasPrefix(line, "#") {
+			continue
+		}
+		names++
+		if !strings.HasPrefix(line, "dlf_stop_") {
+			t.Errorf("metric without the dlf_stop_ prefix: %s", line)
+		}
+	}
+	for _, want := range []string{"dlf_stop_go_goroutines ", "dlf_stop_process_resident_memory_bytes "} {
+		if !strings.Contains(body, "\n"+want) {
+			t.Errorf("%s missing from /metrics", want)
+		}
+	}
+	if names == 0 {
+		t.Error("/metrics served no metric")
 	}
 }
 
