@@ -251,6 +251,13 @@ func TestFromEnvDerived(t *testing.T) {
 			}
 		}
 	})
+	t.Run("path prefix", func(t *testing.T) {
+		for _, ep := range []string{"https://gw.example.com/dlf", "https://gw.example.com/a_b-c~d.e/v1/", "https://gw.example.com/"} {
+			if _, err := FromEnv(lookupMap(env("DLF_REGION", "<unset>", "DLF_ENDPOINT", ep))); err != nil {
+				t.Errorf("%s: %v", ep, err)
+			}
+		}
+	})
 	t.Run("no credentials is allowed", func(t *testing.T) {
 		c, err := FromEnv(lookupMap(env("DLF_ENDPOINT", "https://dlf.example.com")))
 		if err != nil {

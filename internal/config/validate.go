@@ -302,8 +302,14 @@ func (p *problems) endpoint(s string) {
 	if scheme == "http" && !isLoopback(u.Hostname()) {
 		p.add(name, "plain http is allowed only for loopback hosts (127.0.0.0/8, ::1, localhost), got %q; use https", shown)
 	}
-	// A path the gateway normalises is not the path that was signed.
+	// A path the gateway normalises is not the path that was signed, and
+	// one that needs escaping is signed escaped (the DLF client refuses
+	// both; said here, the error names the variable).
 	if prefix := strings.TrimRight(u.Path, "/"); prefix != "" {
+		if u.RawPath != "" || strings.TrimLeft(prefix, pathChars) != "" {
+			p.add(name, "path may hold only A-Z a-z 0-9 _ - ~ . and '/', got %q", shown)
+			return
+		}
 		for _, seg := range strings.Split(prefix[1:], "/") {
 			if seg == "" || seg == "." || seg == ".." {
 				p.add(name, "path must not have empty, '.' or '..' segments, got %q", shown)
@@ -312,6 +318,10 @@ func (p *problems) endpoint(s string) {
 		}
 	}
 }
+
+// pathChars are the characters an endpoint's path prefix may hold: the
+// ones signing leaves as they are.
+const pathChars = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789_-~./"
 
 func isLoopback(host string) bool {
 	if strings.EqualFold(host, "localhost") {
