@@ -477,6 +477,12 @@ func (w *Worker) finish(j *job, status, cause, detail string) {
 
 func (w *Worker) finishAt(j *job, now time.Time, status, cause, detail string) {
 	o := &j.out
+	if status == StatusStopped && detail != "" {
+		// The contract gives detail to every status but stopped; why an
+		// instance counts as already stopped goes to the log instead.
+		j.log.Info("instance counts as already stopped", zap.String("why", detail))
+		detail = ""
+	}
 	o.Status, o.Cause, o.Detail = status, cause, detail
 	o.Attempts = j.attempts
 	o.FinishedAt = FormatTime(now)

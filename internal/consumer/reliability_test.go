@@ -255,6 +255,9 @@ func TestLostResponseIsAlreadyStopped(t *testing.T) {
 	if o.Status != StatusStopped || o.Cause != CauseAlreadyStopped || o.Attempts < 2 || o.HTTPStatus != 400 || o.ErrorCode != "DLF.6205" {
 		t.Fatalf("outcome = %+v", o)
 	}
+	if o.Detail != "" {
+		t.Errorf("stopped outcome with detail %q; the contract gives detail to every status but stopped", o.Detail)
+	}
 	if !e.emu.Stopped(proj, "s1", "i-1") {
 		t.Error("instance not stopped")
 	}
@@ -405,7 +408,7 @@ func TestInstanceStoppedByAnotherCommand(t *testing.T) {
 	outs := e.out.wait(t, 2, 10*time.Second)
 	_ = outs
 	got := byID(t, e.out.outcomes(t))
-	if o := got["second"]; o.Status != StatusStopped || o.Cause != CauseAlreadyStopped || o.Attempts != 0 || o.HTTPStatus != 0 {
+	if o := got["second"]; o.Status != StatusStopped || o.Cause != CauseAlreadyStopped || o.Attempts != 0 || o.HTTPStatus != 0 || o.Detail != "" {
 		t.Fatalf("second outcome = %+v", o)
 	}
 	if n := e.emu.StopCalls(); n != 1 {
