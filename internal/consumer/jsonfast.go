@@ -50,6 +50,23 @@ func decidedIndexDoc(id string, e cmdEntry) []byte {
 	return append(b, "}}}"...)
 }
 
+// sentMarkDoc is the JSON of the "sent" mark markSent writes:
+// stateDoc{Cmds: {id: {Phase: sent, Delivery: n, Seq: seq}}}.
+func sentMarkDoc(id string, n, seq uint64) []byte {
+	if n == 0 || seq == 0 { // left out as empty: not worth a case by hand
+		b, _ := json.Marshal(&stateDoc{Cmds: map[string]*cmdEntry{id: {Phase: phaseSent, Delivery: n, Seq: seq}}})
+		return b
+	}
+	b := make([]byte, 0, 64+len(id))
+	b = append(b, `{"cmds":{`...)
+	b = appendJSONString(b, id)
+	b = append(b, `:{"p":"sent","a":0,"d":`...)
+	b = strconv.AppendUint(b, n, 10)
+	b = append(b, `,"q":`...)
+	b = strconv.AppendUint(b, seq, 10)
+	return append(b, "}}}"...)
+}
+
 // multiLastRequest is the JSON of a batched direct get of subjects.
 func multiLastRequest(subjects []string) []byte {
 	n := 32

@@ -27,6 +27,16 @@ func TestHandWrittenJSONMatchesEncodingJSON(t *testing.T) {
 				t.Errorf("index doc of %q %+v:\n got %s\nwant %s", id, e, got, want)
 			}
 		}
+		for _, nq := range [][2]uint64{{1, 1}, {7, 1 << 40}, {0, 0}} {
+			e := cmdEntry{Phase: phaseSent, Delivery: nq[0], Seq: nq[1]}
+			want, err := json.Marshal(&stateDoc{Cmds: map[string]*cmdEntry{id: &e}})
+			if err != nil {
+				t.Fatal(err)
+			}
+			if got := sentMarkDoc(id, nq[0], nq[1]); string(got) != string(want) {
+				t.Errorf("sent mark of %q %+v:\n got %s\nwant %s", id, e, got, want)
+			}
+		}
 	}
 
 	subjects := []string{"$KV.dlf_stop_state.inst.p.ws._.i-1", "$KV.dlf_stop_state.cmd.YzE", `$KV.b."odd\`}

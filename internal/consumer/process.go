@@ -39,6 +39,7 @@ type job struct {
 	// (this delivery, or an earlier one per the state bucket), so a later
 	// DLF.6205 means the stop happened.
 	unanswered bool
+	marked     bool // this delivery's "sent" mark is stored (see markSent)
 	decided    bool // j.out holds a decision not yet stored
 	// outcomeStored: j.out is in the outcome stream (only the dead
 	// letter or the decision record is missing), by this delivery or an
@@ -175,6 +176,10 @@ func (w *Worker) process(j *job, recs []*stateRecord, lerr error) {
 		case callStopped:
 			w.giveBack(j, 0, "shutdown")
 			return
+		case callUnmarked:
+			w.checkState()
+			w.giveBack(j, w.cfg.RetryInitial, "state_unavailable")
+			return
 		case callExpired:
 			detail := expiredBeforeCall(j)
 			if called {
@@ -264,6 +269,7 @@ const (
 	callMade    callResult = iota
 	callStopped            // shutdown came first: no call was made
 	callExpired            // the command's deadline passed before it could be sent: no call was made
+	callUnmarked           // the "sent" mark could not be stored, so no call was made
 )
 
 // call makes one DLF attempt and records what the answer says on the job.
@@ -319,6 +325,21 @@ func (w *Worker) call(j *job, req dlf.StopRequest, lastAt time.Time) (v dlf.Verd
 		}
 		if err := w.thr.waitPause(ctx, lastAt); err != nil {
 			return notSent(probe)
+		}
+		if w.state != nil && !j.marked {
+			// Marked once the circuit and a pause let the call go, so
+			// that a delivery that dies while they hold it leaves no
+			// mark; and before the slot, which the round trip would
+			// otherwise keep from a call that is ready.
+			if err := w.state.markSent(ctx, j.sid, j.meta.NumDelivered, j.meta.Sequence.Stream); err != nil {
+				if ctx.Err() != nil {
+					return notSent(probe)
+				}
+				w.circ.release(probe, v, true)
+				j.log.Warn("could not record the call before making it; returning the command", zap.Error(err))
+				return v, callUnmarked
+			}
+			j.marked = true
 		}
 		select {
 		case w.slots <- struct{}{}:
@@ -447,8 +468,9 @@ func (w *Worker) giveBack(j *job, delay time.Duration, reason string) {
 		err := w.state.save(ctx, j.state, func(d *stateDoc) { d.setProgress(j.sid, entry, w.cfg.StateTTL) })
 		cancel()
 		if err != nil {
-			// The next delivery then finds no entry from this one and
-			// assumes a call may have gone unanswered: the safe side.
+			// The next delivery then finds this one's "sent" mark newer
+			// than any entry, if it called, and counts the call as
+			// unanswered: the safe side.
 			j.log.Warn("could not record progress in the state bucket", zap.Error(err))
 		}
 	}
@@ -631,11 +653,9 @@ func (w *Worker) publishFailed(j *job, kind string, err error) {
 }
 
 // readAgain retries a failed state lookup while the command stays held,
-// for at most SHORT_WAIT_MAX of waits. Returning the command at once would
-// cost more than a redelivery: the next delivery would find no trace of
-// this one, and a higher delivery count with no trace reads as "a call may
-// have gone unanswered" (see recall), so a stream leader change of a few
-// seconds would turn genuine DLF.6205 answers into already_stopped.
+// for at most SHORT_WAIT_MAX of waits: a stream leader change of a few
+// seconds should not cost a redelivery, with its ack wait's delay when the
+// nak is lost in the same change.
 //
 // It holds the command only while less than half the ack wait has passed
 // since the delivery came. The in-progress heartbeats that keep a held
@@ -690,9 +710,11 @@ func (w *Worker) recall(j *job, recs []*stateRecord, err error) bool {
 	entry := d.Cmds[j.sid]
 	// The id index answers for the same id published again for another
 	// instance, however late (contract section 6).
-	var indexed *cmdEntry
+	var indexed, mark *cmdEntry
 	if len(recs) > 1 {
-		indexed = recs[1].doc.Cmds[j.sid]
+		if indexed = recs[1].doc.Cmds[j.sid]; indexed != nil && indexed.Phase == phaseSent {
+			mark, indexed = indexed, nil
+		}
 	}
 	here := d.StoppedBy == j.sid || (entry != nil && entry.Phase == phaseDecided)
 	if here || (indexed != nil && indexed.Phase == phaseDecided) {
@@ -725,16 +747,19 @@ func (w *Worker) recall(j *job, recs []*stateRecord, err error) bool {
 		}
 	}
 	// Progress of earlier deliveries. A delivery that handed the command
-	// back wrote an entry; one that left none (or an older one) died or
-	// lost its lease mid-way and may have sent a call whose answer nobody
-	// saw. The delivery count is the cheap fact that says so.
-	n := j.meta.NumDelivered
+	// back wrote an entry; one whose "sent" mark is newer than that entry
+	// died or lost its lease with a call perhaps on the wire, and nobody
+	// saw the answer. (A mark of another message with the same id is not
+	// this command's progress.)
+	var recorded uint64
 	if entry != nil {
 		j.attempts = entry.Attempts
 		j.out.HTTPStatus, j.out.ErrorCode = entry.LastHTTPStatus, entry.LastErrorCode
 		j.out.ErrorMsg, j.out.DLFRequestID = entry.LastErrorMsg, entry.LastRequestID
-		j.unanswered = entry.Unanswered || entry.Delivery+1 < n
-	} else if n > 1 {
+		j.unanswered = entry.Unanswered
+		recorded = entry.Delivery
+	}
+	if mark != nil && mark.Seq == j.meta.Sequence.Stream && mark.Delivery > recorded && mark.Delivery != j.meta.NumDelivered {
 		j.unanswered = true
 	}
 	if j.valid && d.StoppedBy != "" {

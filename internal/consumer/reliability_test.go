@@ -292,13 +292,45 @@ func TestRecordedUnansweredCallCounts(t *testing.T) {
 	e.noDeadLetters(t)
 }
 
-// A delivery that died without a word (here: fetched and never acked)
-// may have sent a call; the redelivery's DLF.6205 is taken as its stop.
+// A delivery that sent its call and then died without a word (its NATS
+// connection gone before the answer came) left its "sent" mark: the
+// redelivery's DLF.6205 is taken as that call's stop.
 func TestCallOfACrashedDeliveryCounts(t *testing.T) {
 	e := newEnv(t, func(c *Config) { c.AckWait = time.Second })
 	e.emu.AddRunning(proj, "", "s1", "i-1")
-	e.emu.SetStatus(proj, "s1", "i-1", "FINISHED")
+	e.emu.SetFaultsFor(proj, "s1", "i-1", emulator.Faults{Latency: 300 * time.Millisecond})
+	crashing := e.startWorker(nil)
 	e.publish(body(t, map[string]any{"command_id": "crashed", "project_id": proj, "script_name": "s1", "instance_id": "i-1"}), nil)
+	testutil.Eventually(t, 10*time.Second, func() error {
+		if e.emu.StopCallsFor(proj, "s1", "i-1") == 0 {
+			return fmt.Errorf("no call yet")
+		}
+		return nil
+	})
+	crashing.nc.Close() // dies with the call on the wire: no answer, no record
+	testutil.Eventually(t, 10*time.Second, func() error {
+		if !e.emu.Stopped(proj, "s1", "i-1") {
+			return fmt.Errorf("the first call has not stopped the instance yet")
+		}
+		return nil
+	})
+	e.emu.ClearFaultsFor(proj, "s1", "i-1")
+	e.startWorker(nil)
+	o := e.single(t)
+	if o.Status != StatusStopped || o.Cause != CauseAlreadyStopped || o.ErrorCode != "DLF.6205" {
+		t.Fatalf("outcome = %+v", o)
+	}
+	e.noDeadLetters(t)
+}
+
+// A delivery that died before it called (here: fetched and never acked)
+// left no mark, so the redelivery's DLF.6205 is what it says: the
+// instance does not exist, and the command fails and is dead-lettered
+// (contract section 6: already_stopped only after a call that was sent).
+func TestDeliveryThatNeverCalledCountsForNothing(t *testing.T) {
+	e := newEnv(t, func(c *Config) { c.AckWait = time.Second })
+	b := body(t, map[string]any{"command_id": "typo", "project_id": proj, "script_name": "s1", "instance_id": "i-404"})
+	seq := e.publish(b, nil)
 	cons, err := e.js.Consumer(context.Background(), "DLF_STOP", "dlf-stop-worker")
 	if err != nil {
 		t.Fatal(err)
@@ -312,10 +344,10 @@ func TestCallOfACrashedDeliveryCounts(t *testing.T) {
 	}
 	e.startWorker(nil)
 	o := e.single(t)
-	if o.Status != StatusStopped || o.Cause != CauseAlreadyStopped {
-		t.Fatalf("outcome = %+v", o)
+	if o.Status != StatusFailed || o.Cause != CauseDLFError || o.ErrorCode != "DLF.6205" {
+		t.Fatalf("outcome = %+v; want failed: no call was ever sent before this one", o)
 	}
-	e.noDeadLetters(t)
+	e.checkDead(t, o, b, seq)
 }
 
 // An earlier delivery stored its outcome (failed, DLF.6205) and died

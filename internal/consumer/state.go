@@ -35,18 +35,26 @@ import (
 // makes a decided id final whatever instance a later command with that id
 // names.
 //
+// Before its first call a delivery marks the id's key "sent" (delivery n,
+// stream sequence, instance key), and makes sure the server has the mark
+// before the request leaves (markSent). A later delivery that finds a mark
+// newer than the last progress recorded knows that a delivery died or lost
+// its lease with a call perhaps on the wire, so a DLF.6205 means that
+// call's stop (contract section 6); without a mark, a DLF.6205 fails as
+// usual. The delivery count alone cannot tell those apart: a delivery that
+// died before calling, or never reached the worker, counts as well.
+//
 // The common case, a first delivery that DLF answers 204, costs a share of
-// one batched read of both keys (statebatch.go), one compare-and-set write
-// after the outcome is stored, and the index write beside it. Nothing is
-// written before a call: a delivery that finds no trace of an earlier
-// delivery's progress knows from the delivery count that a call may have
-// gone unanswered (see recall).
+// one batched read of both keys (statebatch.go), the mark with one flush
+// round trip, one compare-and-set write after the outcome is stored, and
+// the index write beside it (which replaces the mark).
 
 // Phases of a command entry.
 const (
 	phaseAnswered = "answered" // handed back undecided; the fields say how far it got
 	phasePending  = "pending"  // decided, but the outcome could not be stored yet
 	phaseDecided  = "decided"  // outcome stored; the command is done
+	phaseSent     = "sent"     // id index only: delivery d is about to call DLF, or did
 )
 
 type cmdEntry struct {
@@ -72,6 +80,9 @@ type cmdEntry struct {
 	LastErrorCode  string `json:"le,omitempty"`
 	LastErrorMsg   string `json:"lm,omitempty"`
 	LastRequestID  string `json:"lr,omitempty"`
+	// Seq is the stream sequence of the message a "sent" mark is for: an
+	// id reused by another message must not count as its progress.
+	Seq uint64 `json:"q,omitempty"`
 }
 
 // maxStoredErrorMsg bounds the error message kept in a command entry: the
@@ -338,6 +349,18 @@ func (s *stateStore) markDecided(id string, e cmdEntry) {
 		return
 	}
 	s.writer.put(cmdKey(id), decidedIndexDoc(id, e))
+}
+
+// markSent records that delivery n of the command sid (stream sequence
+// seq) is about to call DLF, and returns once the server holds the record,
+// so that no call leaves without it (see the package comment above).
+func (s *stateStore) markSent(ctx context.Context, sid string, n, seq uint64) error {
+	doc := sentMarkDoc(sid, n, seq)
+	if s.writer == nil {
+		_, err := s.kv.Put(ctx, cmdKey(sid), doc)
+		return err
+	}
+	return s.writer.putSynced(ctx, cmdKey(sid), doc)
 }
 
 // put overwrites a command entry unconditionally; for tests that set up

@@ -1,6 +1,7 @@
 package consumer
 
 import (
+	"context"
 	"errors"
 	"fmt"
 	"strconv"
@@ -33,6 +34,11 @@ type stateWriter struct {
 	pending map[string]*pendingWrite // by reply token
 	stop    chan struct{}
 	done    sync.WaitGroup
+
+	// Flushes of putSynced, one round trip for every put waiting.
+	syncMu   sync.Mutex
+	syncers  []chan error
+	syncKick chan struct{}
 }
 
 type pendingWrite struct {
@@ -50,11 +56,12 @@ const writeSweep = time.Second
 
 func newStateWriter(nc *nats.Conn, bucket string) (*stateWriter, error) {
 	w := &stateWriter{
-		nc:      nc,
-		prefix:  "$KV." + bucket + ".",
-		inbox:   nc.NewRespInbox(),
-		pending: map[string]*pendingWrite{},
-		stop:    make(chan struct{}),
+		nc:       nc,
+		prefix:   "$KV." + bucket + ".",
+		inbox:    nc.NewRespInbox(),
+		pending:  map[string]*pendingWrite{},
+		stop:     make(chan struct{}),
+		syncKick: make(chan struct{}, 1),
 	}
 	sub, err := nc.Subscribe(w.inbox+".*", w.answer)
 	if err != nil {
@@ -64,8 +71,9 @@ func newStateWriter(nc *nats.Conn, bucket string) (*stateWriter, error) {
 	// must not be dropped as a slow consumer.
 	_ = sub.SetPendingLimits(-1, -1)
 	w.sub = sub
-	w.done.Add(1)
+	w.done.Add(2)
 	go w.sweep()
+	go w.syncLoop()
 	return w, nil
 }
 
@@ -110,6 +118,71 @@ func (w *stateWriter) write(key string, value []byte, rev uint64, timeout time.D
 // crashed server is not noticed.
 func (w *stateWriter) put(key string, value []byte) {
 	_ = w.nc.Publish(w.prefix+key, value)
+}
+
+// putSynced is put, returning once the server has read the put: a flush
+// round trip answers after everything this connection sent before it, and
+// a message the server has read is stored unless the server itself fails.
+// That is cheaper than a stored-ack, and enough for a mark that must not
+// be overtaken by the call it announces.
+//
+// Puts waiting at once share one round trip (syncLoop): under load the
+// answer to a flush queues behind everything else the server sends this
+// connection, and a round trip per command would cost each of them that
+// wait and the server a PING each.
+func (w *stateWriter) putSynced(ctx context.Context, key string, value []byte) error {
+	if err := w.nc.Publish(w.prefix+key, value); err != nil {
+		return fmt.Errorf("write state %s: %w", key, err)
+	}
+	done := make(chan error, 1)
+	w.syncMu.Lock()
+	w.syncers = append(w.syncers, done)
+	w.syncMu.Unlock()
+	select {
+	case w.syncKick <- struct{}{}:
+	default:
+	}
+	select {
+	case err := <-done:
+		if err != nil {
+			return fmt.Errorf("write state %s: %w", key, err)
+		}
+		return nil
+	case <-ctx.Done():
+		return fmt.Errorf("write state %s: %w", key, ctx.Err())
+	}
+}
+
+// syncLoop flushes for the puts that wait in putSynced. A put that joins
+// while a flush is on the wire waits for the next one: its bytes may have
+// left after that flush's PING.
+func (w *stateWriter) syncLoop() {
+	defer w.done.Done()
+	for {
+		select {
+		case <-w.stop:
+			w.syncMu.Lock()
+			left := w.syncers
+			w.syncers = nil
+			w.syncMu.Unlock()
+			for _, c := range left {
+				c <- errors.New("worker stopped before the flush")
+			}
+			return
+		case <-w.syncKick:
+		}
+		w.syncMu.Lock()
+		batch := w.syncers
+		w.syncers = nil
+		w.syncMu.Unlock()
+		if len(batch) == 0 {
+			continue
+		}
+		err := w.nc.FlushTimeout(publishTimeout)
+		for _, c := range batch {
+			c <- err
+		}
+	}
 }
 
 func (w *stateWriter) take(token string) *pendingWrite {

@@ -449,9 +449,9 @@ func (w *Worker) checkState() {
 // it up could contradict a decision that may already be stored.
 //
 // Nothing is recorded in the state bucket here: what the job says it did
-// may not be what happened before the panic. With no record, the next
-// delivery knows from the delivery count that a call may have gone
-// unanswered, which is the safe side (a DLF.6205 then means stopped).
+// may not be what happened before the panic. If a call was on its way,
+// the delivery's "sent" mark says so to the next one, which counts it as
+// unanswered: the safe side (a DLF.6205 then means stopped).
 func (w *Worker) recovered(msg jetstream.Msg, j *job, r any) {
 	w.logPanic(r)
 	w.afterPanic(msg, j)
