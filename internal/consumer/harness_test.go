@@ -37,6 +37,41 @@ type env struct {
 	out      *collector
 	dead     *collector
 	storeDir string
+	// pubs counts outcome events as published, duplicates included: the
+	// outcome stream drops a repeat within its two-minute window, so the
+	// stored events alone cannot show a worker that decided twice.
+	pubs *pubCounter
+}
+
+// pubCounter counts the messages a core subscription sees.
+type pubCounter struct {
+	mu sync.Mutex
+	n  int
+}
+
+func (c *pubCounter) count() int {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	return c.n
+}
+
+func countPubs(t testing.TB, nc *nats.Conn, subject string) *pubCounter {
+	t.Helper()
+	c := &pubCounter{}
+	sub, err := nc.Subscribe(subject, func(*nats.Msg) {
+		c.mu.Lock()
+		c.n++
+		c.mu.Unlock()
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	_ = sub.SetPendingLimits(-1, -1)
+	if err := nc.Flush(); err != nil { // the interest reaches the server before any worker publishes
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { _ = sub.Unsubscribe() })
+	return c
 }
 
 func newEnv(t testing.TB, mutate func(*Config)) *env {
@@ -77,6 +112,7 @@ func newEnvWith(t testing.TB, mutate func(*Config), emuOpts ...emulator.Option) 
 	c.setDefaults()
 	e.out = newCollector(t, e.js, c.OutcomeStream)
 	e.dead = newCollector(t, e.js, c.DeadStream)
+	e.pubs = countPubs(t, e.nc, c.OutcomePrefix+".*")
 	return e
 }
 

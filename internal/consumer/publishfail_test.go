@@ -50,6 +50,9 @@ func TestDeadLetterFailureKeepsTheCommand(t *testing.T) {
 	if n := e.out.len(); n != 1 {
 		t.Errorf("%d outcome events, want 1", n)
 	}
+	if n := e.pubs.count(); n != 1 {
+		t.Errorf("outcome published %d times, want once", n)
+	}
 }
 
 // An invalid command so large that its dead letter cannot carry the body
@@ -144,5 +147,8 @@ func TestBrokenDeadLetterStreamStoresTheOutcomeOnce(t *testing.T) {
 	e.stopStreamEmpty(t)
 	if n := e.out.len(); n != 1 {
 		t.Errorf("%d outcome events, want 1", n)
+	}
+	if n := e.pubs.count(); n != 1 {
+		t.Errorf("outcome published %d times, want once", n)
 	}
 }

@@ -211,6 +211,9 @@ func (e *env) ackedSilently(t *testing.T, r *running) {
 	if n := e.out.len(); n != 0 {
 		t.Errorf("%d outcomes, want 0", n)
 	}
+	if n := e.pubs.count(); n != 0 {
+		t.Errorf("%d outcome events published, want 0", n)
+	}
 }
 
 // repeatSkipped checks that the second command, a repeat of a decided
@@ -227,6 +230,9 @@ func (e *env) repeatSkipped(t *testing.T, r *running) {
 	testutil.Consistently(t, 300*time.Millisecond, func() error {
 		if n := e.out.len(); n != 1 {
 			return fmt.Errorf("%d outcomes, want 1", n)
+		}
+		if n := e.pubs.count(); n != 1 {
+			return fmt.Errorf("%d outcome events published, want 1 (the repeat was decided again)", n)
 		}
 		return nil
 	})
@@ -265,6 +271,9 @@ func TestLostResponseIsAlreadyStopped(t *testing.T) {
 	testutil.Consistently(t, 300*time.Millisecond, func() error {
 		if n := e.out.len(); n != 1 {
 			return fmt.Errorf("%d outcomes", n)
+		}
+		if n := e.pubs.count(); n != 1 {
+			return fmt.Errorf("%d outcome events published", n)
 		}
 		return nil
 	})
