@@ -27,6 +27,7 @@ type dlffRig struct {
 	httpAddr string
 	client   *http.Client
 	guard    *secretsGuard
+	pubs     *publishCount
 }
 
 // startDLFFaultRig starts JetStream, creates the streams and the consumer
@@ -42,6 +43,7 @@ func startDLFFaultRig(ctx context.Context, t *testing.T, emu *emulator.Emulator,
 	r := &dlffRig{t: t, ctx: ctx, js: js, emu: emu, httpAddr: freeAddr(t),
 		client: &http.Client{Timeout: 2 * time.Second}, guard: guard}
 	t.Cleanup(r.client.CloseIdleConnections)
+	r.pubs = countPublished(t, js.Conn(), "dlf.stop.outcome.*")
 	r.w = spawnWorker(t, guard.workerEnv(map[string]string{
 		"NATS_URL":                   srv.ClientURL(),
 		"DLF_ENDPOINT":               emuURL,
@@ -99,6 +101,7 @@ func (r *dlffRig) awaitOutcomes(outcomes *outcomeWatch, want int, within time.Du
 // dlffTally is what the streams say once the work queue is empty.
 type dlffTally struct {
 	lost, duplicates, dead int
+	republished            int // outcome publishes beyond one per command
 	unacked                uint64
 	status                 map[string]int
 	lostIDs, notStopped    []string
@@ -116,6 +119,7 @@ func (r *dlffRig) tally(outcomes *outcomeWatch, dead *deadWatch, ids []string) d
 	s := outcomes.snapshot()
 	tl.status = s.status
 	tl.duplicates = s.total - len(s.byID)
+	tl.republished = r.pubs.republished()
 	tl.lostIDs = s.missing(ids)
 	tl.lost = len(tl.lostIDs)
 	for id, sts := range s.byID {
@@ -144,6 +148,11 @@ func (tl dlffTally) check(t *testing.T, commands int) {
 	}
 	if tl.duplicates != 0 {
 		t.Errorf("%d outcome events beyond one per command", tl.duplicates)
+	}
+	// NATS works throughout, so no stored-ack is lost and nothing excuses
+	// a second publish, which the outcome stream would quietly drop.
+	if tl.republished != 0 {
+		t.Errorf("%d outcome publishes beyond one per command", tl.republished)
 	}
 	if tl.unacked != 0 {
 		t.Errorf("%d commands still in DLF_STOP after every command had an outcome", tl.unacked)

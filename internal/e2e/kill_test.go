@@ -197,9 +197,10 @@ loop:
 	}
 
 	republished := outcomePubs.republished()
-	t.Logf("kills=%d commands=%d outcomes=%d lost=%d duplicates=%d republished=%d stopped=%d failed=%d rejected=%d expired=%d "+
+	redecided, redecidedEx := outcomePubs.decidedAgain()
+	t.Logf("kills=%d commands=%d outcomes=%d lost=%d duplicates=%d republished=%d redecided=%d stopped=%d failed=%d rejected=%d expired=%d "+
 		"dead_letters=%d dlf_calls=%d extra_calls=%d unacked=%d crashes=%d elapsed=%s",
-		kills, commands, len(s.byID), lost, duplicates, republished, s.status[consumer.StatusStopped], s.status[consumer.StatusFailed],
+		kills, commands, len(s.byID), lost, duplicates, republished, redecided, s.status[consumer.StatusStopped], s.status[consumer.StatusFailed],
 		s.status[consumer.StatusRejected], s.status[consumer.StatusExpired],
 		d.total, calls, calls-commands, unacked, crashed, elapsed.Round(time.Millisecond))
 	if len(multi) > 0 {
@@ -218,6 +219,14 @@ loop:
 	}
 	if duplicates != 0 {
 		t.Errorf("%d outcome events beyond one per command, e.g. %s", duplicates, sample(dupIDs))
+	}
+	// A kill can catch at most every command the worker held between its
+	// outcome and its decision record; the redelivery decides those again
+	// (and the duplicate window drops the repeat). More means decided
+	// commands were decided again without a kill to explain it.
+	if redecided > kills*32 {
+		t.Errorf("%d outcome publishes decided a command again, more than %d kills of 32 held commands explain, e.g. %s",
+			redecided, kills, sample(redecidedEx))
 	}
 	if kills < 3 {
 		t.Errorf("only %d kills: the run finished before the worker was killed often enough to test anything", kills)
