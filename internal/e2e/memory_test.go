@@ -15,6 +15,18 @@ import (
 	"github.com/dlf-stop/worker/internal/dlf/emulator"
 )
 
+// TestBacklogMemory holds the worker to the memory bound in every
+// CI run: its resident memory stays under 150 MB while 100,000 commands
+// wait in the stream. BenchmarkBacklogMemory reports the same figure.
+func TestBacklogMemory(t *testing.T) {
+	const backlog = 100_000
+	peak := backlogPeakRSS(t, backlog, 10*time.Second)
+	t.Logf("backlog_memory commands_waiting=%d peak_rss_MB=%.1f", backlog, float64(peak)/1024)
+	if limit := int64(150 << 10); peak > limit { // KiB
+		t.Errorf("peak RSS %.1f MB is over the 150 MB the worker may use", float64(peak)/1024)
+	}
+}
+
 // BenchmarkBacklogMemory measures the worker process's resident memory
 // while 100,000 commands wait in the stream (and it works through them
 // against a 50 ms DLF). The worker only pulls what it can hold, so the
@@ -34,7 +46,7 @@ func BenchmarkBacklogMemory(b *testing.B) {
 	}
 }
 
-func backlogPeakRSS(b *testing.B, backlog int, watch time.Duration) int64 {
+func backlogPeakRSS(b testing.TB, backlog int, watch time.Duration) int64 {
 	srv, _, js := startJetStream(b)
 	emu, emuURL := emulator.StartForTest(b, emulator.WithRequestLogSize(0))
 	emu.SetFaults(emulator.Faults{Latency: 50 * time.Millisecond})
