@@ -39,7 +39,7 @@ func startProgram(t *testing.T, program string, env map[string]string, args ...s
 	for k, v := range env {
 		c.cmd.Env = append(c.cmd.Env, k+"="+v)
 	}
-	if raceEnabled {
+	if testutil.RaceEnabled {
 		// The race runtime otherwise sleeps a second before a 0 exit.
 		c.cmd.Env = append(c.cmd.Env, "GORACE=atexit_sleep_ms=0")
 	}

@@ -42,7 +42,7 @@ func testMain(m *testing.M) int {
 	defer os.RemoveAll(dir)
 	workerBin = filepath.Join(dir, "worker")
 	args := []string{"build", "-o", workerBin}
-	if raceEnabled {
+	if testutil.RaceEnabled {
 		args = append(args, "-race")
 	}
 	// `go test` puts its own GOROOT/bin first on PATH.

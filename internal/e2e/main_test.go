@@ -19,8 +19,11 @@ import (
 	"github.com/dlf-stop/worker/internal/testutil"
 )
 
-// workerBin is the worker binary built once for the package.
-var workerBin string
+// workerBin is the worker binary built once for the package, with the
+// race detector when the tests run with it (a race in the real process
+// then fails the test that ran it); plainWorkerBin is built without, for
+// measuring memory.
+var workerBin, plainWorkerBin string
 
 func TestMain(m *testing.M) {
 	dir, err := os.MkdirTemp("", "dlf-stop-e2e-*")
@@ -28,12 +31,20 @@ func TestMain(m *testing.M) {
 		fmt.Fprintln(os.Stderr, err)
 		os.Exit(1)
 	}
-	workerBin = filepath.Join(dir, "worker")
-	build := exec.Command("go", "build", "-o", workerBin, "github.com/dlf-stop/worker/cmd/worker")
-	build.Stdout, build.Stderr = os.Stderr, os.Stderr
-	if err := build.Run(); err != nil {
-		fmt.Fprintln(os.Stderr, "build worker:", err)
-		os.Exit(1)
+	plainWorkerBin = filepath.Join(dir, "worker")
+	workerBin = plainWorkerBin
+	builds := [][]string{{"build", "-o", plainWorkerBin}}
+	if testutil.RaceEnabled {
+		workerBin = filepath.Join(dir, "worker-race")
+		builds = append(builds, []string{"build", "-race", "-o", workerBin})
+	}
+	for _, args := range builds {
+		build := exec.Command("go", append(args, "github.com/dlf-stop/worker/cmd/worker")...)
+		build.Stdout, build.Stderr = os.Stderr, os.Stderr
+		if err := build.Run(); err != nil {
+			fmt.Fprintln(os.Stderr, "build worker:", err)
+			os.Exit(1)
+		}
 	}
 	code := m.Run()
 	os.RemoveAll(dir)
@@ -52,10 +63,20 @@ type child struct {
 // PATH and HOME), collecting its log lines.
 func startWorker(t testing.TB, env map[string]string) *child {
 	t.Helper()
-	cmd := exec.Command(workerBin)
+	return startWorkerBin(t, workerBin, env)
+}
+
+// startWorkerBin is startWorker for the binary bin. A race the detector
+// reports in it fails t when the test ends.
+func startWorkerBin(t testing.TB, bin string, env map[string]string) *child {
+	t.Helper()
+	cmd := exec.Command(bin)
 	cmd.Env = []string{"PATH=" + os.Getenv("PATH"), "HOME=" + os.Getenv("HOME")}
 	for k, v := range env {
 		cmd.Env = append(cmd.Env, k+"="+v)
+	}
+	if bin != plainWorkerBin {
+		cmd.Env = append(cmd.Env, "GORACE=atexit_sleep_ms=0") // no second's sleep before a clean exit
 	}
 	stderr, err := cmd.StderrPipe()
 	if err != nil {
@@ -84,7 +105,16 @@ func startWorker(t testing.TB, env map[string]string) *child {
 		}
 		c.done <- cmd.Wait()
 	}()
-	t.Cleanup(func() { c.kill() })
+	t.Cleanup(func() {
+		c.kill()
+		for _, l := range c.lines() {
+			if strings.Contains(l, "WARNING: DATA RACE") {
+				t.Errorf("the race detector reported a race in the worker process; its log:\n%s",
+					strings.Join(c.lines(), "\n"))
+				break
+			}
+		}
+	})
 	return c
 }
 

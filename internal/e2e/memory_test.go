@@ -72,7 +72,7 @@ func backlogPeakRSS(b testing.TB, backlog int, watch time.Duration) int64 {
 	}
 	<-js.PublishAsyncComplete()
 
-	w := startWorker(b, map[string]string{
+	w := startWorkerBin(b, plainWorkerBin, map[string]string{
 		"NATS_URL":                   srv.ClientURL(),
 		"DLF_ENDPOINT":               emuURL,
 		"HUAWEICLOUD_SDK_PROJECT_ID": "p",
