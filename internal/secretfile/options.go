@@ -26,6 +26,9 @@ type options struct {
 	// noFSNotify turns the fsnotify watch off, leaving the poll only. Tests
 	// use it to exercise the fallback.
 	noFSNotify bool
+	// afterRead runs after every successful re-read, changed or not, so
+	// tests can wait for one instead of guessing.
+	afterRead func()
 }
 
 func defaultOptions() options {

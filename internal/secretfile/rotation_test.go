@@ -7,6 +7,7 @@ import (
 	"path/filepath"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"testing"
 	"time"
 )
@@ -117,8 +118,9 @@ func symlinkElsewhere(t *testing.T, dir, value string) (string, func(string)) {
 	return path, func(v string) { writeFile(t, real, v+"\n") }
 }
 
-// removeRecreate removes the file, waits until the watcher has seen it gone
-// and kept the old value, then creates it again.
+// removeRecreate removes the file and creates it again at once (a watcher
+// may or may not see it missing; TestRemovedFileKeepsLastGoodValue covers
+// a file that stays gone).
 func removeRecreate(t *testing.T, dir, value string) (string, func(string)) {
 	path := filepath.Join(dir, "sk")
 	writeFile(t, path, value+"\n")
@@ -241,11 +243,19 @@ func TestEmptyRewriteKeepsLastGoodValue(t *testing.T) {
 func TestUnchangedContentIsNotAChange(t *testing.T) {
 	path := filepath.Join(t.TempDir(), "sk")
 	writeFile(t, path, "same-value\n")
-	h := start(t, path, []string{"same-value"}, withoutFSNotify(), WithPollInterval(time.Millisecond))
+	var reads atomic.Int64
+	h := start(t, path, []string{"same-value"}, withoutFSNotify(), WithPollInterval(time.Millisecond), withReadCount(&reads))
 
-	// Rewrite with the same content but a different trailing newline, then
-	// change it: the only change counted is the real one.
+	// Rewrite with the same content but a different trailing newline, and
+	// wait until it has been read (the second read from now started after
+	// the write): it is not a change. Then the real change is.
 	writeFile(t, path, "same-value\r\n")
+	from := reads.Load()
+	waitFor(t, "two re-reads of the rewritten file", func() bool { return reads.Load() >= from+2 })
+	h.assert("same-value", 1)
+	if n := h.changes.Load(); n != 0 {
+		t.Errorf("OnChange called %d times for content that did not change", n)
+	}
 	writeFile(t, path, "other-value")
 	h.waitChanges(1)
 	h.assert("other-value", 2)

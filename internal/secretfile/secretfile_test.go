@@ -29,6 +29,11 @@ func withoutFSNotify() Option {
 	return func(o *options) { o.noFSNotify = true }
 }
 
+// withReadCount counts the successful re-reads in n.
+func withReadCount(n *atomic.Int64) Option {
+	return func(o *options) { o.afterRead = func() { n.Add(1) } }
+}
+
 const waitTimeout = 5 * time.Second
 
 // waitFor polls cond until it holds or waitTimeout passes.

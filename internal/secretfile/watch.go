@@ -242,6 +242,9 @@ func (w *watcher) reload() {
 		w.failing = ""
 		w.log.Info("secret file: readable again")
 	}
+	if w.opts.afterRead != nil {
+		defer w.opts.afterRead()
+	}
 	if slices.Equal(vals, w.cur) {
 		return
 	}
