@@ -526,6 +526,9 @@ func (w *Worker) store(j *job) {
 	// two minutes, and a dead-letter stream that stays broken for longer
 	// would otherwise store a copy of the outcome every two minutes.
 	if !j.outcomeStored {
+		if w.decidedMeanwhile(ctx, j) {
+			return
+		}
 		ack, err := w.pub.publishOutcome(ctx, o)
 		if err != nil {
 			w.publishFailed(j, "outcome", err)
@@ -585,6 +588,44 @@ func (w *Worker) store(j *job) {
 		return
 	}
 	w.acked(j)
+}
+
+// decidedMeanwhile looks again, before a delivery held for long publishes
+// its outcome, whether another delivery of the command decided it
+// meanwhile; if so it acks this one without an outcome and says true.
+// Deliveries overlap when a delivery's heartbeats are lost (a consumer
+// leader change, a long reconnect) and JetStream hands the command to
+// another worker after the ack wait. The first one's decision may then
+// come minutes later (it waits out an open circuit up to
+// RETRY_MAX_ELAPSED), past the outcome stream's duplicate window, and
+// would be a second outcome event. A delivery younger than half its ack
+// wait cannot have been overtaken, and pays nothing.
+func (w *Worker) decidedMeanwhile(ctx context.Context, j *job) bool {
+	if w.state == nil || time.Since(j.received) < w.ackWait/2 {
+		return false
+	}
+	recs, err := w.state.lookupWait(ctx, j.stateKeys())
+	if err != nil {
+		return false // the record write after the outcome settles it, or fails
+	}
+	d := &recs[0].doc
+	entry := d.Cmds[j.sid]
+	decided := d.StoppedBy == j.sid || (entry != nil && entry.Phase == phaseDecided)
+	if len(recs) > 1 {
+		if e := recs[1].doc.Cmds[j.sid]; e != nil && e.Phase == phaseDecided {
+			decided = true
+		}
+	}
+	if !decided {
+		return false
+	}
+	if err := j.msg.Ack(); err != nil {
+		j.log.Warn("ack of a command another delivery decided failed", zap.Error(err))
+	}
+	w.m.skipped.Inc()
+	j.log.Warn("another delivery decided this command while this one was held; acked without a second outcome",
+		zap.String("dropped_status", j.out.Status), zap.String("dropped_cause", j.out.Cause))
+	return true
 }
 
 // adoptStored makes the outcome an earlier delivery stored this

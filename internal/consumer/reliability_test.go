@@ -4,7 +4,10 @@ import (
 	"context"
 	"encoding/json"
 	"fmt"
+	"net/http"
+	"net/http/httptest"
 	"sort"
+	"sync/atomic"
 	"testing"
 	"time"
 
@@ -422,6 +425,73 @@ func TestStopOlderThanStateTTLIsForgotten(t *testing.T) {
 	if calls := e.emu.StopCallsFor(proj, "s1", "i-1"); calls != 1 {
 		t.Errorf("DLF saw %d calls, want 1", calls)
 	}
+}
+
+// deafConsumer hands out messages whose in-progress heartbeats never reach
+// the server, as when a consumer leader change loses them.
+type deafConsumer struct{ jetstream.Consumer }
+
+func (c deafConsumer) Fetch(n int, opts ...jetstream.FetchOpt) (jetstream.MessageBatch, error) {
+	b, err := c.Consumer.Fetch(n, opts...)
+	if err != nil {
+		return nil, err
+	}
+	out := &slowBatch{MessageBatch: b, msgs: make(chan jetstream.Msg)}
+	go func() {
+		for m := range b.Messages() {
+			out.msgs <- deafMsg{m}
+		}
+		close(out.msgs)
+	}()
+	return out, nil
+}
+
+type deafMsg struct{ jetstream.Msg }
+
+func (deafMsg) InProgress() error { return nil }
+
+// Worker B holds a command (its DLF refuses B's credentials, so its circuit
+// holds the command until the give-up time) and its heartbeats are lost:
+// JetStream hands the command to worker A after the ack wait, and A stops
+// the instance. When B's time is up it has decided too (failed), but it
+// must not publish a second outcome: past the duplicate window that would
+// be a second event for one command.
+func TestOverlappingDeliveryDoesNotDecideAgain(t *testing.T) {
+	e := newEnv(t, func(c *Config) { c.AckWait = time.Second; c.RetryMaxElapsed = 4 * time.Second })
+	e.emu.AddRunning(proj, "", "s1", "i-1")
+	var bCalls atomic.Int32
+	refusing := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, _ *http.Request) {
+		bCalls.Add(1)
+		w.WriteHeader(http.StatusUnauthorized)
+	}))
+	t.Cleanup(refusing.Close)
+	b := e.startWorkerAt(refusing.URL, nil, func(w *Worker) { w.cons = deafConsumer{w.cons} })
+	e.publish(body(t, map[string]any{"command_id": "both", "project_id": proj, "script_name": "s1", "instance_id": "i-1"}), nil)
+	testutil.Eventually(t, 10*time.Second, func() error {
+		if bCalls.Load() == 0 {
+			return fmt.Errorf("B has not called yet")
+		}
+		return nil
+	})
+	e.startWorker(nil) // A takes the redelivery once the ack wait is over
+	if o := e.single(t); o.Status != StatusStopped || o.Cause != CauseOK {
+		t.Fatalf("outcome = %+v; want A's stop", o)
+	}
+	// B may hold more than one delivery of it by then (one more came back
+	// to B after its ack wait); each must end without an outcome.
+	testutil.Eventually(t, 20*time.Second, func() error {
+		if got := testutilCount(b.w.m.skipped); got < 1 {
+			return fmt.Errorf("B has not given the command up as decided elsewhere")
+		}
+		if held := len(b.w.held); held != 0 {
+			return fmt.Errorf("B still holds %d deliveries", held)
+		}
+		return nil
+	})
+	if n := e.pubs.count(); n != 1 {
+		t.Errorf("%d outcome events published, want A's only", n)
+	}
+	e.noDeadLetters(t)
 }
 
 // Without such a record a DLF.6205 still fails and is dead-lettered.
