@@ -564,7 +564,8 @@ func (w *Worker) store(j *job) {
 			w.state.markDecided(j.sid, cmdEntry{Phase: phaseDecided, Attempts: j.attempts, Status: status, Cause: cause})
 		}
 		now := time.Now().Unix() // the real clock: this only ages entries out
-		w.state.saveAsync(w.hard, j.state, func(d *stateDoc) {
+		var change func(d *stateDoc)
+		change = func(d *stateDoc) {
 			d.forgetOldStop(now, w.cfg.StateTTL) // a re-read document may hold one again
 			if status == StatusStopped && j.valid && d.StoppedBy == "" {
 				d.StoppedBy, d.StoppedAt, d.StoppedT = j.sid, o.FinishedAt, now
@@ -574,13 +575,13 @@ func (w *Worker) store(j *job) {
 			}
 			d.setCmd(j.sid, cmdEntry{Phase: phaseDecided, Attempts: j.attempts, Status: status, Cause: cause, At: now},
 				w.cfg.StateTTL)
-		}, func() {
+		}
+		w.state.saveAsync(w.hard, j.state, change, func() {
 			w.acked(j)
 			j.release()
 		}, func(err error) {
-			w.checkState()
-			w.publishFailed(j, "state", err)
-			j.release()
+			defer j.release()
+			w.recordDecisionLater(j, change, err)
 		})
 		// Set only once the write is under way (a panic before leaves the
 		// release to run), and read only by this goroutine.
@@ -659,6 +660,43 @@ func (w *Worker) adoptStored(ctx context.Context, j *job, ack *jetstream.PubAck)
 	}
 	*o = *stored
 	j.attempts = o.Attempts
+}
+
+// recordDecisionLater keeps trying to record a decision whose outcome is
+// stored, holding the command (its heartbeats go on) until the record is
+// written or the worker stops. Returning it instead would cost more than
+// the wait: the state bucket is what is failing, so the record of the
+// pending outcome would likely fail too, and a redelivery finding neither
+// would call DLF again and, once past the duplicate window, publish a
+// second outcome. A stop hands the command back with its pending outcome,
+// a last try.
+func (w *Worker) recordDecisionLater(j *job, change func(*stateDoc), err error) {
+	w.m.publishFail.WithLabelValues("state").Inc()
+	w.checkState()
+	j.log.Warn("outcome stored, decision not recorded yet; holding the command and trying again", zap.Error(err))
+	wait := w.cfg.RetryInitial
+	for {
+		t := time.NewTimer(wait)
+		select {
+		case <-t.C:
+		case <-w.stopping:
+			t.Stop()
+			w.giveBack(j, 0, "shutdown")
+			return
+		}
+		ctx, cancel := context.WithTimeout(w.hard, publishTimeout)
+		err = w.state.save(ctx, j.state, change)
+		cancel()
+		if err == nil {
+			j.log.Info("decision recorded after all")
+			w.acked(j)
+			return
+		}
+		w.m.publishFail.WithLabelValues("state").Inc()
+		w.checkState()
+		j.log.Debug("decision still not recorded", zap.Error(err))
+		wait = min(2*wait, w.cfg.RetryMax)
+	}
 }
 
 // acked acks a command whose outcome (and decision record) is stored.

@@ -494,6 +494,41 @@ func TestOverlappingDeliveryDoesNotDecideAgain(t *testing.T) {
 	e.noDeadLetters(t)
 }
 
+// The outcome is stored but the state bucket refuses the decision record
+// (here: its messages may be 64 bytes at most) until an operator fixes it.
+// The worker holds the command and records the decision then; it does not
+// hand the command back to be called and decided again.
+func TestDecisionRecordedOnceTheBucketRecovers(t *testing.T) {
+	e := newEnv(t, nil)
+	e.emu.AddRunning(proj, "", "s1", "i-1")
+	r := e.startWorker(nil)
+	e.updateStream(t, "KV_dlf_stop_state", func(c *jetstream.StreamConfig) { c.MaxMsgSize = 64 })
+	e.publish(body(t, map[string]any{"command_id": "held", "project_id": proj, "script_name": "s1", "instance_id": "i-1"}), nil)
+	e.out.wait(t, 1, 10*time.Second)
+	testutil.Eventually(t, 10*time.Second, func() error {
+		if n := testutilCount(r.w.m.publishFail.WithLabelValues("state")); n < 1 {
+			return fmt.Errorf("decision write failures so far: %v", n)
+		}
+		return nil
+	})
+	e.updateStream(t, "KV_dlf_stop_state", func(c *jetstream.StreamConfig) { c.MaxMsgSize = -1 })
+	e.stopStreamEmpty(t)
+	if n := e.pubs.count(); n != 1 {
+		t.Errorf("outcome published %d times, want once", n)
+	}
+	if n := e.emu.StopCalls(); n != 1 {
+		t.Errorf("DLF calls = %d, want 1", n)
+	}
+	rec, err := e.state(t).load(context.Background(),
+		instKey(command.Command{ProjectID: proj, ScriptName: "s1", InstanceID: "i-1"}.InstanceKey()))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if rec.doc.StoppedBy != "held" {
+		t.Errorf("state = %+v, want the instance recorded as stopped by the command", rec.doc)
+	}
+}
+
 // Without such a record a DLF.6205 still fails and is dead-lettered.
 func TestDLF6205WithoutRecordFails(t *testing.T) {
 	e := newEnv(t, nil)
