@@ -51,19 +51,21 @@ func decidedIndexDoc(id string, e cmdEntry) []byte {
 }
 
 // sentMarkDoc is the JSON of the "sent" mark markSent writes:
-// stateDoc{Cmds: {id: {Phase: sent, Delivery: n, Seq: seq}}}.
-func sentMarkDoc(id string, n, seq uint64) []byte {
-	if n == 0 || seq == 0 { // left out as empty: not worth a case by hand
-		b, _ := json.Marshal(&stateDoc{Cmds: map[string]*cmdEntry{id: {Phase: phaseSent, Delivery: n, Seq: seq}}})
+// stateDoc{Cmds: {id: {Phase: sent, Delivery: n, Seq: seq, Inst: inst}}}.
+func sentMarkDoc(id string, n, seq uint64, inst string) []byte {
+	if n == 0 || seq == 0 || inst == "" { // left out as empty: not worth a case by hand
+		b, _ := json.Marshal(&stateDoc{Cmds: map[string]*cmdEntry{id: {Phase: phaseSent, Delivery: n, Seq: seq, Inst: inst}}})
 		return b
 	}
-	b := make([]byte, 0, 64+len(id))
+	b := make([]byte, 0, 64+len(id)+len(inst))
 	b = append(b, `{"cmds":{`...)
 	b = appendJSONString(b, id)
 	b = append(b, `:{"p":"sent","a":0,"d":`...)
 	b = strconv.AppendUint(b, n, 10)
 	b = append(b, `,"q":`...)
 	b = strconv.AppendUint(b, seq, 10)
+	b = append(b, `,"i":`...)
+	b = appendJSONString(b, inst)
 	return append(b, "}}}"...)
 }
 

@@ -28,12 +28,12 @@ func TestHandWrittenJSONMatchesEncodingJSON(t *testing.T) {
 			}
 		}
 		for _, nq := range [][2]uint64{{1, 1}, {7, 1 << 40}, {0, 0}} {
-			e := cmdEntry{Phase: phaseSent, Delivery: nq[0], Seq: nq[1]}
+			e := cmdEntry{Phase: phaseSent, Delivery: nq[0], Seq: nq[1], Inst: "p._.=bmlnaHQ.i-" + id}
 			want, err := json.Marshal(&stateDoc{Cmds: map[string]*cmdEntry{id: &e}})
 			if err != nil {
 				t.Fatal(err)
 			}
-			if got := sentMarkDoc(id, nq[0], nq[1]); string(got) != string(want) {
+			if got := sentMarkDoc(id, nq[0], nq[1], e.Inst); string(got) != string(want) {
 				t.Errorf("sent mark of %q %+v:\n got %s\nwant %s", id, e, got, want)
 			}
 		}

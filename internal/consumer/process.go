@@ -331,7 +331,7 @@ func (w *Worker) call(j *job, req dlf.StopRequest, lastAt time.Time) (v dlf.Verd
 			// that a delivery that dies while they hold it leaves no
 			// mark; and before the slot, which the round trip would
 			// otherwise keep from a call that is ready.
-			if err := w.state.markSent(ctx, j.sid, j.meta.NumDelivered, j.meta.Sequence.Stream); err != nil {
+			if err := w.state.markSent(ctx, j.sid, j.meta.NumDelivered, j.meta.Sequence.Stream, j.cmd.InstanceKey()); err != nil {
 				if ctx.Err() != nil {
 					return notSent(probe)
 				}
@@ -465,8 +465,12 @@ func (w *Worker) giveBack(j *job, delay time.Duration, reason string) {
 			}
 		}
 		entry.At = time.Now().Unix() // the real clock: this only ages entries out
-		err := w.state.save(ctx, j.state, func(d *stateDoc) { d.setProgress(j.sid, entry, w.cfg.StateTTL) })
+		var dropped map[string]cmdEntry
+		err := w.state.save(ctx, j.state, func(d *stateDoc) { dropped = d.setProgress(j.sid, entry, w.cfg.StateTTL) })
 		cancel()
+		if err == nil {
+			w.state.indexDropped(dropped)
+		}
 		if err != nil {
 			// The next delivery then finds this one's "sent" mark newer
 			// than any entry, if it called, and counts the call as
@@ -560,28 +564,33 @@ func (w *Worker) store(j *job) {
 		// and is acked without storing the outcome again). Published
 		// before the write, it also leaves before the write's answer can
 		// ack the command and let a stopping worker close its connection.
-		if j.valid {
+		// A delivery that marked its call needs no index: the mark is one.
+		if j.valid && !j.marked {
 			w.state.markDecided(j.sid, cmdEntry{Phase: phaseDecided, Attempts: j.attempts, Status: status, Cause: cause})
 		}
 		now := time.Now().Unix() // the real clock: this only ages entries out
+		var dropped map[string]cmdEntry
 		var change func(d *stateDoc)
 		change = func(d *stateDoc) {
 			d.forgetOldStop(now, w.cfg.StateTTL) // a re-read document may hold one again
 			if status == StatusStopped && j.valid && d.StoppedBy == "" {
 				d.StoppedBy, d.StoppedAt, d.StoppedT = j.sid, o.FinishedAt, now
 				delete(d.Cmds, j.sid)
-				d.prune(now, w.cfg.StateTTL, "")
+				dropped = d.prune(now, w.cfg.StateTTL, "")
 				return
 			}
-			d.setCmd(j.sid, cmdEntry{Phase: phaseDecided, Attempts: j.attempts, Status: status, Cause: cause, At: now},
+			dropped = d.setCmd(j.sid, cmdEntry{Phase: phaseDecided, Attempts: j.attempts, Status: status, Cause: cause, At: now},
 				w.cfg.StateTTL)
 		}
 		w.state.saveAsync(w.hard, j.state, change, func() {
+			w.state.indexDropped(dropped)
 			w.acked(j)
 			j.release()
 		}, func(err error) {
 			defer j.release()
-			w.recordDecisionLater(j, change, err)
+			if w.recordDecisionLater(j, change, err) {
+				w.state.indexDropped(dropped)
+			}
 		})
 		// Set only once the write is under way (a panic before leaves the
 		// release to run), and read only by this goroutine.
@@ -670,7 +679,11 @@ func (w *Worker) adoptStored(ctx context.Context, j *job, ack *jetstream.PubAck)
 // would call DLF again and, once past the duplicate window, publish a
 // second outcome. A stop hands the command back with its pending outcome,
 // a last try.
-func (w *Worker) recordDecisionLater(j *job, change func(*stateDoc), err error) {
+//
+// It reports whether the record was written. The id is then indexed as
+// decided too: the "sent" mark that would index it was written without an
+// answer, by the same bucket that was failing.
+func (w *Worker) recordDecisionLater(j *job, change func(*stateDoc), err error) bool {
 	w.m.publishFail.WithLabelValues("state").Inc()
 	w.checkState()
 	j.log.Warn("outcome stored, decision not recorded yet; holding the command and trying again", zap.Error(err))
@@ -682,15 +695,18 @@ func (w *Worker) recordDecisionLater(j *job, change func(*stateDoc), err error) 
 		case <-w.stopping:
 			t.Stop()
 			w.giveBack(j, 0, "shutdown")
-			return
+			return false
 		}
 		ctx, cancel := context.WithTimeout(w.hard, publishTimeout)
 		err = w.state.save(ctx, j.state, change)
 		cancel()
 		if err == nil {
 			j.log.Info("decision recorded after all")
+			if j.valid {
+				w.state.markDecided(j.sid, cmdEntry{Phase: phaseDecided, Attempts: j.attempts, Status: j.out.Status, Cause: j.out.Cause})
+			}
 			w.acked(j)
-			return
+			return true
 		}
 		w.m.publishFail.WithLabelValues("state").Inc()
 		w.checkState()
@@ -796,6 +812,29 @@ func (w *Worker) recall(j *job, recs []*stateRecord, err error) bool {
 		}
 	}
 	here := d.StoppedBy == j.sid || (entry != nil && entry.Phase == phaseDecided)
+	sameMsg := mark != nil && mark.Seq == j.meta.Sequence.Stream
+	if !here && mark != nil && j.valid && mark.Inst != "" && mark.Inst != j.cmd.InstanceKey() {
+		// A mark made under another instance key (this id for another
+		// instance, or this command read under other defaults) indexes
+		// the document that holds that command's decision and progress.
+		other, err := w.state.lookupWait(w.soft, []string{instKey(mark.Inst)})
+		if err != nil {
+			return w.recall(j, nil, err)
+		}
+		od := &other[0].doc
+		od.forgetOldStop(time.Now().Unix(), w.cfg.StateTTL)
+		oe := od.Cmds[j.sid]
+		switch {
+		case od.StoppedBy == j.sid || (oe != nil && oe.Phase == phaseDecided):
+			if sameMsg {
+				here = true
+			} else {
+				indexed = &cmdEntry{Phase: phaseDecided}
+			}
+		case sameMsg && entry == nil:
+			entry = oe // this command's progress, recorded under the other key
+		}
+	}
 	if here || (indexed != nil && indexed.Phase == phaseDecided) {
 		if err := j.msg.Ack(); err != nil {
 			j.log.Warn("ack of an already decided command failed", zap.Error(err))
@@ -838,7 +877,7 @@ func (w *Worker) recall(j *job, recs []*stateRecord, err error) bool {
 		j.unanswered = entry.Unanswered
 		recorded = entry.Delivery
 	}
-	if mark != nil && mark.Seq == j.meta.Sequence.Stream && mark.Delivery > recorded && mark.Delivery != j.meta.NumDelivered {
+	if sameMsg && mark.Delivery > recorded && mark.Delivery != j.meta.NumDelivered {
 		j.unanswered = true
 	}
 	if j.valid && d.StoppedBy != "" {
@@ -854,25 +893,25 @@ func (w *Worker) recall(j *job, recs []*stateRecord, err error) bool {
 // overlap (the heartbeats of one lost in a consumer leader change), and
 // the other one's decision is final; its pending outcome, too, stays
 // unless e is a pending outcome itself.
-func (d *stateDoc) setProgress(id string, e cmdEntry, keep time.Duration) {
+func (d *stateDoc) setProgress(id string, e cmdEntry, keep time.Duration) (dropped map[string]cmdEntry) {
 	cur := d.Cmds[id]
 	switch {
 	case d.StoppedBy == id:
-		return
+		return nil
 	case cur != nil && cur.Phase == phaseDecided:
-		return
+		return nil
 	case cur != nil && cur.Phase == phasePending && e.Phase != phasePending:
-		return
+		return nil
 	}
-	d.setCmd(id, e, keep)
+	return d.setCmd(id, e, keep)
 }
 
 // setCmd writes the entry of command id, written at e.At, and prunes the
 // others (see prune) to at most keep old.
-func (d *stateDoc) setCmd(id string, e cmdEntry, keep time.Duration) {
+func (d *stateDoc) setCmd(id string, e cmdEntry, keep time.Duration) (dropped map[string]cmdEntry) {
 	if d.Cmds == nil {
 		d.Cmds = map[string]*cmdEntry{}
 	}
 	d.Cmds[id] = &e
-	d.prune(e.At, keep, id)
+	return d.prune(e.At, keep, id)
 }

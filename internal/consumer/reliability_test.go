@@ -7,6 +7,7 @@ import (
 	"net/http"
 	"net/http/httptest"
 	"sort"
+	"strconv"
 	"sync/atomic"
 	"testing"
 	"time"
@@ -48,22 +49,73 @@ func TestDecidedIDReusedForAnotherInstance(t *testing.T) {
 		nats.Header{nats.MsgIdHdr: []string{"m-1"}})
 	e.out.wait(t, 1, 10*time.Second)
 	st := e.state(t)
+	first := command.Command{ProjectID: proj, ScriptName: "s1", InstanceID: "i-1"}.InstanceKey()
 	testutil.Eventually(t, 5*time.Second, func() error {
-		rec, err := st.load(context.Background(), cmdKey("reused"))
+		rec, err := st.load(context.Background(), instKey(first))
 		if err != nil {
 			return err
 		}
-		if en := rec.doc.Cmds["reused"]; en == nil || en.Phase != phaseDecided || en.Status != StatusStopped {
-			return fmt.Errorf("id index: %+v", rec.doc.Cmds)
+		if rec.doc.StoppedBy != "reused" {
+			return fmt.Errorf("decision not recorded yet: %+v", rec.doc)
 		}
 		return nil
 	})
+	// The id's index is the mark of its call, pointing to that document.
+	if rec, err := st.load(context.Background(), cmdKey("reused")); err != nil {
+		t.Fatal(err)
+	} else if en := rec.doc.Cmds["reused"]; en == nil || en.Phase != phaseSent || en.Inst != first {
+		t.Fatalf("id index: %+v", en)
+	}
 	e.publish(body(t, map[string]any{"command_id": "reused", "project_id": proj, "script_name": "s1", "instance_id": "i-2"}),
 		nats.Header{nats.MsgIdHdr: []string{"m-2"}})
 	e.repeatSkipped(t, r)
 	if got := testutilCount(r.w.m.reusedIDs); got != 1 {
 		t.Errorf("reused ids counted %v, want 1", got)
 	}
+	if e.emu.Stopped(proj, "s1", "i-2") {
+		t.Error("the reused id stopped its instance")
+	}
+}
+
+// An instance's document keeps at most maxCmdEntries commands. A decided
+// command dropped for room was indexed only by the mark of its call, which
+// points to that document: it is indexed as decided when dropped, so its
+// id published again for another instance is still recognised.
+func TestIDDroppedForRoomIsStillDecided(t *testing.T) {
+	e := newEnv(t, nil)
+	e.emu.AddRunning(proj, "", "s1", "i-2")
+	r := e.startWorker(nil)
+	n := maxCmdEntries + 4
+	for i := 0; i < n; i++ { // i-404 does not exist: each call gets DLF.6205, each command fails
+		e.publish(body(t, map[string]any{"command_id": "c-" + strconv.Itoa(i), "project_id": proj,
+			"script_name": "s1", "instance_id": "i-404"}), nil)
+	}
+	e.stopStreamEmpty(t)
+	e.out.wait(t, n, 30*time.Second)
+	// Which ones went: entries written in the same second are equally old.
+	rec, err := e.state(t).load(context.Background(),
+		instKey(command.Command{ProjectID: proj, ScriptName: "s1", InstanceID: "i-404"}.InstanceKey()))
+	if err != nil {
+		t.Fatal(err)
+	}
+	dropped := ""
+	for i := 0; i < n && dropped == ""; i++ {
+		if id := "c-" + strconv.Itoa(i); rec.doc.Cmds[id] == nil {
+			dropped = id
+		}
+	}
+	if dropped == "" || len(rec.doc.Cmds) != maxCmdEntries {
+		t.Fatalf("document holds %d entries, none dropped", len(rec.doc.Cmds))
+	}
+	e.publish(body(t, map[string]any{"command_id": dropped, "project_id": proj, "script_name": "s1", "instance_id": "i-2"}),
+		nats.Header{nats.MsgIdHdr: []string{"again"}})
+	e.stopStreamEmpty(t)
+	testutil.Eventually(t, 5*time.Second, func() error {
+		if got := testutilCount(r.w.m.reusedIDs); got != 1 {
+			return fmt.Errorf("reused ids counted %v, want 1", got)
+		}
+		return nil
+	})
 	if e.emu.Stopped(proj, "s1", "i-2") {
 		t.Error("the reused id stopped its instance")
 	}

@@ -31,9 +31,11 @@ import (
 // already_stopped) and the decision of the command that stopped it. A
 // rejected command has no instance; its decision goes under
 // cmd.<base64url(id)> (ids may hold ':' and "..", which keys may not). The
-// same key indexes a valid command's id once it is decided: the contract
-// makes a decided id final whatever instance a later command with that id
-// names.
+// same key indexes a valid command's id, as the contract makes a decided id
+// final whatever instance a later command with that id names: with the
+// "sent" mark below, which names the instance whose document holds the
+// decision, or, for a command decided without a call of its own, with its
+// decision.
 //
 // Before its first call a delivery marks the id's key "sent" (delivery n,
 // stream sequence, instance key), and makes sure the server has the mark
@@ -45,9 +47,9 @@ import (
 // died before calling, or never reached the worker, counts as well.
 //
 // The common case, a first delivery that DLF answers 204, costs a share of
-// one batched read of both keys (statebatch.go), the mark with one flush
-// round trip, one compare-and-set write after the outcome is stored, and
-// the index write beside it (which replaces the mark).
+// one batched read of both keys (statebatch.go), the mark with a share of
+// one flush round trip, and one compare-and-set write after the outcome is
+// stored.
 
 // Phases of a command entry.
 const (
@@ -83,6 +85,9 @@ type cmdEntry struct {
 	// Seq is the stream sequence of the message a "sent" mark is for: an
 	// id reused by another message must not count as its progress.
 	Seq uint64 `json:"q,omitempty"`
+	// Inst is the instance key of a "sent" mark's command: its decision
+	// and progress live in that instance's document.
+	Inst string `json:"i,omitempty"`
 }
 
 // maxStoredErrorMsg bounds the error message kept in a command entry: the
@@ -121,9 +126,11 @@ const maxCmdEntries = 256
 // prune drops, from an instance's document about to be written at now
 // (Unix seconds), the entries older than keep (STATE_TTL) and then, while
 // there are more than maxCmdEntries, the oldest decided ones; the entry of
-// except, being written, stays. A dropped decided entry is still known to
-// the id index, which every valid command gets, until that key's own TTL.
-func (d *stateDoc) prune(now int64, keep time.Duration, except string) {
+// except, being written, stays. It returns the decided entries dropped for
+// room: the id index of a command that called DLF is its "sent" mark,
+// which points to this document, so the writer must index those ids as
+// decided (indexDropped) once the document is stored.
+func (d *stateDoc) prune(now int64, keep time.Duration, except string) (dropped map[string]cmdEntry) {
 	d.forgetOldStop(now, keep)
 	limit := int64(keep / time.Second)
 	for id, e := range d.Cmds {
@@ -132,7 +139,7 @@ func (d *stateDoc) prune(now int64, keep time.Duration, except string) {
 		}
 	}
 	if len(d.Cmds) <= maxCmdEntries {
-		return
+		return nil
 	}
 	var decided []string
 	for id, e := range d.Cmds {
@@ -145,7 +152,19 @@ func (d *stateDoc) prune(now int64, keep time.Duration, except string) {
 		if len(d.Cmds) <= maxCmdEntries {
 			break
 		}
+		if dropped == nil {
+			dropped = map[string]cmdEntry{}
+		}
+		dropped[id] = *d.Cmds[id]
 		delete(d.Cmds, id)
+	}
+	return dropped
+}
+
+// indexDropped indexes as decided the ids prune dropped for room.
+func (s *stateStore) indexDropped(dropped map[string]cmdEntry) {
+	for id, e := range dropped {
+		s.markDecided(id, cmdEntry{Phase: phaseDecided, Attempts: e.Attempts, Status: e.Status, Cause: e.Cause})
 	}
 }
 
@@ -342,8 +361,10 @@ func (s *stateStore) saveAsync(ctx context.Context, r *stateRecord, change func(
 // markDecided records, under the command id's own key, that a valid
 // command is decided. Its decision lives in its instance's document; this
 // index is what recognises the same id published again for another
-// instance. It is written without waiting for the stored-ack (see
-// stateWriter.put): it only serves that rare reuse of an id.
+// instance, or this command read under other defaults. A command that
+// called DLF needs none: its "sent" mark is the index, pointing to the
+// document that holds the decision. It is written without waiting for the
+// stored-ack (see stateWriter.put): it only serves those rare cases.
 func (s *stateStore) markDecided(id string, e cmdEntry) {
 	if s.writer == nil {
 		return
@@ -354,8 +375,8 @@ func (s *stateStore) markDecided(id string, e cmdEntry) {
 // markSent records that delivery n of the command sid (stream sequence
 // seq) is about to call DLF, and returns once the server holds the record,
 // so that no call leaves without it (see the package comment above).
-func (s *stateStore) markSent(ctx context.Context, sid string, n, seq uint64) error {
-	doc := sentMarkDoc(sid, n, seq)
+func (s *stateStore) markSent(ctx context.Context, sid string, n, seq uint64, inst string) error {
+	doc := sentMarkDoc(sid, n, seq, inst)
 	if s.writer == nil {
 		_, err := s.kv.Put(ctx, cmdKey(sid), doc)
 		return err

@@ -36,11 +36,21 @@ func TestPruneBoundsTheDocument(t *testing.T) {
 	for i := 0; i < 10; i++ {
 		d.Cmds["busy-"+strconv.Itoa(i)] = &cmdEntry{Phase: phaseAnswered, At: now - 5000}
 	}
+	dropped := map[string]cmdEntry{}
 	for i := 0; i < 3*maxCmdEntries; i++ {
-		d.setCmd("c-"+strconv.Itoa(i), cmdEntry{Phase: phaseDecided, At: now - 3*maxCmdEntries + int64(i)}, 24*time.Hour)
+		for id, e := range d.setCmd("c-"+strconv.Itoa(i), cmdEntry{Phase: phaseDecided, Status: StatusFailed, At: now - 3*maxCmdEntries + int64(i)}, 24*time.Hour) {
+			dropped[id] = e
+		}
 	}
 	if len(d.Cmds) != maxCmdEntries {
 		t.Fatalf("%d entries, want %d", len(d.Cmds), maxCmdEntries)
+	}
+	// Every decided entry dropped for room is handed back, to be indexed.
+	for i := 0; i < 3*maxCmdEntries; i++ {
+		id := "c-" + strconv.Itoa(i)
+		if _, kept := d.Cmds[id]; kept == (dropped[id].Phase == phaseDecided) {
+			t.Fatalf("%s: kept %v, reported dropped %+v", id, kept, dropped[id])
+		}
 	}
 	for i := 0; i < 10; i++ {
 		if d.Cmds["busy-"+strconv.Itoa(i)] == nil {
