@@ -266,10 +266,10 @@ func (w *Worker) waitInProcess(j *job, wait time.Duration) bool {
 type callResult int
 
 const (
-	callMade    callResult = iota
-	callStopped            // shutdown came first: no call was made
-	callExpired            // the command's deadline passed before it could be sent: no call was made
-	callUnmarked           // the "sent" mark could not be stored, so no call was made
+	callMade     callResult = iota
+	callStopped             // shutdown came first: no call was made
+	callExpired             // the command's deadline passed before it could be sent: no call was made
+	callUnmarked            // the "sent" mark could not be stored, so no call was made
 )
 
 // call makes one DLF attempt and records what the answer says on the job.
