@@ -5,6 +5,7 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
+	"maps"
 	"strconv"
 	"strings"
 	"time"
@@ -464,9 +465,9 @@ func (w *Worker) giveBack(j *job, delay time.Duration, reason string) {
 				entry.Phase, entry.Outcome, entry.OutcomeStored = phasePending, b, j.outcomeStored
 			}
 		}
-		entry.At = time.Now().Unix() // the real clock: this only ages entries out
-		var dropped map[string]cmdEntry
-		err := w.state.save(ctx, j.state, func(d *stateDoc) { dropped = d.setProgress(j.sid, entry, w.cfg.StateTTL) })
+		entry.At = time.Now().Unix()     // the real clock: this only ages entries out
+		dropped := map[string]cmdEntry{} // by every try: see store
+		err := w.state.save(ctx, j.state, func(d *stateDoc) { maps.Copy(dropped, d.setProgress(j.sid, entry, w.cfg.StateTTL)) })
 		cancel()
 		if err == nil {
 			w.state.indexDropped(dropped)
@@ -569,18 +570,20 @@ func (w *Worker) store(j *job) {
 			w.state.markDecided(j.sid, cmdEntry{Phase: phaseDecided, Attempts: j.attempts, Status: status, Cause: cause})
 		}
 		now := time.Now().Unix() // the real clock: this only ages entries out
-		var dropped map[string]cmdEntry
+		// Entries dropped for room by any application of change: a retry
+		// applies it to a document already pruned, which drops nothing.
+		dropped := map[string]cmdEntry{}
 		var change func(d *stateDoc)
 		change = func(d *stateDoc) {
 			d.forgetOldStop(now, w.cfg.StateTTL) // a re-read document may hold one again
 			if status == StatusStopped && j.valid && d.StoppedBy == "" {
 				d.StoppedBy, d.StoppedAt, d.StoppedT = j.sid, o.FinishedAt, now
 				delete(d.Cmds, j.sid)
-				dropped = d.prune(now, w.cfg.StateTTL, "")
+				maps.Copy(dropped, d.prune(now, w.cfg.StateTTL, ""))
 				return
 			}
-			dropped = d.setCmd(j.sid, cmdEntry{Phase: phaseDecided, Attempts: j.attempts, Status: status, Cause: cause, At: now},
-				w.cfg.StateTTL)
+			maps.Copy(dropped, d.setCmd(j.sid, cmdEntry{Phase: phaseDecided, Attempts: j.attempts, Status: status, Cause: cause, At: now},
+				w.cfg.StateTTL))
 		}
 		w.state.saveAsync(w.hard, j.state, change, func() {
 			w.state.indexDropped(dropped)

@@ -121,6 +121,63 @@ func TestIDDroppedForRoomIsStillDecided(t *testing.T) {
 	}
 }
 
+// The decision write that drops an entry for room fails and is retried
+// (recordDecisionLater): the retry applies the change to a document already
+// pruned, which drops nothing more, and the entry dropped the first time
+// must still be indexed.
+func TestIDDroppedForRoomIsIndexedWhenTheRecordIsRetried(t *testing.T) {
+	e := newEnv(t, nil)
+	e.emu.AddRunning(proj, "", "s1", "i-2")
+	st := e.state(t)
+	key404 := command.Command{ProjectID: proj, ScriptName: "s1", InstanceID: "i-404"}.InstanceKey()
+	now := time.Now().Unix()
+	full := stateDoc{Cmds: map[string]*cmdEntry{}}
+	for i := 0; i < maxCmdEntries; i++ {
+		full.Cmds["old-"+strconv.Itoa(i)] = &cmdEntry{Phase: phaseDecided, Attempts: 1, Status: StatusFailed,
+			Cause: CauseDLFError, At: now - 1000 + int64(i)}
+	}
+	r0, err := st.load(context.Background(), instKey(key404))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := st.save(context.Background(), r0, func(d *stateDoc) { *d = full }); err != nil {
+		t.Fatal(err)
+	}
+	// old-0, the oldest, called DLF: its index is its mark, pointing here.
+	if _, err := st.kv.Put(context.Background(), cmdKey("old-0"), sentMarkDoc("old-0", 1, 999, key404)); err != nil {
+		t.Fatal(err)
+	}
+	r := e.startWorker(nil)
+	e.updateStream(t, "KV_dlf_stop_state", func(c *jetstream.StreamConfig) { c.MaxMsgSize = 64 })
+	e.publish(body(t, map[string]any{"command_id": "new", "project_id": proj, "script_name": "s1", "instance_id": "i-404"}), nil)
+	e.out.wait(t, 1, 10*time.Second)
+	testutil.Eventually(t, 10*time.Second, func() error {
+		if n := testutilCount(r.w.m.publishFail.WithLabelValues("state")); n < 1 {
+			return fmt.Errorf("no failed decision write yet")
+		}
+		return nil
+	})
+	e.updateStream(t, "KV_dlf_stop_state", func(c *jetstream.StreamConfig) { c.MaxMsgSize = -1 })
+	e.stopStreamEmpty(t)
+	if rec, err := st.load(context.Background(), instKey(key404)); err != nil {
+		t.Fatal(err)
+	} else if rec.doc.Cmds["old-0"] != nil {
+		t.Fatal("old-0 still in the document: nothing was dropped for room")
+	}
+	e.publish(body(t, map[string]any{"command_id": "old-0", "project_id": proj, "script_name": "s1", "instance_id": "i-2"}),
+		nats.Header{nats.MsgIdHdr: []string{"again"}})
+	e.stopStreamEmpty(t)
+	testutil.Eventually(t, 5*time.Second, func() error {
+		if got := testutilCount(r.w.m.reusedIDs); got != 1 {
+			return fmt.Errorf("reused ids counted %v, want 1", got)
+		}
+		return nil
+	})
+	if e.emu.Stopped(proj, "s1", "i-2") {
+		t.Error("the decided id old-0 stopped another instance")
+	}
+}
+
 // A command without an id is known by its stream sequence ("DLF_STOP-1").
 // A stream deleted and created again numbers its messages from 1 again,
 // so its first command gets that id once more: it is a new command, to be
