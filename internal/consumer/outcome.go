@@ -98,26 +98,29 @@ func (p *publisher) publishOutcome(ctx context.Context, o *Outcome) (*jetstream.
 // earlier delivery stored it and then died before its dead letter or its
 // decision record, and this delivery may have decided otherwise (its
 // DLF.6205 is the first delivery's stop, say).
-func (p *publisher) storedOutcome(ctx context.Context, stream string, seq uint64, id string) (*Outcome, error) {
+//
+// It also returns the stream's duplicate window.
+func (p *publisher) storedOutcome(ctx context.Context, stream string, seq uint64, id string) (*Outcome, time.Duration, error) {
 	s, err := p.js.Stream(ctx, stream)
 	if err != nil {
-		return nil, fmt.Errorf("read stored outcome: %w", err)
+		return nil, 0, fmt.Errorf("read stored outcome: %w", err)
 	}
+	window := s.CachedInfo().Config.Duplicates
 	m, err := s.GetMsg(ctx, seq)
 	if err != nil {
-		return nil, fmt.Errorf("read stored outcome %s #%d: %w", stream, seq, err)
+		return nil, window, fmt.Errorf("read stored outcome %s #%d: %w", stream, seq, err)
 	}
 	if got := m.Header.Get(jetstream.MsgIDHeader); got != id {
-		return nil, fmt.Errorf("read stored outcome %s #%d: it is for command %q", stream, seq, got)
+		return nil, window, fmt.Errorf("read stored outcome %s #%d: it is for command %q", stream, seq, got)
 	}
 	var o Outcome
 	if err := json.Unmarshal(m.Data, &o); err != nil {
-		return nil, fmt.Errorf("read stored outcome %s #%d: %w", stream, seq, err)
+		return nil, window, fmt.Errorf("read stored outcome %s #%d: %w", stream, seq, err)
 	}
 	if o.Status == "" {
-		return nil, fmt.Errorf("read stored outcome %s #%d: no status", stream, seq)
+		return nil, window, fmt.Errorf("read stored outcome %s #%d: no status", stream, seq)
 	}
-	return &o, nil
+	return &o, window, nil
 }
 
 // publishDead stores the original command bytes, unchanged, so that a

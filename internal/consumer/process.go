@@ -540,7 +540,12 @@ func (w *Worker) store(j *job) {
 			return
 		}
 		if ack.Duplicate {
-			w.adoptStored(ctx, j, ack)
+			if wait := w.adoptStored(ctx, j, ack); wait > 0 {
+				// Recorded as a pending outcome, published again once
+				// the window that dropped it is over.
+				w.giveBack(j, wait, "outcome_id_taken")
+				return
+			}
 		}
 		j.outcomeStored = true
 	}
@@ -649,21 +654,32 @@ func (w *Worker) decidedMeanwhile(ctx context.Context, j *job) bool {
 // for one. The dead letter and the decision record must follow the
 // outcome the audit consumers saw, not the one that was dropped.
 //
-// An outcome that cannot be read, or that is another command's with the
-// same id (an id reused within the duplicate window), leaves this
-// delivery's decision as it is.
-func (w *Worker) adoptStored(ctx context.Context, j *job, ack *jetstream.PubAck) {
+// The stored outcome is another message's when its received_at (when
+// JetStream stored the command) differs. An id made of the stream sequence
+// then names another command, of a stream deleted and created again within
+// the window: this one needs its own outcome, and adoptStored returns how
+// long to wait before publishing it again (the window). An id a publisher
+// chose, published again while its first command was undecided, is that
+// same command by the contract: the stored outcome stands for it, and this
+// delivery's decision is only recorded. An outcome that cannot be read
+// leaves this delivery's decision as it is.
+func (w *Worker) adoptStored(ctx context.Context, j *job, ack *jetstream.PubAck) (wait time.Duration) {
 	o := &j.out
-	stored, err := w.pub.storedOutcome(ctx, ack.Stream, ack.Sequence, o.CommandID)
+	stored, window, err := w.pub.storedOutcome(ctx, ack.Stream, ack.Sequence, o.CommandID)
 	if err != nil {
 		j.log.Warn("outcome already stored by an earlier delivery and unreadable; keeping this delivery's decision",
 			zap.Error(err))
-		return
+		return 0
 	}
-	if stored.ProjectID != o.ProjectID || stored.Workspace != o.Workspace ||
-		stored.ScriptName != o.ScriptName || stored.InstanceID != o.InstanceID {
-		j.log.Warn("an outcome with this command id was stored for another instance; keeping this delivery's decision")
-		return
+	if stored.ReceivedAt != o.ReceivedAt {
+		if j.cmd.SeqID {
+			j.log.Warn("the outcome of another command with this derived id (a re-created stream) holds the duplicate window; publishing again after it",
+				zap.Duration("window", window))
+			return max(window, time.Second) + time.Second
+		}
+		j.log.Warn("this command id was published again while its first command was undecided; the first one's outcome stands",
+			zap.String("stored_status", stored.Status), zap.String("stored_instance", stored.InstanceID))
+		return 0
 	}
 	if stored.Status != o.Status || stored.Cause != o.Cause {
 		j.log.Warn("an earlier delivery already stored another outcome; following it",
@@ -672,6 +688,7 @@ func (w *Worker) adoptStored(ctx context.Context, j *job, ack *jetstream.PubAck)
 	}
 	*o = *stored
 	j.attempts = o.Attempts
+	return 0
 }
 
 // recordDecisionLater keeps trying to record a decision whose outcome is

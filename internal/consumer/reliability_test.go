@@ -230,6 +230,44 @@ func TestSeqIDAfterStreamRecreated(t *testing.T) {
 	e.noDeadLetters(t)
 }
 
+// As above, but the new stream's command is decided while the first
+// outcome still holds its id in the outcome stream's duplicate window: its
+// own outcome is dropped as a duplicate. It must still get one, once the
+// window is over, and only one.
+func TestSeqIDWithinTheDuplicateWindowGetsItsOwnOutcome(t *testing.T) {
+	e := newEnv(t, nil)
+	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+	defer cancel()
+	const window = 2 * time.Second
+	e.updateStream(t, "DLF_STOP_OUTCOMES", func(c *jetstream.StreamConfig) { c.Duplicates = window })
+	e.emu.AddRunning(proj, "", "s1", "old")
+	e.emu.AddRunning(proj, "", "s1", "new")
+	r := e.startWorker(nil)
+	e.publish(body(t, map[string]any{"project_id": proj, "script_name": "s1", "instance_id": "old"}), nil)
+	if first := e.single(t); first.CommandID != "DLF_STOP-1" {
+		t.Fatalf("first outcome = %+v", first)
+	}
+	r.stop(t)
+	if err := e.js.DeleteStream(ctx, "DLF_STOP"); err != nil {
+		t.Fatal(err)
+	}
+	e.startWorker(nil)
+	e.publish(body(t, map[string]any{"project_id": proj, "script_name": "s1", "instance_id": "new"}), nil)
+	e.out.wait(t, 2, 20*time.Second)
+	e.stopStreamEmpty(t)
+	outs := e.out.outcomes(t)
+	if len(outs) != 2 || outs[1].InstanceID != "new" || outs[1].Status != StatusStopped || outs[1].Cause != CauseOK {
+		t.Fatalf("outcomes = %+v; want the new command's own", outs)
+	}
+	if n := e.emu.StopCallsFor(proj, "s1", "new"); n != 1 {
+		t.Errorf("DLF calls for the new command = %d, want 1", n)
+	}
+	if n := e.pubs.count(); n != 3 {
+		t.Errorf("%d outcome publishes, want 3 (the old command's, the new one's dropped, and again)", n)
+	}
+	e.noDeadLetters(t)
+}
+
 func TestStateID(t *testing.T) {
 	at := time.Unix(1764201600, 123456789)
 	tests := []struct {
@@ -479,10 +517,13 @@ func TestDeliveryThatNeverCalledCountsForNothing(t *testing.T) {
 func TestDuplicateOutcomeFollowsTheStoredOne(t *testing.T) {
 	e := newEnv(t, nil)
 	e.emu.AddRunning(proj, "", "s1", "i-1")
+	b := body(t, map[string]any{"command_id": "dup", "project_id": proj, "script_name": "s1", "instance_id": "i-1"})
+	seq := e.publish(b, nil)
 	stored := Outcome{CommandID: "dup", ProjectID: proj, ScriptName: "s1", InstanceID: "i-1",
 		Status: StatusFailed, Cause: CauseDLFError, HTTPStatus: 400, ErrorCode: "DLF.6205",
 		ErrorMsg: "The script running history does not exist.", Detail: "DLF refused the stop",
-		Attempts: 1, FinishedAt: FormatTime(time.Now()), WorkerID: "died"}
+		Attempts: 1, ReceivedAt: FormatTime(e.storedAt(context.Background(), t, seq)),
+		FinishedAt: FormatTime(time.Now()), WorkerID: "died"}
 	ob, err := json.Marshal(&stored)
 	if err != nil {
 		t.Fatal(err)
@@ -494,8 +535,6 @@ func TestDuplicateOutcomeFollowsTheStoredOne(t *testing.T) {
 		t.Fatal(err)
 	}
 	e.startWorker(nil)
-	b := body(t, map[string]any{"command_id": "dup", "project_id": proj, "script_name": "s1", "instance_id": "i-1"})
-	seq := e.publish(b, nil)
 	e.stopStreamEmpty(t)
 	e.checkDead(t, stored, b, seq)
 	if o := e.single(t); o.Status != StatusFailed || o.WorkerID != "died" {
