@@ -626,12 +626,21 @@ func (w *Worker) decidedMeanwhile(ctx context.Context, j *job) bool {
 	if err != nil {
 		return false // the record write after the outcome settles it, or fails
 	}
-	d := &recs[0].doc
-	entry := d.Cmds[j.sid]
-	decided := d.StoppedBy == j.sid || (entry != nil && entry.Phase == phaseDecided)
-	if len(recs) > 1 {
-		if e := recs[1].doc.Cmds[j.sid]; e != nil && e.Phase == phaseDecided {
+	decidedIn := func(d *stateDoc) bool {
+		e := d.Cmds[j.sid]
+		return d.StoppedBy == j.sid || (e != nil && e.Phase == phaseDecided)
+	}
+	decided := decidedIn(&recs[0].doc)
+	if len(recs) > 1 && !decided {
+		switch e := recs[1].doc.Cmds[j.sid]; {
+		case e == nil:
+		case e.Phase == phaseDecided:
 			decided = true
+		case e.Phase == phaseSent && e.Seq == j.meta.Sequence.Stream && e.Inst != "" && e.Inst != j.cmd.InstanceKey():
+			// The other delivery read the command under other defaults.
+			if other, err := w.state.lookupWait(ctx, []string{instKey(e.Inst)}); err == nil {
+				decided = decidedIn(&other[0].doc)
+			}
 		}
 	}
 	if !decided {
