@@ -99,28 +99,28 @@ func (p *publisher) publishOutcome(ctx context.Context, o *Outcome) (*jetstream.
 // decision record, and this delivery may have decided otherwise (its
 // DLF.6205 is the first delivery's stop, say).
 //
-// It also returns the stream's duplicate window.
-func (p *publisher) storedOutcome(ctx context.Context, stream string, seq uint64, id string) (*Outcome, time.Duration, error) {
+// It also returns when the stream drops that id from its duplicate window.
+func (p *publisher) storedOutcome(ctx context.Context, stream string, seq uint64, id string) (*Outcome, time.Time, error) {
 	s, err := p.js.Stream(ctx, stream)
 	if err != nil {
-		return nil, 0, fmt.Errorf("read stored outcome: %w", err)
+		return nil, time.Time{}, fmt.Errorf("read stored outcome: %w", err)
 	}
-	window := s.CachedInfo().Config.Duplicates
 	m, err := s.GetMsg(ctx, seq)
 	if err != nil {
-		return nil, window, fmt.Errorf("read stored outcome %s #%d: %w", stream, seq, err)
+		return nil, time.Time{}, fmt.Errorf("read stored outcome %s #%d: %w", stream, seq, err)
 	}
+	free := m.Time.Add(s.CachedInfo().Config.Duplicates)
 	if got := m.Header.Get(jetstream.MsgIDHeader); got != id {
-		return nil, window, fmt.Errorf("read stored outcome %s #%d: it is for command %q", stream, seq, got)
+		return nil, free, fmt.Errorf("read stored outcome %s #%d: it is for command %q", stream, seq, got)
 	}
 	var o Outcome
 	if err := json.Unmarshal(m.Data, &o); err != nil {
-		return nil, window, fmt.Errorf("read stored outcome %s #%d: %w", stream, seq, err)
+		return nil, free, fmt.Errorf("read stored outcome %s #%d: %w", stream, seq, err)
 	}
 	if o.Status == "" {
-		return nil, window, fmt.Errorf("read stored outcome %s #%d: no status", stream, seq)
+		return nil, free, fmt.Errorf("read stored outcome %s #%d: no status", stream, seq)
 	}
-	return &o, window, nil
+	return &o, free, nil
 }
 
 // publishDead stores the original command bytes, unchanged, so that a

@@ -596,9 +596,12 @@ func (w *Worker) store(j *job) {
 			j.release()
 		}, func(err error) {
 			defer j.release()
-			if w.recordDecisionLater(j, change, err) {
-				w.state.indexDropped(dropped)
-			}
+			w.recordDecisionLater(j, change, err)
+			// Whether the record was written, or the document went back
+			// with the pending outcome at a stop (already pruned, so that
+			// write drops nothing itself): entries dropped for room are
+			// decided, and indexing them is right either way.
+			w.state.indexDropped(dropped)
 		})
 		// Set only once the write is under way (a panic before leaves the
 		// release to run), and read only by this goroutine.
@@ -667,28 +670,33 @@ func (w *Worker) decidedMeanwhile(ctx context.Context, j *job) bool {
 // JetStream stored the command) differs. An id made of the stream sequence
 // then names another command, of a stream deleted and created again within
 // the window: this one needs its own outcome, and adoptStored returns how
-// long to wait before publishing it again (the window). An id a publisher
-// chose, published again while its first command was undecided, is that
-// same command by the contract: the stored outcome stands for it, and this
-// delivery's decision is only recorded. An outcome that cannot be read
-// leaves this delivery's decision as it is.
+// long to wait before publishing it again (until the window lets the id go,
+// at most half STATE_TTL at a time, so that the pending outcome recorded
+// meanwhile outlives the wait). An id a publisher chose, published again
+// while its first command was undecided, is that same command by the
+// contract: the stored outcome stands for it. An outcome that cannot be
+// read leaves this delivery's decision as it is, except for an id made of
+// the stream sequence, which is tried again later: it may be another
+// command's.
 func (w *Worker) adoptStored(ctx context.Context, j *job, ack *jetstream.PubAck) (wait time.Duration) {
 	o := &j.out
-	stored, window, err := w.pub.storedOutcome(ctx, ack.Stream, ack.Sequence, o.CommandID)
+	stored, free, err := w.pub.storedOutcome(ctx, ack.Stream, ack.Sequence, o.CommandID)
 	if err != nil {
-		j.log.Warn("outcome already stored by an earlier delivery and unreadable; keeping this delivery's decision",
-			zap.Error(err))
+		j.log.Warn("outcome already stored by an earlier delivery and unreadable", zap.Error(err))
+		if j.cmd.SeqID {
+			return w.redeliveryDelay(j.meta.NumDelivered)
+		}
 		return 0
 	}
 	if stored.ReceivedAt != o.ReceivedAt {
 		if j.cmd.SeqID {
+			wait = min(time.Until(free)+time.Second, w.cfg.StateTTL/2)
 			j.log.Warn("the outcome of another command with this derived id (a re-created stream) holds the duplicate window; publishing again after it",
-				zap.Duration("window", window))
-			return max(window, time.Second) + time.Second
+				zap.Duration("in", wait))
+			return max(wait, w.cfg.RetryInitial)
 		}
 		j.log.Warn("this command id was published again while its first command was undecided; the first one's outcome stands",
 			zap.String("stored_status", stored.Status), zap.String("stored_instance", stored.InstanceID))
-		return 0
 	}
 	if stored.Status != o.Status || stored.Cause != o.Cause {
 		j.log.Warn("an earlier delivery already stored another outcome; following it",
@@ -709,10 +717,10 @@ func (w *Worker) adoptStored(ctx context.Context, j *job, ack *jetstream.PubAck)
 // second outcome. A stop hands the command back with its pending outcome,
 // a last try.
 //
-// It reports whether the record was written. The id is then indexed as
-// decided too: the "sent" mark that would index it was written without an
-// answer, by the same bucket that was failing.
-func (w *Worker) recordDecisionLater(j *job, change func(*stateDoc), err error) bool {
+// Once the record is written the id is indexed as decided too: the "sent"
+// mark that would index it was written without an answer, by the same
+// bucket that was failing.
+func (w *Worker) recordDecisionLater(j *job, change func(*stateDoc), err error) {
 	w.m.publishFail.WithLabelValues("state").Inc()
 	w.checkState()
 	j.log.Warn("outcome stored, decision not recorded yet; holding the command and trying again", zap.Error(err))
@@ -724,7 +732,7 @@ func (w *Worker) recordDecisionLater(j *job, change func(*stateDoc), err error) 
 		case <-w.stopping:
 			t.Stop()
 			w.giveBack(j, 0, "shutdown")
-			return false
+			return
 		}
 		ctx, cancel := context.WithTimeout(w.hard, publishTimeout)
 		err = w.state.save(ctx, j.state, change)
@@ -735,7 +743,7 @@ func (w *Worker) recordDecisionLater(j *job, change func(*stateDoc), err error) 
 				w.state.markDecided(j.sid, cmdEntry{Phase: phaseDecided, Attempts: j.attempts, Status: j.out.Status, Cause: j.out.Cause})
 			}
 			w.acked(j)
-			return true
+			return
 		}
 		w.m.publishFail.WithLabelValues("state").Inc()
 		w.checkState()

@@ -82,7 +82,9 @@ func TestDecidedIDReusedForAnotherInstance(t *testing.T) {
 // points to that document: it is indexed as decided when dropped, so its
 // id published again for another instance is still recognised.
 func TestIDDroppedForRoomIsStillDecided(t *testing.T) {
-	e := newEnv(t, nil)
+	// One call at a time: 260 decisions for one document at once would
+	// mostly collide in compare-and-set.
+	e := newEnv(t, func(c *Config) { c.Concurrency = 1 })
 	e.emu.AddRunning(proj, "", "s1", "i-2")
 	r := e.startWorker(nil)
 	n := maxCmdEntries + 4
@@ -178,6 +180,62 @@ func TestIDDroppedForRoomIsIndexedWhenTheRecordIsRetried(t *testing.T) {
 	}
 }
 
+// The decision write that drops old-0 for room fails, and the worker stops
+// while it waits to write it again: the document goes back with the pending
+// outcome (already pruned), and old-0 must still be indexed as decided.
+func TestIDDroppedForRoomIsIndexedWhenTheWorkerStops(t *testing.T) {
+	e := newEnv(t, nil)
+	e.emu.AddRunning(proj, "", "s1", "i-2")
+	st := e.state(t)
+	key404 := command.Command{ProjectID: proj, ScriptName: "s1", InstanceID: "i-404"}.InstanceKey()
+	now := time.Now().Unix()
+	full := stateDoc{Cmds: map[string]*cmdEntry{}}
+	for i := 0; i < maxCmdEntries; i++ {
+		full.Cmds["old-"+strconv.Itoa(i)] = &cmdEntry{Phase: phaseDecided, Attempts: 1, Status: StatusFailed,
+			Cause: CauseDLFError, At: now - 1000 + int64(i)}
+	}
+	r0, err := st.load(context.Background(), instKey(key404))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := st.save(context.Background(), r0, func(d *stateDoc) { *d = full }); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := st.kv.Put(context.Background(), cmdKey("old-0"), sentMarkDoc("old-0", 1, 999, key404)); err != nil {
+		t.Fatal(err)
+	}
+	r := e.startWorker(func(c *Config) { c.RetryInitial, c.RetryMax = time.Minute, time.Minute })
+	e.updateStream(t, "KV_dlf_stop_state", func(c *jetstream.StreamConfig) { c.MaxMsgSize = 64 })
+	e.publish(body(t, map[string]any{"command_id": "new", "project_id": proj, "script_name": "s1", "instance_id": "i-404"}), nil)
+	e.out.wait(t, 1, 10*time.Second)
+	testutil.Eventually(t, 10*time.Second, func() error {
+		if n := testutilCount(r.w.m.publishFail.WithLabelValues("state")); n < 1 {
+			return fmt.Errorf("no failed decision write yet")
+		}
+		return nil
+	})
+	e.updateStream(t, "KV_dlf_stop_state", func(c *jetstream.StreamConfig) { c.MaxMsgSize = -1 })
+	r.stop(t) // recordDecisionLater is in its one-minute wait: the stop hands the command back
+	if rec, err := st.load(context.Background(), instKey(key404)); err != nil {
+		t.Fatal(err)
+	} else if rec.doc.Cmds["old-0"] != nil {
+		t.Fatal("old-0 still in the document: nothing was dropped for room")
+	}
+	r2 := e.startWorker(nil)
+	e.publish(body(t, map[string]any{"command_id": "old-0", "project_id": proj, "script_name": "s1", "instance_id": "i-2"}),
+		nats.Header{nats.MsgIdHdr: []string{"again"}})
+	e.stopStreamEmpty(t)
+	testutil.Eventually(t, 5*time.Second, func() error {
+		if got := testutilCount(r2.w.m.reusedIDs); got != 1 {
+			return fmt.Errorf("reused ids counted %v, want 1", got)
+		}
+		return nil
+	})
+	if e.emu.Stopped(proj, "s1", "i-2") {
+		t.Error("the decided id old-0 stopped another instance")
+	}
+}
+
 // A command without an id is known by its stream sequence ("DLF_STOP-1").
 // A stream deleted and created again numbers its messages from 1 again,
 // so its first command gets that id once more: it is a new command, to be
@@ -264,6 +322,37 @@ func TestSeqIDWithinTheDuplicateWindowGetsItsOwnOutcome(t *testing.T) {
 	}
 	if n := e.pubs.count(); n != 3 {
 		t.Errorf("%d outcome publishes, want 3 (the old command's, the new one's dropped, and again)", n)
+	}
+	e.noDeadLetters(t)
+}
+
+// As above, with the outcome stream's duplicate window longer than
+// STATE_TTL: the pending outcome recorded while the command waits must
+// not expire first (the redelivery would call DLF again, get DLF.6205 and
+// fail a command that stopped its instance).
+func TestSeqIDWaitingForAWindowLongerThanStateTTL(t *testing.T) {
+	e := newEnv(t, func(c *Config) { c.StateTTL = 2 * time.Second })
+	ctx, cancel := context.WithTimeout(context.Background(), 40*time.Second)
+	defer cancel()
+	e.updateStream(t, "DLF_STOP_OUTCOMES", func(c *jetstream.StreamConfig) { c.Duplicates = 5 * time.Second })
+	e.emu.AddRunning(proj, "", "s1", "old")
+	e.emu.AddRunning(proj, "", "s1", "new")
+	r := e.startWorker(nil)
+	e.publish(body(t, map[string]any{"project_id": proj, "script_name": "s1", "instance_id": "old"}), nil)
+	e.single(t)
+	r.stop(t)
+	if err := e.js.DeleteStream(ctx, "DLF_STOP"); err != nil {
+		t.Fatal(err)
+	}
+	e.startWorker(nil)
+	e.publish(body(t, map[string]any{"project_id": proj, "script_name": "s1", "instance_id": "new"}), nil)
+	e.out.wait(t, 2, 30*time.Second)
+	e.stopStreamEmpty(t)
+	if o := e.out.outcomes(t)[1]; o.InstanceID != "new" || o.Status != StatusStopped || o.Cause != CauseOK {
+		t.Errorf("new command's outcome = %+v; it stopped its instance with its one call", o)
+	}
+	if n := e.emu.StopCallsFor(proj, "s1", "new"); n != 1 {
+		t.Errorf("DLF calls for the new command = %d, want 1", n)
 	}
 	e.noDeadLetters(t)
 }
@@ -675,6 +764,35 @@ func TestDecisionRecordedOnceTheBucketRecovers(t *testing.T) {
 	if rec.doc.StoppedBy != "held" {
 		t.Errorf("state = %+v, want the instance recorded as stopped by the command", rec.doc)
 	}
+}
+
+// A publisher's id published again (another message) while its first
+// command was undecided is that same command by the contract. When the
+// second one also called and decided otherwise (here: failed, DLF.6205),
+// its outcome is dropped as the first one's duplicate, and it must follow
+// the stored one: no dead letter contradicting a stopped outcome.
+func TestIDPublishedAgainWhileUndecidedFollowsTheFirst(t *testing.T) {
+	e := newEnv(t, nil)
+	stored := Outcome{CommandID: "dup", ProjectID: proj, ScriptName: "s1", InstanceID: "i-1",
+		Status: StatusStopped, Cause: CauseOK, HTTPStatus: 204, Attempts: 1,
+		ReceivedAt: FormatTime(time.Now().Add(-time.Minute)), FinishedAt: FormatTime(time.Now()), WorkerID: "other"}
+	ob, err := json.Marshal(&stored)
+	if err != nil {
+		t.Fatal(err)
+	}
+	m := nats.NewMsg("dlf.stop.outcome.stopped")
+	m.Data = ob
+	m.Header.Set(nats.MsgIdHdr, "dup")
+	if _, err := e.js.PublishMsg(context.Background(), m); err != nil {
+		t.Fatal(err)
+	}
+	e.startWorker(nil)
+	e.publish(body(t, map[string]any{"command_id": "dup", "project_id": proj, "script_name": "s1", "instance_id": "i-1"}), nil)
+	e.stopStreamEmpty(t)
+	if o := e.single(t); o.Status != StatusStopped {
+		t.Fatalf("outcome = %+v", o)
+	}
+	e.noDeadLetters(t)
 }
 
 // Without such a record a DLF.6205 still fails and is dead-lettered.
