@@ -578,8 +578,7 @@ func (w *Worker) store(j *job) {
 		// Entries dropped for room by any application of change: a retry
 		// applies it to a document already pruned, which drops nothing.
 		dropped := map[string]cmdEntry{}
-		var change func(d *stateDoc)
-		change = func(d *stateDoc) {
+		change := func(d *stateDoc) {
 			d.forgetOldStop(now, w.cfg.StateTTL) // a re-read document may hold one again
 			if status == StatusStopped && j.valid && d.StoppedBy == "" {
 				d.StoppedBy, d.StoppedAt, d.StoppedT = j.sid, o.FinishedAt, now
