@@ -109,18 +109,7 @@ func TestIDDroppedForRoomIsStillDecided(t *testing.T) {
 	if dropped == "" || len(rec.doc.Cmds) != maxCmdEntries {
 		t.Fatalf("document holds %d entries, none dropped", len(rec.doc.Cmds))
 	}
-	e.publish(body(t, map[string]any{"command_id": dropped, "project_id": proj, "script_name": "s1", "instance_id": "i-2"}),
-		nats.Header{nats.MsgIdHdr: []string{"again"}})
-	e.stopStreamEmpty(t)
-	testutil.Eventually(t, 5*time.Second, func() error {
-		if got := testutilCount(r.w.m.reusedIDs); got != 1 {
-			return fmt.Errorf("reused ids counted %v, want 1", got)
-		}
-		return nil
-	})
-	if e.emu.Stopped(proj, "s1", "i-2") {
-		t.Error("the reused id stopped its instance")
-	}
+	e.reusedForI2IsSkipped(t, r, dropped)
 }
 
 // The decision write that drops an entry for room fails and is retried
@@ -129,6 +118,30 @@ func TestIDDroppedForRoomIsStillDecided(t *testing.T) {
 // must still be indexed.
 func TestIDDroppedForRoomIsIndexedWhenTheRecordIsRetried(t *testing.T) {
 	e := newEnv(t, nil)
+	key404 := e.fullDocument(t)
+	r := e.startWorker(nil)
+	e.decideWhileTheBucketRefuses(t, r)
+	e.stopStreamEmpty(t)
+	e.old0StaysDecided(t, r, key404)
+}
+
+// The decision write that drops old-0 for room fails, and the worker stops
+// while it waits to write it again: the document goes back with the pending
+// outcome (already pruned), and old-0 must still be indexed as decided.
+func TestIDDroppedForRoomIsIndexedWhenTheWorkerStops(t *testing.T) {
+	e := newEnv(t, nil)
+	key404 := e.fullDocument(t)
+	r := e.startWorker(func(c *Config) { c.RetryInitial, c.RetryMax = time.Minute, time.Minute })
+	e.decideWhileTheBucketRefuses(t, r)
+	r.stop(t) // recordDecisionLater is in its one-minute wait: the stop hands the command back
+	e.old0StaysDecided(t, e.startWorker(nil), key404)
+}
+
+// fullDocument fills the document of instance i-404 with maxCmdEntries
+// decided commands, old-0 the oldest, and gives old-0 the mark of a call
+// as its only index. It returns the instance key.
+func (e *env) fullDocument(t *testing.T) string {
+	t.Helper()
 	e.emu.AddRunning(proj, "", "s1", "i-2")
 	st := e.state(t)
 	key404 := command.Command{ProjectID: proj, ScriptName: "s1", InstanceID: "i-404"}.InstanceKey()
@@ -145,11 +158,17 @@ func TestIDDroppedForRoomIsIndexedWhenTheRecordIsRetried(t *testing.T) {
 	if err := st.save(context.Background(), r0, func(d *stateDoc) { *d = full }); err != nil {
 		t.Fatal(err)
 	}
-	// old-0, the oldest, called DLF: its index is its mark, pointing here.
 	if _, err := st.kv.Put(context.Background(), cmdKey("old-0"), sentMarkDoc("old-0", 1, 999, key404)); err != nil {
 		t.Fatal(err)
 	}
-	r := e.startWorker(nil)
+	return key404
+}
+
+// decideWhileTheBucketRefuses has command "new" decided for i-404 while
+// the bucket refuses its writes, and lets it accept them again once the
+// decision write failed.
+func (e *env) decideWhileTheBucketRefuses(t *testing.T, r *running) {
+	t.Helper()
 	e.updateStream(t, "KV_dlf_stop_state", func(c *jetstream.StreamConfig) { c.MaxMsgSize = 64 })
 	e.publish(body(t, map[string]any{"command_id": "new", "project_id": proj, "script_name": "s1", "instance_id": "i-404"}), nil)
 	e.out.wait(t, 1, 10*time.Second)
@@ -160,13 +179,25 @@ func TestIDDroppedForRoomIsIndexedWhenTheRecordIsRetried(t *testing.T) {
 		return nil
 	})
 	e.updateStream(t, "KV_dlf_stop_state", func(c *jetstream.StreamConfig) { c.MaxMsgSize = -1 })
-	e.stopStreamEmpty(t)
-	if rec, err := st.load(context.Background(), instKey(key404)); err != nil {
+}
+
+// old0StaysDecided checks that old-0 left i-404's document, and that its
+// id published again for i-2 is acked by r as a reused id, without a stop.
+func (e *env) old0StaysDecided(t *testing.T, r *running, key404 string) {
+	t.Helper()
+	if rec, err := e.state(t).load(context.Background(), instKey(key404)); err != nil {
 		t.Fatal(err)
 	} else if rec.doc.Cmds["old-0"] != nil {
 		t.Fatal("old-0 still in the document: nothing was dropped for room")
 	}
-	e.publish(body(t, map[string]any{"command_id": "old-0", "project_id": proj, "script_name": "s1", "instance_id": "i-2"}),
+	e.reusedForI2IsSkipped(t, r, "old-0")
+}
+
+// reusedForI2IsSkipped publishes the decided id for instance i-2 and checks
+// that r acks it as a reused id, without stopping i-2.
+func (e *env) reusedForI2IsSkipped(t *testing.T, r *running, id string) {
+	t.Helper()
+	e.publish(body(t, map[string]any{"command_id": id, "project_id": proj, "script_name": "s1", "instance_id": "i-2"}),
 		nats.Header{nats.MsgIdHdr: []string{"again"}})
 	e.stopStreamEmpty(t)
 	testutil.Eventually(t, 5*time.Second, func() error {
@@ -176,63 +207,7 @@ func TestIDDroppedForRoomIsIndexedWhenTheRecordIsRetried(t *testing.T) {
 		return nil
 	})
 	if e.emu.Stopped(proj, "s1", "i-2") {
-		t.Error("the decided id old-0 stopped another instance")
-	}
-}
-
-// The decision write that drops old-0 for room fails, and the worker stops
-// while it waits to write it again: the document goes back with the pending
-// outcome (already pruned), and old-0 must still be indexed as decided.
-func TestIDDroppedForRoomIsIndexedWhenTheWorkerStops(t *testing.T) {
-	e := newEnv(t, nil)
-	e.emu.AddRunning(proj, "", "s1", "i-2")
-	st := e.state(t)
-	key404 := command.Command{ProjectID: proj, ScriptName: "s1", InstanceID: "i-404"}.InstanceKey()
-	now := time.Now().Unix()
-	full := stateDoc{Cmds: map[string]*cmdEntry{}}
-	for i := 0; i < maxCmdEntries; i++ {
-		full.Cmds["old-"+strconv.Itoa(i)] = &cmdEntry{Phase: phaseDecided, Attempts: 1, Status: StatusFailed,
-			Cause: CauseDLFError, At: now - 1000 + int64(i)}
-	}
-	r0, err := st.load(context.Background(), instKey(key404))
-	if err != nil {
-		t.Fatal(err)
-	}
-	if err := st.save(context.Background(), r0, func(d *stateDoc) { *d = full }); err != nil {
-		t.Fatal(err)
-	}
-	if _, err := st.kv.Put(context.Background(), cmdKey("old-0"), sentMarkDoc("old-0", 1, 999, key404)); err != nil {
-		t.Fatal(err)
-	}
-	r := e.startWorker(func(c *Config) { c.RetryInitial, c.RetryMax = time.Minute, time.Minute })
-	e.updateStream(t, "KV_dlf_stop_state", func(c *jetstream.StreamConfig) { c.MaxMsgSize = 64 })
-	e.publish(body(t, map[string]any{"command_id": "new", "project_id": proj, "script_name": "s1", "instance_id": "i-404"}), nil)
-	e.out.wait(t, 1, 10*time.Second)
-	testutil.Eventually(t, 10*time.Second, func() error {
-		if n := testutilCount(r.w.m.publishFail.WithLabelValues("state")); n < 1 {
-			return fmt.Errorf("no failed decision write yet")
-		}
-		return nil
-	})
-	e.updateStream(t, "KV_dlf_stop_state", func(c *jetstream.StreamConfig) { c.MaxMsgSize = -1 })
-	r.stop(t) // recordDecisionLater is in its one-minute wait: the stop hands the command back
-	if rec, err := st.load(context.Background(), instKey(key404)); err != nil {
-		t.Fatal(err)
-	} else if rec.doc.Cmds["old-0"] != nil {
-		t.Fatal("old-0 still in the document: nothing was dropped for room")
-	}
-	r2 := e.startWorker(nil)
-	e.publish(body(t, map[string]any{"command_id": "old-0", "project_id": proj, "script_name": "s1", "instance_id": "i-2"}),
-		nats.Header{nats.MsgIdHdr: []string{"again"}})
-	e.stopStreamEmpty(t)
-	testutil.Eventually(t, 5*time.Second, func() error {
-		if got := testutilCount(r2.w.m.reusedIDs); got != 1 {
-			return fmt.Errorf("reused ids counted %v, want 1", got)
-		}
-		return nil
-	})
-	if e.emu.Stopped(proj, "s1", "i-2") {
-		t.Error("the decided id old-0 stopped another instance")
+		t.Errorf("the decided id %s stopped another instance", id)
 	}
 }
 
