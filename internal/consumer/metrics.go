@@ -56,7 +56,7 @@ func NewMetrics(reg prometheus.Registerer) (*Metrics, error) {
 		}),
 		publishFail: prometheus.NewCounterVec(prometheus.CounterOpts{
 			Name: "dlf_stop_publish_failures_total",
-			Help: "Outcome or dead-letter publishes that got no stored-ack; the command was returned.",
+			Help: "Outcome or dead-letter publishes that got no stored-ack (the command was returned), and decision records the state bucket refused after the outcome was stored (the command is held and the record tried again); one per failed try.",
 		}, []string{"kind"}),
 		panics: prometheus.NewCounter(prometheus.CounterOpts{
 			Name: "dlf_stop_panics_total",

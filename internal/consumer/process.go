@@ -540,10 +540,15 @@ func (w *Worker) store(j *job) {
 			return
 		}
 		if ack.Duplicate {
-			if wait := w.adoptStored(ctx, j, ack); wait > 0 {
+			wait, first := w.adoptStored(ctx, j, ack)
+			if wait > 0 {
 				// Recorded as a pending outcome, published again once
 				// the window that dropped it is over.
 				w.giveBack(j, wait, "outcome_id_taken")
+				return
+			}
+			if first != nil {
+				w.ackReused(j, first)
 				return
 			}
 		}
@@ -596,10 +601,10 @@ func (w *Worker) store(j *job) {
 		}, func(err error) {
 			defer j.release()
 			w.recordDecisionLater(j, change, err)
-			// Whether the record was written, or the document went back
-			// with the pending outcome at a stop (already pruned, so that
-			// write drops nothing itself): entries dropped for room are
-			// decided, and indexing them is right either way.
+			// Whether the record was written, or the stop's hand-back wrote
+			// the document (already pruned, so that write drops nothing
+			// itself): entries dropped for room are decided, and indexing
+			// them is right either way.
 			w.state.indexDropped(dropped)
 		})
 		// Set only once the write is under way (a panic before leaves the
@@ -673,29 +678,25 @@ func (w *Worker) decidedMeanwhile(ctx context.Context, j *job) bool {
 // at most half STATE_TTL at a time, so that the pending outcome recorded
 // meanwhile outlives the wait). An id a publisher chose, published again
 // while its first command was undecided, is that same command by the
-// contract: the stored outcome stands for it. An outcome that cannot be
-// read leaves this delivery's decision as it is, except for an id made of
-// the stream sequence, which is tried again later: it may be another
-// command's.
-func (w *Worker) adoptStored(ctx context.Context, j *job, ack *jetstream.PubAck) (wait time.Duration) {
+// contract: the first one's outcome, dead letter and record stand for it,
+// and adoptStored says reused (see ackReused). An outcome that cannot be
+// read leaves this delivery's decision as it is: it is most likely this
+// command's own, stored by an earlier delivery.
+func (w *Worker) adoptStored(ctx context.Context, j *job, ack *jetstream.PubAck) (wait time.Duration, reused *Outcome) {
 	o := &j.out
 	stored, free, err := w.pub.storedOutcome(ctx, ack.Stream, ack.Sequence, o.CommandID)
 	if err != nil {
-		j.log.Warn("outcome already stored by an earlier delivery and unreadable", zap.Error(err))
-		if j.cmd.SeqID {
-			return w.redeliveryDelay(j.meta.NumDelivered)
-		}
-		return 0
+		j.log.Warn("outcome already stored by an earlier delivery and unreadable; keeping this delivery's decision", zap.Error(err))
+		return 0, nil
 	}
 	if stored.ReceivedAt != o.ReceivedAt {
 		if j.cmd.SeqID {
 			wait = min(time.Until(free)+time.Second, w.cfg.StateTTL/2)
 			j.log.Warn("the outcome of another command with this derived id (a re-created stream) holds the duplicate window; publishing again after it",
 				zap.Duration("in", wait))
-			return max(wait, w.cfg.RetryInitial)
+			return max(wait, w.cfg.RetryInitial), nil
 		}
-		j.log.Warn("this command id was published again while its first command was undecided; the first one's outcome stands",
-			zap.String("stored_status", stored.Status), zap.String("stored_instance", stored.InstanceID))
+		return 0, stored
 	}
 	if stored.Status != o.Status || stored.Cause != o.Cause {
 		j.log.Warn("an earlier delivery already stored another outcome; following it",
@@ -704,7 +705,38 @@ func (w *Worker) adoptStored(ctx context.Context, j *job, ack *jetstream.PubAck)
 	}
 	*o = *stored
 	j.attempts = o.Attempts
-	return 0
+	return 0, nil
+}
+
+// ackReused ends a command whose id a publisher published again while the
+// first command with it was undecided, both called DLF, and the first one's
+// outcome is stored (contract section 6: the same id is the same command).
+// Its instance's document records the id as decided, but not as stopping
+// the instance: the stored outcome is about the first command's instance,
+// and this one's call may have found nothing to stop. No dead letter: the
+// first command's stands, with its own body.
+func (w *Worker) ackReused(j *job, first *Outcome) {
+	if j.state != nil {
+		ctx, cancel := context.WithTimeout(w.hard, publishTimeout)
+		dropped := map[string]cmdEntry{}
+		entry := cmdEntry{Phase: phaseDecided, Attempts: j.attempts, Status: first.Status, Cause: first.Cause, At: time.Now().Unix()}
+		err := w.state.save(ctx, j.state, func(d *stateDoc) { maps.Copy(dropped, d.setCmd(j.sid, entry, w.cfg.StateTTL)) })
+		cancel()
+		if err != nil {
+			// A redelivery calls again and ends here again.
+			j.log.Warn("could not record the reused id as decided", zap.Error(err))
+		} else {
+			w.state.indexDropped(dropped)
+		}
+	}
+	if err := j.msg.Ack(); err != nil {
+		j.log.Warn("ack of a reused id failed", zap.Error(err))
+	}
+	w.m.skipped.Inc()
+	w.m.reusedIDs.Inc()
+	j.log.Warn("this command id was published again while its first command was undecided; the first one's outcome stands",
+		zap.String("first_status", first.Status), zap.String("first_instance", first.InstanceID),
+		zap.String("dropped_status", j.out.Status), zap.String("dropped_cause", j.out.Cause))
 }
 
 // recordDecisionLater keeps trying to record a decision whose outcome is
@@ -713,8 +745,9 @@ func (w *Worker) adoptStored(ctx context.Context, j *job, ack *jetstream.PubAck)
 // the wait: the state bucket is what is failing, so the record of the
 // pending outcome would likely fail too, and a redelivery finding neither
 // would call DLF again and, once past the duplicate window, publish a
-// second outcome. A stop hands the command back with its pending outcome,
-// a last try.
+// second outcome. A stop hands the command back; that hand-back writes
+// the document as it is in memory, which already holds the decision (or,
+// after a conflict re-read, the pending outcome), a last try.
 //
 // Once the record is written the id is indexed as decided too: the "sent"
 // mark that would index it was written without an answer, by the same

@@ -741,11 +741,13 @@ func TestDecisionRecordedOnceTheBucketRecovers(t *testing.T) {
 	}
 }
 
-// A publisher's id published again (another message) while its first
-// command was undecided is that same command by the contract. When the
-// second one also called and decided otherwise (here: failed, DLF.6205),
-// its outcome is dropped as the first one's duplicate, and it must follow
-// the stored one: no dead letter contradicting a stopped outcome.
+// A publisher's id published again (another message, here for another
+// instance) while its first command was undecided is that same command by
+// the contract. When the second one also called and decided otherwise
+// (here: failed, DLF.6205), its outcome is dropped as the first one's
+// duplicate. The first outcome stands: no dead letter contradicting it, and
+// the second instance is not recorded as stopped (a later command for it
+// must still be sent to DLF).
 func TestIDPublishedAgainWhileUndecidedFollowsTheFirst(t *testing.T) {
 	e := newEnv(t, nil)
 	stored := Outcome{CommandID: "dup", ProjectID: proj, ScriptName: "s1", InstanceID: "i-1",
@@ -761,13 +763,25 @@ func TestIDPublishedAgainWhileUndecidedFollowsTheFirst(t *testing.T) {
 	if _, err := e.js.PublishMsg(context.Background(), m); err != nil {
 		t.Fatal(err)
 	}
-	e.startWorker(nil)
-	e.publish(body(t, map[string]any{"command_id": "dup", "project_id": proj, "script_name": "s1", "instance_id": "i-1"}), nil)
+	r := e.startWorker(nil)
+	e.publish(body(t, map[string]any{"command_id": "dup", "project_id": proj, "script_name": "s1", "instance_id": "i-2"}), nil)
 	e.stopStreamEmpty(t)
-	if o := e.single(t); o.Status != StatusStopped {
-		t.Fatalf("outcome = %+v", o)
+	if o := e.single(t); o.InstanceID != "i-1" || o.Status != StatusStopped {
+		t.Fatalf("outcome = %+v; want the first command's only", o)
 	}
 	e.noDeadLetters(t)
+	if got := testutilCount(r.w.m.reusedIDs); got != 1 {
+		t.Errorf("reused ids counted %v, want 1", got)
+	}
+	e.emu.AddRunning(proj, "", "s1", "i-2")
+	e.publish(body(t, map[string]any{"command_id": "later", "project_id": proj, "script_name": "s1", "instance_id": "i-2"}), nil)
+	e.out.wait(t, 2, 10*time.Second)
+	if o := byID(t, e.out.outcomes(t))["later"]; o.Status != StatusStopped || o.Cause != CauseOK {
+		t.Errorf("later command for i-2: %+v; want its own stop (i-2 was never stopped)", o)
+	}
+	if !e.emu.Stopped(proj, "s1", "i-2") {
+		t.Error("i-2 was never stopped")
+	}
 }
 
 // Without such a record a DLF.6205 still fails and is dead-lettered.
