@@ -76,7 +76,7 @@ func NewMetrics(reg prometheus.Registerer) (*Metrics, error) {
 		}),
 		reusedIDs: prometheus.NewCounter(prometheus.CounterOpts{
 			Name: "dlf_stop_command_ids_reused_total",
-			Help: "Of those, commands whose id was decided for another instance: acked without a stop (contract section 6); a publisher reuses ids.",
+			Help: "Commands whose id another command with that id had decided (contract section 6: acked without an outcome of their own); a publisher reuses ids.",
 		}),
 		throttled: prometheus.NewCounter(prometheus.CounterOpts{
 			Name: "dlf_stop_throttled_total",

@@ -93,6 +93,10 @@ func (p *publisher) publishOutcome(ctx context.Context, o *Outcome) (*jetstream.
 	return ack, nil
 }
 
+// defaultDuplicates is JetStream's duplicate window when a stream does not
+// set one, for when the stream cannot even be looked up.
+const defaultDuplicates = 2 * time.Minute
+
 // storedOutcome reads the outcome JetStream stored at seq in stream, the
 // one a duplicate publish was dropped for. Only that path reads it: an
 // earlier delivery stored it and then died before its dead letter or its
@@ -103,13 +107,15 @@ func (p *publisher) publishOutcome(ctx context.Context, o *Outcome) (*jetstream.
 func (p *publisher) storedOutcome(ctx context.Context, stream string, seq uint64, id string) (*Outcome, time.Time, error) {
 	s, err := p.js.Stream(ctx, stream)
 	if err != nil {
-		return nil, time.Time{}, fmt.Errorf("read stored outcome: %w", err)
+		return nil, time.Now().Add(defaultDuplicates), fmt.Errorf("read stored outcome: %w", err)
 	}
+	window := s.CachedInfo().Config.Duplicates
 	m, err := s.GetMsg(ctx, seq)
 	if err != nil {
-		return nil, time.Time{}, fmt.Errorf("read stored outcome %s #%d: %w", stream, seq, err)
+		// Then the id is surely free once a whole window has passed.
+		return nil, time.Now().Add(window), fmt.Errorf("read stored outcome %s #%d: %w", stream, seq, err)
 	}
-	free := m.Time.Add(s.CachedInfo().Config.Duplicates)
+	free := m.Time.Add(window)
 	if got := m.Header.Get(jetstream.MsgIDHeader); got != id {
 		return nil, free, fmt.Errorf("read stored outcome %s #%d: it is for command %q", stream, seq, got)
 	}

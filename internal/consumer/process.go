@@ -680,12 +680,18 @@ func (w *Worker) decidedMeanwhile(ctx context.Context, j *job) bool {
 // while its first command was undecided, is that same command by the
 // contract: the first one's outcome, dead letter and record stand for it,
 // and adoptStored says reused (see ackReused). An outcome that cannot be
-// read leaves this delivery's decision as it is: it is most likely this
-// command's own, stored by an earlier delivery.
+// read is this command's own, stored by an earlier delivery, unless this is
+// the first delivery of a derived id: then it is another command's, and
+// the command waits a whole window.
 func (w *Worker) adoptStored(ctx context.Context, j *job, ack *jetstream.PubAck) (wait time.Duration, reused *Outcome) {
 	o := &j.out
 	stored, free, err := w.pub.storedOutcome(ctx, ack.Stream, ack.Sequence, o.CommandID)
 	if err != nil {
+		if j.cmd.SeqID && j.meta.NumDelivered == 1 {
+			j.log.Warn("the outcome holding this derived id cannot be read, and no earlier delivery of this command stored one; publishing again after the window",
+				zap.Error(err))
+			return max(min(time.Until(free)+time.Second, w.cfg.StateTTL/2), w.cfg.RetryInitial), nil
+		}
 		j.log.Warn("outcome already stored by an earlier delivery and unreadable; keeping this delivery's decision", zap.Error(err))
 		return 0, nil
 	}
@@ -711,32 +717,45 @@ func (w *Worker) adoptStored(ctx context.Context, j *job, ack *jetstream.PubAck)
 // ackReused ends a command whose id a publisher published again while the
 // first command with it was undecided, both called DLF, and the first one's
 // outcome is stored (contract section 6: the same id is the same command).
-// Its instance's document records the id as decided, but not as stopping
-// the instance: the stored outcome is about the first command's instance,
-// and this one's call may have found nothing to stop. No dead letter: the
-// first command's stands, with its own body.
+// No outcome or dead letter of its own: the first command's stand. Its
+// instance's document records what its own call did (the stop it made, or
+// the id decided without one), and the id is indexed as decided, as this
+// command's mark had replaced the first one's. If that record cannot be
+// written the command is returned, as any unrecorded decision: acked, a
+// later use of the id could go unrecognised.
 func (w *Worker) ackReused(j *job, first *Outcome) {
 	if j.state != nil {
 		ctx, cancel := context.WithTimeout(w.hard, publishTimeout)
 		dropped := map[string]cmdEntry{}
-		entry := cmdEntry{Phase: phaseDecided, Attempts: j.attempts, Status: first.Status, Cause: first.Cause, At: time.Now().Unix()}
-		err := w.state.save(ctx, j.state, func(d *stateDoc) { maps.Copy(dropped, d.setCmd(j.sid, entry, w.cfg.StateTTL)) })
+		own := j.out
+		now := time.Now().Unix()
+		entry := cmdEntry{Phase: phaseDecided, Attempts: j.attempts, Status: first.Status, Cause: first.Cause, At: now}
+		err := w.state.save(ctx, j.state, func(d *stateDoc) {
+			d.forgetOldStop(now, w.cfg.StateTTL)
+			if own.Status == StatusStopped && d.StoppedBy == "" {
+				d.StoppedBy, d.StoppedAt, d.StoppedT = j.sid, own.FinishedAt, now
+				delete(d.Cmds, j.sid)
+				maps.Copy(dropped, d.prune(now, w.cfg.StateTTL, ""))
+				return
+			}
+			maps.Copy(dropped, d.setCmd(j.sid, entry, w.cfg.StateTTL))
+		})
 		cancel()
 		if err != nil {
-			// A redelivery calls again and ends here again.
-			j.log.Warn("could not record the reused id as decided", zap.Error(err))
-		} else {
-			w.state.indexDropped(dropped)
+			w.checkState()
+			w.publishFailed(j, "state", err)
+			return
 		}
+		w.state.indexDropped(dropped)
+		w.state.markDecided(j.sid, cmdEntry{Phase: phaseDecided, Attempts: j.attempts, Status: first.Status, Cause: first.Cause})
 	}
 	if err := j.msg.Ack(); err != nil {
 		j.log.Warn("ack of a reused id failed", zap.Error(err))
 	}
-	w.m.skipped.Inc()
 	w.m.reusedIDs.Inc()
 	j.log.Warn("this command id was published again while its first command was undecided; the first one's outcome stands",
 		zap.String("first_status", first.Status), zap.String("first_instance", first.InstanceID),
-		zap.String("dropped_status", j.out.Status), zap.String("dropped_cause", j.out.Cause))
+		zap.String("own_status", j.out.Status), zap.String("own_cause", j.out.Cause))
 }
 
 // recordDecisionLater keeps trying to record a decision whose outcome is

@@ -332,6 +332,43 @@ func TestSeqIDWaitingForAWindowLongerThanStateTTL(t *testing.T) {
 	e.noDeadLetters(t)
 }
 
+// A derived id whose slot in the duplicate window is held by an outcome
+// that can no longer be read (here: deleted) on the command's first
+// delivery: no earlier delivery of it can have stored that outcome, so it
+// waits out the window and publishes its own.
+func TestSeqIDWhoseSlotHolderIsUnreadableGetsItsOwnOutcome(t *testing.T) {
+	e := newEnv(t, nil)
+	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+	defer cancel()
+	e.updateStream(t, "DLF_STOP_OUTCOMES", func(c *jetstream.StreamConfig) { c.Duplicates = 2 * time.Second })
+	e.emu.AddRunning(proj, "", "s1", "new")
+	m := nats.NewMsg("dlf.stop.outcome.stopped")
+	m.Data = []byte(`{"command_id":"DLF_STOP-1","status":"stopped","cause":"ok"}`)
+	m.Header.Set(nats.MsgIdHdr, "DLF_STOP-1")
+	ack, err := e.js.PublishMsg(ctx, m)
+	if err != nil {
+		t.Fatal(err)
+	}
+	s, err := e.js.Stream(ctx, "DLF_STOP_OUTCOMES")
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := s.DeleteMsg(ctx, ack.Sequence); err != nil {
+		t.Fatal(err)
+	}
+	e.startWorker(nil)
+	e.publish(body(t, map[string]any{"project_id": proj, "script_name": "s1", "instance_id": "new"}), nil)
+	e.stopStreamEmpty(t)
+	// The collector saw the deleted one before it went.
+	e.out.wait(t, 2, 10*time.Second)
+	if o := e.out.outcomes(t)[1]; o.CommandID != "DLF_STOP-1" || o.InstanceID != "new" || o.Status != StatusStopped || o.Cause != CauseOK {
+		t.Errorf("outcome = %+v; want the command's own", o)
+	}
+	if n := e.pubs.count(); n != 3 {
+		t.Errorf("%d outcome publishes, want 3 (the deleted one, this one's dropped, and again)", n)
+	}
+}
+
 func TestStateID(t *testing.T) {
 	at := time.Unix(1764201600, 123456789)
 	tests := []struct {
@@ -782,6 +819,56 @@ func TestIDPublishedAgainWhileUndecidedFollowsTheFirst(t *testing.T) {
 	if !e.emu.Stopped(proj, "s1", "i-2") {
 		t.Error("i-2 was never stopped")
 	}
+}
+
+// As above, but the second command's own call stopped its instance: the
+// stop is recorded (a later command for that instance is already_stopped,
+// without a call), and the id, now indexed as decided, is recognised when
+// a third message uses it for yet another instance.
+func TestIDPublishedAgainWhoseCallStoppedItsInstance(t *testing.T) {
+	e := newEnv(t, nil)
+	e.emu.AddRunning(proj, "", "s1", "i-2")
+	e.emu.AddRunning(proj, "", "s1", "i-3")
+	stored := Outcome{CommandID: "dup", ProjectID: proj, ScriptName: "s1", InstanceID: "i-1",
+		Status: StatusStopped, Cause: CauseOK, HTTPStatus: 204, Attempts: 1,
+		ReceivedAt: FormatTime(time.Now().Add(-time.Minute)), FinishedAt: FormatTime(time.Now()), WorkerID: "other"}
+	ob, err := json.Marshal(&stored)
+	if err != nil {
+		t.Fatal(err)
+	}
+	m := nats.NewMsg("dlf.stop.outcome.stopped")
+	m.Data = ob
+	m.Header.Set(nats.MsgIdHdr, "dup")
+	if _, err := e.js.PublishMsg(context.Background(), m); err != nil {
+		t.Fatal(err)
+	}
+	r := e.startWorker(nil)
+	e.publish(body(t, map[string]any{"command_id": "dup", "project_id": proj, "script_name": "s1", "instance_id": "i-2"}), nil)
+	e.stopStreamEmpty(t)
+	if !e.emu.Stopped(proj, "s1", "i-2") {
+		t.Fatal("the second command's call did not stop i-2")
+	}
+	e.publish(body(t, map[string]any{"command_id": "later", "project_id": proj, "script_name": "s1", "instance_id": "i-2"}), nil)
+	e.out.wait(t, 2, 10*time.Second)
+	if o := byID(t, e.out.outcomes(t))["later"]; o.Status != StatusStopped || o.Cause != CauseAlreadyStopped {
+		t.Errorf("later command for i-2: %+v; want already_stopped by the recorded stop", o)
+	}
+	if n := e.emu.StopCallsFor(proj, "s1", "i-2"); n != 1 {
+		t.Errorf("DLF calls for i-2 = %d, want 1", n)
+	}
+	e.publish(body(t, map[string]any{"command_id": "dup", "project_id": proj, "script_name": "s1", "instance_id": "i-3"}),
+		nats.Header{nats.MsgIdHdr: []string{"third"}})
+	e.stopStreamEmpty(t)
+	testutil.Eventually(t, 5*time.Second, func() error {
+		if got := testutilCount(r.w.m.reusedIDs); got != 2 {
+			return fmt.Errorf("reused ids counted %v, want 2", got)
+		}
+		return nil
+	})
+	if e.emu.Stopped(proj, "s1", "i-3") {
+		t.Error("the decided id dup stopped a third instance")
+	}
+	e.noDeadLetters(t)
 }
 
 // Without such a record a DLF.6205 still fails and is dead-lettered.
