@@ -130,7 +130,12 @@ func (w *stateWriter) put(key string, value []byte) {
 // answer to a flush queues behind everything else the server sends this
 // connection, and a round trip per command would cost each of them that
 // wait and the server a PING each.
+//
+// A flush answered on a connection made after the put was sent proves
+// nothing: the put may have died with the old one. So a reconnect while a
+// put waits fails it.
 func (w *stateWriter) putSynced(ctx context.Context, key string, value []byte) error {
+	reconnects := w.nc.Stats().Reconnects
 	if err := w.nc.Publish(w.prefix+key, value); err != nil {
 		return fmt.Errorf("write state %s: %w", key, err)
 	}
@@ -146,6 +151,9 @@ func (w *stateWriter) putSynced(ctx context.Context, key string, value []byte) e
 	case err := <-done:
 		if err != nil {
 			return fmt.Errorf("write state %s: %w", key, err)
+		}
+		if w.nc.Stats().Reconnects != reconnects {
+			return fmt.Errorf("write state %s: NATS reconnected before the flush; the write may be lost", key)
 		}
 		return nil
 	case <-ctx.Done():

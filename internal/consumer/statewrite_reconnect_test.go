@@ -1,0 +1,140 @@
+package consumer
+
+import (
+	"bytes"
+	"context"
+	"errors"
+	"fmt"
+	"io"
+	"net"
+	"sync"
+	"sync/atomic"
+	"testing"
+	"time"
+
+	"github.com/nats-io/nats.go"
+	"github.com/nats-io/nats.go/jetstream"
+
+	"github.com/dlf-stop/worker/internal/testutil"
+)
+
+// cuttingProxy forwards TCP to target. While deaf, what the client sends
+// is read and dropped, as bytes in flight are when a connection breaks;
+// cut closes every connection, and the client reconnects through it.
+type cuttingProxy struct {
+	ln      net.Listener
+	target  string
+	deaf    atomic.Bool
+	mu      sync.Mutex
+	conns   []net.Conn
+	dropped []byte // what the client sent while deaf
+}
+
+func (p *cuttingProxy) serve() {
+	for {
+		c, err := p.ln.Accept()
+		if err != nil {
+			return
+		}
+		s, err := net.Dial("tcp", p.target)
+		if err != nil {
+			c.Close()
+			continue
+		}
+		p.mu.Lock()
+		p.conns = append(p.conns, c, s)
+		p.mu.Unlock()
+		go func() { _, _ = io.Copy(c, s) }()
+		go func() {
+			buf := make([]byte, 32<<10)
+			for {
+				n, err := c.Read(buf)
+				if n > 0 {
+					if p.deaf.Load() {
+						p.mu.Lock()
+						p.dropped = append(p.dropped, buf[:n]...)
+						p.mu.Unlock()
+					} else {
+						_, _ = s.Write(buf[:n])
+					}
+				}
+				if err != nil {
+					s.Close()
+					return
+				}
+			}
+		}()
+	}
+}
+
+func (p *cuttingProxy) cut() {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	for _, c := range p.conns {
+		c.Close()
+	}
+	p.conns = nil
+}
+
+// A mark waits for the flush after the one on the wire. If the connection
+// breaks meanwhile, the mark's bytes die with it, and the next flush is
+// answered on the new connection: the mark must then count as failed, or
+// the DLF call would go out without it.
+func TestMarkLostInAReconnectFails(t *testing.T) {
+	e := newEnv(t, nil)
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	p := &cuttingProxy{ln: ln, target: e.srv.Addr().String()}
+	go p.serve()
+	t.Cleanup(func() { ln.Close(); p.cut() })
+	nc, err := nats.Connect("nats://"+ln.Addr().String(), nats.MaxReconnects(-1), nats.ReconnectWait(50*time.Millisecond))
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(nc.Close)
+	st := e.state(t)
+	w, err := newStateWriter(nc, "dlf_stop_state")
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(w.close)
+	waiting := func() int {
+		w.syncMu.Lock()
+		defer w.syncMu.Unlock()
+		return len(w.syncers)
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), 20*time.Second)
+	defer cancel()
+
+	p.deaf.Store(true)
+	errA := make(chan error, 1)
+	go func() { errA <- w.putSynced(ctx, "a", []byte("mark-a")) }()
+	testutil.Eventually(t, 5*time.Second, func() error { // a's flush is on the wire, unanswered
+		p.mu.Lock()
+		defer p.mu.Unlock()
+		if !bytes.Contains(p.dropped, []byte("PING\r\n")) {
+			return fmt.Errorf("a's flush not sent yet")
+		}
+		return nil
+	})
+	errB := make(chan error, 1)
+	go func() { errB <- w.putSynced(ctx, "b", []byte("mark-b")) }()
+	testutil.Eventually(t, 5*time.Second, func() error {
+		if n := waiting(); n != 1 {
+			return fmt.Errorf("b not waiting for the next flush yet (%d)", n)
+		}
+		return nil
+	})
+	p.deaf.Store(false)
+	p.cut()
+	if err := <-errA; err == nil {
+		t.Error("a's flush died with its connection, yet a reported success")
+	}
+	if err := <-errB; err == nil {
+		if _, gerr := st.kv.Get(ctx, "b"); errors.Is(gerr, jetstream.ErrKeyNotFound) {
+			t.Fatal("b reported the mark held by the server, but it is not stored: a call would go out unmarked")
+		}
+	}
+}
