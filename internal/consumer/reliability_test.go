@@ -625,16 +625,7 @@ func TestDuplicateOutcomeFollowsTheStoredOne(t *testing.T) {
 		ErrorMsg: "The script running history does not exist.", Detail: "DLF refused the stop",
 		Attempts: 1, ReceivedAt: FormatTime(e.storedAt(context.Background(), t, seq)),
 		FinishedAt: FormatTime(time.Now()), WorkerID: "died"}
-	ob, err := json.Marshal(&stored)
-	if err != nil {
-		t.Fatal(err)
-	}
-	m := nats.NewMsg("dlf.stop.outcome.failed")
-	m.Data = ob
-	m.Header.Set(nats.MsgIdHdr, "dup")
-	if _, err := e.js.PublishMsg(context.Background(), m); err != nil {
-		t.Fatal(err)
-	}
+	e.storeOutcome(t, stored)
 	e.startWorker(nil)
 	e.stopStreamEmpty(t)
 	e.checkDead(t, stored, b, seq)
@@ -787,19 +778,7 @@ func TestDecisionRecordedOnceTheBucketRecovers(t *testing.T) {
 // must still be sent to DLF).
 func TestIDPublishedAgainWhileUndecidedFollowsTheFirst(t *testing.T) {
 	e := newEnv(t, nil)
-	stored := Outcome{CommandID: "dup", ProjectID: proj, ScriptName: "s1", InstanceID: "i-1",
-		Status: StatusStopped, Cause: CauseOK, HTTPStatus: 204, Attempts: 1,
-		ReceivedAt: FormatTime(time.Now().Add(-time.Minute)), FinishedAt: FormatTime(time.Now()), WorkerID: "other"}
-	ob, err := json.Marshal(&stored)
-	if err != nil {
-		t.Fatal(err)
-	}
-	m := nats.NewMsg("dlf.stop.outcome.stopped")
-	m.Data = ob
-	m.Header.Set(nats.MsgIdHdr, "dup")
-	if _, err := e.js.PublishMsg(context.Background(), m); err != nil {
-		t.Fatal(err)
-	}
+	e.storeOutcome(t, firstDupOutcome())
 	r := e.startWorker(nil)
 	e.publish(body(t, map[string]any{"command_id": "dup", "project_id": proj, "script_name": "s1", "instance_id": "i-2"}), nil)
 	e.stopStreamEmpty(t)
@@ -829,19 +808,7 @@ func TestIDPublishedAgainWhoseCallStoppedItsInstance(t *testing.T) {
 	e := newEnv(t, nil)
 	e.emu.AddRunning(proj, "", "s1", "i-2")
 	e.emu.AddRunning(proj, "", "s1", "i-3")
-	stored := Outcome{CommandID: "dup", ProjectID: proj, ScriptName: "s1", InstanceID: "i-1",
-		Status: StatusStopped, Cause: CauseOK, HTTPStatus: 204, Attempts: 1,
-		ReceivedAt: FormatTime(time.Now().Add(-time.Minute)), FinishedAt: FormatTime(time.Now()), WorkerID: "other"}
-	ob, err := json.Marshal(&stored)
-	if err != nil {
-		t.Fatal(err)
-	}
-	m := nats.NewMsg("dlf.stop.outcome.stopped")
-	m.Data = ob
-	m.Header.Set(nats.MsgIdHdr, "dup")
-	if _, err := e.js.PublishMsg(context.Background(), m); err != nil {
-		t.Fatal(err)
-	}
+	e.storeOutcome(t, firstDupOutcome())
 	r := e.startWorker(nil)
 	e.publish(body(t, map[string]any{"command_id": "dup", "project_id": proj, "script_name": "s1", "instance_id": "i-2"}), nil)
 	e.stopStreamEmpty(t)
@@ -869,6 +836,30 @@ func TestIDPublishedAgainWhoseCallStoppedItsInstance(t *testing.T) {
 		t.Error("the decided id dup stopped a third instance")
 	}
 	e.noDeadLetters(t)
+}
+
+// storeOutcome stores o in the outcome stream under its command id, as an
+// earlier delivery (or another message with that id) would have.
+func (e *env) storeOutcome(t *testing.T, o Outcome) {
+	t.Helper()
+	b, err := json.Marshal(&o)
+	if err != nil {
+		t.Fatal(err)
+	}
+	m := nats.NewMsg("dlf.stop.outcome." + o.Status)
+	m.Data = b
+	m.Header.Set(nats.MsgIdHdr, o.CommandID)
+	if _, err := e.js.PublishMsg(context.Background(), m); err != nil {
+		t.Fatal(err)
+	}
+}
+
+// firstDupOutcome is the stored outcome of a first command "dup", another
+// message than the one a test publishes: it stopped instance i-1.
+func firstDupOutcome() Outcome {
+	return Outcome{CommandID: "dup", ProjectID: proj, ScriptName: "s1", InstanceID: "i-1",
+		Status: StatusStopped, Cause: CauseOK, HTTPStatus: 204, Attempts: 1,
+		ReceivedAt: FormatTime(time.Now().Add(-time.Minute)), FinishedAt: FormatTime(time.Now()), WorkerID: "other"}
 }
 
 // Without such a record a DLF.6205 still fails and is dead-lettered.
