@@ -465,9 +465,9 @@ func (w *Worker) giveBack(j *job, delay time.Duration, reason string) {
 				entry.Phase, entry.Outcome, entry.OutcomeStored = phasePending, b, j.outcomeStored
 			}
 		}
-		entry.At = time.Now().Unix()     // the real clock: this only ages entries out
-		dropped := map[string]cmdEntry{} // by every try: see store
-		err := w.state.save(ctx, j.state, func(d *stateDoc) { maps.Copy(dropped, d.setProgress(j.sid, entry, w.cfg.StateTTL)) })
+		entry.At = time.Now().Unix()    // the real clock: this only ages entries out
+		var dropped map[string]cmdEntry // by every try: see store
+		err := w.state.save(ctx, j.state, func(d *stateDoc) { collect(&dropped, d.setProgress(j.sid, entry, w.cfg.StateTTL)) })
 		cancel()
 		if err == nil {
 			w.state.indexDropped(dropped)
@@ -582,17 +582,11 @@ func (w *Worker) store(j *job) {
 		now := time.Now().Unix() // the real clock: this only ages entries out
 		// Entries dropped for room by any application of change: a retry
 		// applies it to a document already pruned, which drops nothing.
-		dropped := map[string]cmdEntry{}
+		var dropped map[string]cmdEntry
+		entry := cmdEntry{Phase: phaseDecided, Attempts: j.attempts, Status: status, Cause: cause, At: now}
+		stopped := status == StatusStopped && j.valid
 		change := func(d *stateDoc) {
-			d.forgetOldStop(now, w.cfg.StateTTL) // a re-read document may hold one again
-			if status == StatusStopped && j.valid && d.StoppedBy == "" {
-				d.StoppedBy, d.StoppedAt, d.StoppedT = j.sid, o.FinishedAt, now
-				delete(d.Cmds, j.sid)
-				maps.Copy(dropped, d.prune(now, w.cfg.StateTTL, ""))
-				return
-			}
-			maps.Copy(dropped, d.setCmd(j.sid, cmdEntry{Phase: phaseDecided, Attempts: j.attempts, Status: status, Cause: cause, At: now},
-				w.cfg.StateTTL))
+			collect(&dropped, d.setDecided(j.sid, entry, stopped, o.FinishedAt, w.cfg.StateTTL))
 		}
 		w.state.saveAsync(w.hard, j.state, change, func() {
 			w.state.indexDropped(dropped)
@@ -726,19 +720,12 @@ func (w *Worker) adoptStored(ctx context.Context, j *job, ack *jetstream.PubAck)
 func (w *Worker) ackReused(j *job, first *Outcome) {
 	if j.state != nil {
 		ctx, cancel := context.WithTimeout(w.hard, publishTimeout)
-		dropped := map[string]cmdEntry{}
+		var dropped map[string]cmdEntry
 		own := j.out
 		now := time.Now().Unix()
 		entry := cmdEntry{Phase: phaseDecided, Attempts: j.attempts, Status: first.Status, Cause: first.Cause, At: now}
 		err := w.state.save(ctx, j.state, func(d *stateDoc) {
-			d.forgetOldStop(now, w.cfg.StateTTL)
-			if own.Status == StatusStopped && d.StoppedBy == "" {
-				d.StoppedBy, d.StoppedAt, d.StoppedT = j.sid, own.FinishedAt, now
-				delete(d.Cmds, j.sid)
-				maps.Copy(dropped, d.prune(now, w.cfg.StateTTL, ""))
-				return
-			}
-			maps.Copy(dropped, d.setCmd(j.sid, entry, w.cfg.StateTTL))
+			collect(&dropped, d.setDecided(j.sid, entry, own.Status == StatusStopped, own.FinishedAt, w.cfg.StateTTL))
 		})
 		cancel()
 		if err != nil {
@@ -992,6 +979,33 @@ func (d *stateDoc) setProgress(id string, e cmdEntry, keep time.Duration) (dropp
 		return nil
 	}
 	return d.setCmd(id, e, keep)
+}
+
+// setDecided records the decision e of command id, written at e.At (Unix
+// seconds, the real clock). A command that stopped the instance, when no
+// other is recorded as having stopped it, becomes its stopped_by (at
+// finishedAt) and needs no entry of its own; otherwise it gets the entry.
+// It returns the entries prune dropped for room (see prune).
+func (d *stateDoc) setDecided(id string, e cmdEntry, stopped bool, finishedAt string, keep time.Duration) map[string]cmdEntry {
+	d.forgetOldStop(e.At, keep) // a re-read document may hold one again
+	if stopped && d.StoppedBy == "" {
+		d.StoppedBy, d.StoppedAt, d.StoppedT = id, finishedAt, e.At
+		delete(d.Cmds, id)
+		return d.prune(e.At, keep, "")
+	}
+	return d.setCmd(id, e, keep)
+}
+
+// collect adds the entries prune dropped to *all, allocating it only when
+// there are some: on the common path there are none.
+func collect(all *map[string]cmdEntry, dropped map[string]cmdEntry) {
+	if len(dropped) == 0 {
+		return
+	}
+	if *all == nil {
+		*all = make(map[string]cmdEntry, len(dropped))
+	}
+	maps.Copy(*all, dropped)
 }
 
 // setCmd writes the entry of command id, written at e.At, and prunes the
