@@ -69,6 +69,35 @@ func sentMarkDoc(id string, n, seq uint64, inst string) []byte {
 	return append(b, "}}}"...)
 }
 
+// stateDocJSON is the JSON of d. A document without command entries, as
+// a first stop of an instance writes it, is written by hand.
+func stateDocJSON(d *stateDoc) ([]byte, error) {
+	if len(d.Cmds) != 0 {
+		return json.Marshal(d)
+	}
+	b := make([]byte, 0, 48+len(d.StoppedBy)+len(d.StoppedAt))
+	b = append(b, '{')
+	if d.StoppedBy != "" {
+		b = append(b, `"stopped_by":`...)
+		b = appendJSONString(b, d.StoppedBy)
+	}
+	if d.StoppedAt != "" {
+		if len(b) > 1 {
+			b = append(b, ',')
+		}
+		b = append(b, `"stopped_at":`...)
+		b = appendJSONString(b, d.StoppedAt)
+	}
+	if d.StoppedT != 0 {
+		if len(b) > 1 {
+			b = append(b, ',')
+		}
+		b = append(b, `"st":`...)
+		b = strconv.AppendInt(b, d.StoppedT, 10)
+	}
+	return append(b, '}'), nil
+}
+
 // multiLastRequest is the JSON of a batched direct get of subjects.
 func multiLastRequest(subjects []string) []byte {
 	n := 32

@@ -39,6 +39,25 @@ func TestHandWrittenJSONMatchesEncodingJSON(t *testing.T) {
 		}
 	}
 
+	for _, by := range ids {
+		for _, d := range []stateDoc{
+			{StoppedBy: by, StoppedAt: "2026-11-27T10:04:05.123Z", StoppedT: 1795773845},
+			{StoppedBy: by},
+			{StoppedAt: by, StoppedT: -3},
+			{StoppedT: 1},
+			{},
+			{StoppedBy: by, Cmds: map[string]*cmdEntry{by: &entries[0]}},
+		} {
+			want, err := json.Marshal(&d)
+			if err != nil {
+				t.Fatal(err)
+			}
+			if got, err := stateDocJSON(&d); err != nil || string(got) != string(want) {
+				t.Errorf("document %+v:\n got %s, %v\nwant %s", d, got, err, want)
+			}
+		}
+	}
+
 	subjects := []string{"$KV.dlf_stop_state.inst.p.ws._.i-1", "$KV.dlf_stop_state.cmd.YzE", `$KV.b."odd\`}
 	want, err := json.Marshal(struct {
 		MultiLast []string `json:"multi_last"`

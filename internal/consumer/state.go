@@ -294,7 +294,7 @@ const maxCASRetries = 8
 func (s *stateStore) save(ctx context.Context, r *stateRecord, change func(*stateDoc)) error {
 	for i := 0; ; i++ {
 		change(&r.doc)
-		b, err := json.Marshal(&r.doc)
+		b, err := stateDocJSON(&r.doc)
 		if err != nil {
 			return err
 		}
@@ -340,7 +340,7 @@ func (s *stateStore) saveAsync(ctx context.Context, r *stateRecord, change func(
 		return
 	}
 	change(&r.doc)
-	b, err := json.Marshal(&r.doc)
+	b, err := stateDocJSON(&r.doc)
 	if err != nil {
 		go failed(err)
 		return

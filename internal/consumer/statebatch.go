@@ -171,7 +171,8 @@ func (b *batchReader) fetch(batch []*lookupReq) (map[string]rawEntry, error) {
 	if err := b.nc.PublishRequest(b.api, reply, req); err != nil {
 		return nil, fmt.Errorf("read state: %w", err)
 	}
-	found := make(map[string]rawEntry, len(subjects))
+	// Most lookups find nothing (a first delivery of a new command).
+	var found map[string]rawEntry
 	timer := time.NewTimer(batchTimeout)
 	defer timer.Stop()
 	for {
@@ -193,6 +194,9 @@ func (b *batchReader) fetch(batch []*lookupReq) (map[string]rawEntry, error) {
 			rev, err := strconv.ParseUint(m.Header.Get("Nats-Sequence"), 10, 64)
 			if err != nil || !strings.HasPrefix(subj, b.prefix) {
 				return nil, errors.New("read state: malformed batched answer")
+			}
+			if found == nil {
+				found = make(map[string]rawEntry, len(subjects))
 			}
 			found[subj[len(b.prefix):]] = rawEntry{rev: rev, raw: m.Data}
 		case <-timer.C:

@@ -6,6 +6,7 @@ import (
 	"fmt"
 	"strconv"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	"github.com/nats-io/nats.go"
@@ -37,8 +38,19 @@ type stateWriter struct {
 
 	// Flushes of putSynced, one round trip for every put waiting.
 	syncMu   sync.Mutex
-	syncers  []chan error
+	syncers  []syncer
 	syncKick chan struct{}
+	// reconnects is the connection's reconnect count as syncLoop last
+	// read it, after a flush: a put compares it with the count after its
+	// own flush. Reading it from the connection for every put would take
+	// the connection's lock, which every publish takes too.
+	reconnects atomic.Uint64
+}
+
+// syncer is a put waiting in putSynced for the next flush.
+type syncer struct {
+	done       chan error
+	reconnects uint64 // the writer's reconnects before the put was sent
 }
 
 type pendingWrite struct {
@@ -71,6 +83,7 @@ func newStateWriter(nc *nats.Conn, bucket string) (*stateWriter, error) {
 	// must not be dropped as a slow consumer.
 	_ = sub.SetPendingLimits(-1, -1)
 	w.sub = sub
+	w.reconnects.Store(nc.Stats().Reconnects)
 	w.done.Add(2)
 	go w.sweep()
 	go w.syncLoop()
@@ -132,16 +145,18 @@ func (w *stateWriter) put(key string, value []byte) {
 // wait and the server a PING each.
 //
 // A flush answered on a connection made after the put was sent proves
-// nothing: the put may have died with the old one. So a reconnect while a
-// put waits fails it.
+// nothing: the put may have died with the old one. So a put fails when
+// the reconnect count after its flush differs from a count read before it
+// was sent. That count is syncLoop's last reading, which may be older: a
+// reconnect before the put then fails it needlessly, once.
 func (w *stateWriter) putSynced(ctx context.Context, key string, value []byte) error {
-	reconnects := w.nc.Stats().Reconnects
+	before := w.reconnects.Load()
 	if err := w.nc.Publish(w.prefix+key, value); err != nil {
 		return fmt.Errorf("write state %s: %w", key, err)
 	}
 	done := make(chan error, 1)
 	w.syncMu.Lock()
-	w.syncers = append(w.syncers, done)
+	w.syncers = append(w.syncers, syncer{done: done, reconnects: before})
 	w.syncMu.Unlock()
 	select {
 	case w.syncKick <- struct{}{}:
@@ -152,14 +167,14 @@ func (w *stateWriter) putSynced(ctx context.Context, key string, value []byte) e
 		if err != nil {
 			return fmt.Errorf("write state %s: %w", key, err)
 		}
-		if w.nc.Stats().Reconnects != reconnects {
-			return fmt.Errorf("write state %s: NATS reconnected before the flush; the write may be lost", key)
-		}
 		return nil
 	case <-ctx.Done():
 		return fmt.Errorf("write state %s: %w", key, ctx.Err())
 	}
 }
+
+// errReconnected fails the puts of a flush answered after a reconnect.
+var errReconnected = errors.New("NATS reconnected before the flush; the write may be lost")
 
 // syncLoop flushes for the puts that wait in putSynced. A put that joins
 // while a flush is on the wire waits for the next one: its bytes may have
@@ -173,8 +188,8 @@ func (w *stateWriter) syncLoop() {
 			left := w.syncers
 			w.syncers = nil
 			w.syncMu.Unlock()
-			for _, c := range left {
-				c <- errors.New("worker stopped before the flush")
+			for _, s := range left {
+				s.done <- errors.New("worker stopped before the flush")
 			}
 			return
 		case <-w.syncKick:
@@ -187,8 +202,17 @@ func (w *stateWriter) syncLoop() {
 			continue
 		}
 		err := w.nc.FlushTimeout(publishTimeout)
-		for _, c := range batch {
-			c <- err
+		now := w.nc.Stats().Reconnects
+		w.reconnects.Store(now)
+		for _, s := range batch {
+			switch {
+			case err != nil:
+				s.done <- err
+			case s.reconnects != now:
+				s.done <- errReconnected
+			default:
+				s.done <- nil
+			}
 		}
 	}
 }
