@@ -323,20 +323,28 @@ func (s *stateStore) save(ctx context.Context, r *stateRecord, change func(*stat
 // statewrite.go). ok runs on the answer's goroutine and must not block;
 // failed runs on a goroutine of its own. A compare-and-set refusal goes
 // through save's re-read-and-merge loop, bounded by ctx and the publish
-// timeout.
+// timeout, starting with the re-read: the revision the refused write
+// named is known to be stale.
 func (s *stateStore) saveAsync(ctx context.Context, r *stateRecord, change func(*stateDoc), ok func(), failed func(error)) {
-	slow := func() {
+	slow := func(reread bool) {
 		sctx, cancel := context.WithTimeout(ctx, publishTimeout)
-		err := s.save(sctx, r, change)
-		cancel()
-		if err != nil {
+		defer cancel()
+		if reread {
+			fresh, err := s.load(sctx, r.key)
+			if err != nil {
+				failed(err)
+				return
+			}
+			*r = *fresh
+		}
+		if err := s.save(sctx, r, change); err != nil {
 			failed(err)
 			return
 		}
 		ok()
 	}
 	if s.writer == nil {
-		go slow()
+		go slow(false)
 		return
 	}
 	change(&r.doc)
@@ -351,7 +359,7 @@ func (s *stateStore) saveAsync(ctx context.Context, r *stateRecord, change func(
 			r.rev = rev
 			ok()
 		case errors.Is(err, errWrongRevision):
-			go slow()
+			go slow(true)
 		default:
 			go failed(err)
 		}

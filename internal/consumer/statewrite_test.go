@@ -124,11 +124,21 @@ func TestStateWriterUnanswered(t *testing.T) {
 }
 
 // saveAsync after another writer moved the key: the refusal goes through
-// save's re-read-and-merge, so neither writer's entry is lost.
+// save's re-read-and-merge, so neither writer's entry is lost, and the
+// merged write is the only one after the refusal (a retry at the refused
+// revision could only be refused again).
 func TestSaveAsyncMergesAfterConflict(t *testing.T) {
 	e := newEnv(t, nil)
 	st, _ := e.stateWithWriter(t)
 	ctx := context.Background()
+	writes, err := e.nc.SubscribeSync("$KV.dlf_stop_state.inst.m")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer writes.Unsubscribe()
+	if err := e.nc.Flush(); err != nil {
+		t.Fatal(err)
+	}
 
 	mine, err := st.load(ctx, "inst.m") // read before the other writer
 	if err != nil {
@@ -158,5 +168,13 @@ func TestSaveAsyncMergesAfterConflict(t *testing.T) {
 	}
 	if got.rev != mine.rev {
 		t.Fatalf("record revision %d, stored %d", mine.rev, got.rev)
+	}
+	// Every write went out on e.nc before its answer came back, so after
+	// a flush the subscription holds them all.
+	if err := e.nc.Flush(); err != nil {
+		t.Fatal(err)
+	}
+	if n, _, err := writes.Pending(); err != nil || n != 3 {
+		t.Fatalf("%d writes of the key (%v), want 3: the other writer's, the refused one, the merged one", n, err)
 	}
 }
