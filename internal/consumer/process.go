@@ -40,8 +40,9 @@ type job struct {
 	// (this delivery, or an earlier one per the state bucket), so a later
 	// DLF.6205 means the stop happened.
 	unanswered bool
-	marked     bool // this delivery's "sent" mark is stored (see markSent)
-	decided    bool // j.out holds a decision not yet stored
+	marked     bool   // this delivery's "sent" mark is stored (see markSent)
+	seenMark   uint64 // the delivery of this message's mark found at the lookup (see stoppedMeanwhile)
+	decided    bool   // j.out holds a decision not yet stored
 	// outcomeStored: j.out is in the outcome stream (only the dead
 	// letter or the decision record is missing), by this delivery or an
 	// earlier one per the state bucket; it must not be published again.
@@ -191,10 +192,18 @@ func (w *Worker) process(j *job, recs []*stateRecord, lerr error) {
 			return
 		}
 		last, called = v, true
-		if j.unanswered && v.HTTPStatus == 400 && v.ErrorCode == "DLF.6205" {
-			w.finish(j, StatusStopped, CauseAlreadyStopped,
-				"DLF.6205 after an earlier call that was sent and got no answer: that call stopped the instance")
-			return
+		if v.HTTPStatus == 400 && v.ErrorCode == "DLF.6205" {
+			if j.unanswered {
+				w.finish(j, StatusStopped, CauseAlreadyStopped,
+					"DLF.6205 after an earlier call that was sent and got no answer: that call stopped the instance")
+				return
+			}
+			if why, acked := w.stoppedMeanwhile(j); acked {
+				return
+			} else if why != "" {
+				w.finish(j, StatusStopped, CauseAlreadyStopped, why)
+				return
+			}
 		}
 		switch v.Class {
 		case dlf.ClassStopped:
@@ -624,36 +633,89 @@ func (w *Worker) decidedMeanwhile(ctx context.Context, j *job) bool {
 		return false
 	}
 	recs, err := w.state.lookupWait(ctx, j.stateKeys())
-	if err != nil {
-		return false // the record write after the outcome settles it, or fails
+	if err != nil || !w.decidedIn(ctx, j, recs) {
+		return false // a failed read: the record write after the outcome settles it, or fails
 	}
+	w.ackDecidedElsewhere(j)
+	return true
+}
+
+// decidedIn says whether the state read in recs (j.stateKeys) holds a
+// decision of j's command, following the id's "sent" mark to the document
+// of another instance key.
+func (w *Worker) decidedIn(ctx context.Context, j *job, recs []*stateRecord) bool {
 	decidedIn := func(d *stateDoc) bool {
 		e := d.Cmds[j.sid]
 		return d.StoppedBy == j.sid || (e != nil && e.Phase == phaseDecided)
 	}
-	decided := decidedIn(&recs[0].doc)
-	if len(recs) > 1 && !decided {
-		switch e := recs[1].doc.Cmds[j.sid]; {
-		case e == nil:
-		case e.Phase == phaseDecided:
-			decided = true
-		case e.Phase == phaseSent && e.Seq == j.meta.Sequence.Stream && e.Inst != "" && e.Inst != j.cmd.InstanceKey():
-			// The other delivery read the command under other defaults.
-			if other, err := w.state.lookupWait(ctx, []string{instKey(e.Inst)}); err == nil {
-				decided = decidedIn(&other[0].doc)
-			}
-		}
+	if decidedIn(&recs[0].doc) {
+		return true
 	}
-	if !decided {
+	if len(recs) < 2 {
 		return false
 	}
+	switch e := recs[1].doc.Cmds[j.sid]; {
+	case e == nil:
+	case e.Phase == phaseDecided:
+		return true
+	case e.Phase == phaseSent && e.Seq == j.meta.Sequence.Stream && e.Inst != "" && e.Inst != j.cmd.InstanceKey():
+		// The other delivery read the command under other defaults.
+		if other, err := w.state.lookupWait(ctx, []string{instKey(e.Inst)}); err == nil {
+			return decidedIn(&other[0].doc)
+		}
+	}
+	return false
+}
+
+// ackDecidedElsewhere acks a delivery whose command another delivery
+// decided, without an outcome of its own.
+func (w *Worker) ackDecidedElsewhere(j *job) {
 	if err := j.msg.Ack(); err != nil {
 		j.log.Warn("ack of a command another delivery decided failed", zap.Error(err))
 	}
 	w.m.skipped.Inc()
 	j.log.Warn("another delivery decided this command while this one was held; acked without a second outcome",
 		zap.String("dropped_status", j.out.Status), zap.String("dropped_cause", j.out.Cause))
-	return true
+}
+
+// stoppedMeanwhile looks at the state again after a DLF.6205 that nothing
+// read before the call explains: another command may have recorded
+// stopping the instance, or another delivery of this command marked its
+// call, after this delivery's lookup. Both race with this delivery's call
+// (two schedulers stopping one instance at once; deliveries that overlap
+// because one lost its heartbeats), and either makes the DLF.6205 a stop
+// (contract section 6). It returns why the instance counts as stopped, or
+// "" when it does not; acked says another delivery decided the command
+// already and this one has been acked without an outcome.
+func (w *Worker) stoppedMeanwhile(j *job) (why string, acked bool) {
+	if w.state == nil || !j.valid {
+		return "", false
+	}
+	ctx, cancel := context.WithTimeout(w.hard, publishTimeout)
+	defer cancel()
+	recs, err := w.state.lookupWait(ctx, j.stateKeys())
+	if err != nil {
+		j.log.Debug("state not read again after DLF.6205", zap.Error(err))
+		return "", false // a DLF.6205 without a record: it fails
+	}
+	if w.decidedIn(ctx, j, recs) {
+		w.ackDecidedElsewhere(j)
+		return "", true
+	}
+	d := &recs[0].doc
+	d.forgetOldStop(time.Now().Unix(), w.cfg.StateTTL)
+	j.state = recs[0] // the decision record goes on from what is there now
+	if d.StoppedBy != "" {
+		return fmt.Sprintf("DLF.6205, and meanwhile the instance was recorded as stopped by command %s at %s",
+			shownID(d.StoppedBy), d.StoppedAt), false
+	}
+	// This delivery's own mark went out before its call; a mark of another
+	// delivery that is not the one seen at the lookup came after it.
+	if m := recs[1].doc.Cmds[j.sid]; m != nil && m.Phase == phaseSent && m.Seq == j.meta.Sequence.Stream &&
+		m.Delivery != j.meta.NumDelivered && m.Delivery != j.seenMark {
+		return fmt.Sprintf("DLF.6205, and meanwhile delivery %d of this command marked its call", m.Delivery), false
+	}
+	return "", false
 }
 
 // adoptStored makes the outcome an earlier delivery stored this
@@ -954,6 +1016,9 @@ func (w *Worker) recall(j *job, recs []*stateRecord, err error) bool {
 	}
 	if sameMsg && mark.Delivery > recorded && mark.Delivery != j.meta.NumDelivered {
 		j.unanswered = true
+	}
+	if sameMsg {
+		j.seenMark = mark.Delivery
 	}
 	if j.valid && d.StoppedBy != "" {
 		w.finish(j, StatusStopped, CauseAlreadyStopped,

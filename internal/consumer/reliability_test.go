@@ -937,6 +937,88 @@ func TestInstanceStoppedByAnotherCommand(t *testing.T) {
 	e.noDeadLetters(t)
 }
 
+// answer6205 is a DLF that does what during runs first, on the wire of the
+// call, and then answers 400 DLF.6205, counting the calls.
+func answer6205(t *testing.T, calls *atomic.Int32, during func(ctx context.Context) error) string {
+	srv := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		calls.Add(1)
+		if err := during(r.Context()); err != nil {
+			t.Errorf("during the call: %v", err)
+		}
+		w.Header().Set("Content-Type", "application/json")
+		w.WriteHeader(http.StatusBadRequest)
+		_, _ = w.Write([]byte(`{"error_code":"DLF.6205","error_msg":"The script instance is not running."}`))
+	}))
+	t.Cleanup(srv.Close)
+	return srv.URL
+}
+
+// Two commands for one instance at once: the other one's stop is recorded
+// after this one's lookup, while its call is on the wire, and the call
+// gets DLF.6205. The record explains it: stopped, already_stopped, no
+// dead letter; and the instance stays recorded as stopped by the other.
+func TestStopRecordedDuringTheCallExplainsDLF6205(t *testing.T) {
+	e := newEnv(t, nil)
+	st := e.state(t)
+	key := instKey(command.Command{ProjectID: proj, ScriptName: "s1", InstanceID: "i-1"}.InstanceKey())
+	var calls atomic.Int32
+	url := answer6205(t, &calls, func(ctx context.Context) error {
+		r, err := st.load(ctx, key)
+		if err != nil {
+			return err
+		}
+		return st.save(ctx, r, func(d *stateDoc) {
+			d.StoppedBy, d.StoppedAt, d.StoppedT = "other", "2026-11-27T10:00:00Z", time.Now().Unix()
+		})
+	})
+	e.startWorkerAt(url, nil)
+	e.publish(body(t, map[string]any{"command_id": "late", "project_id": proj, "script_name": "s1", "instance_id": "i-1"}), nil)
+	o := e.single(t)
+	if o.Status != StatusStopped || o.Cause != CauseAlreadyStopped || o.Attempts != 1 {
+		t.Fatalf("outcome = %+v; want stopped/already_stopped after one call", o)
+	}
+	e.stopStreamEmpty(t)
+	e.noDeadLetters(t)
+	if n := calls.Load(); n != 1 {
+		t.Errorf("DLF calls = %d, want 1", n)
+	}
+	rec, err := st.load(context.Background(), key)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if rec.doc.StoppedBy != "other" || rec.doc.Cmds["late"] == nil || rec.doc.Cmds["late"].Phase != phaseDecided {
+		t.Errorf("state = %+v; want stopped by the other command and this one decided", rec.doc)
+	}
+}
+
+// Overlapping deliveries of one command: another delivery marks its call
+// after this one's lookup, and this one's call gets DLF.6205. The mark
+// explains it (the other call stopped the instance): stopped,
+// already_stopped, no dead letter.
+func TestMarkOfAnotherDeliveryDuringTheCallExplainsDLF6205(t *testing.T) {
+	e := newEnv(t, nil)
+	st := e.state(t)
+	inst := command.Command{ProjectID: proj, ScriptName: "s1", InstanceID: "i-1"}.InstanceKey()
+	seqc := make(chan uint64, 1)
+	var calls atomic.Int32
+	url := answer6205(t, &calls, func(ctx context.Context) error {
+		select {
+		case seq := <-seqc:
+			return st.markSent(ctx, "both", 9, seq, inst)
+		case <-ctx.Done():
+			return ctx.Err()
+		}
+	})
+	e.startWorkerAt(url, nil)
+	seqc <- e.publish(body(t, map[string]any{"command_id": "both", "project_id": proj, "script_name": "s1", "instance_id": "i-1"}), nil)
+	o := e.single(t)
+	if o.Status != StatusStopped || o.Cause != CauseAlreadyStopped || o.Attempts != 1 {
+		t.Fatalf("outcome = %+v; want stopped/already_stopped after one call", o)
+	}
+	e.stopStreamEmpty(t)
+	e.noDeadLetters(t)
+}
+
 // Attempts count across deliveries when long waits hand the command back.
 func TestAttemptsSurviveRedelivery(t *testing.T) {
 	e := newEnv(t, func(c *Config) {
