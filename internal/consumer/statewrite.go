@@ -6,7 +6,6 @@ import (
 	"fmt"
 	"strconv"
 	"sync"
-	"sync/atomic"
 	"time"
 
 	"github.com/nats-io/nats.go"
@@ -24,6 +23,14 @@ import (
 // message costs the server. The decision write is the main per-command
 // step the reliability features add to a first delivery that DLF answers
 // 204, and the budget for them is a fifth of the throughput.
+//
+// Writes and "sent" marks are not published by the command's goroutine but
+// queued, and one goroutine (syncLoop) publishes everything queued at once,
+// the marks' flush right behind. Published one by one from many
+// goroutines, each small message tended to go out in a write system call
+// of its own and to wake the server's reader for itself; in a burst they
+// share them (about 8 µs of CPU per command on the benchmark, a tenth of
+// the reliability features' cost).
 type stateWriter struct {
 	nc     *nats.Conn
 	prefix string // $KV.<bucket>.
@@ -36,21 +43,21 @@ type stateWriter struct {
 	stop    chan struct{}
 	done    sync.WaitGroup
 
-	// Flushes of putSynced, one round trip for every put waiting.
+	// What syncLoop publishes next: marks (each waiting for the flush
+	// after it) and writes (waiting for their stored-ack).
 	syncMu   sync.Mutex
 	syncers  []syncer
+	writes   []*nats.Msg
 	syncKick chan struct{}
-	// reconnects is the connection's reconnect count as syncLoop last
-	// read it, after a flush: a put compares it with the count after its
-	// own flush. Reading it from the connection for every put would take
-	// the connection's lock, which every publish takes too.
-	reconnects atomic.Uint64
+
+	afterMarks func() // a test's hook between the marks' publish and their flush
 }
 
-// syncer is a put waiting in putSynced for the next flush.
+// syncer is a put waiting in putSynced for the flush after it.
 type syncer struct {
-	done       chan error
-	reconnects uint64 // the writer's reconnects before the put was sent
+	subject string
+	value   []byte
+	done    chan error
 }
 
 type pendingWrite struct {
@@ -83,7 +90,6 @@ func newStateWriter(nc *nats.Conn, bucket string) (*stateWriter, error) {
 	// must not be dropped as a slow consumer.
 	_ = sub.SetPendingLimits(-1, -1)
 	w.sub = sub
-	w.reconnects.Store(nc.Stats().Reconnects)
 	w.done.Add(2)
 	go w.sweep()
 	go w.syncLoop()
@@ -118,10 +124,16 @@ func (w *stateWriter) write(key string, value []byte, rev uint64, timeout time.D
 	w.pending[token] = &pendingWrite{key: key, deadline: time.Now().Add(timeout), then: then}
 	w.mu.Unlock()
 	m.Reply = w.inbox + "." + token
-	if err := w.nc.PublishMsg(m); err != nil {
-		if p := w.take(token); p != nil {
-			p.then(0, fmt.Errorf("write state %s: %w", key, err))
-		}
+	w.syncMu.Lock()
+	w.writes = append(w.writes, m)
+	w.syncMu.Unlock()
+	w.kick()
+}
+
+func (w *stateWriter) kick() {
+	select {
+	case w.syncKick <- struct{}{}:
+	default:
 	}
 }
 
@@ -143,25 +155,12 @@ func (w *stateWriter) put(key string, value []byte) {
 // answer to a flush queues behind everything else the server sends this
 // connection, and a round trip per command would cost each of them that
 // wait and the server a PING each.
-//
-// A flush answered on a connection made after the put was sent proves
-// nothing: the put may have died with the old one. So a put fails when
-// the reconnect count after its flush differs from a count read before it
-// was sent. That count is syncLoop's last reading, which may be older: a
-// reconnect before the put then fails it needlessly, once.
 func (w *stateWriter) putSynced(ctx context.Context, key string, value []byte) error {
-	before := w.reconnects.Load()
-	if err := w.nc.Publish(w.prefix+key, value); err != nil {
-		return fmt.Errorf("write state %s: %w", key, err)
-	}
 	done := make(chan error, 1)
 	w.syncMu.Lock()
-	w.syncers = append(w.syncers, syncer{done: done, reconnects: before})
+	w.syncers = append(w.syncers, syncer{subject: w.prefix + key, value: value, done: done})
 	w.syncMu.Unlock()
-	select {
-	case w.syncKick <- struct{}{}:
-	default:
-	}
+	w.kick()
 	select {
 	case err := <-done:
 		if err != nil {
@@ -176,9 +175,15 @@ func (w *stateWriter) putSynced(ctx context.Context, key string, value []byte) e
 // errReconnected fails the puts of a flush answered after a reconnect.
 var errReconnected = errors.New("NATS reconnected before the flush; the write may be lost")
 
-// syncLoop flushes for the puts that wait in putSynced. A put that joins
-// while a flush is on the wire waits for the next one: its bytes may have
-// left after that flush's PING.
+// syncLoop publishes what is queued, writes first, then the marks and a
+// flush for them. A mark queued while a flush is on the wire waits for the
+// next one.
+//
+// A flush answered on a connection made after the marks were sent proves
+// nothing: they may have died with the old one. So the marks of a flush
+// fail when the connection's reconnect count changed between their publish
+// and the flush's answer. (It is read per flush, not per mark: reading it
+// takes the connection's lock, which every publish takes too.)
 func (w *stateWriter) syncLoop() {
 	defer w.done.Done()
 	for {
@@ -191,28 +196,41 @@ func (w *stateWriter) syncLoop() {
 			for _, s := range left {
 				s.done <- errors.New("worker stopped before the flush")
 			}
-			return
+			return // queued writes are failed by close, with every pending write
 		case <-w.syncKick:
 		}
 		w.syncMu.Lock()
-		batch := w.syncers
-		w.syncers = nil
+		marks, writes := w.syncers, w.writes
+		w.syncers, w.writes = nil, nil
 		w.syncMu.Unlock()
-		if len(batch) == 0 {
+		for _, m := range writes {
+			if err := w.nc.PublishMsg(m); err != nil {
+				if p := w.take(m.Reply[len(w.inbox)+1:]); p != nil {
+					p.then(0, fmt.Errorf("write state %s: %w", p.key, err))
+				}
+			}
+		}
+		if len(marks) == 0 {
 			continue
 		}
-		err := w.nc.FlushTimeout(publishTimeout)
-		now := w.nc.Stats().Reconnects
-		w.reconnects.Store(now)
-		for _, s := range batch {
-			switch {
-			case err != nil:
+		before := w.nc.Stats().Reconnects
+		sent := marks[:0] // in place: sent never overtakes the loop
+		for _, s := range marks {
+			if err := w.nc.Publish(s.subject, s.value); err != nil {
 				s.done <- err
-			case s.reconnects != now:
-				s.done <- errReconnected
-			default:
-				s.done <- nil
+				continue
 			}
+			sent = append(sent, s)
+		}
+		if w.afterMarks != nil {
+			w.afterMarks()
+		}
+		err := w.nc.FlushTimeout(publishTimeout)
+		if err == nil && w.nc.Stats().Reconnects != before {
+			err = errReconnected
+		}
+		for _, s := range sent {
+			s.done <- err
 		}
 	}
 }
