@@ -31,8 +31,12 @@ type circuit struct {
 	open     bool
 	isOpen   atomic.Bool // open, for holdsBack on every call without the lock
 	failures int         // consecutive systemic failures
-	probing  bool        // a probe call is on the wire
-	nextTry  time.Time   // earliest next probe
+	// clean: closed with no failure counted, so that a call that gets a
+	// non-systemic answer changes nothing; read on every call without the
+	// lock, which 32 calls at a time would otherwise queue on.
+	clean    atomic.Bool
+	probing  bool      // a probe call is on the wire
+	nextTry  time.Time // earliest next probe
 	probeBo  *backoff.ExponentialBackOff
 	changed  chan struct{} // closed and replaced on every state change
 	disabled bool
@@ -43,7 +47,7 @@ func newCircuit(cfg *Config, log *zap.Logger, onChange func(bool)) *circuit {
 	bo.InitialInterval = cfg.RetryInitial
 	bo.MaxInterval = cfg.RetryMax
 	bo.MaxElapsedTime = 0
-	return &circuit{
+	c := &circuit{
 		threshold: cfg.CircuitThreshold,
 		log:       log,
 		onChange:  onChange,
@@ -51,6 +55,8 @@ func newCircuit(cfg *Config, log *zap.Logger, onChange func(bool)) *circuit {
 		changed:   make(chan struct{}),
 		disabled:  cfg.DisableCircuit,
 	}
+	c.clean.Store(true)
+	return c
 }
 
 // Open reports whether the circuit is open.
@@ -66,7 +72,7 @@ func (c *circuit) Open() bool {
 // tells the caller to report through release. It returns ok=false when
 // ctx ends first.
 func (c *circuit) acquire(ctx context.Context, lastAt time.Time) (probe, ok bool) {
-	if c.disabled {
+	if c.disabled || !c.isOpen.Load() { // the common case, without the lock
 		return false, true
 	}
 	for {
@@ -148,8 +154,14 @@ func (c *circuit) release(probe bool, v dlf.Verdict, cancelled bool) {
 	if c.disabled {
 		return
 	}
+	if !probe && !cancelled && c.clean.Load() {
+		if counts, _ := systemic(v); !counts {
+			return // the common case: nothing to count, nothing changes
+		}
+	}
 	c.mu.Lock()
 	defer c.mu.Unlock()
+	defer func() { c.clean.Store(!c.open && c.failures == 0) }()
 	if probe {
 		c.probing = false
 	}
