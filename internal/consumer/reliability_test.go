@@ -697,6 +697,20 @@ func (deafMsg) InProgress() error { return nil }
 // must not publish a second outcome: past the duplicate window that would
 // be a second event for one command.
 func TestOverlappingDeliveryDoesNotDecideAgain(t *testing.T) {
+	overlapDeliveries(t, nil)
+}
+
+// The same overlap when the two workers read the command under different
+// defaults (here B's default workspace): A's decision lives in the
+// document of another instance key than B's, and B finds it by following
+// the id's "sent" mark that A's delivery wrote.
+func TestOverlappingDeliveryUnderOtherDefaultsFollowsTheMark(t *testing.T) {
+	overlapDeliveries(t, func(c *Config) { c.Defaults.Workspace = "other" })
+}
+
+// overlapDeliveries runs the overlap above, with B's configuration changed
+// by mutateB.
+func overlapDeliveries(t *testing.T, mutateB func(*Config)) {
 	e := newEnv(t, func(c *Config) { c.AckWait = time.Second; c.RetryMaxElapsed = 4 * time.Second })
 	e.emu.AddRunning(proj, "", "s1", "i-1")
 	var bCalls atomic.Int32
@@ -705,7 +719,7 @@ func TestOverlappingDeliveryDoesNotDecideAgain(t *testing.T) {
 		w.WriteHeader(http.StatusUnauthorized)
 	}))
 	t.Cleanup(refusing.Close)
-	b := e.startWorkerAt(refusing.URL, nil, func(w *Worker) { w.cons = deafConsumer{w.cons} })
+	b := e.startWorkerAt(refusing.URL, mutateB, func(w *Worker) { w.cons = deafConsumer{w.cons} })
 	e.publish(body(t, map[string]any{"command_id": "both", "project_id": proj, "script_name": "s1", "instance_id": "i-1"}), nil)
 	testutil.Eventually(t, 10*time.Second, func() error {
 		if bCalls.Load() == 0 {
@@ -714,52 +728,11 @@ func TestOverlappingDeliveryDoesNotDecideAgain(t *testing.T) {
 		return nil
 	})
 	e.startWorker(nil) // A takes the redelivery once the ack wait is over
-	if o := e.single(t); o.Status != StatusStopped || o.Cause != CauseOK {
+	if o := e.single(t); o.Status != StatusStopped || o.Cause != CauseOK || o.Workspace != "" {
 		t.Fatalf("outcome = %+v; want A's stop", o)
 	}
 	// B may hold more than one delivery of it by then (one more came back
 	// to B after its ack wait); each must end without an outcome.
-	testutil.Eventually(t, 20*time.Second, func() error {
-		if got := testutilCount(b.w.m.skipped); got < 1 {
-			return fmt.Errorf("B has not given the command up as decided elsewhere")
-		}
-		if held := len(b.w.held); held != 0 {
-			return fmt.Errorf("B still holds %d deliveries", held)
-		}
-		return nil
-	})
-	if n := e.pubs.count(); n != 1 {
-		t.Errorf("%d outcome events published, want A's only", n)
-	}
-	e.noDeadLetters(t)
-}
-
-// The same overlap when the two workers read the command under different
-// defaults (here B's default workspace): A's decision lives in the
-// document of another instance key than B's, and B finds it by following
-// the id's "sent" mark that A's delivery wrote.
-func TestOverlappingDeliveryUnderOtherDefaultsFollowsTheMark(t *testing.T) {
-	e := newEnv(t, func(c *Config) { c.AckWait = time.Second; c.RetryMaxElapsed = 4 * time.Second })
-	e.emu.AddRunning(proj, "", "s1", "i-1")
-	var bCalls atomic.Int32
-	refusing := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, _ *http.Request) {
-		bCalls.Add(1)
-		w.WriteHeader(http.StatusUnauthorized)
-	}))
-	t.Cleanup(refusing.Close)
-	b := e.startWorkerAt(refusing.URL, func(c *Config) { c.Defaults.Workspace = "other" },
-		func(w *Worker) { w.cons = deafConsumer{w.cons} })
-	e.publish(body(t, map[string]any{"command_id": "both", "project_id": proj, "script_name": "s1", "instance_id": "i-1"}), nil)
-	testutil.Eventually(t, 10*time.Second, func() error {
-		if bCalls.Load() == 0 {
-			return fmt.Errorf("B has not called yet")
-		}
-		return nil
-	})
-	e.startWorker(nil)
-	if o := e.single(t); o.Status != StatusStopped || o.Cause != CauseOK || o.Workspace != "" {
-		t.Fatalf("outcome = %+v; want A's stop", o)
-	}
 	testutil.Eventually(t, 20*time.Second, func() error {
 		if got := testutilCount(b.w.m.skipped); got < 1 {
 			return fmt.Errorf("B has not given the command up as decided elsewhere")
