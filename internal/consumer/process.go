@@ -40,9 +40,8 @@ type job struct {
 	// (this delivery, or an earlier one per the state bucket), so a later
 	// DLF.6205 means the stop happened.
 	unanswered bool
-	marked     bool   // this delivery's "sent" mark is stored (see markSent)
-	seenMark   uint64 // the delivery of this message's mark found at the lookup (see stoppedMeanwhile)
-	decided    bool   // j.out holds a decision not yet stored
+	marked     bool // this delivery's "sent" mark is stored (see markSent)
+	decided    bool // j.out holds a decision not yet stored
 	// outcomeStored: j.out is in the outcome stream (only the dead
 	// letter or the decision record is missing), by this delivery or an
 	// earlier one per the state bucket; it must not be published again.
@@ -709,10 +708,21 @@ func (w *Worker) stoppedMeanwhile(j *job) (why string, acked bool) {
 		return fmt.Sprintf("DLF.6205, and meanwhile the instance was recorded as stopped by command %s at %s",
 			shownID(d.StoppedBy), d.StoppedAt), false
 	}
-	// This delivery's own mark went out before its call; a mark of another
-	// delivery that is not the one seen at the lookup came after it.
+	// Progress another delivery recorded since the lookup: an unanswered
+	// call of its own explains the DLF.6205.
+	n := j.meta.NumDelivered
+	e := d.Cmds[j.sid]
+	if e != nil && e.Unanswered && e.Delivery != n {
+		return fmt.Sprintf("DLF.6205 after delivery %d of this command sent a call that got no answer", e.Delivery), false
+	}
+	// This delivery's own mark went out before its call, so a mark of
+	// another delivery came after it, or is the one the lookup saw (its
+	// own was lost); that one was counted then, and its delivery recorded
+	// an answer. A mark explains the DLF.6205 if it is for this instance
+	// (not this command read under other defaults) and its delivery has
+	// recorded no answer since, as recall counts marks.
 	if m := recs[1].doc.Cmds[j.sid]; m != nil && m.Phase == phaseSent && m.Seq == j.meta.Sequence.Stream &&
-		m.Delivery != j.meta.NumDelivered && m.Delivery != j.seenMark {
+		m.Delivery != n && (m.Inst == "" || m.Inst == j.cmd.InstanceKey()) && (e == nil || m.Delivery > e.Delivery) {
 		return fmt.Sprintf("DLF.6205, and meanwhile delivery %d of this command marked its call", m.Delivery), false
 	}
 	return "", false
@@ -1016,9 +1026,6 @@ func (w *Worker) recall(j *job, recs []*stateRecord, err error) bool {
 	}
 	if sameMsg && mark.Delivery > recorded && mark.Delivery != j.meta.NumDelivered {
 		j.unanswered = true
-	}
-	if sameMsg {
-		j.seenMark = mark.Delivery
 	}
 	if j.valid && d.StoppedBy != "" {
 		w.finish(j, StatusStopped, CauseAlreadyStopped,

@@ -992,6 +992,92 @@ func TestMarkOfAnotherDeliveryDuringTheCallExplainsDLF6205(t *testing.T) {
 	e.noDeadLetters(t)
 }
 
+// What another delivery leaves during the call does not always explain a
+// DLF.6205: its mark for another instance (the command read under other
+// defaults), its mark followed by a recorded answer, or the very mark this
+// delivery saw at its lookup (its own mark lost). Each fails as usual.
+func TestMarksThatDoNotExplainDLF6205(t *testing.T) {
+	inst := command.Command{ProjectID: proj, ScriptName: "s1", InstanceID: "i-1"}.InstanceKey()
+	other := command.Command{ProjectID: proj, Workspace: "other", ScriptName: "s1", InstanceID: "i-1"}.InstanceKey()
+	for _, tc := range []struct {
+		name   string
+		before func(ctx context.Context, st *stateStore, seq uint64) error // before the delivery
+		during func(ctx context.Context, st *stateStore, seq uint64) error // while its call is on the wire
+	}{
+		{"mark for another instance", nil, func(ctx context.Context, st *stateStore, seq uint64) error {
+			return st.markSent(ctx, "both", 9, seq, other)
+		}},
+		{"mark then an answer recorded", nil, func(ctx context.Context, st *stateStore, seq uint64) error {
+			if err := st.markSent(ctx, "both", 9, seq, inst); err != nil {
+				return err
+			}
+			return st.putEntry(ctx, instKey(inst), "both", cmdEntry{Phase: phaseAnswered, Attempts: 2, Delivery: 9, LastHTTPStatus: 503})
+		}},
+		{"the mark seen at the lookup", func(ctx context.Context, st *stateStore, seq uint64) error {
+			if err := st.markSent(ctx, "both", 9, seq, inst); err != nil {
+				return err
+			}
+			return st.putEntry(ctx, instKey(inst), "both", cmdEntry{Phase: phaseAnswered, Attempts: 1, Delivery: 9})
+		}, func(ctx context.Context, st *stateStore, seq uint64) error {
+			return st.markSent(ctx, "both", 9, seq, inst) // this delivery's own mark overwritten by it
+		}},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			e := newEnv(t, nil)
+			st := e.state(t)
+			seqc := make(chan uint64, 1)
+			var calls atomic.Int32
+			url := answer6205(t, &calls, func(ctx context.Context) error {
+				select {
+				case seq := <-seqc:
+					return tc.during(ctx, st, seq)
+				case <-ctx.Done():
+					return ctx.Err()
+				}
+			})
+			seq := e.publish(body(t, map[string]any{"command_id": "both", "project_id": proj, "script_name": "s1", "instance_id": "i-1"}), nil)
+			if tc.before != nil {
+				if err := tc.before(context.Background(), st, seq); err != nil {
+					t.Fatal(err)
+				}
+			}
+			seqc <- seq
+			e.startWorkerAt(url, nil)
+			if o := e.single(t); o.Status != StatusFailed || o.Cause != CauseDLFError {
+				t.Fatalf("outcome = %+v; want failed/dlf_error", o)
+			}
+		})
+	}
+}
+
+// Another delivery decided the command while this one's call was on the
+// wire: this one's DLF.6205 ends without an outcome of its own.
+func TestDecisionDuringTheCallAcksWithoutAnOutcome(t *testing.T) {
+	e := newEnv(t, nil)
+	st := e.state(t)
+	key := instKey(command.Command{ProjectID: proj, ScriptName: "s1", InstanceID: "i-1"}.InstanceKey())
+	var calls atomic.Int32
+	url := answer6205(t, &calls, func(ctx context.Context) error {
+		r, err := st.load(ctx, key)
+		if err != nil {
+			return err
+		}
+		return st.save(ctx, r, func(d *stateDoc) {
+			d.StoppedBy, d.StoppedAt, d.StoppedT = "both", "2026-11-27T10:00:00Z", time.Now().Unix()
+		})
+	})
+	r := e.startWorkerAt(url, nil)
+	e.publish(body(t, map[string]any{"command_id": "both", "project_id": proj, "script_name": "s1", "instance_id": "i-1"}), nil)
+	e.stopStreamEmpty(t)
+	if got := testutilCount(r.w.m.skipped); got != 1 {
+		t.Errorf("commands acked as decided elsewhere = %v, want 1", got)
+	}
+	if n := e.pubs.count(); n != 0 {
+		t.Errorf("%d outcome events published, want none (the other delivery published it)", n)
+	}
+	e.noDeadLetters(t)
+}
+
 // Attempts count across deliveries when long waits hand the command back.
 func TestAttemptsSurviveRedelivery(t *testing.T) {
 	e := newEnv(t, func(c *Config) {

@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"slices"
 	"strconv"
 	"sync"
 	"time"
@@ -168,16 +169,31 @@ func (w *stateWriter) putSynced(ctx context.Context, key string, value []byte) e
 		}
 		return nil
 	case <-ctx.Done():
-		return fmt.Errorf("write state %s: %w", key, ctx.Err())
 	}
+	// A put given up must not go out later: it would overwrite whatever
+	// the caller writes under the key next (a decided index, say). Still
+	// queued, it is taken back; already taken, it is published by the time
+	// its answer comes, which is then waited for (at most a flush).
+	w.syncMu.Lock()
+	for i, s := range w.syncers {
+		if s.done == done {
+			w.syncers = slices.Delete(w.syncers, i, i+1)
+			w.syncMu.Unlock()
+			return fmt.Errorf("write state %s: %w", key, ctx.Err())
+		}
+	}
+	w.syncMu.Unlock()
+	<-done
+	return fmt.Errorf("write state %s: %w", key, ctx.Err())
 }
 
 // errReconnected fails the puts of a flush answered after a reconnect.
 var errReconnected = errors.New("NATS reconnected before the flush; the write may be lost")
 
-// syncLoop publishes what is queued, writes first, then the marks and a
-// flush for them. A mark queued while a flush is on the wire waits for the
-// next one.
+// syncLoop publishes what is queued: writes at once, marks with a flush
+// right behind them. One flush is on the wire at a time, waited for on a
+// goroutine of its own so that writes go out meanwhile; marks queued during
+// it wait for the next one.
 //
 // A flush answered on a connection made after the marks were sent proves
 // nothing: they may have died with the old one. So the marks of a flush
@@ -186,9 +202,14 @@ var errReconnected = errors.New("NATS reconnected before the flush; the write ma
 // takes the connection's lock, which every publish takes too.)
 func (w *stateWriter) syncLoop() {
 	defer w.done.Done()
+	flushed := make(chan struct{}, 1)
+	flushing := false
 	for {
 		select {
 		case <-w.stop:
+			if flushing {
+				<-flushed
+			}
 			w.syncMu.Lock()
 			left := w.syncers
 			w.syncers = nil
@@ -198,10 +219,17 @@ func (w *stateWriter) syncLoop() {
 			}
 			return // queued writes are failed by close, with every pending write
 		case <-w.syncKick:
+		case <-flushed:
+			flushing = false
 		}
 		w.syncMu.Lock()
-		marks, writes := w.syncers, w.writes
-		w.syncers, w.writes = nil, nil
+		writes := w.writes
+		w.writes = nil
+		var marks []syncer
+		if !flushing {
+			marks = w.syncers
+			w.syncers = nil
+		}
 		w.syncMu.Unlock()
 		for _, m := range writes {
 			if err := w.nc.PublishMsg(m); err != nil {
@@ -225,13 +253,17 @@ func (w *stateWriter) syncLoop() {
 		if w.afterMarks != nil {
 			w.afterMarks()
 		}
-		err := w.nc.FlushTimeout(publishTimeout)
-		if err == nil && w.nc.Stats().Reconnects != before {
-			err = errReconnected
-		}
-		for _, s := range sent {
-			s.done <- err
-		}
+		flushing = true
+		go func() {
+			err := w.nc.FlushTimeout(publishTimeout)
+			if err == nil && w.nc.Stats().Reconnects != before {
+				err = errReconnected
+			}
+			for _, s := range sent {
+				s.done <- err
+			}
+			flushed <- struct{}{}
+		}()
 	}
 }
 

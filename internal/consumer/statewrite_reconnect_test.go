@@ -108,30 +108,93 @@ func TestMarkLostInAReconnectFails(t *testing.T) {
 	ctx, cancel := context.WithTimeout(context.Background(), 20*time.Second)
 	defer cancel()
 
+	// The hook holds syncLoop between the mark's publish and its flush
+	// while this goroutine breaks the connection.
+	published, resume := make(chan struct{}), make(chan struct{})
+	var once sync.Once
+	w.afterMarks = func() { once.Do(func() { close(published); <-resume }) }
 	p.deaf.Store(true)
-	w.afterMarks = func() { // the mark is on the wire; the connection breaks before the flush
-		testutil.Eventually(t, 5*time.Second, func() error {
-			p.mu.Lock()
-			defer p.mu.Unlock()
-			if !bytes.Contains(p.dropped, []byte("mark-a")) {
-				return fmt.Errorf("the mark has not left yet")
-			}
-			return nil
-		})
-		p.deaf.Store(false)
-		p.cut()
-		testutil.Eventually(t, 5*time.Second, func() error {
-			if nc.Stats().Reconnects == 0 || !nc.IsConnected() {
-				return fmt.Errorf("not reconnected yet")
-			}
-			return nil
-		})
+	errA := make(chan error, 1)
+	go func() { errA <- w.putSynced(ctx, "a", []byte("mark-a")) }()
+	select {
+	case <-published:
+	case <-time.After(5 * time.Second):
+		close(resume)
+		t.Fatal("the mark was never published")
 	}
-	if err := w.putSynced(ctx, "a", []byte("mark-a")); err == nil {
+	waitDropped(t, p, "mark-a")
+	p.deaf.Store(false)
+	p.cut()
+	testutil.Eventually(t, 5*time.Second, func() error {
+		if nc.Stats().Reconnects == 0 || !nc.IsConnected() {
+			return fmt.Errorf("not reconnected yet")
+		}
+		return nil
+	})
+	close(resume)
+	if err := <-errA; err == nil {
 		t.Error("the mark died with its connection, yet putSynced reported success")
 	}
 	if _, err := st.kv.Get(ctx, "a"); !errors.Is(err, jetstream.ErrKeyNotFound) {
 		t.Fatalf("the mark was stored after all (%v): the test did not lose it", err)
+	}
+}
+
+// waitDropped waits until the proxy has swallowed what holds needle.
+func waitDropped(t *testing.T, p *cuttingProxy, needle string) {
+	t.Helper()
+	testutil.Eventually(t, 5*time.Second, func() error {
+		p.mu.Lock()
+		defer p.mu.Unlock()
+		if !bytes.Contains(p.dropped, []byte(needle)) {
+			return fmt.Errorf("%q has not left yet", needle)
+		}
+		return nil
+	})
+}
+
+// A mark given up while it waits its turn (its caller's deadline passed)
+// never goes out: the caller may write the key next, and a late mark
+// would overwrite that.
+func TestMarkGivenUpIsNeverPublished(t *testing.T) {
+	e := newEnv(t, nil)
+	st := e.state(t)
+	p, _, w := proxiedWriter(t, e)
+	ctx, cancel := context.WithTimeout(context.Background(), 20*time.Second)
+	defer cancel()
+
+	p.deaf.Store(true) // a's flush goes unanswered: b waits its turn behind it
+	errA := make(chan error, 1)
+	go func() { errA <- w.putSynced(ctx, "a", []byte("mark-a")) }()
+	waitDropped(t, p, "PING\r\n")
+	bctx, bcancel := context.WithCancel(ctx)
+	errB := make(chan error, 1)
+	go func() { errB <- w.putSynced(bctx, "b", []byte("mark-b")) }()
+	testutil.Eventually(t, 5*time.Second, func() error {
+		w.syncMu.Lock()
+		defer w.syncMu.Unlock()
+		if len(w.syncers) != 1 {
+			return fmt.Errorf("b not queued yet")
+		}
+		return nil
+	})
+	bcancel()
+	if err := <-errB; !errors.Is(err, context.Canceled) {
+		t.Fatalf("b given up: %v", err)
+	}
+	p.deaf.Store(false)
+	p.cut()
+	<-errA
+	// c goes out in a burst after a's flush ended; b would have gone out
+	// in that burst or an earlier one.
+	testutil.Eventually(t, 10*time.Second, func() error {
+		return w.putSynced(ctx, "c", []byte("mark-c"))
+	})
+	if _, err := st.kv.Get(ctx, "c"); err != nil {
+		t.Fatalf("c: %v", err)
+	}
+	if _, err := st.kv.Get(ctx, "b"); !errors.Is(err, jetstream.ErrKeyNotFound) {
+		t.Fatalf("b, given up, was published after all (%v)", err)
 	}
 }
 
@@ -153,14 +216,7 @@ func TestMarkQueuedDuringABreakIsSentOnTheNewConnection(t *testing.T) {
 	p.deaf.Store(true)
 	errA := make(chan error, 1)
 	go func() { errA <- w.putSynced(ctx, "a", []byte("mark-a")) }()
-	testutil.Eventually(t, 5*time.Second, func() error { // a's flush is on the wire, unanswered
-		p.mu.Lock()
-		defer p.mu.Unlock()
-		if !bytes.Contains(p.dropped, []byte("PING\r\n")) {
-			return fmt.Errorf("a's flush not sent yet")
-		}
-		return nil
-	})
+	waitDropped(t, p, "PING\r\n") // a's flush is on the wire, unanswered
 	errB := make(chan error, 1)
 	go func() { errB <- w.putSynced(ctx, "b", []byte("mark-b")) }()
 	testutil.Eventually(t, 5*time.Second, func() error {
