@@ -197,7 +197,7 @@ func (w *Worker) process(j *job, recs []*stateRecord, lerr error) {
 					"DLF.6205 after an earlier call that was sent and got no answer: that call stopped the instance")
 				return
 			}
-			if why, acked := w.stoppedMeanwhile(j); acked {
+			if why, handled := w.stoppedMeanwhile(j); handled {
 				return
 			} else if why != "" {
 				w.finish(j, StatusStopped, CauseAlreadyStopped, why)
@@ -684,9 +684,10 @@ func (w *Worker) ackDecidedElsewhere(j *job) {
 // (two schedulers stopping one instance at once; deliveries that overlap
 // because one lost its heartbeats), and either makes the DLF.6205 a stop
 // (contract section 6). It returns why the instance counts as stopped, or
-// "" when it does not; acked says another delivery decided the command
-// already and this one has been acked without an outcome.
-func (w *Worker) stoppedMeanwhile(j *job) (why string, acked bool) {
+// "" when it does not; handled says another delivery decided the command
+// already, and this one has been acked without an outcome or is storing
+// the outcome that delivery could not.
+func (w *Worker) stoppedMeanwhile(j *job) (why string, handled bool) {
 	if w.state == nil || !j.valid {
 		return "", false
 	}
@@ -708,10 +709,20 @@ func (w *Worker) stoppedMeanwhile(j *job) (why string, acked bool) {
 		return fmt.Sprintf("DLF.6205, and meanwhile the instance was recorded as stopped by command %s at %s",
 			shownID(d.StoppedBy), d.StoppedAt), false
 	}
-	// Progress another delivery recorded since the lookup: an unanswered
-	// call of its own explains the DLF.6205.
+	// Progress another delivery recorded since the lookup: a decision whose
+	// outcome it could not store is stored now, as recall does; an
+	// unanswered call of its own explains the DLF.6205.
 	n := j.meta.NumDelivered
 	e := d.Cmds[j.sid]
+	if e != nil && e.Phase == phasePending && e.Delivery != n {
+		var o Outcome
+		if err := json.Unmarshal(e.Outcome, &o); err == nil {
+			j.out, j.attempts, j.decided, j.outcomeStored = o, e.Attempts, true, e.OutcomeStored
+			j.log.Info("another delivery decided this command during the call; storing its outcome")
+			w.store(j)
+			return "", true
+		}
+	}
 	if e != nil && e.Unanswered && e.Delivery != n {
 		return fmt.Sprintf("DLF.6205 after delivery %d of this command sent a call that got no answer", e.Delivery), false
 	}
@@ -1024,7 +1035,11 @@ func (w *Worker) recall(j *job, recs []*stateRecord, err error) bool {
 		j.unanswered = entry.Unanswered
 		recorded = entry.Delivery
 	}
-	if sameMsg && mark.Delivery > recorded && mark.Delivery != j.meta.NumDelivered {
+	// A mark made under another instance key (this command read under
+	// other defaults) is of a call to another instance: it explains no
+	// DLF.6205 of this one.
+	if sameMsg && mark.Delivery > recorded && mark.Delivery != j.meta.NumDelivered &&
+		(mark.Inst == "" || mark.Inst == j.cmd.InstanceKey()) {
 		j.unanswered = true
 	}
 	if j.valid && d.StoppedBy != "" {

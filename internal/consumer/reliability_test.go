@@ -992,10 +992,11 @@ func TestMarkOfAnotherDeliveryDuringTheCallExplainsDLF6205(t *testing.T) {
 	e.noDeadLetters(t)
 }
 
-// What another delivery leaves during the call does not always explain a
-// DLF.6205: its mark for another instance (the command read under other
-// defaults), its mark followed by a recorded answer, or the very mark this
-// delivery saw at its lookup (its own mark lost). Each fails as usual.
+// What another delivery leaves does not always explain a DLF.6205: its
+// mark for another instance (the command read under other defaults), during
+// the call or before the lookup; its mark followed by a recorded answer; or
+// the very mark this delivery saw at its lookup (its own mark lost). Each
+// fails as usual.
 func TestMarksThatDoNotExplainDLF6205(t *testing.T) {
 	inst := command.Command{ProjectID: proj, ScriptName: "s1", InstanceID: "i-1"}.InstanceKey()
 	other := command.Command{ProjectID: proj, Workspace: "other", ScriptName: "s1", InstanceID: "i-1"}.InstanceKey()
@@ -1013,6 +1014,9 @@ func TestMarksThatDoNotExplainDLF6205(t *testing.T) {
 			}
 			return st.putEntry(ctx, instKey(inst), "both", cmdEntry{Phase: phaseAnswered, Attempts: 2, Delivery: 9, LastHTTPStatus: 503})
 		}},
+		{"mark for another instance seen at the lookup", func(ctx context.Context, st *stateStore, seq uint64) error {
+			return st.markSent(ctx, "both", 9, seq, other)
+		}, nil},
 		{"the mark seen at the lookup", func(ctx context.Context, st *stateStore, seq uint64) error {
 			if err := st.markSent(ctx, "both", 9, seq, inst); err != nil {
 				return err
@@ -1030,6 +1034,9 @@ func TestMarksThatDoNotExplainDLF6205(t *testing.T) {
 			url := answer6205(t, &calls, func(ctx context.Context) error {
 				select {
 				case seq := <-seqc:
+					if tc.during == nil {
+						return nil
+					}
 					return tc.during(ctx, st, seq)
 				case <-ctx.Done():
 					return ctx.Err()
@@ -1046,6 +1053,43 @@ func TestMarksThatDoNotExplainDLF6205(t *testing.T) {
 			if o := e.single(t); o.Status != StatusFailed || o.Cause != CauseDLFError {
 				t.Fatalf("outcome = %+v; want failed/dlf_error", o)
 			}
+		})
+	}
+}
+
+// Progress another delivery records while this one's call is on the wire
+// explains the DLF.6205: a call of its own that got no answer makes it a
+// stop; a decision it could not publish (its outcome pending in the state)
+// is published by this delivery instead of its own.
+func TestProgressDuringTheCallExplainsDLF6205(t *testing.T) {
+	inst := command.Command{ProjectID: proj, ScriptName: "s1", InstanceID: "i-1"}.InstanceKey()
+	pending, err := json.Marshal(&Outcome{CommandID: "both", ProjectID: proj, ScriptName: "s1", InstanceID: "i-1",
+		Status: StatusStopped, Cause: CauseOK, HTTPStatus: 204, Attempts: 1, WorkerID: "other-worker"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, tc := range []struct {
+		name          string
+		entry         cmdEntry
+		status, cause string
+	}{
+		{"unanswered call", cmdEntry{Phase: phaseAnswered, Attempts: 1, Delivery: 9, Unanswered: true}, StatusStopped, CauseAlreadyStopped},
+		{"pending outcome", cmdEntry{Phase: phasePending, Attempts: 1, Delivery: 9, Outcome: pending}, StatusStopped, CauseOK},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			e := newEnv(t, nil)
+			st := e.state(t)
+			var calls atomic.Int32
+			url := answer6205(t, &calls, func(ctx context.Context) error {
+				return st.putEntry(ctx, instKey(inst), "both", tc.entry)
+			})
+			e.startWorkerAt(url, nil)
+			e.publish(body(t, map[string]any{"command_id": "both", "project_id": proj, "script_name": "s1", "instance_id": "i-1"}), nil)
+			if o := e.single(t); o.Status != tc.status || o.Cause != tc.cause {
+				t.Fatalf("outcome = %+v; want %s/%s", o, tc.status, tc.cause)
+			}
+			e.stopStreamEmpty(t)
+			e.noDeadLetters(t)
 		})
 	}
 }

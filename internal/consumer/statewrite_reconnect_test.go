@@ -111,7 +111,9 @@ func TestMarkLostInAReconnectFails(t *testing.T) {
 	// The hook holds syncLoop between the mark's publish and its flush
 	// while this goroutine breaks the connection.
 	published, resume := make(chan struct{}), make(chan struct{})
-	var once sync.Once
+	var once, resumed sync.Once
+	letGo := func() { resumed.Do(func() { close(resume) }) }
+	t.Cleanup(letGo) // before the writer's close, which waits for syncLoop
 	w.afterMarks = func() { once.Do(func() { close(published); <-resume }) }
 	p.deaf.Store(true)
 	errA := make(chan error, 1)
@@ -119,7 +121,6 @@ func TestMarkLostInAReconnectFails(t *testing.T) {
 	select {
 	case <-published:
 	case <-time.After(5 * time.Second):
-		close(resume)
 		t.Fatal("the mark was never published")
 	}
 	waitDropped(t, p, "mark-a")
@@ -131,7 +132,7 @@ func TestMarkLostInAReconnectFails(t *testing.T) {
 		}
 		return nil
 	})
-	close(resume)
+	letGo()
 	if err := <-errA; err == nil {
 		t.Error("the mark died with its connection, yet putSynced reported success")
 	}
@@ -190,9 +191,12 @@ func TestMarkGivenUpIsNeverPublished(t *testing.T) {
 	testutil.Eventually(t, 10*time.Second, func() error {
 		return w.putSynced(ctx, "c", []byte("mark-c"))
 	})
-	if _, err := st.kv.Get(ctx, "c"); err != nil {
-		t.Fatalf("c: %v", err)
-	}
+	// The server has read c; the stream stores what it reads in order, so
+	// once c is stored, a b sent before it would be too.
+	testutil.Eventually(t, 5*time.Second, func() error {
+		_, err := st.kv.Get(ctx, "c")
+		return err
+	})
 	if _, err := st.kv.Get(ctx, "b"); !errors.Is(err, jetstream.ErrKeyNotFound) {
 		t.Fatalf("b, given up, was published after all (%v)", err)
 	}
