@@ -641,9 +641,11 @@ func (w *Worker) decidedMeanwhile(ctx context.Context, j *job) bool {
 
 // decidedIn says whether the state read in recs (j.stateKeys) holds a
 // decision of j's command, following the id's "sent" mark to the document
-// of another instance key.
+// of another instance key. A stop older than STATE_TTL is forgotten first,
+// as recall forgets it.
 func (w *Worker) decidedIn(ctx context.Context, j *job, recs []*stateRecord) bool {
 	decidedIn := func(d *stateDoc) bool {
+		d.forgetOldStop(time.Now().Unix(), w.cfg.StateTTL)
 		e := d.Cmds[j.sid]
 		return d.StoppedBy == j.sid || (e != nil && e.Phase == phaseDecided)
 	}
@@ -702,19 +704,18 @@ func (w *Worker) stoppedMeanwhile(j *job) (why string, handled bool) {
 		w.ackDecidedElsewhere(j)
 		return "", true
 	}
-	d := &recs[0].doc
-	d.forgetOldStop(time.Now().Unix(), w.cfg.StateTTL)
+	d := &recs[0].doc // its old stop forgotten by decidedIn
 	j.state = recs[0] // the decision record goes on from what is there now
-	if d.StoppedBy != "" {
-		return fmt.Sprintf("DLF.6205, and meanwhile the instance was recorded as stopped by command %s at %s",
-			shownID(d.StoppedBy), d.StoppedAt), false
-	}
-	// Progress another delivery recorded since the lookup: a decision whose
-	// outcome it could not store is stored now, as recall does; an
-	// unanswered call of its own explains the DLF.6205.
+	// A pending or unanswered entry of this command now was written since
+	// the lookup by another delivery: this one writes none before it ends,
+	// and one there at the lookup would have ended this delivery already,
+	// or made it unanswered. A decision whose outcome that delivery could
+	// not store is stored now, as recall does, before anything else: its
+	// outcome may be in the outcome stream already. An unanswered call of
+	// its own explains the DLF.6205.
 	n := j.meta.NumDelivered
 	e := d.Cmds[j.sid]
-	if e != nil && e.Phase == phasePending && e.Delivery != n {
+	if e != nil && e.Phase == phasePending {
 		var o Outcome
 		if err := json.Unmarshal(e.Outcome, &o); err == nil {
 			j.out, j.attempts, j.decided, j.outcomeStored = o, e.Attempts, true, e.OutcomeStored
@@ -723,7 +724,11 @@ func (w *Worker) stoppedMeanwhile(j *job) (why string, handled bool) {
 			return "", true
 		}
 	}
-	if e != nil && e.Unanswered && e.Delivery != n {
+	if d.StoppedBy != "" {
+		return fmt.Sprintf("DLF.6205, and meanwhile the instance was recorded as stopped by command %s at %s",
+			shownID(d.StoppedBy), d.StoppedAt), false
+	}
+	if e != nil && e.Unanswered {
 		return fmt.Sprintf("DLF.6205 after delivery %d of this command sent a call that got no answer", e.Delivery), false
 	}
 	// This delivery's own mark went out before its call, so a mark of

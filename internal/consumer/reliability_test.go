@@ -353,13 +353,13 @@ func TestSeqIDWhoseSlotHolderIsUnreadableGetsItsOwnOutcome(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
+	e.out.wait(t, 1, 10*time.Second) // the collector sees it before it goes
 	if err := s.DeleteMsg(ctx, ack.Sequence); err != nil {
 		t.Fatal(err)
 	}
 	e.startWorker(nil)
 	e.publish(body(t, map[string]any{"project_id": proj, "script_name": "s1", "instance_id": "new"}), nil)
 	e.stopStreamEmpty(t)
-	// The collector saw the deleted one before it went.
 	e.out.wait(t, 2, 10*time.Second)
 	if o := e.out.outcomes(t)[1]; o.CommandID != "DLF_STOP-1" || o.InstanceID != "new" || o.Status != StatusStopped || o.Cause != CauseOK {
 		t.Errorf("outcome = %+v; want the command's own", o)
@@ -990,6 +990,16 @@ func TestMarkOfAnotherDeliveryDuringTheCallExplainsDLF6205(t *testing.T) {
 	}
 	e.stopStreamEmpty(t)
 	e.noDeadLetters(t)
+	if n := calls.Load(); n != 1 {
+		t.Errorf("DLF calls = %d, want 1", n)
+	}
+	rec, err := st.load(context.Background(), instKey(inst))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if rec.doc.StoppedBy != "both" {
+		t.Errorf("state = %+v; want the instance recorded as stopped by the command", rec.doc)
+	}
 }
 
 // What another delivery leaves does not always explain a DLF.6205: its
@@ -1050,9 +1060,14 @@ func TestMarksThatDoNotExplainDLF6205(t *testing.T) {
 			}
 			seqc <- seq
 			e.startWorkerAt(url, nil)
-			if o := e.single(t); o.Status != StatusFailed || o.Cause != CauseDLFError {
+			o := e.single(t)
+			if o.Status != StatusFailed || o.Cause != CauseDLFError {
 				t.Fatalf("outcome = %+v; want failed/dlf_error", o)
 			}
+			if n := calls.Load(); n != 1 {
+				t.Errorf("DLF calls = %d, want 1", n)
+			}
+			e.checkDead(t, o, body(t, map[string]any{"command_id": "both", "project_id": proj, "script_name": "s1", "instance_id": "i-1"}), seq)
 		})
 	}
 }
@@ -1060,37 +1075,109 @@ func TestMarksThatDoNotExplainDLF6205(t *testing.T) {
 // Progress another delivery records while this one's call is on the wire
 // explains the DLF.6205: a call of its own that got no answer makes it a
 // stop; a decision it could not publish (its outcome pending in the state)
-// is published by this delivery instead of its own.
+// is published by this delivery instead of its own, even when a stop of
+// another command is recorded beside it.
 func TestProgressDuringTheCallExplainsDLF6205(t *testing.T) {
 	inst := command.Command{ProjectID: proj, ScriptName: "s1", InstanceID: "i-1"}.InstanceKey()
-	pending, err := json.Marshal(&Outcome{CommandID: "both", ProjectID: proj, ScriptName: "s1", InstanceID: "i-1",
-		Status: StatusStopped, Cause: CauseOK, HTTPStatus: 204, Attempts: 1, WorkerID: "other-worker"})
-	if err != nil {
-		t.Fatal(err)
+	pendingOf := func(status, cause string, httpStatus int) json.RawMessage {
+		b, err := json.Marshal(&Outcome{CommandID: "both", ProjectID: proj, ScriptName: "s1", InstanceID: "i-1",
+			Status: status, Cause: cause, HTTPStatus: httpStatus, Attempts: 1, WorkerID: "other-worker",
+			ReceivedAt: "2026-11-27T10:00:00Z", FinishedAt: "2026-11-27T10:00:01Z", DurationMS: 1000})
+		if err != nil {
+			t.Fatal(err)
+		}
+		return b
 	}
+	stopped := pendingOf(StatusStopped, CauseOK, 204)
+	failed := pendingOf(StatusFailed, CauseDLFError, 400)
 	for _, tc := range []struct {
 		name          string
 		entry         cmdEntry
+		otherStop     bool // a stop of another command recorded too
 		status, cause string
+		adopted       bool // the outcome published is the other delivery's
 	}{
-		{"unanswered call", cmdEntry{Phase: phaseAnswered, Attempts: 1, Delivery: 9, Unanswered: true}, StatusStopped, CauseAlreadyStopped},
-		{"pending outcome", cmdEntry{Phase: phasePending, Attempts: 1, Delivery: 9, Outcome: pending}, StatusStopped, CauseOK},
+		{"unanswered call", cmdEntry{Phase: phaseAnswered, Attempts: 1, Delivery: 9, Unanswered: true}, false, StatusStopped, CauseAlreadyStopped, false},
+		{"pending stop", cmdEntry{Phase: phasePending, Attempts: 1, Delivery: 9, Outcome: stopped}, false, StatusStopped, CauseOK, true},
+		{"pending failure", cmdEntry{Phase: phasePending, Attempts: 1, Delivery: 9, Outcome: failed}, false, StatusFailed, CauseDLFError, true},
+		{"pending failure beside another stop", cmdEntry{Phase: phasePending, Attempts: 1, Delivery: 9, Outcome: failed}, true, StatusFailed, CauseDLFError, true},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			e := newEnv(t, nil)
 			st := e.state(t)
 			var calls atomic.Int32
 			url := answer6205(t, &calls, func(ctx context.Context) error {
-				return st.putEntry(ctx, instKey(inst), "both", tc.entry)
+				r, err := st.load(ctx, instKey(inst))
+				if err != nil {
+					return err
+				}
+				return st.save(ctx, r, func(d *stateDoc) {
+					if d.Cmds == nil {
+						d.Cmds = map[string]*cmdEntry{}
+					}
+					entry := tc.entry
+					d.Cmds["both"] = &entry
+					if tc.otherStop {
+						d.StoppedBy, d.StoppedAt, d.StoppedT = "other", "2026-11-27T10:00:00Z", time.Now().Unix()
+					}
+				})
 			})
 			e.startWorkerAt(url, nil)
-			e.publish(body(t, map[string]any{"command_id": "both", "project_id": proj, "script_name": "s1", "instance_id": "i-1"}), nil)
-			if o := e.single(t); o.Status != tc.status || o.Cause != tc.cause {
-				t.Fatalf("outcome = %+v; want %s/%s", o, tc.status, tc.cause)
+			b := body(t, map[string]any{"command_id": "both", "project_id": proj, "script_name": "s1", "instance_id": "i-1"})
+			seq := e.publish(b, nil)
+			o := e.single(t)
+			if o.Status != tc.status || o.Cause != tc.cause || (o.WorkerID == "other-worker") != tc.adopted {
+				t.Fatalf("outcome = %+v; want %s/%s, the other delivery's: %v", o, tc.status, tc.cause, tc.adopted)
 			}
 			e.stopStreamEmpty(t)
-			e.noDeadLetters(t)
+			if n := calls.Load(); n != 1 {
+				t.Errorf("DLF calls = %d, want 1", n)
+			}
+			if tc.status == StatusStopped {
+				e.noDeadLetters(t)
+			} else {
+				e.checkDead(t, o, b, seq)
+			}
+			rec, err := st.load(context.Background(), instKey(inst))
+			if err != nil {
+				t.Fatal(err)
+			}
+			if got := rec.doc.Cmds["both"]; rec.doc.StoppedBy != "both" && (got == nil || got.Phase != phaseDecided || got.Status != tc.status) {
+				t.Errorf("state = %+v; want the command decided %s", rec.doc, tc.status)
+			}
 		})
+	}
+}
+
+// A stop this very id recorded longer than STATE_TTL ago is forgotten: the
+// id published again is called like a new command (recall), and the re-read
+// after its DLF.6205 forgets that stop too, instead of taking the command
+// for decided and acking it without an outcome.
+func TestOwnStopOlderThanStateTTLIsForgottenAfterDLF6205(t *testing.T) {
+	e := newEnv(t, nil)
+	st := e.state(t)
+	key := instKey(command.Command{ProjectID: proj, ScriptName: "s1", InstanceID: "i-1"}.InstanceKey())
+	ctx := context.Background()
+	r, err := st.load(ctx, key)
+	if err != nil {
+		t.Fatal(err)
+	}
+	c := e.cfg
+	c.setDefaults()
+	if err := st.save(ctx, r, func(d *stateDoc) {
+		d.StoppedBy, d.StoppedAt, d.StoppedT = "again", "2026-11-20T10:00:00Z", time.Now().Add(-2*c.StateTTL).Unix()
+	}); err != nil {
+		t.Fatal(err)
+	}
+	var calls atomic.Int32
+	url := answer6205(t, &calls, func(context.Context) error { return nil })
+	e.startWorkerAt(url, nil)
+	e.publish(body(t, map[string]any{"command_id": "again", "project_id": proj, "script_name": "s1", "instance_id": "i-1"}), nil)
+	if o := e.single(t); o.Status != StatusFailed || o.Cause != CauseDLFError {
+		t.Fatalf("outcome = %+v; want failed/dlf_error", o)
+	}
+	if n := calls.Load(); n != 1 {
+		t.Errorf("DLF calls = %d, want 1", n)
 	}
 }
 
@@ -1120,6 +1207,9 @@ func TestDecisionDuringTheCallAcksWithoutAnOutcome(t *testing.T) {
 		t.Errorf("%d outcome events published, want none (the other delivery published it)", n)
 	}
 	e.noDeadLetters(t)
+	if n := calls.Load(); n != 1 {
+		t.Errorf("DLF calls = %d, want 1", n)
+	}
 }
 
 // Attempts count across deliveries when long waits hand the command back.
