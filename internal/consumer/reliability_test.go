@@ -910,6 +910,24 @@ func TestInstanceStoppedByAnotherCommand(t *testing.T) {
 	e.noDeadLetters(t)
 }
 
+// oneCall asserts that the DLF behind calls saw exactly one call.
+func oneCall(t *testing.T, calls *atomic.Int32) {
+	t.Helper()
+	if n := calls.Load(); n != 1 {
+		t.Errorf("DLF calls = %d, want 1", n)
+	}
+}
+
+// loadDoc reads the state document under key.
+func loadDoc(t *testing.T, st *stateStore, key string) *stateRecord {
+	t.Helper()
+	rec, err := st.load(context.Background(), key)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return rec
+}
+
 // answer6205 is a DLF that does what during runs first, on the wire of the
 // call, and then answers 400 DLF.6205, counting the calls.
 func answer6205(t *testing.T, calls *atomic.Int32, during func(ctx context.Context) error) string {
@@ -952,13 +970,8 @@ func TestStopRecordedDuringTheCallExplainsDLF6205(t *testing.T) {
 	}
 	e.stopStreamEmpty(t)
 	e.noDeadLetters(t)
-	if n := calls.Load(); n != 1 {
-		t.Errorf("DLF calls = %d, want 1", n)
-	}
-	rec, err := st.load(context.Background(), key)
-	if err != nil {
-		t.Fatal(err)
-	}
+	oneCall(t, &calls)
+	rec := loadDoc(t, st, key)
 	if rec.doc.StoppedBy != "other" || rec.doc.Cmds["late"] == nil || rec.doc.Cmds["late"].Phase != phaseDecided {
 		t.Errorf("state = %+v; want stopped by the other command and this one decided", rec.doc)
 	}
@@ -990,13 +1003,8 @@ func TestMarkOfAnotherDeliveryDuringTheCallExplainsDLF6205(t *testing.T) {
 	}
 	e.stopStreamEmpty(t)
 	e.noDeadLetters(t)
-	if n := calls.Load(); n != 1 {
-		t.Errorf("DLF calls = %d, want 1", n)
-	}
-	rec, err := st.load(context.Background(), instKey(inst))
-	if err != nil {
-		t.Fatal(err)
-	}
+	oneCall(t, &calls)
+	rec := loadDoc(t, st, instKey(inst))
 	if rec.doc.StoppedBy != "both" {
 		t.Errorf("state = %+v; want the instance recorded as stopped by the command", rec.doc)
 	}
@@ -1064,9 +1072,7 @@ func TestMarksThatDoNotExplainDLF6205(t *testing.T) {
 			if o.Status != StatusFailed || o.Cause != CauseDLFError {
 				t.Fatalf("outcome = %+v; want failed/dlf_error", o)
 			}
-			if n := calls.Load(); n != 1 {
-				t.Errorf("DLF calls = %d, want 1", n)
-			}
+			oneCall(t, &calls)
 			e.checkDead(t, o, body(t, map[string]any{"command_id": "both", "project_id": proj, "script_name": "s1", "instance_id": "i-1"}), seq)
 		})
 	}
@@ -1130,18 +1136,13 @@ func TestProgressDuringTheCallExplainsDLF6205(t *testing.T) {
 				t.Fatalf("outcome = %+v; want %s/%s, the other delivery's: %v", o, tc.status, tc.cause, tc.adopted)
 			}
 			e.stopStreamEmpty(t)
-			if n := calls.Load(); n != 1 {
-				t.Errorf("DLF calls = %d, want 1", n)
-			}
+			oneCall(t, &calls)
 			if tc.status == StatusStopped {
 				e.noDeadLetters(t)
 			} else {
 				e.checkDead(t, o, b, seq)
 			}
-			rec, err := st.load(context.Background(), instKey(inst))
-			if err != nil {
-				t.Fatal(err)
-			}
+			rec := loadDoc(t, st, instKey(inst))
 			if got := rec.doc.Cmds["both"]; rec.doc.StoppedBy != "both" && (got == nil || got.Phase != phaseDecided || got.Status != tc.status) {
 				t.Errorf("state = %+v; want the command decided %s", rec.doc, tc.status)
 			}
@@ -1176,9 +1177,7 @@ func TestOwnStopOlderThanStateTTLIsForgottenAfterDLF6205(t *testing.T) {
 	if o := e.single(t); o.Status != StatusFailed || o.Cause != CauseDLFError {
 		t.Fatalf("outcome = %+v; want failed/dlf_error", o)
 	}
-	if n := calls.Load(); n != 1 {
-		t.Errorf("DLF calls = %d, want 1", n)
-	}
+	oneCall(t, &calls)
 }
 
 // Another delivery decided the command while this one's call was on the
@@ -1207,9 +1206,7 @@ func TestDecisionDuringTheCallAcksWithoutAnOutcome(t *testing.T) {
 		t.Errorf("%d outcome events published, want none (the other delivery published it)", n)
 	}
 	e.noDeadLetters(t)
-	if n := calls.Load(); n != 1 {
-		t.Errorf("DLF calls = %d, want 1", n)
-	}
+	oneCall(t, &calls)
 }
 
 // Attempts count across deliveries when long waits hand the command back.
