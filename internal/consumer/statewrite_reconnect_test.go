@@ -76,37 +76,48 @@ func (p *cuttingProxy) cut() {
 	p.conns = nil
 }
 
-// proxiedWriter is a state writer on a connection through a cuttingProxy.
-func proxiedWriter(t *testing.T, e *env) (*cuttingProxy, *nats.Conn, *stateWriter) {
+// proxied is a state writer on a connection through a cuttingProxy, with
+// the bucket it writes to and a deadline for the test.
+type proxied struct {
+	st  *stateStore
+	p   *cuttingProxy
+	nc  *nats.Conn
+	w   *stateWriter
+	ctx context.Context
+}
+
+func newProxied(t *testing.T) *proxied {
+	e := newEnv(t, nil)
+	r := &proxied{st: e.state(t)}
 	ln, err := net.Listen("tcp", "127.0.0.1:0")
 	if err != nil {
 		t.Fatal(err)
 	}
-	p := &cuttingProxy{ln: ln, target: e.srv.Addr().String()}
-	go p.serve()
-	t.Cleanup(func() { ln.Close(); p.cut() })
-	nc, err := nats.Connect("nats://"+ln.Addr().String(), nats.MaxReconnects(-1), nats.ReconnectWait(50*time.Millisecond))
+	r.p = &cuttingProxy{ln: ln, target: e.srv.Addr().String()}
+	go r.p.serve()
+	t.Cleanup(func() { ln.Close(); r.p.cut() })
+	r.nc, err = nats.Connect("nats://"+ln.Addr().String(), nats.MaxReconnects(-1), nats.ReconnectWait(50*time.Millisecond))
 	if err != nil {
 		t.Fatal(err)
 	}
-	t.Cleanup(nc.Close)
-	w, err := newStateWriter(nc, "dlf_stop_state")
+	t.Cleanup(r.nc.Close)
+	r.w, err = newStateWriter(r.nc, "dlf_stop_state")
 	if err != nil {
 		t.Fatal(err)
 	}
-	t.Cleanup(w.close)
-	return p, nc, w
+	t.Cleanup(r.w.close)
+	ctx, cancel := context.WithTimeout(context.Background(), 20*time.Second)
+	t.Cleanup(cancel)
+	r.ctx = ctx
+	return r
 }
 
 // A mark that left on a connection which then broke dies with it, while a
 // flush sent after the break is answered on the new connection: the mark
 // must count as failed, or the DLF call would go out without it.
 func TestMarkLostInAReconnectFails(t *testing.T) {
-	e := newEnv(t, nil)
-	st := e.state(t)
-	p, nc, w := proxiedWriter(t, e)
-	ctx, cancel := context.WithTimeout(context.Background(), 20*time.Second)
-	defer cancel()
+	r := newProxied(t)
+	st, p, nc, w, ctx := r.st, r.p, r.nc, r.w, r.ctx
 
 	// The hook holds syncLoop between the mark's publish and its flush
 	// while this goroutine breaks the connection.
@@ -158,11 +169,8 @@ func waitDropped(t *testing.T, p *cuttingProxy, needle string) {
 // never goes out: the caller may write the key next, and a late mark
 // would overwrite that.
 func TestMarkGivenUpIsNeverPublished(t *testing.T) {
-	e := newEnv(t, nil)
-	st := e.state(t)
-	p, _, w := proxiedWriter(t, e)
-	ctx, cancel := context.WithTimeout(context.Background(), 20*time.Second)
-	defer cancel()
+	r := newProxied(t)
+	st, p, w, ctx := r.st, r.p, r.w, r.ctx
 
 	p.deaf.Store(true) // a's flush goes unanswered: b waits its turn behind it
 	errA := make(chan error, 1)
@@ -206,11 +214,8 @@ func TestMarkGivenUpIsNeverPublished(t *testing.T) {
 // goes out after the break. It may fail needlessly (the reconnect count
 // moved while it waited), but it reports success only if it is stored.
 func TestMarkQueuedDuringABreakIsSentOnTheNewConnection(t *testing.T) {
-	e := newEnv(t, nil)
-	st := e.state(t)
-	p, _, w := proxiedWriter(t, e)
-	ctx, cancel := context.WithTimeout(context.Background(), 20*time.Second)
-	defer cancel()
+	r := newProxied(t)
+	st, p, w, ctx := r.st, r.p, r.w, r.ctx
 	waiting := func() int {
 		w.syncMu.Lock()
 		defer w.syncMu.Unlock()
