@@ -127,18 +127,17 @@ func TestWorker(t *testing.T) {
 	ns := testutil.StartNATS(t)
 	emu, emuURL := emulator.StartForTest(t)
 	inst := emu.Execute(project, "", script)
-	httpAddr := freeAddr(t)
 	const shutdownTimeout = 3 * time.Second
 	c := start(t, map[string]string{
 		"NATS_URL":                   ns.ClientURL(),
 		"DLF_ENDPOINT":               emuURL,
 		"HUAWEICLOUD_SDK_PROJECT_ID": project,
-		"HTTP_ADDR":                  httpAddr,
+		"HTTP_ADDR":                  "127.0.0.1:0",
 		"SHUTDOWN_TIMEOUT":           shutdownTimeout.String(),
 		"DLF_TIMEOUT":                "2s",
 	})
 
-	base := "http://" + httpAddr
+	base := "http://" + servingAddr(t, c, 15*time.Second)
 	waitHTTP(t, c, base+"/healthz", http.StatusOK, 15*time.Second)
 	waitHTTP(t, c, base+"/readyz", http.StatusOK, 15*time.Second)
 

@@ -143,7 +143,7 @@ func TestBadInputAtVolume(t *testing.T) {
 		"NATS_URL":                   srv.ClientURL(),
 		"DLF_ENDPOINT":               emuURL,
 		"HUAWEICLOUD_SDK_PROJECT_ID": project,
-		"HTTP_ADDR":                  freeAddr(t),
+		"HTTP_ADDR":                  anyPort,
 	}))
 	proc := newProcWatch(w)
 

@@ -40,7 +40,7 @@ func startDLFFaultRig(ctx context.Context, t *testing.T, emu *emulator.Emulator,
 	if _, err := consumer.Setup(ctx, js, consumer.Config{AckWait: dlffAckWait}, zap.NewNop()); err != nil {
 		t.Fatal(err)
 	}
-	r := &dlffRig{t: t, ctx: ctx, js: js, emu: emu, httpAddr: freeAddr(t),
+	r := &dlffRig{t: t, ctx: ctx, js: js, emu: emu,
 		client: &http.Client{Timeout: 2 * time.Second}, guard: guard}
 	t.Cleanup(r.client.CloseIdleConnections)
 	r.pubs = countPublished(t, js.Conn(), "dlf.stop.outcome.*")
@@ -48,10 +48,11 @@ func startDLFFaultRig(ctx context.Context, t *testing.T, emu *emulator.Emulator,
 		"NATS_URL":                   srv.ClientURL(),
 		"DLF_ENDPOINT":               emuURL,
 		"HUAWEICLOUD_SDK_PROJECT_ID": dlffProject,
-		"HTTP_ADDR":                  r.httpAddr,
+		"HTTP_ADDR":                  anyPort,
 		"RETRY_INITIAL_INTERVAL":     "200ms",
 		"RETRY_MAX_INTERVAL":         "2s",
 	}))
+	r.httpAddr = servingAddr(t, r.w.c, 20*time.Second)
 	testutil.Eventually(t, 20*time.Second, func() error {
 		code, err := r.readyz(ctx)
 		if err != nil {

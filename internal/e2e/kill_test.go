@@ -83,7 +83,7 @@ func TestWorkerKilledRepeatedly(t *testing.T) {
 		for k, v := range env {
 			e[k] = v
 		}
-		e["HTTP_ADDR"] = freeAddr(t)
+		e["HTTP_ADDR"] = anyPort
 		return spawnWorker(t, e)
 	}
 

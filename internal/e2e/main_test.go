@@ -2,6 +2,7 @@ package e2e
 
 import (
 	"bufio"
+	"encoding/json"
 	"fmt"
 	"io"
 	"os"
@@ -11,6 +12,7 @@ import (
 	"strings"
 	"sync"
 	"testing"
+	"time"
 
 	"github.com/nats-io/nats-server/v2/server"
 	"github.com/nats-io/nats.go"
@@ -124,6 +126,38 @@ func startWorkerBin(t testing.TB, bin string, env map[string]string) *child {
 		}
 	})
 	return c
+}
+
+// anyPort makes a worker bind its operations HTTP to a port of the
+// kernel's choosing: one picked free beforehand may be taken by the time
+// the worker binds it. servingAddr reads the port from the worker's log.
+const anyPort = "127.0.0.1:0"
+
+// servingAddr waits for the worker's "serving operations HTTP" log line
+// and returns the address it names.
+func servingAddr(t testing.TB, c *child, within time.Duration) string {
+	t.Helper()
+	var addr string
+	testutil.Eventually(t, within, func() error {
+		for _, l := range c.lines() {
+			var e struct {
+				Msg  string `json:"msg"`
+				Addr string `json:"http_addr"`
+			}
+			if json.Unmarshal([]byte(l), &e) == nil && e.Msg == "serving operations HTTP" && e.Addr != "" {
+				addr = e.Addr
+				return nil
+			}
+		}
+		select {
+		case err := <-c.done:
+			c.done <- err
+			return fmt.Errorf("worker exited (%v) before serving; log: %s", err, strings.Join(c.lines(), "\n"))
+		default:
+		}
+		return fmt.Errorf("worker not serving yet")
+	})
+	return addr
 }
 
 func (c *child) kill() {

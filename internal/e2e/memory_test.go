@@ -3,7 +3,6 @@ package e2e
 import (
 	"context"
 	"errors"
-	"net"
 	"strconv"
 	"testing"
 	"time"
@@ -76,7 +75,7 @@ func backlogPeakRSS(b testing.TB, backlog int, watch time.Duration) int64 {
 		"NATS_URL":                   srv.ClientURL(),
 		"DLF_ENDPOINT":               emuURL,
 		"HUAWEICLOUD_SDK_PROJECT_ID": "p",
-		"HTTP_ADDR":                  freeAddr(b),
+		"HTTP_ADDR":                  anyPort,
 		"WORKER_CONCURRENCY":         "256",
 		"LOG_LEVEL":                  "warn",
 	})
@@ -99,14 +98,4 @@ func backlogPeakRSS(b testing.TB, backlog int, watch time.Duration) int64 {
 		b.Logf("DLF calls during the watch: %d", calls)
 	}
 	return peak
-}
-
-func freeAddr(t testing.TB) string {
-	t.Helper()
-	l, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer l.Close()
-	return l.Addr().String()
 }

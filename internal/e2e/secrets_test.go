@@ -445,7 +445,7 @@ func debugWorkerEnv(t *testing.T, natsURL, emuURL string, auth map[string]string
 		"NATS_URL":                   natsURL,
 		"DLF_ENDPOINT":               emuURL,
 		"HUAWEICLOUD_SDK_PROJECT_ID": secretsProject,
-		"HTTP_ADDR":                  freeAddr(t),
+		"HTTP_ADDR":                  anyPort,
 		"LOG_LEVEL":                  "debug",
 		"LOG_FORMAT":                 "json",
 		"RETRY_INITIAL_INTERVAL":     "50ms",
