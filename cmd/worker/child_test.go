@@ -1,7 +1,6 @@
 package main
 
 import (
-	"encoding/json"
 	"fmt"
 	"io"
 	"net"
@@ -153,22 +152,13 @@ func waitHTTP(t *testing.T, c *child, url string, want int, timeout time.Duratio
 }
 
 // servingAddr waits for the worker's "serving operations HTTP" log line
-// and returns the address it names: the tests let the kernel choose the
-// port (HTTP_ADDR=127.0.0.1:0), as one picked free beforehand may be taken
-// by the time the worker binds it.
+// and returns the address it names (testutil.ServingAddr).
 func servingAddr(t *testing.T, c *child, within time.Duration) string {
 	t.Helper()
 	var addr string
 	testutil.Eventually(t, within, func() error {
-		for _, l := range strings.Split(c.stderr.String(), "\n") {
-			var e struct {
-				Msg  string `json:"msg"`
-				Addr string `json:"http_addr"`
-			}
-			if json.Unmarshal([]byte(l), &e) == nil && e.Msg == "serving operations HTTP" && e.Addr != "" {
-				addr = e.Addr
-				return nil
-			}
+		if addr = testutil.ServingAddr(strings.Split(c.stderr.String(), "\n")); addr != "" {
+			return nil
 		}
 		if c.exited() {
 			t.Fatalf("worker exited (%v) before serving; stderr: %s", c.cmd.ProcessState, c.stderr.String())

@@ -2,7 +2,6 @@ package e2e
 
 import (
 	"bufio"
-	"encoding/json"
 	"fmt"
 	"io"
 	"os"
@@ -129,8 +128,7 @@ func startWorkerBin(t testing.TB, bin string, env map[string]string) *child {
 }
 
 // anyPort makes a worker bind its operations HTTP to a port of the
-// kernel's choosing: one picked free beforehand may be taken by the time
-// the worker binds it. servingAddr reads the port from the worker's log.
+// kernel's choosing; servingAddr reads it from the worker's log.
 const anyPort = "127.0.0.1:0"
 
 // servingAddr waits for the worker's "serving operations HTTP" log line
@@ -139,15 +137,8 @@ func servingAddr(t testing.TB, c *child, within time.Duration) string {
 	t.Helper()
 	var addr string
 	testutil.Eventually(t, within, func() error {
-		for _, l := range c.lines() {
-			var e struct {
-				Msg  string `json:"msg"`
-				Addr string `json:"http_addr"`
-			}
-			if json.Unmarshal([]byte(l), &e) == nil && e.Msg == "serving operations HTTP" && e.Addr != "" {
-				addr = e.Addr
-				return nil
-			}
+		if addr = testutil.ServingAddr(c.lines()); addr != "" {
+			return nil
 		}
 		select {
 		case err := <-c.done:

@@ -2,6 +2,7 @@ package testutil
 
 import (
 	"bytes"
+	"encoding/json"
 	"fmt"
 	"sync"
 	"testing"
@@ -123,4 +124,21 @@ func RunServer(t testing.TB, opts *server.Options) *server.Server {
 		s.WaitForShutdown()
 	})
 	return s
+}
+
+// ServingAddr finds, among a worker's JSON log lines, the address its
+// "serving operations HTTP" line names, or "". Tests start workers with
+// HTTP_ADDR=127.0.0.1:0 and read the port here: one picked free
+// beforehand may be taken by the time the worker binds it.
+func ServingAddr(lines []string) string {
+	for _, l := range lines {
+		var e struct {
+			Msg  string `json:"msg"`
+			Addr string `json:"http_addr"`
+		}
+		if json.Unmarshal([]byte(l), &e) == nil && e.Msg == "serving operations HTTP" && e.Addr != "" {
+			return e.Addr
+		}
+	}
+	return ""
 }
