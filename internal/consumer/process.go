@@ -335,21 +335,6 @@ func (w *Worker) call(j *job, req dlf.StopRequest, lastAt time.Time) (v dlf.Verd
 		if err := w.thr.waitPause(ctx, lastAt); err != nil {
 			return notSent(probe)
 		}
-		if w.state != nil && !j.marked {
-			// Marked once the circuit and a pause let the call go, so
-			// that a delivery that dies while they hold it leaves no
-			// mark; and before the slot, which the round trip would
-			// otherwise keep from a call that is ready.
-			if err := w.state.markSent(ctx, j.sid, j.meta.NumDelivered, j.meta.Sequence.Stream, j.cmd.InstanceKey()); err != nil {
-				if ctx.Err() != nil {
-					return notSent(probe)
-				}
-				w.circ.release(probe, v, true)
-				j.log.Warn("could not record the call before making it; returning the command", zap.Error(err))
-				return v, callUnmarked
-			}
-			j.marked = true
-		}
 		select {
 		case w.slots <- struct{}{}:
 		case <-ctx.Done():
@@ -375,6 +360,31 @@ func (w *Worker) call(j *job, req dlf.StopRequest, lastAt time.Time) (v dlf.Verd
 			<-w.slots
 			return notSent(probe)
 		}
+		if held() {
+			<-w.slots
+			continue
+		}
+		if w.state == nil || j.marked {
+			break
+		}
+		// Marked with the slot and the token in hand, right before the
+		// call: a delivery that dies while it waits for them (a rate
+		// limit or a busy DLF can make that seconds) or while the circuit
+		// holds it leaves no mark, so a DLF.6205 its redelivery gets is
+		// not taken for its own stop. The slot waits out the round trip.
+		if err := w.state.markSent(ctx, j.sid, j.meta.NumDelivered, j.meta.Sequence.Stream, j.cmd.InstanceKey()); err != nil {
+			<-w.slots
+			if ctx.Err() != nil {
+				return notSent(probe)
+			}
+			w.circ.release(probe, v, true)
+			j.log.Warn("could not record the call before making it; returning the command", zap.Error(err))
+			return v, callUnmarked
+		}
+		j.marked = true
+		// A 429 or an opening circuit that came during the round trip
+		// still holds the call back; the mark then stands while it
+		// waits (see "mark" in the README).
 		if !held() {
 			break
 		}

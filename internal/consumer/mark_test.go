@@ -1,0 +1,51 @@
+package consumer
+
+import (
+	"fmt"
+	"testing"
+	"time"
+
+	"github.com/dlf-stop/worker/internal/testutil"
+)
+
+// A delivery that dies while it waits for a rate token has sent nothing,
+// so it must leave no "sent" mark: the DLF.6205 its redelivery gets for
+// an instance DLF does not know is then a failure with a dead letter, not
+// taken for the answer to a lost call (contract section 6).
+func TestDeliveryDyingBeforeItsTokenLeavesNoMark(t *testing.T) {
+	e := newEnv(t, func(c *Config) { c.AckWait = 2 * time.Second })
+	e.emu.AddRunning(proj, "", "s1", "a")
+	r := e.startWorker(func(c *Config) { c.RateLimit, c.RateBurst = 0.05, 1 }) // a token every 20s
+	e.publish(body(t, map[string]any{"command_id": "a", "project_id": proj, "script_name": "s1", "instance_id": "a"}), nil)
+	e.out.wait(t, 1, 10*time.Second) // a spent the only token
+	bBody := body(t, map[string]any{"command_id": "b", "project_id": proj, "script_name": "s1", "instance_id": "no-such"})
+	seq := e.publish(bBody, nil)
+	testutil.Eventually(t, 5*time.Second, func() error {
+		if n := gaugeValue(r.w.m.held); n != 1 {
+			return fmt.Errorf("the worker holds %v commands, want b", n)
+		}
+		return nil
+	})
+	// b waits for its token; long enough for a mark to be written first.
+	testutil.Consistently(t, 500*time.Millisecond, func() error {
+		if n := e.emu.StopCallsFor(proj, "s1", "no-such"); n != 0 {
+			return fmt.Errorf("b was sent %d times without a token", n)
+		}
+		return nil
+	})
+	// The worker dies: its connection first, so nothing more reaches NATS.
+	r.nc.Close()
+	r.stop(t)
+
+	e.startWorker(nil)
+	e.out.wait(t, 2, 20*time.Second)
+	o := byID(t, e.out.outcomes(t))["b"]
+	if o.Status != StatusFailed || o.Cause != CauseDLFError || o.ErrorCode != "DLF.6205" || o.Attempts != 1 {
+		t.Fatalf("b, sent once and answered DLF.6205 = %s/%s %s attempts=%d; want failed/dlf_error DLF.6205 attempts=1",
+			o.Status, o.Cause, o.ErrorCode, o.Attempts)
+	}
+	e.checkDead(t, o, bBody, seq)
+	if n := e.emu.StopCallsFor(proj, "s1", "no-such"); n != 1 {
+		t.Errorf("DLF calls for b = %d, want 1", n)
+	}
+}
