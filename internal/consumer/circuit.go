@@ -149,6 +149,22 @@ func systemic(v dlf.Verdict) (counts, immediate bool) {
 	return false, false
 }
 
+// answeredByDLF tells whether DLF itself took the call and answered for
+// the command: a 2xx, or a refusal of the command such as DLF.6205. Only
+// such an answer shows that DLF is up and accepts us, which is what a probe
+// must show to close the circuit; a 429 or a 408 comes from the gateway in
+// front of it.
+func answeredByDLF(v dlf.Verdict) bool {
+	switch s := v.HTTPStatus; {
+	case s >= 200 && s <= 299:
+		return true
+	case s >= 400 && s <= 499:
+		return s != http.StatusUnauthorized && s != http.StatusForbidden &&
+			s != http.StatusRequestTimeout && s != http.StatusTooManyRequests
+	}
+	return false
+}
+
 // release records a call's verdict.
 func (c *circuit) release(probe bool, v dlf.Verdict, cancelled bool) {
 	if c.disabled {
@@ -176,6 +192,16 @@ func (c *circuit) release(probe bool, v dlf.Verdict, cancelled bool) {
 		return
 	}
 	counts, immediate := systemic(v)
+	if !counts && !answeredByDLF(v) {
+		// A 429, a 408 or a failure of ours before any answer says
+		// nothing of DLF: it neither counts nor clears, and a probe that
+		// got it is followed by another once the backoff has passed.
+		if c.open && probe {
+			c.nextTry = time.Now().Add(min(c.probeBo.NextBackOff(), c.probeBo.MaxInterval))
+			c.signalLocked()
+		}
+		return
+	}
 	if !counts {
 		c.failures = 0
 		if c.open {

@@ -264,7 +264,24 @@ func (w *Worker) pull(ctx context.Context) (pulled bool, err error) {
 		if err != nil {
 			return pulled, err
 		}
+		changed := w.circ.changedCh() // before the check: an opening after it closes changed
+		if w.circ.Open() {            // it opened while reserve waited for room
+			w.unreserve(n)
+			return pulled, errCircuitOpen
+		}
 		fctx, cancel := context.WithTimeout(ctx, pullWait)
+		if !w.circ.disabled {
+			// An open circuit fetches nothing new (contract section 6):
+			// the pull on the wire when it opens ends then, not when it
+			// has filled up or expired.
+			go func() {
+				select {
+				case <-changed:
+					cancel()
+				case <-fctx.Done():
+				}
+			}()
+		}
 		batch, err := w.cons.Fetch(n, jetstream.FetchContext(fctx))
 		if err != nil {
 			cancel()
@@ -280,8 +297,12 @@ func (w *Worker) pull(ctx context.Context) (pulled bool, err error) {
 		}
 		cancel()
 		w.unreserve(n - got)
+		if w.circ.Open() {
+			return pulled, errCircuitOpen
+		}
 		switch err := batch.Error(); {
-		case err == nil || ctx.Err() != nil || errors.Is(err, context.DeadlineExceeded) || errors.Is(err, nats.ErrTimeout):
+		case err == nil || ctx.Err() != nil || errors.Is(err, context.DeadlineExceeded) || errors.Is(err, nats.ErrTimeout),
+			errors.Is(err, context.Canceled): // ended by a circuit that opened and closed again since
 			pulled = true
 		case errors.Is(err, jetstream.ErrConsumerLeadershipChanged):
 			w.log.Debug("pull ended with a consumer leader change; pulling again", zap.Error(err))
@@ -330,7 +351,15 @@ func (w *Worker) waitCircuit(ctx context.Context) error {
 	defer tick.Stop()
 	for w.circ.Open() {
 		if len(w.held) == 0 {
-			w.fetchProbe(ctx)
+			if err := w.fetchProbe(ctx); err != nil && ctx.Err() == nil {
+				// The consumer may be gone: with nothing held, this is
+				// the only fetch, so nothing else would bind it again,
+				// and the worker would stay paused for good.
+				w.log.Warn("fetching a probe command failed; binding the consumer again", zap.Error(err))
+				if c, err := ensureConsumer(ctx, w.js, w.cfg, w.log); err == nil {
+					w.cons = c
+				}
+			}
 		}
 		select {
 		case <-ctx.Done():
@@ -342,19 +371,27 @@ func (w *Worker) waitCircuit(ctx context.Context) error {
 	return ctx.Err()
 }
 
-// fetchProbe takes at most one message and handles it.
-func (w *Worker) fetchProbe(ctx context.Context) {
+// fetchProbe takes at most one message and handles it. It fails as pull
+// does: not when the request merely expired or met a leader change.
+func (w *Worker) fetchProbe(ctx context.Context) error {
 	fctx, cancel := context.WithTimeout(ctx, 2*time.Second)
 	defer cancel()
 	batch, err := w.cons.Fetch(1, jetstream.FetchContext(fctx))
 	if err != nil {
-		return
+		return err
 	}
 	for msg := range batch.Messages() {
 		w.held <- struct{}{}
 		w.m.held.Inc()
 		w.wg.Add(1)
 		w.handle(msg)
+	}
+	switch err := batch.Error(); {
+	case err == nil || errors.Is(err, context.DeadlineExceeded) || errors.Is(err, nats.ErrTimeout),
+		errors.Is(err, jetstream.ErrConsumerLeadershipChanged):
+		return nil
+	default:
+		return err
 	}
 }
 

@@ -1,0 +1,140 @@
+package consumer
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"testing"
+	"time"
+
+	"go.uber.org/zap"
+
+	"github.com/dlf-stop/worker/internal/dlf"
+	"github.com/dlf-stop/worker/internal/dlf/emulator"
+	"github.com/dlf-stop/worker/internal/testutil"
+)
+
+// An open circuit fetches nothing new (contract section 6): commands
+// published after it opened wait in the stream, where a healthy replica
+// may take them, instead of on a worker that will not call.
+func TestOpenCircuitFetchesNothingNew(t *testing.T) {
+	e := newEnv(t, func(c *Config) { c.RetryInitial, c.RetryMax = 3*time.Second, 6*time.Second }) // no probe meanwhile
+	e.emu.SetFaults(emulator.Faults{AuthFail: true})
+	r := e.startWorker(nil)
+	e.publishMany(t, 1, "first")
+	testutil.Eventually(t, 10*time.Second, func() error {
+		if !r.w.circ.Open() {
+			return errors.New("the circuit has not opened")
+		}
+		return nil
+	})
+	e.publishMany(t, 10, "after")
+	testutil.Consistently(t, time.Second, func() error {
+		if n := gaugeValue(r.w.m.held); n != 1 {
+			return fmt.Errorf("the worker holds %v commands, want only the first: it fetched with the circuit open", n)
+		}
+		return nil
+	})
+	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+	defer cancel()
+	c, err := e.js.Consumer(ctx, "DLF_STOP", "dlf-stop-worker")
+	if err != nil {
+		t.Fatal(err)
+	}
+	info, err := c.Info(ctx)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if info.NumPending != 10 {
+		t.Errorf("%d commands wait in the stream, want the 10 published after the circuit opened", info.NumPending)
+	}
+}
+
+// With the circuit open and nothing held, the probe fetch is the only
+// fetch. A consumer deleted then must be bound again, or no probe ever
+// comes and the worker stays paused after DLF recovered.
+func TestConsumerDeletedWhileOpenAndIdleIsBoundAgain(t *testing.T) {
+	e := newEnv(t, func(c *Config) {
+		c.RetryMaxElapsed = 1500 * time.Millisecond
+		c.RetryInitial, c.RetryMax = 100*time.Millisecond, 300*time.Millisecond
+	})
+	e.emu.SetFaults(emulator.Faults{AuthFail: true})
+	r := e.startWorker(nil)
+	e.publishMany(t, 2, "old")
+	e.out.wait(t, 2, 20*time.Second) // retries_exhausted with the circuit open
+	var opened time.Time
+	testutil.Eventually(t, 10*time.Second, func() error {
+		if !r.w.circ.Open() || gaugeValue(r.w.m.held) != 0 {
+			return errors.New("want the circuit open and nothing held")
+		}
+		opened = time.Now()
+		return nil
+	})
+	// A pull on the wire when the circuit opened would see the deletion
+	// and bind again by itself; it is cut short now, but to test the probe
+	// fetch alone the deletion waits until such a pull would have expired.
+	testutil.Eventually(t, 2*pullWait, func() error {
+		if time.Since(opened) < pullWait+500*time.Millisecond {
+			return errors.New("a pull from before the opening could still be alive")
+		}
+		return nil
+	})
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+	if err := e.js.DeleteConsumer(ctx, "DLF_STOP", "dlf-stop-worker"); err != nil {
+		t.Fatal(err)
+	}
+	e.emu.SetFaults(emulator.Faults{})
+	e.publishMany(t, 2, "new")
+	e.out.wait(t, 4, 20*time.Second)
+	for id, o := range byID(t, e.out.outcomes(t)) {
+		if want := StatusStopped; id[:3] == "new" && o.Status != want {
+			t.Errorf("%s: %s/%s, want %s", id, o.Status, o.Cause, want)
+		}
+	}
+}
+
+// The circuit closes on the first probe that DLF itself answers for its
+// command (contract section 6: "the first probe that succeeds"). A 429 or
+// a 408 from the gateway, or a failure before any answer, shows nothing
+// of the sort: the circuit stays open and the next probe follows.
+func TestOnlyAnAnswerFromDLFClosesTheCircuit(t *testing.T) {
+	cfg := Config{CircuitThreshold: 5, RetryInitial: time.Millisecond, RetryMax: time.Millisecond}
+	c := newCircuit(&cfg, zap.NewNop(), nil)
+	c.release(false, dlf.Verdict{HTTPStatus: 401, Systemic: true}, false)
+	if !c.Open() {
+		t.Fatal("a 401 did not open the circuit")
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+	defer cancel()
+	probeWith := func(v dlf.Verdict) {
+		t.Helper()
+		probe, ok := c.acquire(ctx, time.Time{})
+		if !probe || !ok {
+			t.Fatalf("acquire = probe %v, ok %v; want the probe turn", probe, ok)
+		}
+		c.release(true, v, false)
+	}
+	for _, v := range []dlf.Verdict{
+		{HTTPStatus: 429, ErrorCode: "APIG.0308"},
+		{HTTPStatus: 408},
+		{}, // failed before any answer, not for DLF's sake
+	} {
+		probeWith(v)
+		if !c.Open() {
+			t.Fatalf("a probe answered %d %q closed the circuit", v.HTTPStatus, v.ErrorCode)
+		}
+	}
+	probeWith(dlf.Verdict{HTTPStatus: 400, ErrorCode: "DLF.6205"})
+	if c.Open() {
+		t.Fatal("DLF answered the probe (DLF.6205), yet the circuit stays open")
+	}
+	// Closed, a 429 neither counts towards opening nor clears the count.
+	for i := 0; i < 5; i++ {
+		c.release(false, dlf.Verdict{HTTPStatus: 503}, false)
+		c.release(false, dlf.Verdict{HTTPStatus: 429}, false)
+	}
+	if !c.Open() {
+		t.Error("five 503s in a row but for 429s between them did not open the circuit")
+	}
+}
