@@ -393,7 +393,7 @@ func (w *Worker) call(j *job, req dlf.StopRequest, lastAt time.Time) (v dlf.Verd
 	v, elapsed, err := w.attempt(req, probe)
 	j.attempts++
 	w.circ.release(probe, v, w.hard.Err() != nil)
-	if v.Class == dlf.ClassStopped {
+	if answeredByDLF(v) { // a refusal (DLF.6205, say) got past the gateway's limit as well
 		w.thr.succeeded()
 	}
 	if v.NotAnswered {

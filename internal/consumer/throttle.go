@@ -141,7 +141,8 @@ func (t *throttle) throttled(d time.Duration) {
 }
 
 // succeeded lets a halved rate grow back by a twentieth of the configured
-// one per successful call.
+// one per call that DLF answered (a 2xx, or a refusal of the command that
+// the gateway let through).
 func (t *throttle) succeeded() {
 	if t.limiter == nil {
 		return

@@ -40,7 +40,8 @@ type Faults struct {
 	// without applying it.
 	Throttle bool
 	// RetryAfter is sent as Retry-After (whole seconds, rounded up) with
-	// Throttle: 0 means 1 second, a negative value sends no header.
+	// Throttle: 0 means 1 second, a negative value sends no header. With
+	// the answers of ErrorRate it is sent only when positive.
 	RetryAfter time.Duration
 	// Hang reads the request and never answers it nor applies it, until the
 	// client gives up or Close is called; then the connection is closed.

@@ -278,6 +278,10 @@ func (e *Emulator) serveStop(w http.ResponseWriter, r *http.Request, rt route, r
 	}
 	if e.roll(f.ErrorRate) {
 		fault, status = "error", f.ErrorStatus
+		if f.RetryAfter > 0 {
+			s, _ := f.retryAfterSeconds()
+			w.Header().Set(HeaderRetryAfter, strconv.FormatInt(s, 10))
+		}
 		b, _ := json.Marshal(errorBody{
 			Code: CodeFaultPrefix + strconv.Itoa(status),
 			Msg:  "Injected fault: " + http.StatusText(status) + ".",
