@@ -3,10 +3,12 @@ package deploy
 import (
 	"context"
 	"encoding/json"
+	"errors"
 	"net/http"
 	"os"
 	"path"
 	"path/filepath"
+	"strings"
 	"testing"
 	"time"
 
@@ -177,5 +179,35 @@ func TestWorkerRunsAsDeployed(t *testing.T) {
 	}
 	for _, u := range []*natsUser{operator, scheduler, auditor} {
 		u.noViolations(t)
+	}
+}
+
+// A worker whose NATS user may not use the stream it is configured for (a
+// STOP_STREAM changed without the permissions in nats-server.conf) stops
+// at once with an error that names the permission problem, not after the
+// set-up timeout with "context deadline exceeded".
+func TestWorkerWithoutPermissionSaysSo(t *testing.T) {
+	s := startConfServer(t)
+	env := map[string]string{
+		"NATS_URL": s.ClientURL(), "NATS_USER": "dlf-worker", "NATS_PASSWORD": envSentinel("DLF_WORKER_PASSWORD"),
+		"DLF_ENDPOINT": "http://127.0.0.1:9", "HTTP_ADDR": "127.0.0.1:0", "STOP_STREAM": "OTHER_STOP",
+	}
+	cfg, err := config.FromEnv(func(k string) (string, bool) { v, ok := env[k]; return v, ok })
+	if err != nil {
+		t.Fatal(err)
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), 20*time.Second)
+	defer cancel()
+	start := time.Now()
+	err = service.Run(ctx, cfg, zap.NewNop(), service.Hooks{})
+	took := time.Since(start)
+	if !errors.Is(err, nats.ErrPermissionViolation) || !strings.Contains(err.Error(), "OTHER_STOP") {
+		t.Errorf("start-up error = %v; want the permissions violation, naming the stream", err)
+	}
+	if strings.Contains(err.Error(), envSentinel("DLF_WORKER_PASSWORD")) {
+		t.Errorf("start-up error holds the NATS password: %v", err)
+	}
+	if took > 10*time.Second {
+		t.Errorf("start-up took %s to fail", took.Round(time.Millisecond))
 	}
 }

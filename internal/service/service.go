@@ -4,10 +4,12 @@ import (
 	"context"
 	"crypto/rand"
 	"encoding/hex"
+	"errors"
 	"fmt"
 	"os"
 	"time"
 
+	"github.com/nats-io/nats.go"
 	"github.com/nats-io/nats.go/jetstream"
 	"github.com/prometheus/client_golang/prometheus"
 	"github.com/prometheus/client_golang/prometheus/collectors"
@@ -121,11 +123,9 @@ func Run(ctx context.Context, cfg config.Config, log *zap.Logger, hooks Hooks) e
 
 	readiness.Starting(StepSetup)
 	ccfg := ConsumerConfig(cfg, workerID)
-	setupCtx, cancelSetup := context.WithTimeout(ctx, 30*time.Second)
-	cons, err := consumer.Setup(setupCtx, js, ccfg, log)
-	cancelSetup()
+	cons, err := setUp(ctx, nc, js, ccfg, log)
 	if err != nil {
-		return fmt.Errorf("set up JetStream: %w", err)
+		return err
 	}
 
 	w, err := consumer.New(js, cons, client, ccfg, log, metrics)
@@ -246,4 +246,34 @@ func WorkerID() string {
 	var b [3]byte
 	_, _ = rand.Read(b[:])
 	return host + "-" + hex.EncodeToString(b[:])
+}
+
+// setUp binds (or creates) the streams, the bucket and the consumer. A
+// JetStream request the worker's NATS user may not make is dropped by the
+// server, which reports the violation only as an asynchronous error: set-up
+// would wait out its whole timeout and then name the timeout alone. Such a
+// violation ends it at once, named.
+func setUp(ctx context.Context, nc *nats.Conn, js jetstream.JetStream, ccfg consumer.Config, log *zap.Logger) (jetstream.Consumer, error) {
+	tctx, cancelTimeout := context.WithTimeout(ctx, 30*time.Second)
+	defer cancelTimeout()
+	setupCtx, cancel := context.WithCancelCause(tctx)
+	defer cancel(nil)
+	logged := nc.ErrorHandler()
+	nc.SetErrorHandler(func(c *nats.Conn, sub *nats.Subscription, err error) {
+		if logged != nil {
+			logged(c, sub, err)
+		}
+		if errors.Is(err, nats.ErrPermissionViolation) {
+			cancel(err)
+		}
+	})
+	defer nc.SetErrorHandler(logged)
+	cons, err := consumer.Setup(setupCtx, js, ccfg, log)
+	if err != nil {
+		if cause := context.Cause(setupCtx); errors.Is(cause, nats.ErrPermissionViolation) {
+			return nil, fmt.Errorf("set up JetStream: the NATS user may not do what the worker needs (see deploy/nats/nats-server.conf): %w", cause)
+		}
+		return nil, fmt.Errorf("set up JetStream: %w", err)
+	}
+	return cons, nil
 }
