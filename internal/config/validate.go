@@ -262,6 +262,13 @@ func (d DLF) problems() []error {
 	if d.SecurityToken != "" && !(ak && sk) {
 		p.add("HUAWEICLOUD_SDK_SECURITY_TOKEN", "requires HUAWEICLOUD_SDK_AK and HUAWEICLOUD_SDK_SK")
 	}
+	// A temporary security token belongs to one AK/SK pair, and the worker
+	// re-reads the files but not the token: the first rotation would send
+	// the new pair with the old token, refused for good.
+	if d.SecurityToken != "" && (d.AKFile != "" || d.SKFile != "") {
+		p.add("HUAWEICLOUD_SDK_SECURITY_TOKEN", "cannot be combined with HUAWEICLOUD_SDK_AK_FILE or HUAWEICLOUD_SDK_SK_FILE: "+
+			"it belongs to one AK/SK pair and would not follow a rotation of the files; give temporary credentials as variables")
+	}
 	p.file("HUAWEICLOUD_SDK_AK_FILE", d.AKFile)
 	p.file("HUAWEICLOUD_SDK_SK_FILE", d.SKFile)
 	p.file("DLF_AUTH_TOKEN_FILE", d.AuthTokenFile)
