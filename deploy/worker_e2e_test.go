@@ -4,6 +4,7 @@ import (
 	"context"
 	"encoding/json"
 	"errors"
+	"fmt"
 	"net/http"
 	"os"
 	"path"
@@ -15,6 +16,7 @@ import (
 	"github.com/nats-io/nats.go"
 	"github.com/nats-io/nats.go/jetstream"
 	"go.uber.org/zap"
+	"go.uber.org/zap/zaptest/observer"
 
 	"github.com/dlf-stop/worker/internal/config"
 	"github.com/dlf-stop/worker/internal/dlf/emulator"
@@ -93,8 +95,19 @@ func TestWorkerRunsAsDeployed(t *testing.T) {
 	defer cancel()
 	started := make(chan string, 1)
 	done := make(chan error, 1)
+	// The worker's own warnings, to see a permission it lacks on a path
+	// that tolerates the failure (the server reports a violation only in
+	// an asynchronous error, which the worker logs).
+	core, logged := observer.New(zap.WarnLevel)
+	t.Cleanup(func() { // also when the test failed on what such a violation broke
+		for _, e := range logged.All() {
+			if line := fmt.Sprint(e.Message, e.ContextMap()); strings.Contains(strings.ToLower(line), "permissions violation") {
+				t.Errorf("the worker met a permissions violation: %s", line)
+			}
+		}
+	})
 	go func() {
-		done <- service.Run(ctx, cfg, zap.NewNop(), service.Hooks{Started: func(addr string) { started <- addr }})
+		done <- service.Run(ctx, cfg, zap.New(core), service.Hooks{Started: func(addr string) { started <- addr }})
 	}()
 	var httpAddr string
 	select {
