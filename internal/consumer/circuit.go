@@ -59,6 +59,9 @@ func newCircuit(cfg *Config, log *zap.Logger, onChange func(bool)) *circuit {
 	return c
 }
 
+// openNow is Open without the lock, for the per-message path.
+func (c *circuit) openNow() bool { return !c.disabled && c.isOpen.Load() }
+
 // Open reports whether the circuit is open.
 func (c *circuit) Open() bool {
 	c.mu.Lock()

@@ -35,19 +35,34 @@ func TestOpenCircuitFetchesNothingNew(t *testing.T) {
 		}
 		return nil
 	})
-	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
-	defer cancel()
-	c, err := e.js.Consumer(ctx, "DLF_STOP", "dlf-stop-worker")
-	if err != nil {
-		t.Fatal(err)
-	}
-	info, err := c.Info(ctx)
-	if err != nil {
-		t.Fatal(err)
-	}
-	if info.NumPending != 10 {
-		t.Errorf("%d commands wait in the stream, want the 10 published after the circuit opened", info.NumPending)
-	}
+	// They waited in the stream, not lost: all stop once DLF is back.
+	e.emu.SetFaults(emulator.Faults{})
+	e.out.wait(t, 11, 30*time.Second)
+	allStopped(t, byID(t, e.out.outcomes(t)))
+}
+
+// Commands that arrive on the pull on the wire as the circuit opens are
+// handed back, each to come again after a short delay; none lands where
+// nothing holds it, to come back only after the ack wait.
+func TestCommandsArrivingAsTheCircuitOpensAreHandedBack(t *testing.T) {
+	e := newEnv(t, func(c *Config) {
+		c.AckWait = 30 * time.Second
+		c.RetryInitial, c.RetryMax = 500*time.Millisecond, time.Second
+	})
+	e.emu.SetFaults(emulator.Faults{AuthFail: true})
+	r := e.startWorker(func(c *Config) { c.Concurrency = 64 })
+	e.publishMany(t, 100, "c") // one by one, across the opening at the first call
+	testutil.Eventually(t, 10*time.Second, func() error {
+		if !r.w.circ.Open() {
+			return errors.New("the circuit has not opened")
+		}
+		return nil
+	})
+	e.emu.SetFaults(emulator.Faults{})
+	// Well within the ack wait: a command stranded in a cancelled pull
+	// would take 30 s.
+	e.out.wait(t, 100, 20*time.Second)
+	allStopped(t, byID(t, e.out.outcomes(t)))
 }
 
 // With the circuit open and nothing held, the probe fetch is the only
@@ -70,9 +85,9 @@ func TestConsumerDeletedWhileOpenAndIdleIsBoundAgain(t *testing.T) {
 		opened = time.Now()
 		return nil
 	})
-	// A pull on the wire when the circuit opened would see the deletion
-	// and bind again by itself; it is cut short now, but to test the probe
-	// fetch alone the deletion waits until such a pull would have expired.
+	// A pull on the wire when the circuit opened, which lives on until it
+	// expires, would see the deletion and bind again by itself; to test
+	// the probe fetch alone, the deletion waits until it has expired.
 	testutil.Eventually(t, 2*pullWait, func() error {
 		if time.Since(opened) < pullWait+500*time.Millisecond {
 			return errors.New("a pull from before the opening could still be alive")

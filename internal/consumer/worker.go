@@ -264,24 +264,12 @@ func (w *Worker) pull(ctx context.Context) (pulled bool, err error) {
 		if err != nil {
 			return pulled, err
 		}
-		changed := w.circ.changedCh() // before the check: an opening after it closes changed
-		if w.circ.Open() {            // it opened while reserve waited for room
+		if w.circ.Open() { // it opened while reserve waited for room
 			w.unreserve(n)
 			return pulled, errCircuitOpen
 		}
-		fctx, cancel := context.WithTimeout(ctx, pullWait)
-		if !w.circ.disabled {
-			// An open circuit fetches nothing new (contract section 6):
-			// the pull on the wire when it opens ends then, not when it
-			// has filled up or expired.
-			go func() {
-				select {
-				case <-changed:
-					cancel()
-				case <-fctx.Done():
-				}
-			}()
-		}
+		expires := time.Now().Add(pullWait)
+		fctx, cancel := context.WithDeadline(ctx, expires)
 		batch, err := w.cons.Fetch(n, jetstream.FetchContext(fctx))
 		if err != nil {
 			cancel()
@@ -289,7 +277,12 @@ func (w *Worker) pull(ctx context.Context) (pulled bool, err error) {
 			return pulled, err
 		}
 		got := 0
+		var handedBack map[uint64]bool
 		for msg := range batch.Messages() {
+			if w.circ.openNow() {
+				handedBack = w.handBack(msg, expires, handedBack)
+				continue
+			}
 			got++
 			w.m.held.Inc()
 			w.wg.Add(1)
@@ -301,8 +294,7 @@ func (w *Worker) pull(ctx context.Context) (pulled bool, err error) {
 			return pulled, errCircuitOpen
 		}
 		switch err := batch.Error(); {
-		case err == nil || ctx.Err() != nil || errors.Is(err, context.DeadlineExceeded) || errors.Is(err, nats.ErrTimeout),
-			errors.Is(err, context.Canceled): // ended by a circuit that opened and closed again since
+		case err == nil || ctx.Err() != nil || errors.Is(err, context.DeadlineExceeded) || errors.Is(err, nats.ErrTimeout):
 			pulled = true
 		case errors.Is(err, jetstream.ErrConsumerLeadershipChanged):
 			w.log.Debug("pull ended with a consumer leader change; pulling again", zap.Error(err))
@@ -310,6 +302,36 @@ func (w *Worker) pull(ctx context.Context) (pulled bool, err error) {
 			return pulled, err
 		}
 	}
+}
+
+// handBack returns a command that the pull on the wire delivered after the
+// circuit opened: an open circuit takes nothing new (contract section 6),
+// so another replica takes it, or this one once DLF is back. The pull is
+// not cut short instead: nats.go drops what a cancelled fetch has
+// buffered, and the server still counts it delivered, so it would come
+// back only after the ack wait.
+//
+// It goes back at once, for a replica that is pulling. Should it come back
+// to this same pull (no other replica was waiting), it goes back again
+// delayed until the pull has expired (at expires), so that the two do not
+// hand it to and fro. seen holds the stream sequences handed back so far.
+func (w *Worker) handBack(msg jetstream.Msg, expires time.Time, seen map[uint64]bool) map[uint64]bool {
+	var seq uint64
+	if md, err := msg.Metadata(); err == nil {
+		seq = md.Sequence.Stream
+	}
+	var delay time.Duration
+	if seen[seq] || seq == 0 {
+		delay = time.Until(expires) + 100*time.Millisecond
+	}
+	if err := msg.NakWithDelay(delay); err != nil {
+		w.log.Debug("could not hand back a command fetched as the circuit opened; it returns after the ack wait", zap.Error(err))
+	}
+	if seen == nil {
+		seen = map[uint64]bool{}
+	}
+	seen[seq] = true
+	return seen
 }
 
 // reserve blocks for one free held slot, then takes every other free one
@@ -349,13 +371,25 @@ var errCircuitOpen = errors.New("DLF circuit open")
 func (w *Worker) waitCircuit(ctx context.Context) error {
 	tick := time.NewTicker(w.cfg.RetryInitial)
 	defer tick.Stop()
+	rebind := backoff.NewExponentialBackOff()
+	rebind.InitialInterval = w.cfg.RetryInitial
+	rebind.MaxInterval = 30 * time.Second
+	rebind.MaxElapsedTime = 0
+	var nextRebind time.Time
 	for w.circ.Open() {
 		if len(w.held) == 0 {
-			if err := w.fetchProbe(ctx); err != nil && ctx.Err() == nil {
+			err := w.fetchProbe(ctx)
+			switch {
+			case err == nil:
+				rebind.Reset()
+				nextRebind = time.Time{}
+			case ctx.Err() == nil && !time.Now().Before(nextRebind):
 				// The consumer may be gone: with nothing held, this is
 				// the only fetch, so nothing else would bind it again,
 				// and the worker would stay paused for good.
-				w.log.Warn("fetching a probe command failed; binding the consumer again", zap.Error(err))
+				wait := rebind.NextBackOff()
+				nextRebind = time.Now().Add(wait)
+				w.log.Warn("fetching a probe command failed; binding the consumer again", zap.Error(err), zap.Duration("next_try_in", wait))
 				if c, err := ensureConsumer(ctx, w.js, w.cfg, w.log); err == nil {
 					w.cons = c
 				}
