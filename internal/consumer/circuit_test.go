@@ -22,12 +22,7 @@ func TestOpenCircuitFetchesNothingNew(t *testing.T) {
 	e.emu.SetFaults(emulator.Faults{AuthFail: true})
 	r := e.startWorker(nil)
 	e.publishMany(t, 1, "first")
-	testutil.Eventually(t, 10*time.Second, func() error {
-		if !r.w.circ.Open() {
-			return errors.New("the circuit has not opened")
-		}
-		return nil
-	})
+	r.waitCircuitOpen(t)
 	e.publishMany(t, 10, "after")
 	testutil.Consistently(t, time.Second, func() error {
 		if n := gaugeValue(r.w.m.held); n != 1 {
@@ -52,12 +47,7 @@ func TestCommandsArrivingAsTheCircuitOpensAreHandedBack(t *testing.T) {
 	e.emu.SetFaults(emulator.Faults{AuthFail: true})
 	r := e.startWorker(func(c *Config) { c.Concurrency = 64 })
 	e.publishMany(t, 100, "c") // one by one, across the opening at the first call
-	testutil.Eventually(t, 10*time.Second, func() error {
-		if !r.w.circ.Open() {
-			return errors.New("the circuit has not opened")
-		}
-		return nil
-	})
+	r.waitCircuitOpen(t)
 	e.emu.SetFaults(emulator.Faults{})
 	// Well within the ack wait: a command stranded in a cancelled pull
 	// would take 30 s.
@@ -152,4 +142,15 @@ func TestOnlyAnAnswerFromDLFClosesTheCircuit(t *testing.T) {
 	if !c.Open() {
 		t.Error("five 503s in a row but for 429s between them did not open the circuit")
 	}
+}
+
+// waitCircuitOpen waits until the worker's circuit has opened.
+func (r *running) waitCircuitOpen(t *testing.T) {
+	t.Helper()
+	testutil.Eventually(t, 10*time.Second, func() error {
+		if !r.w.circ.Open() {
+			return errors.New("the circuit has not opened")
+		}
+		return nil
+	})
 }

@@ -1311,12 +1311,7 @@ func TestCircuitOpeningHoldsCallsAlreadyAdmitted(t *testing.T) {
 	// second, admitted while it was still closed, waits for the next
 	// token, due at t0+1s.
 	r := e.firstAnswerLate(t, emulator.Faults{AuthFail: true})
-	testutil.Eventually(t, 10*time.Second, func() error {
-		if !r.w.circ.Open() {
-			return fmt.Errorf("circuit closed")
-		}
-		return nil
-	})
+	r.waitCircuitOpen(t)
 	opened := time.Now()
 	e.emu.ClearFaultsFor(proj, "s1", "first")
 	e.out.wait(t, 2, 30*time.Second)
@@ -1381,12 +1376,7 @@ func TestCircuitOpensWhenDLFIsDown(t *testing.T) {
 	e.emu.SetFaults(emulator.Faults{Down: true})
 	r := e.startWorker(nil)
 	e.publishMany(t, 30, "d")
-	testutil.Eventually(t, 10*time.Second, func() error {
-		if !r.w.circ.Open() {
-			return fmt.Errorf("circuit closed")
-		}
-		return nil
-	})
+	r.waitCircuitOpen(t)
 	e.emu.SetFaults(emulator.Faults{})
 	e.out.wait(t, 30, 20*time.Second)
 	allStopped(t, byID(t, e.out.outcomes(t)))
