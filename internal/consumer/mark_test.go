@@ -5,6 +5,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/dlf-stop/worker/internal/dlf/emulator"
 	"github.com/dlf-stop/worker/internal/testutil"
 )
 
@@ -47,5 +48,59 @@ func TestDeliveryDyingBeforeItsTokenLeavesNoMark(t *testing.T) {
 	e.checkDead(t, o, bBody, seq)
 	if n := e.emu.StopCallsFor(proj, "s1", "no-such"); n != 1 {
 		t.Errorf("DLF calls for b = %d, want 1", n)
+	}
+}
+
+// A delivery marked before its call and then held back by a circuit that
+// opened meanwhile takes its mark back: a worker that dies during the
+// outage sent nothing for it, and the DLF.6205 its redelivery gets for an
+// instance DLF does not know fails as usual. With and without a rate
+// limit, as the mark goes before or after the wait for a slot.
+func TestDeliveryHeldByTheCircuitTakesItsMarkBack(t *testing.T) {
+	for _, limited := range []bool{false, true} {
+		t.Run(fmt.Sprintf("rate_limit=%v", limited), func(t *testing.T) {
+			e := newEnv(t, func(c *Config) { c.AckWait = 2 * time.Second })
+			e.emu.AddRunning(proj, "", "s1", "a")
+			// a's call takes 1.5 s and is answered 401: the circuit opens then,
+			// while b, marked, waits for the only slot.
+			e.emu.SetFaultsFor(proj, "s1", "a", emulator.Faults{Latency: 1500 * time.Millisecond, ErrorRate: 1, ErrorStatus: 401})
+			r := e.startWorker(func(c *Config) {
+				c.Concurrency = 1
+				c.RetryInitial, c.RetryMax = 4*time.Second, 4*time.Second // no probe meanwhile
+				if limited {
+					c.RateLimit, c.RateBurst = 1000, 10
+				}
+			})
+			e.publish(body(t, map[string]any{"command_id": "a", "project_id": proj, "script_name": "s1", "instance_id": "a"}), nil)
+			testutil.Eventually(t, 5*time.Second, func() error {
+				if n := gaugeValue(r.w.m.inFlight); n != 1 {
+					return fmt.Errorf("%v calls in flight, want a's", n)
+				}
+				return nil
+			})
+			bBody := body(t, map[string]any{"command_id": "b", "project_id": proj, "script_name": "s1", "instance_id": "no-such"})
+			seq := e.publish(bBody, nil)
+			r.waitCircuitOpen(t)
+			testutil.Consistently(t, 500*time.Millisecond, func() error {
+				if n := e.emu.StopCallsFor(proj, "s1", "no-such"); n != 0 {
+					return fmt.Errorf("b was sent %d times with the circuit open", n)
+				}
+				if n := gaugeValue(r.w.m.held); n != 2 {
+					return fmt.Errorf("the worker holds %v commands, want a and b", n)
+				}
+				return nil
+			})
+			r.nc.Close() // the worker dies
+			r.stop(t)
+
+			e.emu.SetFaultsFor(proj, "s1", "a", emulator.Faults{})
+			e.startWorker(nil)
+			e.out.wait(t, 2, 20*time.Second)
+			o := byID(t, e.out.outcomes(t))["b"]
+			if o.Status != StatusFailed || o.Cause != CauseDLFError || o.ErrorCode != "DLF.6205" {
+				t.Fatalf("b, sent once and answered DLF.6205 = %s/%s %s; want failed/dlf_error DLF.6205", o.Status, o.Cause, o.ErrorCode)
+			}
+			e.checkDead(t, o, bBody, seq)
+		})
 	}
 }

@@ -41,6 +41,7 @@ type job struct {
 	// DLF.6205 means the stop happened.
 	unanswered bool
 	marked     bool // this delivery's "sent" mark is stored (see markSent)
+	called     bool // this delivery has sent a call: its mark must stand
 	decided    bool // j.out holds a decision not yet stored
 	// outcomeStored: j.out is in the outcome stream (only the dead
 	// letter or the decision record is missing), by this delivery or an
@@ -323,6 +324,23 @@ func (w *Worker) call(j *job, req dlf.StopRequest, lastAt time.Time) (v dlf.Verd
 	// early when the circuit changes, handing its token back, so calls held
 	// back spend no tokens and the probe does not queue behind them.
 	held := func() bool { return w.thr.pausedFor(lastAt) || w.circ.holdsBack(probe, lastAt) }
+	// heldBack gives the slot back for a call held back after its slot
+	// was taken, and takes back this delivery's mark if it has sent no
+	// call yet: the wait ahead (an outage, a pause) may be long, and a
+	// delivery that dies in it sent nothing. (After a call the mark stays:
+	// it is what tells the next delivery that the call may have gone
+	// unanswered.) A take-back that fails leaves the mark standing, which
+	// errs on the side it always did.
+	heldBack := func() {
+		<-w.slots
+		if j.marked && !j.called {
+			if err := w.state.retractMark(ctx, j.sid, j.meta.NumDelivered, j.meta.Sequence.Stream, j.cmd.InstanceKey()); err != nil {
+				j.log.Debug("could not take the call's mark back while it is held back", zap.Error(err))
+				return
+			}
+			j.marked = false
+		}
+	}
 	for {
 		if w.circ.holdsBack(probe, lastAt) {
 			if probe, ok = w.circ.acquire(ctx, lastAt); !ok {
@@ -356,7 +374,7 @@ func (w *Worker) call(j *job, req dlf.StopRequest, lastAt time.Time) (v dlf.Verd
 			return notSent(probe)
 		}
 		if held() {
-			<-w.slots
+			heldBack()
 			continue
 		}
 		var err error
@@ -372,7 +390,7 @@ func (w *Worker) call(j *job, req dlf.StopRequest, lastAt time.Time) (v dlf.Verd
 			return notSent(probe)
 		}
 		if held() {
-			<-w.slots
+			heldBack()
 			continue
 		}
 		if w.state == nil || j.marked {
@@ -390,13 +408,13 @@ func (w *Worker) call(j *job, req dlf.StopRequest, lastAt time.Time) (v dlf.Verd
 		}
 		j.marked = true
 		// A 429 or an opening circuit that came during the round trip
-		// still holds the call back; the mark then stands while it
-		// waits (see "mark" in the README).
+		// still holds the call back, and the mark is taken back.
 		if !held() {
 			break
 		}
-		<-w.slots
+		heldBack()
 	}
+	j.called = true
 	v, elapsed, err := w.attempt(req, probe)
 	j.attempts++
 	w.circ.release(probe, v, w.hard.Err() != nil)
@@ -766,7 +784,7 @@ func (w *Worker) stoppedMeanwhile(j *job) (why string, handled bool) {
 	// an answer. A mark explains the DLF.6205 if it is for this instance
 	// (not this command read under other defaults) and its delivery has
 	// recorded no answer since, as recall counts marks.
-	if m := recs[1].doc.Cmds[j.sid]; m != nil && m.Phase == phaseSent && m.Seq == j.meta.Sequence.Stream &&
+	if m := recs[1].doc.Cmds[j.sid]; m != nil && m.Phase == phaseSent && !m.Held && m.Seq == j.meta.Sequence.Stream &&
 		m.Delivery != n && (m.Inst == "" || m.Inst == j.cmd.InstanceKey()) && (e == nil || m.Delivery > e.Delivery) {
 		return fmt.Sprintf("DLF.6205, and meanwhile delivery %d of this command marked its call", m.Delivery), false
 	}
@@ -1072,7 +1090,7 @@ func (w *Worker) recall(j *job, recs []*stateRecord, err error) bool {
 	// A mark made under another instance key (this command read under
 	// other defaults) is of a call to another instance: it explains no
 	// DLF.6205 of this one.
-	if sameMsg && mark.Delivery > recorded && mark.Delivery != j.meta.NumDelivered &&
+	if sameMsg && !mark.Held && mark.Delivery > recorded && mark.Delivery != j.meta.NumDelivered &&
 		(mark.Inst == "" || mark.Inst == j.cmd.InstanceKey()) {
 		j.unanswered = true
 	}

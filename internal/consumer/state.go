@@ -88,6 +88,11 @@ type cmdEntry struct {
 	// Inst is the instance key of a "sent" mark's command: its decision
 	// and progress live in that instance's document.
 	Inst string `json:"i,omitempty"`
+	// Held takes a "sent" mark back: its delivery was held back (an
+	// opening circuit, a 429 pause) after marking, and sent nothing. The
+	// mark still indexes the id; a delivery that dies while held leaves
+	// no call to count.
+	Held bool `json:"h,omitempty"`
 }
 
 // maxStoredErrorMsg bounds the error message kept in a command entry: the
@@ -385,6 +390,20 @@ func (s *stateStore) markDecided(id string, e cmdEntry) {
 // so that no call leaves without it (see the package comment above).
 func (s *stateStore) markSent(ctx context.Context, sid string, n, seq uint64, inst string) error {
 	doc := sentMarkDoc(sid, n, seq, inst)
+	if s.writer == nil {
+		_, err := s.kv.Put(ctx, cmdKey(sid), doc)
+		return err
+	}
+	return s.writer.putSynced(ctx, cmdKey(sid), doc)
+}
+
+// retractMark takes back delivery n's "sent" mark when the delivery is held
+// back before its call, by putting the mark again, marked held.
+func (s *stateStore) retractMark(ctx context.Context, sid string, n, seq uint64, inst string) error {
+	doc, err := json.Marshal(&stateDoc{Cmds: map[string]*cmdEntry{sid: {Phase: phaseSent, Delivery: n, Seq: seq, Inst: inst, Held: true}}})
+	if err != nil {
+		return err
+	}
 	if s.writer == nil {
 		_, err := s.kv.Put(ctx, cmdKey(sid), doc)
 		return err
