@@ -951,27 +951,12 @@ func answer6205(t *testing.T, calls *atomic.Int32, during func(ctx context.Conte
 func TestStopRecordedDuringTheCallExplainsDLF6205(t *testing.T) {
 	e := newEnv(t, nil)
 	st := e.state(t)
-	key := instKey(command.Command{ProjectID: proj, ScriptName: "s1", InstanceID: "i-1"}.InstanceKey())
 	var calls atomic.Int32
-	url := answer6205(t, &calls, func(ctx context.Context) error {
-		r, err := st.load(ctx, key)
-		if err != nil {
-			return err
-		}
-		return st.save(ctx, r, func(d *stateDoc) {
-			d.StoppedBy, d.StoppedAt, d.StoppedT = "other", "2026-11-27T10:00:00Z", time.Now().Unix()
-		})
-	})
+	url := answer6205(t, &calls, stopRecordedBy(st, "other"))
 	e.startWorkerAt(url, nil)
 	e.publish(body(t, map[string]any{"command_id": "late", "project_id": proj, "script_name": "s1", "instance_id": "i-1"}), nil)
-	o := e.single(t)
-	if o.Status != StatusStopped || o.Cause != CauseAlreadyStopped || o.Attempts != 1 {
-		t.Fatalf("outcome = %+v; want stopped/already_stopped after one call", o)
-	}
-	e.stopStreamEmpty(t)
-	e.noDeadLetters(t)
-	oneCall(t, &calls)
-	rec := loadDoc(t, st, key)
+	e.explained6205(t, &calls)
+	rec := loadDoc(t, st, i1Key())
 	if rec.doc.StoppedBy != "other" || rec.doc.Cmds["late"] == nil || rec.doc.Cmds["late"].Phase != phaseDecided {
 		t.Errorf("state = %+v; want stopped by the other command and this one decided", rec.doc)
 	}
@@ -997,13 +982,7 @@ func TestMarkOfAnotherDeliveryDuringTheCallExplainsDLF6205(t *testing.T) {
 	})
 	e.startWorkerAt(url, nil)
 	seqc <- e.publish(body(t, map[string]any{"command_id": "both", "project_id": proj, "script_name": "s1", "instance_id": "i-1"}), nil)
-	o := e.single(t)
-	if o.Status != StatusStopped || o.Cause != CauseAlreadyStopped || o.Attempts != 1 {
-		t.Fatalf("outcome = %+v; want stopped/already_stopped after one call", o)
-	}
-	e.stopStreamEmpty(t)
-	e.noDeadLetters(t)
-	oneCall(t, &calls)
+	e.explained6205(t, &calls)
 	rec := loadDoc(t, st, instKey(inst))
 	if rec.doc.StoppedBy != "both" {
 		t.Errorf("state = %+v; want the instance recorded as stopped by the command", rec.doc)
@@ -1180,22 +1159,45 @@ func TestOwnStopOlderThanStateTTLIsForgottenAfterDLF6205(t *testing.T) {
 	oneCall(t, &calls)
 }
 
+// explained6205 checks that the one DLF call got DLF.6205 and the command
+// ended stopped / already_stopped, acked, without a dead letter.
+func (e *env) explained6205(t *testing.T, calls *atomic.Int32) {
+	t.Helper()
+	o := e.single(t)
+	if o.Status != StatusStopped || o.Cause != CauseAlreadyStopped || o.Attempts != 1 {
+		t.Fatalf("outcome = %+v; want stopped/already_stopped after one call", o)
+	}
+	e.stopStreamEmpty(t)
+	e.noDeadLetters(t)
+	oneCall(t, calls)
+}
+
+// i1Key is the state key of instance i-1 of script s1 in proj.
+func i1Key() string {
+	return instKey(command.Command{ProjectID: proj, ScriptName: "s1", InstanceID: "i-1"}.InstanceKey())
+}
+
+// stopRecordedBy records i-1 as stopped by the command id, for answer6205
+// to run while a call is on the wire.
+func stopRecordedBy(st *stateStore, id string) func(context.Context) error {
+	return func(ctx context.Context) error {
+		r, err := st.load(ctx, i1Key())
+		if err != nil {
+			return err
+		}
+		return st.save(ctx, r, func(d *stateDoc) {
+			d.StoppedBy, d.StoppedAt, d.StoppedT = id, "2026-11-27T10:00:00Z", time.Now().Unix()
+		})
+	}
+}
+
 // Another delivery decided the command while this one's call was on the
 // wire: this one's DLF.6205 ends without an outcome of its own.
 func TestDecisionDuringTheCallAcksWithoutAnOutcome(t *testing.T) {
 	e := newEnv(t, nil)
 	st := e.state(t)
-	key := instKey(command.Command{ProjectID: proj, ScriptName: "s1", InstanceID: "i-1"}.InstanceKey())
 	var calls atomic.Int32
-	url := answer6205(t, &calls, func(ctx context.Context) error {
-		r, err := st.load(ctx, key)
-		if err != nil {
-			return err
-		}
-		return st.save(ctx, r, func(d *stateDoc) {
-			d.StoppedBy, d.StoppedAt, d.StoppedT = "both", "2026-11-27T10:00:00Z", time.Now().Unix()
-		})
-	})
+	url := answer6205(t, &calls, stopRecordedBy(st, "both"))
 	r := e.startWorkerAt(url, nil)
 	e.publish(body(t, map[string]any{"command_id": "both", "project_id": proj, "script_name": "s1", "instance_id": "i-1"}), nil)
 	e.stopStreamEmpty(t)
