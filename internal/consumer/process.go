@@ -324,6 +324,9 @@ func (w *Worker) call(j *job, req dlf.StopRequest, lastAt time.Time) (v dlf.Verd
 	// early when the circuit changes, handing its token back, so calls held
 	// back spend no tokens and the probe does not queue behind them.
 	held := func() bool { return w.thr.pausedFor(lastAt) || w.circ.holdsBack(probe, lastAt) }
+	mark := func() error {
+		return w.state.markSent(ctx, j.sid, j.meta.NumDelivered, j.meta.Sequence.Stream, j.cmd.InstanceKey())
+	}
 	// heldBack gives the slot back for a call held back after its slot
 	// was taken, and takes back this delivery's mark if it has sent no
 	// call yet: the wait ahead (an outage, a pause) may be long, and a
@@ -359,7 +362,7 @@ func (w *Worker) call(j *job, req dlf.StopRequest, lastAt time.Time) (v dlf.Verd
 			// that cost a tenth of the throughput at 50 ms DLF latency
 			// (README, "the state bucket"). A delivery that dies while it
 			// waits for a slot (the calls ahead of it) leaves its mark.
-			if err := w.state.markSent(ctx, j.sid, j.meta.NumDelivered, j.meta.Sequence.Stream, j.cmd.InstanceKey()); err != nil {
+			if err := mark(); err != nil {
 				return w.unmarked(ctx, j, probe, v, err, notSent)
 			}
 			j.marked = true
@@ -402,7 +405,7 @@ func (w *Worker) call(j *job, req dlf.StopRequest, lastAt time.Time) (v dlf.Verd
 		// circuit holds it leaves no mark, so a DLF.6205 its redelivery
 		// gets is not taken for its own stop. The slot waits out the
 		// round trip, which costs little where the limit sets the pace.
-		if err := w.state.markSent(ctx, j.sid, j.meta.NumDelivered, j.meta.Sequence.Stream, j.cmd.InstanceKey()); err != nil {
+		if err := mark(); err != nil {
 			<-w.slots
 			return w.unmarked(ctx, j, probe, v, err, notSent)
 		}

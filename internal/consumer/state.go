@@ -389,7 +389,11 @@ func (s *stateStore) markDecided(id string, e cmdEntry) {
 // seq) is about to call DLF, and returns once the server holds the record,
 // so that no call leaves without it (see the package comment above).
 func (s *stateStore) markSent(ctx context.Context, sid string, n, seq uint64, inst string) error {
-	doc := sentMarkDoc(sid, n, seq, inst)
+	return s.putMark(ctx, sid, sentMarkDoc(sid, n, seq, inst))
+}
+
+// putMark stores a "sent" mark, returning once the server holds it.
+func (s *stateStore) putMark(ctx context.Context, sid string, doc []byte) error {
 	if s.writer == nil {
 		_, err := s.kv.Put(ctx, cmdKey(sid), doc)
 		return err
@@ -404,11 +408,7 @@ func (s *stateStore) retractMark(ctx context.Context, sid string, n, seq uint64,
 	if err != nil {
 		return err
 	}
-	if s.writer == nil {
-		_, err := s.kv.Put(ctx, cmdKey(sid), doc)
-		return err
-	}
-	return s.writer.putSynced(ctx, cmdKey(sid), doc)
+	return s.putMark(ctx, sid, doc)
 }
 
 // put overwrites a command entry unconditionally; for tests that set up

@@ -294,7 +294,7 @@ func (w *Worker) pull(ctx context.Context) (pulled bool, err error) {
 			return pulled, errCircuitOpen
 		}
 		switch err := batch.Error(); {
-		case err == nil || ctx.Err() != nil || errors.Is(err, context.DeadlineExceeded) || errors.Is(err, nats.ErrTimeout):
+		case ctx.Err() != nil || pullExpired(err):
 			pulled = true
 		case errors.Is(err, jetstream.ErrConsumerLeadershipChanged):
 			w.log.Debug("pull ended with a consumer leader change; pulling again", zap.Error(err))
@@ -420,13 +420,16 @@ func (w *Worker) fetchProbe(ctx context.Context) error {
 		w.wg.Add(1)
 		w.handle(msg)
 	}
-	switch err := batch.Error(); {
-	case err == nil || errors.Is(err, context.DeadlineExceeded) || errors.Is(err, nats.ErrTimeout),
-		errors.Is(err, jetstream.ErrConsumerLeadershipChanged):
-		return nil
-	default:
+	if err := batch.Error(); !pullExpired(err) && !errors.Is(err, jetstream.ErrConsumerLeadershipChanged) {
 		return err
 	}
+	return nil
+}
+
+// pullExpired tells whether a pull ended as pulls do: it filled up
+// (nil) or its time ran out.
+func pullExpired(err error) bool {
+	return err == nil || errors.Is(err, context.DeadlineExceeded) || errors.Is(err, nats.ErrTimeout)
 }
 
 // handle starts the work on one fetched message, on the fetching
