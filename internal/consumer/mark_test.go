@@ -1,6 +1,7 @@
 package consumer
 
 import (
+	"context"
 	"fmt"
 	"testing"
 	"time"
@@ -102,5 +103,54 @@ func TestDeliveryHeldByTheCircuitTakesItsMarkBack(t *testing.T) {
 			}
 			e.checkDead(t, o, bBody, seq)
 		})
+	}
+}
+
+// A "sent" mark the bucket refuses, although the server read it, holds the
+// call back: the command is returned and called once the bucket takes
+// marks again. (A mark confirmed by a flush let the call go out unmarked,
+// and a DLF.6205 its redelivery got would have been dead-lettered.)
+func TestMarkTheBucketRefusesHoldsTheCall(t *testing.T) {
+	e := newEnv(t, nil)
+	e.emu.AddRunning(proj, "", "s1", "a")
+	st := e.state(t)
+	setMaxMsgSize := func(n int32) {
+		t.Helper()
+		ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+		defer cancel()
+		s, err := e.js.Stream(ctx, "KV_dlf_stop_state")
+		if err != nil {
+			t.Fatal(err)
+		}
+		c := s.CachedInfo().Config
+		c.MaxMsgSize = n
+		if _, err := e.js.UpdateStream(ctx, c); err != nil {
+			t.Fatal(err)
+		}
+	}
+	// Marks are larger than this; reads are not writes and still work.
+	setMaxMsgSize(16)
+	r := e.startWorker(func(c *Config) { c.RetryInitial, c.RetryMax = 100*time.Millisecond, 200*time.Millisecond })
+	e.publish(body(t, map[string]any{"command_id": "a", "project_id": proj, "script_name": "s1", "instance_id": "a"}), nil)
+	testutil.Eventually(t, 10*time.Second, func() error {
+		if n := testutilCount(r.w.m.returned.WithLabelValues("state_unavailable")); n < 2 {
+			return fmt.Errorf("a returned %v times for its mark, want 2", n)
+		}
+		return nil
+	})
+	if n := e.emu.StopCallsFor(proj, "s1", "a"); n != 0 {
+		t.Fatalf("a was called %d times without a stored mark", n)
+	}
+	if _, err := st.kv.Get(context.Background(), cmdKey("a")); err == nil {
+		t.Fatal("a's mark is stored: the bucket did not refuse it, and the test proves nothing")
+	}
+	setMaxMsgSize(-1)
+	e.out.wait(t, 1, 10*time.Second)
+	o := byID(t, e.out.outcomes(t))["a"]
+	if o.Status != StatusStopped || o.Cause != CauseOK || o.Attempts != 1 {
+		t.Fatalf("a = %s/%s attempts=%d; want stopped/ok attempts=1", o.Status, o.Cause, o.Attempts)
+	}
+	if n := e.emu.StopCallsFor(proj, "s1", "a"); n != 1 {
+		t.Errorf("DLF calls for a = %d, want 1", n)
 	}
 }

@@ -164,12 +164,18 @@ func (e *env) fullDocument(t *testing.T) string {
 	return key404
 }
 
+// markFits is a size limit for the bucket's messages that the "sent" mark
+// of the commands below (about 70 bytes) fits and their decision record
+// (with its compare-and-set header, over 200) does not: a mark refused
+// holds the call back.
+const markFits = 100
+
 // decideWhileTheBucketRefuses has command "new" decided for i-404 while
 // the bucket refuses its writes, and lets it accept them again once the
 // decision write failed.
 func (e *env) decideWhileTheBucketRefuses(t *testing.T, r *running) {
 	t.Helper()
-	e.updateStream(t, "KV_dlf_stop_state", func(c *jetstream.StreamConfig) { c.MaxMsgSize = 64 })
+	e.updateStream(t, "KV_dlf_stop_state", func(c *jetstream.StreamConfig) { c.MaxMsgSize = markFits })
 	e.publish(body(t, map[string]any{"command_id": "new", "project_id": proj, "script_name": "s1", "instance_id": "i-404"}), nil)
 	e.out.wait(t, 1, 10*time.Second)
 	testutil.Eventually(t, 10*time.Second, func() error {
@@ -749,14 +755,15 @@ func overlapDeliveries(t *testing.T, mutateB func(*Config)) {
 }
 
 // The outcome is stored but the state bucket refuses the decision record
-// (here: its messages may be 64 bytes at most) until an operator fixes it.
+// (here: its messages may be markFits bytes at most) until an operator
+// fixes it.
 // The worker holds the command and records the decision then; it does not
 // hand the command back to be called and decided again.
 func TestDecisionRecordedOnceTheBucketRecovers(t *testing.T) {
 	e := newEnv(t, nil)
 	e.emu.AddRunning(proj, "", "s1", "i-1")
 	r := e.startWorker(nil)
-	e.updateStream(t, "KV_dlf_stop_state", func(c *jetstream.StreamConfig) { c.MaxMsgSize = 64 })
+	e.updateStream(t, "KV_dlf_stop_state", func(c *jetstream.StreamConfig) { c.MaxMsgSize = markFits })
 	e.publish(body(t, map[string]any{"command_id": "held", "project_id": proj, "script_name": "s1", "instance_id": "i-1"}), nil)
 	e.out.wait(t, 1, 10*time.Second)
 	testutil.Eventually(t, 10*time.Second, func() error {

@@ -38,8 +38,8 @@ import (
 // decision.
 //
 // Before its first call a delivery marks the id's key "sent" (delivery n,
-// stream sequence, instance key), and makes sure the server has the mark
-// before the request leaves (markSent). A later delivery that finds a mark
+// stream sequence, instance key), and waits for JetStream's stored-ack of
+// the mark before the request leaves (markSent). A later delivery that finds a mark
 // newer than the last progress recorded knows that a delivery died or lost
 // its lease with a call perhaps on the wire, so a DLF.6205 means that
 // call's stop (contract section 6); without a mark, a DLF.6205 fails as
@@ -47,9 +47,8 @@ import (
 // died before calling, or never reached the worker, counts as well.
 //
 // The common case, a first delivery that DLF answers 204, costs a share of
-// one batched read of both keys (statebatch.go), the mark with a share of
-// one flush round trip, and one compare-and-set write after the outcome is
-// stored.
+// one batched read of both keys (statebatch.go), the mark, and one
+// compare-and-set write after the outcome is stored.
 
 // Phases of a command entry.
 const (
@@ -227,11 +226,14 @@ func ensureState(ctx context.Context, js jetstream.JetStream, cfg *Config, log *
 	if err != nil {
 		return nil, fmt.Errorf("state bucket %s: %w", cfg.StateBucket, err)
 	}
-	if bs, ok := st.(*jetstream.KeyValueBucketStatus); ok && bs.StreamInfo() != nil && !bs.StreamInfo().Config.AllowDirect {
-		return nil, fmt.Errorf("%w: state bucket %s does not allow direct gets (allow_direct), which the worker reads it with",
-			ErrMismatch, cfg.StateBucket)
+	s := &stateStore{kv: kv}
+	if bs, ok := st.(*jetstream.KeyValueBucketStatus); ok && bs.StreamInfo() != nil {
+		if !bs.StreamInfo().Config.AllowDirect {
+			return nil, fmt.Errorf("%w: state bucket %s does not allow direct gets (allow_direct), which the worker reads it with",
+				ErrMismatch, cfg.StateBucket)
+		}
 	}
-	return &stateStore{kv: kv}, nil
+	return s, nil
 }
 
 // lookupThen reads the documents of keys, batched with other commands'
@@ -386,19 +388,19 @@ func (s *stateStore) markDecided(id string, e cmdEntry) {
 }
 
 // markSent records that delivery n of the command sid (stream sequence
-// seq) is about to call DLF, and returns once the server holds the record,
+// seq) is about to call DLF, and returns once JetStream has stored the record,
 // so that no call leaves without it (see the package comment above).
 func (s *stateStore) markSent(ctx context.Context, sid string, n, seq uint64, inst string) error {
 	return s.putMark(ctx, sid, sentMarkDoc(sid, n, seq, inst))
 }
 
-// putMark stores a "sent" mark, returning once the server holds it.
+// putMark stores a "sent" mark, returning once JetStream has stored it.
 func (s *stateStore) putMark(ctx context.Context, sid string, doc []byte) error {
 	if s.writer == nil {
 		_, err := s.kv.Put(ctx, cmdKey(sid), doc)
 		return err
 	}
-	return s.writer.putSynced(ctx, cmdKey(sid), doc)
+	return s.writer.putAcked(ctx, cmdKey(sid), doc)
 }
 
 // retractMark takes back delivery n's "sent" mark when the delivery is held

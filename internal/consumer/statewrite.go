@@ -26,12 +26,11 @@ import (
 // 204, and the budget for them is a fifth of the throughput.
 //
 // Writes and "sent" marks are not published by the command's goroutine but
-// queued, and one goroutine (syncLoop) publishes everything queued at once,
-// the marks' flush right behind. Published one by one from many
-// goroutines, each small message tended to go out in a write system call
-// of its own and to wake the server's reader for itself; in a burst they
-// share them (about 8 µs of CPU per command on the benchmark, a tenth of
-// the reliability features' cost).
+// queued, and one goroutine (syncLoop) publishes everything queued at once.
+// Published one by one from many goroutines, each small message tended to
+// go out in a write system call of its own and to wake the server's reader
+// for itself; in a burst they share them (about 8 µs of CPU per command on
+// the benchmark, a tenth of the reliability features' cost).
 type stateWriter struct {
 	nc     *nats.Conn
 	prefix string // $KV.<bucket>.
@@ -44,21 +43,12 @@ type stateWriter struct {
 	stop    chan struct{}
 	done    sync.WaitGroup
 
-	// What syncLoop publishes next: marks (each waiting for the flush
-	// after it) and writes (waiting for their stored-ack).
+	// What syncLoop publishes next, each write waiting for its stored-ack.
 	syncMu   sync.Mutex
-	syncers  []syncer
 	writes   []*nats.Msg
 	syncKick chan struct{}
 
-	afterMarks func() // a test's hook between the marks' publish and their flush
-}
-
-// syncer is a put waiting in putSynced for the flush after it.
-type syncer struct {
-	subject string
-	value   []byte
-	done    chan error
+	beforeBurst func() // a test's hook, run before each burst is taken
 }
 
 type pendingWrite struct {
@@ -119,6 +109,12 @@ func (w *stateWriter) write(key string, value []byte, rev uint64, timeout time.D
 	m := nats.NewMsg(w.prefix + key)
 	m.Data = value
 	m.Header.Set(jetstream.ExpectedLastSubjSeqHeader, strconv.FormatUint(rev, 10))
+	w.send(m, key, timeout, then)
+}
+
+// send queues m, a publish to the bucket, for syncLoop, with a reply
+// subject on which its stored-ack comes back to then.
+func (w *stateWriter) send(m *nats.Msg, key string, timeout time.Duration, then func(rev uint64, err error)) {
 	w.mu.Lock()
 	w.seq++
 	token := strconv.FormatUint(w.seq, 36)
@@ -146,39 +142,35 @@ func (w *stateWriter) put(key string, value []byte) {
 	_ = w.nc.Publish(w.prefix+key, value)
 }
 
-// putSynced is put, returning once the server has read the put: a flush
-// round trip answers after everything this connection sent before it, and
-// a message the server has read is stored unless the server itself fails.
-// That is cheaper than a stored-ack, and enough for a mark that must not
-// be overtaken by the call it announces.
+// putAcked is put, returning once JetStream has stored the put: for a
+// "sent" mark, which must be stored before the call it announces leaves.
 //
-// Puts waiting at once share one round trip (syncLoop): under load the
-// answer to a flush queues behind everything else the server sends this
-// connection, and a round trip per command would cost each of them that
-// wait and the server a PING each.
-func (w *stateWriter) putSynced(ctx context.Context, key string, value []byte) error {
+// A flush round trip is cheaper (about 6 µs of CPU per command on the
+// benchmark) but proves only that the server read the put: a bucket
+// stream that lost its leader, refused the write, or a server that
+// crashed, lost marks it had read, and calls went out unmarked. CI saw
+// it: a restarted cluster node took 18 marks with it, and the DLF.6205 of
+// each redelivery was dead-lettered although its stop had happened.
+//
+// A put given up while still queued is taken back: it would overwrite
+// what the caller writes under the key next. One already sent is waited
+// for, at most the publish timeout, for the same reason.
+func (w *stateWriter) putAcked(ctx context.Context, key string, value []byte) error {
+	m := nats.NewMsg(w.prefix + key)
+	m.Data = value
 	done := make(chan error, 1)
-	w.syncMu.Lock()
-	w.syncers = append(w.syncers, syncer{subject: w.prefix + key, value: value, done: done})
-	w.syncMu.Unlock()
-	w.kick()
+	w.send(m, key, publishTimeout, func(_ uint64, err error) { done <- err })
 	select {
 	case err := <-done:
-		if err != nil {
-			return fmt.Errorf("write state %s: %w", key, err)
-		}
-		return nil
+		return err
 	case <-ctx.Done():
 	}
-	// A put given up must not go out later: it would overwrite whatever
-	// the caller writes under the key next (a decided index, say). Still
-	// queued, it is taken back; already taken, it is published by the time
-	// its answer comes, which is then waited for (at most a flush).
 	w.syncMu.Lock()
-	for i, s := range w.syncers {
-		if s.done == done {
-			w.syncers = slices.Delete(w.syncers, i, i+1)
+	for i, q := range w.writes {
+		if q == m {
+			w.writes = slices.Delete(w.writes, i, i+1)
 			w.syncMu.Unlock()
+			w.take(m.Reply[len(w.inbox)+1:])
 			return fmt.Errorf("write state %s: %w", key, ctx.Err())
 		}
 	}
@@ -187,49 +179,21 @@ func (w *stateWriter) putSynced(ctx context.Context, key string, value []byte) e
 	return fmt.Errorf("write state %s: %w", key, ctx.Err())
 }
 
-// errReconnected fails the puts of a flush answered after a reconnect.
-var errReconnected = errors.New("NATS reconnected before the flush; the write may be lost")
-
-// syncLoop publishes what is queued: writes at once, marks with a flush
-// right behind them. One flush is on the wire at a time, waited for on a
-// goroutine of its own so that writes go out meanwhile; marks queued during
-// it wait for the next one.
-//
-// A flush answered on a connection made after the marks were sent proves
-// nothing: they may have died with the old one. So the marks of a flush
-// fail when the connection's reconnect count changed between their publish
-// and the flush's answer. (It is read per flush, not per mark: reading it
-// takes the connection's lock, which every publish takes too.)
+// syncLoop publishes what is queued, everything queued at once.
 func (w *stateWriter) syncLoop() {
 	defer w.done.Done()
-	flushed := make(chan struct{}, 1)
-	flushing := false
 	for {
 		select {
 		case <-w.stop:
-			if flushing {
-				<-flushed
-			}
-			w.syncMu.Lock()
-			left := w.syncers
-			w.syncers = nil
-			w.syncMu.Unlock()
-			for _, s := range left {
-				s.done <- errors.New("worker stopped before the flush")
-			}
 			return // queued writes are failed by close, with every pending write
 		case <-w.syncKick:
-		case <-flushed:
-			flushing = false
+		}
+		if w.beforeBurst != nil {
+			w.beforeBurst()
 		}
 		w.syncMu.Lock()
 		writes := w.writes
 		w.writes = nil
-		var marks []syncer
-		if !flushing {
-			marks = w.syncers
-			w.syncers = nil
-		}
 		w.syncMu.Unlock()
 		for _, m := range writes {
 			if err := w.nc.PublishMsg(m); err != nil {
@@ -238,32 +202,6 @@ func (w *stateWriter) syncLoop() {
 				}
 			}
 		}
-		if len(marks) == 0 {
-			continue
-		}
-		before := w.nc.Stats().Reconnects
-		sent := marks[:0] // in place: sent never overtakes the loop
-		for _, s := range marks {
-			if err := w.nc.Publish(s.subject, s.value); err != nil {
-				s.done <- err
-				continue
-			}
-			sent = append(sent, s)
-		}
-		if w.afterMarks != nil {
-			w.afterMarks()
-		}
-		flushing = true
-		go func() {
-			err := w.nc.FlushTimeout(publishTimeout)
-			if err == nil && w.nc.Stats().Reconnects != before {
-				err = errReconnected
-			}
-			for _, s := range sent {
-				s.done <- err
-			}
-			flushed <- struct{}{}
-		}()
 	}
 }
 

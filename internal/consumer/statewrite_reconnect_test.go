@@ -112,28 +112,17 @@ func newProxied(t *testing.T) *proxied {
 	return r
 }
 
-// A mark that left on a connection which then broke dies with it, while a
-// flush sent after the break is answered on the new connection: the mark
-// must count as failed, or the DLF call would go out without it.
+// A mark that left on a connection which then broke dies with it. No
+// stored-ack comes for it, so it fails, and no call goes out unmarked; a
+// mark put after the reconnect is stored. (A flush sent after the break
+// would have been answered on the new connection.)
 func TestMarkLostInAReconnectFails(t *testing.T) {
 	r := newProxied(t)
 	st, p, nc, w, ctx := r.st, r.p, r.nc, r.w, r.ctx
 
-	// The hook holds syncLoop between the mark's publish and its flush
-	// while this goroutine breaks the connection.
-	published, resume := make(chan struct{}), make(chan struct{})
-	var once, resumed sync.Once
-	letGo := func() { resumed.Do(func() { close(resume) }) }
-	t.Cleanup(letGo) // before the writer's close, which waits for syncLoop
-	w.afterMarks = func() { once.Do(func() { close(published); <-resume }) }
 	p.deaf.Store(true)
 	errA := make(chan error, 1)
-	go func() { errA <- w.putSynced(ctx, "a", []byte("mark-a")) }()
-	select {
-	case <-published:
-	case <-time.After(5 * time.Second):
-		t.Fatal("the mark was never published")
-	}
+	go func() { errA <- w.putAcked(ctx, "a", []byte("mark-a")) }()
 	waitDropped(t, p, "mark-a")
 	p.deaf.Store(false)
 	p.cut()
@@ -143,9 +132,19 @@ func TestMarkLostInAReconnectFails(t *testing.T) {
 		}
 		return nil
 	})
-	letGo()
-	if err := <-errA; err == nil {
-		t.Error("the mark died with its connection, yet putSynced reported success")
+	if err := w.putAcked(ctx, "b", []byte("mark-b")); err != nil {
+		t.Fatalf("a mark put on the new connection: %v", err)
+	}
+	if _, err := st.kv.Get(ctx, "b"); err != nil {
+		t.Fatalf("b reported stored, but it is not (%v)", err)
+	}
+	select {
+	case err := <-errA:
+		if err == nil {
+			t.Error("the mark died with its connection, yet putAcked reported success")
+		}
+	case <-time.After(publishTimeout + 2*writeSweep):
+		t.Fatal("the lost mark never failed: its caller would wait for good")
 	}
 	if _, err := st.kv.Get(ctx, "a"); !errors.Is(err, jetstream.ErrKeyNotFound) {
 		t.Fatalf("the mark was stored after all (%v): the test did not lose it", err)
@@ -170,19 +169,26 @@ func waitDropped(t *testing.T, p *cuttingProxy, needle string) {
 // would overwrite that.
 func TestMarkGivenUpIsNeverPublished(t *testing.T) {
 	r := newProxied(t)
-	st, p, w, ctx := r.st, r.p, r.w, r.ctx
+	st, w, ctx := r.st, r.w, r.ctx
 
-	p.deaf.Store(true) // a's flush goes unanswered: b waits its turn behind it
-	errA := make(chan error, 1)
-	go func() { errA <- w.putSynced(ctx, "a", []byte("mark-a")) }()
-	waitDropped(t, p, "PING\r\n")
+	// The hook holds syncLoop before it takes its next burst.
+	held, resume := make(chan struct{}), make(chan struct{})
+	var once, resumed sync.Once
+	letGo := func() { resumed.Do(func() { close(resume) }) }
+	t.Cleanup(letGo) // before the writer's close, which waits for syncLoop
+	w.beforeBurst = func() { once.Do(func() { close(held); <-resume }) }
 	bctx, bcancel := context.WithCancel(ctx)
 	errB := make(chan error, 1)
-	go func() { errB <- w.putSynced(bctx, "b", []byte("mark-b")) }()
+	go func() { errB <- w.putAcked(bctx, "b", []byte("mark-b")) }()
+	select {
+	case <-held:
+	case <-time.After(5 * time.Second):
+		t.Fatal("the writer never took up the mark")
+	}
 	testutil.Eventually(t, 5*time.Second, func() error {
 		w.syncMu.Lock()
 		defer w.syncMu.Unlock()
-		if len(w.syncers) != 1 {
+		if len(w.writes) != 1 {
 			return fmt.Errorf("b not queued yet")
 		}
 		return nil
@@ -191,57 +197,20 @@ func TestMarkGivenUpIsNeverPublished(t *testing.T) {
 	if err := <-errB; !errors.Is(err, context.Canceled) {
 		t.Fatalf("b given up: %v", err)
 	}
-	p.deaf.Store(false)
-	p.cut()
-	<-errA
-	// c goes out in a burst after a's flush ended; b would have gone out
-	// in that burst or an earlier one.
-	testutil.Eventually(t, 10*time.Second, func() error {
-		return w.putSynced(ctx, "c", []byte("mark-c"))
-	})
-	// The server has read c; the stream stores what it reads in order, so
-	// once c is stored, a b sent before it would be too.
-	testutil.Eventually(t, 5*time.Second, func() error {
-		_, err := st.kv.Get(ctx, "c")
-		return err
-	})
+	letGo()
+	// c goes out in the burst b would have gone out in, or a later one;
+	// the stream stores what it reads in order, so once c is stored, a b
+	// sent before it would be too.
+	if err := w.putAcked(ctx, "c", []byte("mark-c")); err != nil {
+		t.Fatal(err)
+	}
 	if _, err := st.kv.Get(ctx, "b"); !errors.Is(err, jetstream.ErrKeyNotFound) {
 		t.Fatalf("b, given up, was published after all (%v)", err)
 	}
-}
-
-// A mark queued while a flush is on the wire of a connection that breaks
-// goes out after the break. It may fail needlessly (the reconnect count
-// moved while it waited), but it reports success only if it is stored.
-func TestMarkQueuedDuringABreakIsSentOnTheNewConnection(t *testing.T) {
-	r := newProxied(t)
-	st, p, w, ctx := r.st, r.p, r.w, r.ctx
-	waiting := func() int {
-		w.syncMu.Lock()
-		defer w.syncMu.Unlock()
-		return len(w.syncers)
-	}
-
-	p.deaf.Store(true)
-	errA := make(chan error, 1)
-	go func() { errA <- w.putSynced(ctx, "a", []byte("mark-a")) }()
-	waitDropped(t, p, "PING\r\n") // a's flush is on the wire, unanswered
-	errB := make(chan error, 1)
-	go func() { errB <- w.putSynced(ctx, "b", []byte("mark-b")) }()
-	testutil.Eventually(t, 5*time.Second, func() error {
-		if n := waiting(); n != 1 {
-			return fmt.Errorf("b not waiting for the next flush yet (%d)", n)
-		}
-		return nil
-	})
-	p.deaf.Store(false)
-	p.cut()
-	if err := <-errA; err == nil {
-		t.Error("a's flush died with its connection, yet a reported success")
-	}
-	if err := <-errB; err == nil {
-		if _, gerr := st.kv.Get(ctx, "b"); gerr != nil {
-			t.Fatalf("b reported the mark held by the server, but it is not stored (%v): a call would go out unmarked", gerr)
-		}
+	w.mu.Lock()
+	left := len(w.pending)
+	w.mu.Unlock()
+	if left != 0 {
+		t.Errorf("%d writes still wait for an answer; b's should have been dropped with it", left)
 	}
 }
