@@ -41,6 +41,9 @@ type env struct {
 	// outcome stream drops a repeat within its two-minute window, so the
 	// stored events alone cannot show a worker that decided twice.
 	pubs *pubCounter
+	// workerNATS, when set, is the URL workers started from now on
+	// connect to instead of the server's own (a proxy in front of it).
+	workerNATS string
 }
 
 // pubCounter counts the messages a core subscription sees.
@@ -185,7 +188,11 @@ func (e *env) startWorkerAt(endpoint string, mutate func(*Config), opts ...Optio
 	if mutate != nil {
 		mutate(&cfg)
 	}
-	nc, err := nats.Connect(e.srv.ClientURL(), nats.MaxReconnects(-1), nats.ReconnectWait(50*time.Millisecond))
+	url := e.srv.ClientURL()
+	if e.workerNATS != "" {
+		url = e.workerNATS
+	}
+	nc, err := nats.Connect(url, nats.MaxReconnects(-1), nats.ReconnectWait(50*time.Millisecond))
 	if err != nil {
 		e.t.Fatal(err)
 	}

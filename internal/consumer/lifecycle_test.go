@@ -4,6 +4,7 @@ import (
 	"bytes"
 	"context"
 	"fmt"
+	"net"
 	"strconv"
 	"strings"
 	"sync"
@@ -150,6 +151,68 @@ func TestShutdownTimeoutReturnsHungCalls(t *testing.T) {
 	e.emu.SetFaults(emulator.Faults{})
 	e.startWorker(nil)
 	e.out.wait(t, 6, 10*time.Second) // well before the 30s ack wait: they were returned
+}
+
+// Commands the server sends to a worker's pull just before the worker
+// stops are handed back, not dropped: the worker lets its pull run out
+// rather than cutting it. Here the worker's link delays what the server
+// sends by a second, so at the stop all of them are still on the way.
+// Cut short, the pull's subscription would be gone when they arrive, and
+// the server, which counts them delivered, would offer them again only
+// after the 30 s ack wait.
+func TestStopHandsBackWhatThePullOnTheWireBrings(t *testing.T) {
+	e := newEnv(t, func(c *Config) { c.AckWait = 30 * time.Second })
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	p := &cuttingProxy{ln: ln, target: e.srv.Addr().String()}
+	go p.serve()
+	t.Cleanup(func() { ln.Close(); p.cut() })
+	e.workerNATS = "nats://" + ln.Addr().String()
+	r := e.startWorker(nil)
+	e.workerNATS = ""
+	c := e.cfg
+	c.setDefaults()
+	info := func() *jetstream.ConsumerInfo {
+		t.Helper()
+		ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+		defer cancel()
+		cons, err := e.js.Consumer(ctx, c.StopStream, c.ConsumerName)
+		if err != nil {
+			t.Fatal(err)
+		}
+		ci, err := cons.Info(ctx)
+		if err != nil {
+			t.Fatal(err)
+		}
+		return ci
+	}
+	testutil.Eventually(t, 10*time.Second, func() error {
+		if !r.w.Ready() || info().NumWaiting == 0 {
+			return fmt.Errorf("the worker has no pull waiting yet")
+		}
+		return nil
+	})
+	p.slow.Store(int64(time.Second))
+	const n = 12 // fewer than the pull asks for (the free held slots)
+	e.publishMany(t, n, "w")
+	testutil.Eventually(t, 500*time.Millisecond, func() error {
+		if got := info().NumAckPending; got != n {
+			return fmt.Errorf("%d of %d commands sent to the worker", got, n)
+		}
+		return nil
+	})
+	stopAt := time.Now()
+	r.stop(t)
+	if got := e.out.len(); got != 0 {
+		t.Fatalf("%d outcomes from the stopping worker, want none", got)
+	}
+	startAt := time.Now()
+	e.startWorker(nil)
+	e.out.wait(t, n, 10*time.Second) // well before the 30 s ack wait
+	t.Logf("stop took %s, the commands' outcomes %s after the next worker started", startAt.Sub(stopAt), time.Since(startAt))
+	allStopped(t, byID(t, e.out.outcomes(t)))
 }
 
 // slowPulls is the worker's real consumer, except that each fetch ends
@@ -389,55 +452,22 @@ func TestPanicBeforeTheCommandIsReadIsGivenUp(t *testing.T) {
 	e.checkGivenUp(t, r, b)
 }
 
-// heldPulls is the worker's real consumer, except that the messages of a
-// fetch reach the worker only once release is closed: the test decides
-// that a message arrives after the soft stop.
-type heldPulls struct {
-	jetstream.Consumer
-	got     chan struct{} // a message is held
-	release chan struct{}
-	once    sync.Once
-}
-
-func (c *heldPulls) Fetch(n int, opts ...jetstream.FetchOpt) (jetstream.MessageBatch, error) {
-	b, err := c.Consumer.Fetch(n, opts...)
-	if err != nil {
-		return nil, err
-	}
-	out := &slowBatch{MessageBatch: b, msgs: make(chan jetstream.Msg, n)}
-	go func() {
-		var held []jetstream.Msg
-		for m := range b.Messages() {
-			held = append(held, m)
-			c.once.Do(func() { close(c.got) })
-		}
-		<-c.release
-		for _, m := range held {
-			out.msgs <- m
-		}
-		close(out.msgs)
-	}()
-	return out, nil
-}
-
 // A panic before the command is read comes on the fetching goroutine,
 // which closes the pulls once it returns; what follows the panic (which
 // at shutdown waits for them to close) must run elsewhere, or the worker
 // never stops.
 func TestPanicBeforeTheCommandIsReadAtShutdownStillStops(t *testing.T) {
 	e := newEnv(t, nil)
-	e.log = zap.New(panicOnField{Core: e.log.Core(), key: "script_name", val: "poison"})
-	pulls := &heldPulls{got: make(chan struct{}), release: make(chan struct{})}
-	// Published first, so the worker's first pull takes it at once.
+	// The worker is told to stop while it handles the command, right
+	// before the panic: a command fetched after the stop is handed back
+	// unread.
+	stop := make(chan func(), 1)
+	var once sync.Once
+	e.log = zap.New(panicOnField{Core: e.log.Core(), key: "script_name", val: "poison",
+		before: func() { once.Do(func() { (<-stop)() }) }})
 	e.publish(body(t, map[string]any{"command_id": "c-poison", "project_id": proj, "script_name": "poison", "instance_id": "i-1"}), nil)
-	r := e.startWorker(nil, func(w *Worker) { pulls.Consumer, w.cons = w.cons, pulls })
-	select {
-	case <-pulls.got:
-	case <-time.After(10 * time.Second):
-		t.Fatal("the command was not fetched")
-	}
-	r.cancel()
-	close(pulls.release)
+	r := e.startWorker(nil)
+	stop <- r.cancel
 	select {
 	case err := <-r.done:
 		if err != nil {
@@ -487,15 +517,19 @@ func (e *env) checkGivenUp(t *testing.T, r *running, original []byte) {
 type panicOnField struct {
 	zapcore.Core
 	key, val string
+	before   func() // if set, runs before each panic
 }
 
 func (c panicOnField) With(fs []zapcore.Field) zapcore.Core {
 	for _, f := range fs {
 		if f.Key == c.key && f.String == c.val {
+			if c.before != nil {
+				c.before()
+			}
 			panic("test: logger broke")
 		}
 	}
-	return panicOnField{Core: c.Core.With(fs), key: c.key, val: c.val}
+	return panicOnField{Core: c.Core.With(fs), key: c.key, val: c.val, before: c.before}
 }
 
 // The consumer is deleted while every held slot is busy, so no pull is

@@ -5,7 +5,6 @@ import (
 	"context"
 	"errors"
 	"fmt"
-	"io"
 	"net"
 	"sync"
 	"sync/atomic"
@@ -20,11 +19,13 @@ import (
 
 // cuttingProxy forwards TCP to target. While deaf, what the client sends
 // is read and dropped, as bytes in flight are when a connection breaks;
-// cut closes every connection, and the client reconnects through it.
+// cut closes every connection, and the client reconnects through it. What
+// the server sends reaches the client slow (nanoseconds) late, in order.
 type cuttingProxy struct {
 	ln      net.Listener
 	target  string
 	deaf    atomic.Bool
+	slow    atomic.Int64
 	mu      sync.Mutex
 	conns   []net.Conn
 	dropped []byte // what the client sent while deaf
@@ -44,7 +45,7 @@ func (p *cuttingProxy) serve() {
 		p.mu.Lock()
 		p.conns = append(p.conns, c, s)
 		p.mu.Unlock()
-		go func() { _, _ = io.Copy(c, s) }()
+		go p.toClient(c, s)
 		go func() {
 			buf := make([]byte, 32<<10)
 			for {
@@ -64,6 +65,41 @@ func (p *cuttingProxy) serve() {
 				}
 			}
 		}()
+	}
+}
+
+// toClient forwards what the server sends, each read held back by the
+// delay set when it was read.
+func (p *cuttingProxy) toClient(c, s net.Conn) {
+	type chunk struct {
+		at time.Time
+		b  []byte
+	}
+	chunks := make(chan chunk, 4096)
+	go func() {
+		defer close(chunks)
+		buf := make([]byte, 32<<10)
+		for {
+			n, err := s.Read(buf)
+			if n > 0 {
+				chunks <- chunk{time.Now().Add(time.Duration(p.slow.Load())), bytes.Clone(buf[:n])}
+			}
+			if err != nil {
+				return
+			}
+		}
+	}()
+	defer c.Close()
+	for k := range chunks {
+		if d := time.Until(k.at); d > 0 {
+			<-time.After(d)
+		}
+		if _, err := c.Write(k.b); err != nil {
+			s.Close()
+			for range chunks { // let the reader end
+			}
+			return
+		}
 	}
 }
 

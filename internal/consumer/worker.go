@@ -145,6 +145,25 @@ func (w *Worker) Readiness() (bool, string) {
 func (w *Worker) Run(ctx context.Context) error {
 	hard, hardStop := context.WithCancel(context.WithoutCancel(ctx))
 	defer hardStop()
+	// The graceful part of shutdown is bounded from the moment ctx ends:
+	// the pull on the wire runs out first (see pull).
+	graceOver := make(chan struct{})
+	go func() {
+		defer close(graceOver)
+		select {
+		case <-ctx.Done():
+		case <-hard.Done():
+			return
+		}
+		t := time.NewTimer(w.cfg.ShutdownTimeout)
+		defer t.Stop()
+		select {
+		case <-t.C:
+			hardStop()
+		case <-hard.Done():
+		}
+	}()
+	defer func() { hardStop(); <-graceOver }()
 	w.hard = hard
 	w.soft = ctx
 	w.stopping = ctx.Done()
@@ -170,10 +189,8 @@ func (w *Worker) Run(ctx context.Context) error {
 
 	w.fetch(ctx)
 
-	timer := time.AfterFunc(w.cfg.ShutdownTimeout, hardStop)
 	w.closePulls()
 	w.wg.Wait()
-	timer.Stop()
 	w.log.Info("worker stopped")
 	return nil
 }
@@ -239,8 +256,11 @@ func (w *Worker) awaitPullsClosed() {
 }
 
 // pullWait bounds one pull request. Short, so a request lost with a
-// restarted node or a consumer leader change is replaced within seconds.
-const pullWait = 5 * time.Second
+// restarted node or a consumer leader change is replaced at once, and so
+// that a pull on the wire at shutdown, which the worker lets run out (see
+// pull), adds at most this much to it. An idle worker pulls once per
+// pullWait.
+const pullWait = time.Second
 
 // pull fetches only as many messages as there are free held slots, so
 // every message the client receives goes at once to a handler that
@@ -255,8 +275,26 @@ const pullWait = 5 * time.Second
 // is gone, which a worker whose held slots were full never heard of), and
 // pulling again at once would spin. pulled says whether some pull went
 // through, to restart fetch's backoff.
+//
+// When ctx ends, the pull on the wire is not cut short but runs out, and
+// what it brings after that is handed back. Cut short, the commands that
+// nats.go had buffered for it would be dropped, and those the server sent
+// before it heard of the cut would land nowhere: the server counts them
+// delivered, so they would wait out a whole ack wait at every rolling
+// restart. A pull that ran out is over at the server too, so nothing more
+// can land in it. Not even a hard stop (SHUTDOWN_TIMEOUT) cuts it: it has
+// at most pullWait to run.
+//
+// A pull's end is the server's: FetchMaxWait asks the server to end it
+// after pullWait and lets nats.go wait a second longer for that answer. A
+// pull given a context with a deadline instead is ended by nats.go itself,
+// a tenth of its time after the server's end, and on a link slower than
+// that what the server sent last arrives after the end, for nobody.
 func (w *Worker) pull(ctx context.Context) (pulled bool, err error) {
 	for {
+		if ctx.Err() != nil { // reserve's select may take a free slot first
+			return pulled, ctx.Err()
+		}
 		if w.circ.Open() {
 			return pulled, errCircuitOpen
 		}
@@ -269,16 +307,19 @@ func (w *Worker) pull(ctx context.Context) (pulled bool, err error) {
 			return pulled, errCircuitOpen
 		}
 		expires := time.Now().Add(pullWait)
-		fctx, cancel := context.WithDeadline(ctx, expires)
-		batch, err := w.cons.Fetch(n, jetstream.FetchContext(fctx))
+		batch, err := w.cons.Fetch(n, jetstream.FetchMaxWait(pullWait))
 		if err != nil {
-			cancel()
 			w.unreserve(n)
 			return pulled, err
 		}
 		got := 0
 		var handedBack map[uint64]bool
 		for msg := range batch.Messages() {
+			if ctx.Err() != nil {
+				w.m.returned.WithLabelValues("shutdown").Inc()
+				handedBack = w.handBack(msg, expires, handedBack)
+				continue
+			}
 			if w.circ.openNow() {
 				handedBack = w.handBack(msg, expires, handedBack)
 				continue
@@ -288,7 +329,6 @@ func (w *Worker) pull(ctx context.Context) (pulled bool, err error) {
 			w.wg.Add(1)
 			w.handle(msg)
 		}
-		cancel()
 		w.unreserve(n - got)
 		if w.circ.Open() {
 			return pulled, errCircuitOpen
@@ -306,10 +346,10 @@ func (w *Worker) pull(ctx context.Context) (pulled bool, err error) {
 
 // handBack returns a command that the pull on the wire delivered after the
 // circuit opened: an open circuit takes nothing new (contract section 6),
-// so another replica takes it, or this one once DLF is back. The pull is
-// not cut short instead: nats.go drops what a cancelled fetch has
-// buffered, and the server still counts it delivered, so it would come
-// back only after the ack wait.
+// so another replica takes it, or this one once DLF is back; or after the
+// worker began to stop. The pull is not cut short instead: nats.go drops
+// what a cancelled fetch has buffered, and the server still counts it
+// delivered, so it would come back only after the ack wait.
 //
 // It goes back at once, for a replica that is pulling. Should it come back
 // to this same pull (no other replica was waiting), it goes back again
@@ -325,7 +365,7 @@ func (w *Worker) handBack(msg jetstream.Msg, expires time.Time, seen map[uint64]
 		delay = time.Until(expires) + 100*time.Millisecond
 	}
 	if err := msg.NakWithDelay(delay); err != nil {
-		w.log.Debug("could not hand back a command fetched as the circuit opened; it returns after the ack wait", zap.Error(err))
+		w.log.Debug("could not hand back a command fetched as the circuit opened or the worker stopped; it returns after the ack wait", zap.Error(err))
 	}
 	if seen == nil {
 		seen = map[uint64]bool{}
@@ -378,7 +418,7 @@ func (w *Worker) waitCircuit(ctx context.Context) error {
 	var nextRebind time.Time
 	for w.circ.Open() {
 		if len(w.held) == 0 {
-			err := w.fetchProbe(ctx)
+			err := w.fetchProbe()
 			switch {
 			case err == nil:
 				rebind.Reset()
@@ -406,11 +446,11 @@ func (w *Worker) waitCircuit(ctx context.Context) error {
 }
 
 // fetchProbe takes at most one message and handles it. It fails as pull
-// does: not when the request merely expired or met a leader change.
-func (w *Worker) fetchProbe(ctx context.Context) error {
-	fctx, cancel := context.WithTimeout(ctx, 2*time.Second)
-	defer cancel()
-	batch, err := w.cons.Fetch(1, jetstream.FetchContext(fctx))
+// does: not when the request merely expired or met a leader change. Like
+// pull's, its request runs out at shutdown rather than being cut short
+// (the message it brings then is returned by handle).
+func (w *Worker) fetchProbe() error {
+	batch, err := w.cons.Fetch(1, jetstream.FetchMaxWait(pullWait))
 	if err != nil {
 		return err
 	}
