@@ -3,8 +3,11 @@ package consumer
 import (
 	"context"
 	"fmt"
+	"strings"
 	"testing"
 	"time"
+
+	"github.com/nats-io/nats.go/jetstream"
 
 	"github.com/dlf-stop/worker/internal/dlf/emulator"
 	"github.com/dlf-stop/worker/internal/testutil"
@@ -114,22 +117,8 @@ func TestMarkTheBucketRefusesHoldsTheCall(t *testing.T) {
 	e := newEnv(t, nil)
 	e.emu.AddRunning(proj, "", "s1", "a")
 	st := e.state(t)
-	setMaxMsgSize := func(n int32) {
-		t.Helper()
-		ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
-		defer cancel()
-		s, err := e.js.Stream(ctx, "KV_dlf_stop_state")
-		if err != nil {
-			t.Fatal(err)
-		}
-		c := s.CachedInfo().Config
-		c.MaxMsgSize = n
-		if _, err := e.js.UpdateStream(ctx, c); err != nil {
-			t.Fatal(err)
-		}
-	}
 	// Marks are larger than this; reads are not writes and still work.
-	setMaxMsgSize(16)
+	e.updateStream(t, "KV_dlf_stop_state", func(c *jetstream.StreamConfig) { c.MaxMsgSize = 16 })
 	r := e.startWorker(func(c *Config) { c.RetryInitial, c.RetryMax = 100*time.Millisecond, 200*time.Millisecond })
 	e.publish(body(t, map[string]any{"command_id": "a", "project_id": proj, "script_name": "s1", "instance_id": "a"}), nil)
 	testutil.Eventually(t, 10*time.Second, func() error {
@@ -144,7 +133,7 @@ func TestMarkTheBucketRefusesHoldsTheCall(t *testing.T) {
 	if _, err := st.kv.Get(context.Background(), cmdKey("a")); err == nil {
 		t.Fatal("a's mark is stored: the bucket did not refuse it, and the test proves nothing")
 	}
-	setMaxMsgSize(-1)
+	e.updateStream(t, "KV_dlf_stop_state", func(c *jetstream.StreamConfig) { c.MaxMsgSize = -1 })
 	e.out.wait(t, 1, 10*time.Second)
 	o := byID(t, e.out.outcomes(t))["a"]
 	if o.Status != StatusStopped || o.Cause != CauseOK || o.Attempts != 1 {
@@ -152,5 +141,32 @@ func TestMarkTheBucketRefusesHoldsTheCall(t *testing.T) {
 	}
 	if n := e.emu.StopCallsFor(proj, "s1", "a"); n != 1 {
 		t.Errorf("DLF calls for a = %d, want 1", n)
+	}
+}
+
+// A bucket that refuses marks for good does not keep a command returned
+// for ever: once RETRY_MAX_ELAPSED has passed it is given up like a
+// failing call (failed, retries_exhausted, dead-lettered), without a call.
+func TestMarkRefusedForGoodIsGivenUpInTime(t *testing.T) {
+	e := newEnv(t, func(c *Config) {
+		c.RetryInitial, c.RetryMax, c.RetryMaxElapsed = 100*time.Millisecond, 300*time.Millisecond, 2*time.Second
+	})
+	e.emu.AddRunning(proj, "", "s1", "a")
+	e.state(t)
+	e.updateStream(t, "KV_dlf_stop_state", func(c *jetstream.StreamConfig) { c.MaxMsgSize = 16 })
+	r := e.startWorker(nil)
+	aBody := body(t, map[string]any{"command_id": "a", "project_id": proj, "script_name": "s1", "instance_id": "a"})
+	seq := e.publish(aBody, nil)
+	e.out.wait(t, 1, 10*time.Second)
+	o := byID(t, e.out.outcomes(t))["a"]
+	if o.Status != StatusFailed || o.Cause != CauseRetriesExhausted || !strings.Contains(o.Detail, "mark") {
+		t.Fatalf("a = %s/%s %q; want failed/retries_exhausted naming the mark", o.Status, o.Cause, o.Detail)
+	}
+	e.checkDead(t, o, aBody, seq)
+	if n := e.emu.StopCallsFor(proj, "s1", "a"); n != 0 {
+		t.Errorf("DLF calls for a = %d, want 0", n)
+	}
+	if n := testutilCount(r.w.m.returned.WithLabelValues("state_unavailable")); n > 10 {
+		t.Errorf("a was returned %v times in 2 s: the returns are not spaced out", n)
 	}
 }

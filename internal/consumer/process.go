@@ -33,6 +33,7 @@ type job struct {
 	sid      string
 	received time.Time // when this delivery reached the worker
 	verr     error     // why the command is invalid; nil when valid
+	markErr  error     // why the last "sent" mark was not stored (callUnmarked)
 	valid    bool
 	out      Outcome
 	attempts int // DLF calls for this command, across deliveries when the state bucket is on
@@ -179,8 +180,20 @@ func (w *Worker) process(j *job, recs []*stateRecord, lerr error) {
 			w.giveBack(j, 0, "shutdown")
 			return
 		case callUnmarked:
+			// A bucket that refuses writes (full, or limited by an
+			// operator) refuses every mark: no call is made, and the
+			// command is given up like a failing call once its time is
+			// up, rather than returned for ever. (A first delivery that
+			// came after that time gets its one chance first.)
 			w.checkState()
-			w.giveBack(j, w.cfg.RetryInitial, "state_unavailable")
+			now := w.now()
+			if !now.Before(sched.giveUpAt) && meta.NumDelivered > 1 {
+				w.finish(j, StatusFailed, CauseRetriesExhausted,
+					fmt.Sprintf("the state bucket still did not store the call's mark %s after the command was stored (RETRY_MAX_ELAPSED), so DLF was not called; last: %v",
+						now.Sub(meta.Timestamp).Round(time.Millisecond), j.markErr))
+				return
+			}
+			w.giveBack(j, max(min(w.redeliveryDelay(meta.NumDelivered), sched.giveUpAt.Sub(now)), w.cfg.RetryInitial), "state_unavailable")
 			return
 		case callExpired:
 			detail := expiredBeforeCall(j)
@@ -448,6 +461,7 @@ func (w *Worker) unmarked(ctx context.Context, j *job, probe bool, v dlf.Verdict
 	}
 	w.circ.release(probe, v, true)
 	j.log.Warn("could not record the call before making it; returning the command", zap.Error(err))
+	j.markErr = err
 	return v, callUnmarked
 }
 
@@ -627,7 +641,7 @@ func (w *Worker) store(j *job) {
 		// Only after the outcome is stored may the command be recorded as
 		// decided: a decided record makes every later delivery a silent ack.
 		// Nothing waits for the write; its answer acks the command.
-		// The id index goes out first, in the same flush as the decision:
+		// The id index goes out first, ahead of the decision:
 		// the outcome is stored, so the id is decided whatever becomes of
 		// the write below (if that fails, the redelivery finds the index
 		// and is acked without storing the outcome again). Published

@@ -92,8 +92,8 @@ func TestIDDroppedForRoomIsStillDecided(t *testing.T) {
 		e.publish(body(t, map[string]any{"command_id": "c-" + strconv.Itoa(i), "project_id": proj,
 			"script_name": "s1", "instance_id": "i-404"}), nil)
 	}
+	e.out.wait(t, n, 30*time.Second) // 260 calls one at a time: seconds under -race
 	e.stopStreamEmpty(t)
-	e.out.wait(t, n, 30*time.Second)
 	// Which ones went: entries written in the same second are equally old.
 	rec, err := e.state(t).load(context.Background(),
 		instKey(command.Command{ProjectID: proj, ScriptName: "s1", InstanceID: "i-404"}.InstanceKey()))

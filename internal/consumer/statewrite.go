@@ -196,6 +196,15 @@ func (w *stateWriter) syncLoop() {
 		w.writes = nil
 		w.syncMu.Unlock()
 		for _, m := range writes {
+			// A write the sweeper failed while it was queued (this loop
+			// stalled in a publish) is not sent: its caller was told it
+			// failed, and may write the key next.
+			w.mu.Lock()
+			_, waited := w.pending[m.Reply[len(w.inbox)+1:]]
+			w.mu.Unlock()
+			if !waited {
+				continue
+			}
 			if err := w.nc.PublishMsg(m); err != nil {
 				if p := w.take(m.Reply[len(w.inbox)+1:]); p != nil {
 					p.then(0, fmt.Errorf("write state %s: %w", p.key, err))

@@ -250,3 +250,35 @@ func TestMarkGivenUpIsNeverPublished(t *testing.T) {
 		t.Errorf("%d writes still wait for an answer; b's should have been dropped with it", left)
 	}
 }
+
+// A write the sweeper failed while it was still queued (the publishing
+// goroutine stalled) is never sent: its caller was told it failed and may
+// write the key next, which a late write would overwrite.
+func TestWriteFailedWhileQueuedIsNeverPublished(t *testing.T) {
+	r := newProxied(t)
+	st, w, ctx := r.st, r.w, r.ctx
+
+	held, resume := make(chan struct{}), make(chan struct{})
+	var once, resumed sync.Once
+	letGo := func() { resumed.Do(func() { close(resume) }) }
+	t.Cleanup(letGo)
+	w.beforeBurst = func() { once.Do(func() { close(held); <-resume }) }
+	failed := make(chan error, 1)
+	w.write("late", []byte("late"), 0, 50*time.Millisecond, func(_ uint64, err error) { failed <- err })
+	<-held
+	select {
+	case err := <-failed:
+		if err == nil {
+			t.Fatal("the write succeeded while its publisher was stalled")
+		}
+	case <-time.After(5 * writeSweep):
+		t.Fatal("the sweeper never failed the queued write")
+	}
+	letGo()
+	if err := w.putAcked(ctx, "after", []byte("after")); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := st.kv.Get(ctx, "late"); !errors.Is(err, jetstream.ErrKeyNotFound) {
+		t.Fatalf("the write reported failed was stored after all (%v)", err)
+	}
+}

@@ -231,16 +231,16 @@ func (w *Worker) fetch(ctx context.Context) {
 }
 
 // closePulls runs once fetching has ended, and lets the commands returned
-// at shutdown go back to JetStream. A pull request lives on at the server
-// until its UNSUB arrives, which nats.go sends from its own goroutine just
-// after it closes the batch. A nak that overtook that UNSUB was
-// redelivered into the dead request, and the command sat out a whole ack
-// wait before any worker saw it again (seen in CI). The flush round trip
+// at shutdown go back to JetStream. The last pull ran out at the server
+// (see pull), so no nak can be redelivered into it; should nats.go have
+// ended it itself (the server's answer lost), the request lives on at the
+// server until its UNSUB arrives, which nats.go sends from its own
+// goroutine just after it closes the batch. A nak that overtook that UNSUB
+// would be redelivered into the dead request and sit out a whole ack wait
+// (seen in CI when pulls were cancelled at shutdown). The flush round trip
 // gives that goroutine its one remaining step: in a test of nats.go alone,
 // naks sent at once were stuck 12 times in 300, naks after the batch
 // closed 5 and 11 times, naks after the batch and a flush never in 900.
-// Only scheduling orders the two; a command that still lands in the dead
-// pull comes back after the ack wait.
 func (w *Worker) closePulls() {
 	if err := w.js.Conn().FlushTimeout(time.Second); err != nil {
 		w.log.Debug("flush after the last pull failed", zap.Error(err))
@@ -283,7 +283,8 @@ const pullWait = time.Second
 // delivered, so they would wait out a whole ack wait at every rolling
 // restart. A pull that ran out is over at the server too, so nothing more
 // can land in it. Not even a hard stop (SHUTDOWN_TIMEOUT) cuts it: it has
-// at most pullWait to run.
+// at most pullWait to run, or a second more should the server's answer at
+// its end be lost.
 //
 // A pull's end is the server's: FetchMaxWait asks the server to end it
 // after pullWait and lets nats.go wait a second longer for that answer. A
@@ -355,6 +356,10 @@ func (w *Worker) pull(ctx context.Context) (pulled bool, err error) {
 // to this same pull (no other replica was waiting), it goes back again
 // delayed until the pull has expired (at expires), so that the two do not
 // hand it to and fro. seen holds the stream sequences handed back so far.
+// handBackMargin is how long after a pull's end, by this worker's clock,
+// a command handed back twice may be offered again.
+const handBackMargin = 500 * time.Millisecond
+
 func (w *Worker) handBack(msg jetstream.Msg, expires time.Time, seen map[uint64]bool) map[uint64]bool {
 	var seq uint64
 	if md, err := msg.Metadata(); err == nil {
@@ -362,7 +367,9 @@ func (w *Worker) handBack(msg jetstream.Msg, expires time.Time, seen map[uint64]
 	}
 	var delay time.Duration
 	if seen[seq] || seq == 0 {
-		delay = time.Until(expires) + 100*time.Millisecond
+		// The server counts the pull's time from when the request
+		// reached it, a link's latency after expires was taken.
+		delay = max(time.Until(expires), 0) + handBackMargin
 	}
 	if err := msg.NakWithDelay(delay); err != nil {
 		w.log.Debug("could not hand back a command fetched as the circuit opened or the worker stopped; it returns after the ack wait", zap.Error(err))
