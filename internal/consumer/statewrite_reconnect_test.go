@@ -187,6 +187,17 @@ func TestMarkLostInAReconnectFails(t *testing.T) {
 	}
 }
 
+// holdNextBurst holds w's syncLoop before it takes its next burst: held
+// closes once it is held, and letGo (idempotent) lets it on.
+func holdNextBurst(t *testing.T, w *stateWriter) (held <-chan struct{}, letGo func()) {
+	h, resume := make(chan struct{}), make(chan struct{})
+	var once, resumed sync.Once
+	letGo = func() { resumed.Do(func() { close(resume) }) }
+	t.Cleanup(letGo) // before the writer's close, which waits for syncLoop
+	w.beforeBurst = func() { once.Do(func() { close(h); <-resume }) }
+	return h, letGo
+}
+
 // waitDropped waits until the proxy has swallowed what holds needle.
 func waitDropped(t *testing.T, p *cuttingProxy, needle string) {
 	t.Helper()
@@ -207,12 +218,7 @@ func TestMarkGivenUpIsNeverPublished(t *testing.T) {
 	r := newProxied(t)
 	st, w, ctx := r.st, r.w, r.ctx
 
-	// The hook holds syncLoop before it takes its next burst.
-	held, resume := make(chan struct{}), make(chan struct{})
-	var once, resumed sync.Once
-	letGo := func() { resumed.Do(func() { close(resume) }) }
-	t.Cleanup(letGo) // before the writer's close, which waits for syncLoop
-	w.beforeBurst = func() { once.Do(func() { close(held); <-resume }) }
+	held, letGo := holdNextBurst(t, w)
 	bctx, bcancel := context.WithCancel(ctx)
 	errB := make(chan error, 1)
 	go func() { errB <- w.putAcked(bctx, "b", []byte("mark-b")) }()
@@ -258,11 +264,7 @@ func TestWriteFailedWhileQueuedIsNeverPublished(t *testing.T) {
 	r := newProxied(t)
 	st, w, ctx := r.st, r.w, r.ctx
 
-	held, resume := make(chan struct{}), make(chan struct{})
-	var once, resumed sync.Once
-	letGo := func() { resumed.Do(func() { close(resume) }) }
-	t.Cleanup(letGo)
-	w.beforeBurst = func() { once.Do(func() { close(held); <-resume }) }
+	held, letGo := holdNextBurst(t, w)
 	failed := make(chan error, 1)
 	w.write("late", []byte("late"), 0, 50*time.Millisecond, func(_ uint64, err error) { failed <- err })
 	<-held
