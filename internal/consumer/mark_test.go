@@ -3,7 +3,6 @@ package consumer
 import (
 	"context"
 	"fmt"
-	"strings"
 	"testing"
 	"time"
 
@@ -110,25 +109,37 @@ func TestDeliveryHeldByTheCircuitTakesItsMarkBack(t *testing.T) {
 }
 
 // A "sent" mark the bucket refuses, although the server read it, holds the
-// call back: the command is returned and called once the bucket takes
-// marks again. (A mark confirmed by a flush let the call go out unmarked,
-// and a DLF.6205 its redelivery got would have been dead-lettered.)
+// call back: the command waits, returned with a growing delay, and is
+// called once the bucket takes marks again, even after RETRY_MAX_ELAPSED:
+// it is owed its call, and a decision the bucket could not record would be
+// made again by every delivery. (A mark confirmed by a flush let the call
+// go out unmarked.)
 func TestMarkTheBucketRefusesHoldsTheCall(t *testing.T) {
-	e := newEnv(t, nil)
+	e := newEnv(t, func(c *Config) {
+		c.RetryInitial, c.RetryMax, c.RetryMaxElapsed = 100*time.Millisecond, 400*time.Millisecond, time.Second
+	})
 	e.emu.AddRunning(proj, "", "s1", "a")
 	st := e.state(t)
 	// Marks are larger than this; reads are not writes and still work.
 	e.updateStream(t, "KV_dlf_stop_state", func(c *jetstream.StreamConfig) { c.MaxMsgSize = 16 })
-	r := e.startWorker(func(c *Config) { c.RetryInitial, c.RetryMax = 100*time.Millisecond, 200*time.Millisecond })
+	r := e.startWorker(nil)
 	e.publish(body(t, map[string]any{"command_id": "a", "project_id": proj, "script_name": "s1", "instance_id": "a"}), nil)
+	published := time.Now()
+	returned := func() float64 { return testutilCount(r.w.m.returned.WithLabelValues("state_unavailable")) }
 	testutil.Eventually(t, 10*time.Second, func() error {
-		if n := testutilCount(r.w.m.returned.WithLabelValues("state_unavailable")); n < 2 {
-			return fmt.Errorf("a returned %v times for its mark, want 2", n)
+		if n := returned(); n < 3 || time.Since(published) < 2*time.Second {
+			return fmt.Errorf("a returned %v times for its mark, want 3 and RETRY_MAX_ELAPSED well past", n)
 		}
 		return nil
 	})
 	if n := e.emu.StopCallsFor(proj, "s1", "a"); n != 0 {
 		t.Fatalf("a was called %d times without a stored mark", n)
+	}
+	if n := e.out.len(); n != 0 {
+		t.Fatalf("%d outcomes while the bucket refused a's mark; want a to wait for its call", n)
+	}
+	if n := returned(); n > 12 { // 100 ms doubling to 400 ms: about 7 in 2 s
+		t.Errorf("a was returned %v times in about 2 s: the returns are not spaced out", n)
 	}
 	if _, err := st.kv.Get(context.Background(), cmdKey("a")); err == nil {
 		t.Fatal("a's mark is stored: the bucket did not refuse it, and the test proves nothing")
@@ -141,32 +152,5 @@ func TestMarkTheBucketRefusesHoldsTheCall(t *testing.T) {
 	}
 	if n := e.emu.StopCallsFor(proj, "s1", "a"); n != 1 {
 		t.Errorf("DLF calls for a = %d, want 1", n)
-	}
-}
-
-// A bucket that refuses marks for good does not keep a command returned
-// for ever: once RETRY_MAX_ELAPSED has passed it is given up like a
-// failing call (failed, retries_exhausted, dead-lettered), without a call.
-func TestMarkRefusedForGoodIsGivenUpInTime(t *testing.T) {
-	e := newEnv(t, func(c *Config) {
-		c.RetryInitial, c.RetryMax, c.RetryMaxElapsed = 100*time.Millisecond, 300*time.Millisecond, 2*time.Second
-	})
-	e.emu.AddRunning(proj, "", "s1", "a")
-	e.state(t)
-	e.updateStream(t, "KV_dlf_stop_state", func(c *jetstream.StreamConfig) { c.MaxMsgSize = 16 })
-	r := e.startWorker(nil)
-	aBody := body(t, map[string]any{"command_id": "a", "project_id": proj, "script_name": "s1", "instance_id": "a"})
-	seq := e.publish(aBody, nil)
-	e.out.wait(t, 1, 10*time.Second)
-	o := byID(t, e.out.outcomes(t))["a"]
-	if o.Status != StatusFailed || o.Cause != CauseRetriesExhausted || !strings.Contains(o.Detail, "mark") {
-		t.Fatalf("a = %s/%s %q; want failed/retries_exhausted naming the mark", o.Status, o.Cause, o.Detail)
-	}
-	e.checkDead(t, o, aBody, seq)
-	if n := e.emu.StopCallsFor(proj, "s1", "a"); n != 0 {
-		t.Errorf("DLF calls for a = %d, want 0", n)
-	}
-	if n := testutilCount(r.w.m.returned.WithLabelValues("state_unavailable")); n > 10 {
-		t.Errorf("a was returned %v times in 2 s: the returns are not spaced out", n)
 	}
 }

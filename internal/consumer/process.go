@@ -33,7 +33,6 @@ type job struct {
 	sid      string
 	received time.Time // when this delivery reached the worker
 	verr     error     // why the command is invalid; nil when valid
-	markErr  error     // why the last "sent" mark was not stored (callUnmarked)
 	valid    bool
 	out      Outcome
 	attempts int // DLF calls for this command, across deliveries when the state bucket is on
@@ -180,20 +179,20 @@ func (w *Worker) process(j *job, recs []*stateRecord, lerr error) {
 			w.giveBack(j, 0, "shutdown")
 			return
 		case callUnmarked:
-			// A bucket that refuses writes (full, or limited by an
-			// operator) refuses every mark: no call is made, and the
-			// command is given up like a failing call once its time is
-			// up, rather than returned for ever. (A first delivery that
-			// came after that time gets its one chance first.)
+			// The bucket did not store the mark: no call is made. A
+			// bucket that refuses writes (full, limited by an operator,
+			// without a leader) refuses every mark, so the command waits
+			// in the stream like one held by an open circuit, returned
+			// with a delay that grows per delivery, and is not given up:
+			// giving up would decide it without the call it is owed, and
+			// a decision the bucket cannot record would be decided again
+			// by every later delivery. Only its deadline ends it.
 			w.checkState()
-			now := w.now()
-			if !now.Before(sched.giveUpAt) && meta.NumDelivered > 1 {
-				w.finish(j, StatusFailed, CauseRetriesExhausted,
-					fmt.Sprintf("the state bucket still did not store the call's mark %s after the command was stored (RETRY_MAX_ELAPSED), so DLF was not called; last: %v",
-						now.Sub(meta.Timestamp).Round(time.Millisecond), j.markErr))
-				return
+			delay := w.redeliveryDelay(meta.NumDelivered)
+			if dl := cmd.Deadline; !dl.IsZero() {
+				delay = max(min(delay, dl.Sub(w.now())), 0)
 			}
-			w.giveBack(j, max(min(w.redeliveryDelay(meta.NumDelivered), sched.giveUpAt.Sub(now)), w.cfg.RetryInitial), "state_unavailable")
+			w.giveBack(j, delay, "state_unavailable")
 			return
 		case callExpired:
 			detail := expiredBeforeCall(j)
@@ -461,7 +460,6 @@ func (w *Worker) unmarked(ctx context.Context, j *job, probe bool, v dlf.Verdict
 	}
 	w.circ.release(probe, v, true)
 	j.log.Warn("could not record the call before making it; returning the command", zap.Error(err))
-	j.markErr = err
 	return v, callUnmarked
 }
 

@@ -55,6 +55,11 @@ type pendingWrite struct {
 	key      string
 	deadline time.Time
 	then     func(rev uint64, err error)
+	// sending: syncLoop is publishing it. The sweeper leaves it be
+	// until the publish returned, so that a write is never reported
+	// failed and then sent (a publish can stall, on the connection's
+	// lock, behind a socket the server stopped reading).
+	sending bool
 }
 
 // errWrongRevision is a compare-and-set refusal: another writer updated
@@ -199,14 +204,22 @@ func (w *stateWriter) syncLoop() {
 			// A write the sweeper failed while it was queued (this loop
 			// stalled in a publish) is not sent: its caller was told it
 			// failed, and may write the key next.
+			token := m.Reply[len(w.inbox)+1:]
 			w.mu.Lock()
-			_, waited := w.pending[m.Reply[len(w.inbox)+1:]]
+			p := w.pending[token]
+			if p != nil {
+				p.sending = true
+			}
 			w.mu.Unlock()
-			if !waited {
+			if p == nil {
 				continue
 			}
-			if err := w.nc.PublishMsg(m); err != nil {
-				if p := w.take(m.Reply[len(w.inbox)+1:]); p != nil {
+			err := w.nc.PublishMsg(m)
+			w.mu.Lock()
+			p.sending = false
+			w.mu.Unlock()
+			if err != nil {
+				if p := w.take(token); p != nil {
 					p.then(0, fmt.Errorf("write state %s: %w", p.key, err))
 				}
 			}
@@ -278,7 +291,7 @@ func (w *stateWriter) sweep() {
 			var late []*pendingWrite
 			w.mu.Lock()
 			for token, p := range w.pending {
-				if now.After(p.deadline) {
+				if now.After(p.deadline) && !p.sending {
 					late = append(late, p)
 					delete(w.pending, token)
 				}

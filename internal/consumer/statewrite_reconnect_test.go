@@ -20,12 +20,15 @@ import (
 // cuttingProxy forwards TCP to target. While deaf, what the client sends
 // is read and dropped, as bytes in flight are when a connection breaks;
 // cut closes every connection, and the client reconnects through it. What
-// the server sends reaches the client slow (nanoseconds) late, in order.
+// the server sends reaches the client slow (nanoseconds) late, in order;
+// while hold is write-locked, what the client sends is not read at all.
 type cuttingProxy struct {
-	ln      net.Listener
-	target  string
-	deaf    atomic.Bool
-	slow    atomic.Int64
+	ln     net.Listener
+	target string
+	deaf   atomic.Bool
+	slow   atomic.Int64
+	hold   sync.RWMutex
+
 	mu      sync.Mutex
 	conns   []net.Conn
 	dropped []byte // what the client sent while deaf
@@ -49,6 +52,7 @@ func (p *cuttingProxy) serve() {
 		go func() {
 			buf := make([]byte, 32<<10)
 			for {
+				p.waitHold()
 				n, err := c.Read(buf)
 				if n > 0 {
 					if p.deaf.Load() {
@@ -66,6 +70,13 @@ func (p *cuttingProxy) serve() {
 			}
 		}()
 	}
+}
+
+// waitHold returns once the test does not hold the proxy's reading.
+func (p *cuttingProxy) waitHold() {
+	p.hold.RLock()
+	//lint:ignore SA2001 the lock is a gate: taking it is the wait
+	p.hold.RUnlock()
 }
 
 // toClient forwards what the server sends, each read held back by the
@@ -282,5 +293,57 @@ func TestWriteFailedWhileQueuedIsNeverPublished(t *testing.T) {
 	}
 	if _, err := st.kv.Get(ctx, "late"); !errors.Is(err, jetstream.ErrKeyNotFound) {
 		t.Fatalf("the write reported failed was stored after all (%v)", err)
+	}
+}
+
+// A write whose publish stalls (the connection's socket full, the server
+// not reading) is not failed by the sweeper while it stalls: it would be
+// sent once the socket drains, after its caller was told it failed.
+func TestWriteStalledInItsPublishIsNotFailed(t *testing.T) {
+	r := newProxied(t)
+	p, nc, w := r.p, r.nc, r.w
+	p.hold.Lock()
+	released := false
+	release := func() {
+		if !released {
+			released = true
+			p.hold.Unlock()
+		}
+	}
+	t.Cleanup(release)
+	// Fill the socket until a publish blocks: nats.go then holds the
+	// connection's lock in its write, and every publish waits for it.
+	var publishing atomic.Int64 // when the publish under way began (Unix ns); 0: none
+	go func() {
+		junk := make([]byte, 256<<10)
+		for i := 0; i < 400; i++ {
+			publishing.Store(time.Now().UnixNano())
+			if nc.Publish("junk", junk) != nil {
+				return
+			}
+			publishing.Store(0)
+		}
+	}()
+	testutil.Eventually(t, 10*time.Second, func() error {
+		if at := publishing.Load(); at == 0 || time.Since(time.Unix(0, at)) < 200*time.Millisecond {
+			return fmt.Errorf("publishes still go through")
+		}
+		return nil
+	})
+	answered := make(chan error, 1)
+	w.write("late", []byte("late"), 0, 50*time.Millisecond, func(_ uint64, err error) { answered <- err })
+	testutil.Consistently(t, 2*writeSweep+500*time.Millisecond, func() error {
+		select {
+		case err := <-answered:
+			return fmt.Errorf("the write was answered while its publish stalled: %v", err)
+		default:
+			return nil
+		}
+	})
+	release()
+	select {
+	case <-answered:
+	case <-time.After(30 * time.Second):
+		t.Fatal("the write was never answered once the socket drained")
 	}
 }
