@@ -39,12 +39,13 @@ import (
 //
 // Before its first call a delivery marks the id's key "sent" (delivery n,
 // stream sequence, instance key), and waits for JetStream's stored-ack of
-// the mark before the request leaves (markSent). A later delivery that finds a mark
-// newer than the last progress recorded knows that a delivery died or lost
-// its lease with a call perhaps on the wire, so a DLF.6205 means that
-// call's stop (contract section 6); without a mark, a DLF.6205 fails as
-// usual. The delivery count alone cannot tell those apart: a delivery that
-// died before calling, or never reached the worker, counts as well.
+// the mark before the request leaves (markSent). A later delivery that
+// finds a mark newer than the last progress recorded knows that a
+// delivery died or lost its lease with a call perhaps on the wire, so a
+// DLF.6205 means that call's stop (contract section 6); without a mark, a
+// DLF.6205 fails as usual. The delivery count alone cannot tell those
+// apart: a delivery that died before calling, or never reached the
+// worker, counts as well.
 //
 // The common case, a first delivery that DLF answers 204, costs a share of
 // one batched read of both keys (statebatch.go), the mark, and one
@@ -226,14 +227,11 @@ func ensureState(ctx context.Context, js jetstream.JetStream, cfg *Config, log *
 	if err != nil {
 		return nil, fmt.Errorf("state bucket %s: %w", cfg.StateBucket, err)
 	}
-	s := &stateStore{kv: kv}
-	if bs, ok := st.(*jetstream.KeyValueBucketStatus); ok && bs.StreamInfo() != nil {
-		if !bs.StreamInfo().Config.AllowDirect {
-			return nil, fmt.Errorf("%w: state bucket %s does not allow direct gets (allow_direct), which the worker reads it with",
-				ErrMismatch, cfg.StateBucket)
-		}
+	if bs, ok := st.(*jetstream.KeyValueBucketStatus); ok && bs.StreamInfo() != nil && !bs.StreamInfo().Config.AllowDirect {
+		return nil, fmt.Errorf("%w: state bucket %s does not allow direct gets (allow_direct), which the worker reads it with",
+			ErrMismatch, cfg.StateBucket)
 	}
-	return s, nil
+	return &stateStore{kv: kv}, nil
 }
 
 // lookupThen reads the documents of keys, batched with other commands'
@@ -388,8 +386,8 @@ func (s *stateStore) markDecided(id string, e cmdEntry) {
 }
 
 // markSent records that delivery n of the command sid (stream sequence
-// seq) is about to call DLF, and returns once JetStream has stored the record,
-// so that no call leaves without it (see the package comment above).
+// seq) is about to call DLF, and returns once JetStream has stored the
+// record, so that no call leaves without it (see the package comment).
 func (s *stateStore) markSent(ctx context.Context, sid string, n, seq uint64, inst string) error {
 	return s.putMark(ctx, sid, sentMarkDoc(sid, n, seq, inst))
 }
