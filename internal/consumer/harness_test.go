@@ -3,6 +3,7 @@ package consumer
 import (
 	"context"
 	"encoding/json"
+	"errors"
 	"fmt"
 	"os"
 	"sync"
@@ -151,6 +152,19 @@ type running struct {
 	done   chan error
 	nc     *nats.Conn
 	client *dlf.Client
+}
+
+// waitStarted waits until the worker has bound its bucket and pulls:
+// a test that then limits the bucket below what the worker accepts at
+// start must not race its start.
+func (r *running) waitStarted(t *testing.T) {
+	t.Helper()
+	testutil.Eventually(t, 10*time.Second, func() error {
+		if !r.w.Ready() {
+			return errors.New("the worker has not started yet")
+		}
+		return nil
+	})
 }
 
 // stop ends the worker gracefully and waits for Run to return.

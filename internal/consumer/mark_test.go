@@ -120,9 +120,11 @@ func TestMarkTheBucketRefusesHoldsTheCall(t *testing.T) {
 	})
 	e.emu.AddRunning(proj, "", "s1", "a")
 	st := e.state(t)
-	// Marks are larger than this; reads are not writes and still work.
-	e.updateStream(t, "KV_dlf_stop_state", func(c *jetstream.StreamConfig) { c.MaxMsgSize = 16 })
 	r := e.startWorker(nil)
+	r.waitStarted(t)
+	// Marks are larger than this; reads are not writes and still work. (At
+	// start the worker refuses a bucket limited like this.)
+	e.updateStream(t, "KV_dlf_stop_state", func(c *jetstream.StreamConfig) { c.MaxMsgSize = 16 })
 	e.publish(body(t, map[string]any{"command_id": "a", "project_id": proj, "script_name": "s1", "instance_id": "a"}), nil)
 	published := time.Now()
 	returned := func() float64 { return testutilCount(r.w.m.returned.WithLabelValues("state_unavailable")) }

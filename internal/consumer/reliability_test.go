@@ -175,6 +175,7 @@ const markFits = 100
 // decision write failed.
 func (e *env) decideWhileTheBucketRefuses(t *testing.T, r *running) {
 	t.Helper()
+	r.waitStarted(t)
 	e.updateStream(t, "KV_dlf_stop_state", func(c *jetstream.StreamConfig) { c.MaxMsgSize = markFits })
 	e.publish(body(t, map[string]any{"command_id": "new", "project_id": proj, "script_name": "s1", "instance_id": "i-404"}), nil)
 	e.out.wait(t, 1, 10*time.Second)
@@ -763,6 +764,7 @@ func TestDecisionRecordedOnceTheBucketRecovers(t *testing.T) {
 	e := newEnv(t, nil)
 	e.emu.AddRunning(proj, "", "s1", "i-1")
 	r := e.startWorker(nil)
+	r.waitStarted(t)
 	e.updateStream(t, "KV_dlf_stop_state", func(c *jetstream.StreamConfig) { c.MaxMsgSize = markFits })
 	e.publish(body(t, map[string]any{"command_id": "held", "project_id": proj, "script_name": "s1", "instance_id": "i-1"}), nil)
 	e.out.wait(t, 1, 10*time.Second)

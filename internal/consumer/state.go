@@ -227,9 +227,19 @@ func ensureState(ctx context.Context, js jetstream.JetStream, cfg *Config, log *
 	if err != nil {
 		return nil, fmt.Errorf("state bucket %s: %w", cfg.StateBucket, err)
 	}
-	if bs, ok := st.(*jetstream.KeyValueBucketStatus); ok && bs.StreamInfo() != nil && !bs.StreamInfo().Config.AllowDirect {
-		return nil, fmt.Errorf("%w: state bucket %s does not allow direct gets (allow_direct), which the worker reads it with",
-			ErrMismatch, cfg.StateBucket)
+	if bs, ok := st.(*jetstream.KeyValueBucketStatus); ok && bs.StreamInfo() != nil {
+		sc := bs.StreamInfo().Config
+		if !sc.AllowDirect {
+			return nil, fmt.Errorf("%w: state bucket %s does not allow direct gets (allow_direct), which the worker reads it with",
+				ErrMismatch, cfg.StateBucket)
+		}
+		// A limit below what a mark or a document can take refuses
+		// some commands' records for good, and such a command would
+		// wait for its call for ever (see callUnmarked).
+		if sc.MaxMsgSize > 0 && sc.MaxMsgSize < minStateMsgSize {
+			return nil, fmt.Errorf("%w: state bucket %s limits its messages to %d bytes (max_msg_size); the worker needs at least %d",
+				ErrMismatch, cfg.StateBucket, sc.MaxMsgSize, minStateMsgSize)
+		}
 	}
 	return &stateStore{kv: kv}, nil
 }
@@ -289,6 +299,11 @@ func (s *stateStore) load(ctx context.Context, key string) (*stateRecord, error)
 	_ = json.Unmarshal(e.Value(), &r.doc)
 	return r, nil
 }
+
+// minStateMsgSize is the smallest message size limit a state bucket may
+// have: NATS's default max_payload. An instance's document holds up to
+// maxCmdEntries command entries and can grow to hundreds of kilobytes.
+const minStateMsgSize = 1 << 20
 
 // maxCASRetries bounds the re-read-and-merge loop when another worker
 // wrote the same key meanwhile (two commands for one instance at once).

@@ -53,12 +53,14 @@ type stateWriter struct {
 
 type pendingWrite struct {
 	key      string
+	timeout  time.Duration
 	deadline time.Time
 	then     func(rev uint64, err error)
 	// sending: syncLoop is publishing it. The sweeper leaves it be
 	// until the publish returned, so that a write is never reported
 	// failed and then sent (a publish can stall, on the connection's
 	// lock, behind a socket the server stopped reading).
+	// Its answer is waited for timeout from when the publish returned.
 	sending bool
 }
 
@@ -123,7 +125,7 @@ func (w *stateWriter) send(m *nats.Msg, key string, timeout time.Duration, then 
 	w.mu.Lock()
 	w.seq++
 	token := strconv.FormatUint(w.seq, 36)
-	w.pending[token] = &pendingWrite{key: key, deadline: time.Now().Add(timeout), then: then}
+	w.pending[token] = &pendingWrite{key: key, timeout: timeout, deadline: time.Now().Add(timeout), then: then}
 	w.mu.Unlock()
 	m.Reply = w.inbox + "." + token
 	w.syncMu.Lock()
@@ -217,6 +219,7 @@ func (w *stateWriter) syncLoop() {
 			err := w.nc.PublishMsg(m)
 			w.mu.Lock()
 			p.sending = false
+			p.deadline = time.Now().Add(p.timeout)
 			w.mu.Unlock()
 			if err != nil {
 				if p := w.take(token); p != nil {

@@ -244,6 +244,20 @@ func TestStateBucketWithoutDirectGetsStopsTheStart(t *testing.T) {
 	}
 }
 
+// A state bucket whose messages are limited below what a command's
+// records can take would refuse some of them for good, and such a command
+// would wait for its call for ever: the worker says so at start.
+func TestStateBucketWithSmallMessagesStopsTheStart(t *testing.T) {
+	e := newEnv(t, nil)
+	e.updateStream(t, "KV_dlf_stop_state", func(c *jetstream.StreamConfig) { c.MaxMsgSize = 400 })
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+	_, err := Setup(ctx, e.js, e.cfg, e.log)
+	if !errors.Is(err, ErrMismatch) || !strings.Contains(err.Error(), "dlf_stop_state") || !strings.Contains(err.Error(), "max_msg_size") {
+		t.Fatalf("Setup = %v; want a mismatch naming the bucket and max_msg_size", err)
+	}
+}
+
 // The circuit lets a command whose time is up through for its last
 // attempt even while open and long before the next probe, and still
 // lets a cancelled wait go without a call.
