@@ -3,6 +3,7 @@ package consumer
 import (
 	"context"
 	"fmt"
+	"strings"
 	"testing"
 	"time"
 
@@ -140,6 +141,9 @@ func TestMarkTheBucketRefusesHoldsTheCall(t *testing.T) {
 	if n := e.out.len(); n != 0 {
 		t.Fatalf("%d outcomes while the bucket refused a's mark; want a to wait for its call", n)
 	}
+	if ok, why := r.w.Readiness(); ok || !strings.Contains(why, "marks") {
+		t.Errorf("readiness = %v %q while the bucket refuses marks; want not ready, saying why", ok, why)
+	}
 	if n := returned(); n > 12 { // 100 ms doubling to 400 ms: about 7 in 2 s
 		t.Errorf("a was returned %v times in about 2 s: the returns are not spaced out", n)
 	}
@@ -154,5 +158,8 @@ func TestMarkTheBucketRefusesHoldsTheCall(t *testing.T) {
 	}
 	if n := e.emu.StopCallsFor(proj, "s1", "a"); n != 1 {
 		t.Errorf("DLF calls for a = %d, want 1", n)
+	}
+	if ok, why := r.w.Readiness(); !ok {
+		t.Errorf("not ready (%s) once the bucket stored a mark again", why)
 	}
 }

@@ -337,7 +337,11 @@ func (w *Worker) call(j *job, req dlf.StopRequest, lastAt time.Time) (v dlf.Verd
 	// back spend no tokens and the probe does not queue behind them.
 	held := func() bool { return w.thr.pausedFor(lastAt) || w.circ.holdsBack(probe, lastAt) }
 	mark := func() error {
-		return w.state.markSent(ctx, j.sid, j.meta.NumDelivered, j.meta.Sequence.Stream, j.cmd.InstanceKey())
+		err := w.state.markSent(ctx, j.sid, j.meta.NumDelivered, j.meta.Sequence.Stream, j.cmd.InstanceKey())
+		if err == nil && w.marksRefused.Load() { // a load: every command passes here
+			w.marksRefused.Store(false)
+		}
+		return err
 	}
 	// heldBack gives the slot back for a call held back after its slot
 	// was taken, and takes back this delivery's mark if it has sent no
@@ -459,6 +463,7 @@ func (w *Worker) unmarked(ctx context.Context, j *job, probe bool, v dlf.Verdict
 		return notSent(probe)
 	}
 	w.circ.release(probe, v, true)
+	w.marksRefused.Store(true)
 	j.log.Warn("could not record the call before making it; returning the command", zap.Error(err))
 	return v, callUnmarked
 }

@@ -55,8 +55,12 @@ type Worker struct {
 	// stateCheckedAt (unix nanoseconds) rate-limits looking for a state
 	// bucket that has gone missing (see checkState).
 	stateCheckedAt atomic.Int64
-	circ           *circuit
-	thr            *throttle
+	// marksRefused: the last "sent" mark the bucket was asked to store
+	// was not stored, so calls are held back until one is (see
+	// callUnmarked). Readiness reports it.
+	marksRefused atomic.Bool
+	circ         *circuit
+	thr          *throttle
 
 	ready    atomic.Bool
 	soft     context.Context // Run's context: ends at soft stop
@@ -134,6 +138,8 @@ func (w *Worker) Readiness() (bool, string) {
 		return false, "NATS not connected"
 	case w.circ.Open():
 		return false, "DLF circuit open: DLF fails systemically, commands wait in the stream"
+	case w.marksRefused.Load():
+		return false, "the state bucket does not store the calls' marks: commands wait in the stream"
 	case !w.ready.Load():
 		return false, "consumer not bound"
 	}
