@@ -53,14 +53,13 @@ type stateWriter struct {
 
 type pendingWrite struct {
 	key      string
-	timeout  time.Duration
+	timeout  time.Duration // the answer is waited for this long from when it was queued, and again once published
 	deadline time.Time
 	then     func(rev uint64, err error)
 	// sending: syncLoop is publishing it. The sweeper leaves it be
 	// until the publish returned, so that a write is never reported
 	// failed and then sent (a publish can stall, on the connection's
 	// lock, behind a socket the server stopped reading).
-	// Its answer is waited for timeout from when the publish returned.
 	sending bool
 }
 

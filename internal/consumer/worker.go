@@ -322,12 +322,10 @@ func (w *Worker) pull(ctx context.Context) (pulled bool, err error) {
 		got := 0
 		var handedBack map[uint64]bool
 		for msg := range batch.Messages() {
-			if ctx.Err() != nil {
-				w.m.returned.WithLabelValues("shutdown").Inc()
-				handedBack = w.handBack(msg, expires, handedBack)
-				continue
-			}
-			if w.circ.openNow() {
+			if stopping := ctx.Err() != nil; stopping || w.circ.openNow() {
+				if stopping {
+					w.m.returned.WithLabelValues("shutdown").Inc()
+				}
 				handedBack = w.handBack(msg, expires, handedBack)
 				continue
 			}
@@ -351,6 +349,10 @@ func (w *Worker) pull(ctx context.Context) (pulled bool, err error) {
 	}
 }
 
+// handBackMargin is how long after a pull's end, by this worker's clock,
+// a command handed back twice may be offered again.
+const handBackMargin = 500 * time.Millisecond
+
 // handBack returns a command that the pull on the wire delivered after the
 // circuit opened: an open circuit takes nothing new (contract section 6),
 // so another replica takes it, or this one once DLF is back; or after the
@@ -362,10 +364,6 @@ func (w *Worker) pull(ctx context.Context) (pulled bool, err error) {
 // to this same pull (no other replica was waiting), it goes back again
 // delayed until the pull has expired (at expires), so that the two do not
 // hand it to and fro. seen holds the stream sequences handed back so far.
-// handBackMargin is how long after a pull's end, by this worker's clock,
-// a command handed back twice may be offered again.
-const handBackMargin = 500 * time.Millisecond
-
 func (w *Worker) handBack(msg jetstream.Msg, expires time.Time, seen map[uint64]bool) map[uint64]bool {
 	var seq uint64
 	if md, err := msg.Metadata(); err == nil {
