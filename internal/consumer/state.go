@@ -8,6 +8,7 @@ import (
 	"errors"
 	"fmt"
 	"slices"
+	"sync"
 	"time"
 	"unicode/utf8"
 
@@ -193,6 +194,12 @@ type stateStore struct {
 	kv     jetstream.KeyValue
 	reader *batchReader // nil: lookups go one by one
 	writer *stateWriter // nil: saveAsync falls back to save
+
+	// The decision records waiting for a write of their document to
+	// answer, by key; a key is present while such a write is under way
+	// (see saveAsync).
+	queueMu sync.Mutex
+	queued  map[string][]*queuedSave
 }
 
 func cmdKey(id string) string { return "cmd." + base64.RawURLEncoding.EncodeToString([]byte(id)) }
@@ -337,53 +344,6 @@ func (s *stateStore) save(ctx context.Context, r *stateRecord, change func(*stat
 		}
 		*r = *fresh
 	}
-}
-
-// saveAsync is save without a goroutine waiting for the answer (see
-// statewrite.go). ok runs on the answer's goroutine and must not block;
-// failed runs on a goroutine of its own. A compare-and-set refusal goes
-// through save's re-read-and-merge loop, bounded by ctx and the publish
-// timeout, starting with the re-read: the revision the refused write
-// named is known to be stale.
-func (s *stateStore) saveAsync(ctx context.Context, r *stateRecord, change func(*stateDoc), ok func(), failed func(error)) {
-	slow := func(reread bool) {
-		sctx, cancel := context.WithTimeout(ctx, publishTimeout)
-		defer cancel()
-		if reread {
-			fresh, err := s.load(sctx, r.key)
-			if err != nil {
-				failed(err)
-				return
-			}
-			*r = *fresh
-		}
-		if err := s.save(sctx, r, change); err != nil {
-			failed(err)
-			return
-		}
-		ok()
-	}
-	if s.writer == nil {
-		go slow(false)
-		return
-	}
-	change(&r.doc)
-	b, err := stateDocJSON(&r.doc)
-	if err != nil {
-		go failed(err)
-		return
-	}
-	s.writer.write(r.key, b, r.rev, publishTimeout, func(rev uint64, err error) {
-		switch {
-		case err == nil:
-			r.rev = rev
-			ok()
-		case errors.Is(err, errWrongRevision):
-			go slow(true)
-		default:
-			go failed(err)
-		}
-	})
 }
 
 // markDecided records, under the command id's own key, that a valid
