@@ -225,11 +225,11 @@ func consumerProblems(files map[string][]byte, workers, concurrency int) []strin
 	if len(cc.BackOff) > 0 {
 		bad("backoff is set; the worker schedules redeliveries itself (nak with delay)")
 	}
-	// Each worker holds up to about three times WORKER_CONCURRENCY
-	// commands (calls, in-process waits, the pull buffer); max_ack_pending
-	// counts across all of them and must leave room on top.
-	if need := 4 * workers * concurrency; cc.MaxAckPending < need {
-		bad("max_ack_pending %d, want at least %d (4 x %d replicas x WORKER_CONCURRENCY %d)", cc.MaxAckPending, need, workers, concurrency)
+	// Each worker holds up to max(512, 4 x WORKER_CONCURRENCY) commands
+	// (state reads, calls, in-process waits, publishing, the pull
+	// buffer); max_ack_pending counts across all of them.
+	if need := workers * max(512, 4*concurrency); cc.MaxAckPending < need {
+		bad("max_ack_pending %d, want at least %d (%d replicas x max(512, 4 x WORKER_CONCURRENCY %d))", cc.MaxAckPending, need, workers, concurrency)
 	}
 	return out
 }

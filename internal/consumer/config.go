@@ -67,6 +67,10 @@ type Config struct {
 	// worker, with RateBurst (DLF_RATE_BURST); 0 means unlimited.
 	RateLimit float64
 	RateBurst int
+
+	// heldFloor replaces minHeld, for tests whose premise is a worker
+	// that holds only a few commands (0: minHeld).
+	heldFloor int
 }
 
 func (c *Config) setDefaults() {
@@ -143,20 +147,33 @@ func (c *Config) Validate() error {
 }
 
 // maxAckPending is what a consumer this worker creates allows across all
-// replicas: well above one worker's concurrency so several replicas, each
-// holding up to heldLimit commands plus a pull buffer, never starve.
+// replicas: room for eight workers each holding minHeld commands, or four
+// each holding 4 × WORKER_CONCURRENCY, so that replicas added to a busy
+// deployment are not starved.
 func (c *Config) maxAckPending() int {
-	n := 16 * c.Concurrency
-	if n < 1024 {
-		n = 1024
-	}
-	return n
+	return max(16*c.Concurrency, 8*minHeld)
 }
 
-// heldLimit is how many commands one worker holds at once: calling,
-// waiting in-process, or publishing. Four times the call slots keeps every
-// slot busy while outcomes are being published and retries wait.
-func (c *Config) heldLimit() int { return 4 * c.Concurrency }
+// heldLimit is how many commands one worker holds at once: reading their
+// state, calling, waiting in-process, or publishing. Four times the call
+// slots keeps every slot busy while outcomes are being published and
+// retries wait. When DLF answers fast, what paces a worker is the round
+// trips to JetStream each command makes (its state read, its "sent" mark,
+// its outcome and decision record), and those are cheap only in bursts,
+// as large as the number of commands at that step. Holding 128 at the
+// default concurrency, the state bucket cost 28% of the throughput when DLF
+// answers at once; holding 512, about 20% (README, "Performance"). A held
+// command costs a few KB and, should the worker die, waits out the ack
+// wait.
+func (c *Config) heldLimit() int {
+	if c.heldFloor > 0 {
+		return max(4*c.Concurrency, c.heldFloor)
+	}
+	return max(4*c.Concurrency, minHeld)
+}
+
+// minHeld is the fewest commands a worker holds, whatever its concurrency.
+const minHeld = 512
 
 // pullBatch is how many messages the client buffers ahead of processing.
 func (c *Config) pullBatch() int {

@@ -3,6 +3,7 @@ package consumer
 import (
 	"context"
 	"strconv"
+	"strings"
 	"testing"
 	"time"
 
@@ -75,4 +76,59 @@ func TestFloodOfOneInstanceSharedByTwoWorkers(t *testing.T) {
 	}
 	t.Logf("shared flood commands=%d decision_retries=%v+%v", n,
 		testutilCount(a.w.m.publishFail.WithLabelValues("state")), testutilCount(b.w.m.publishFail.WithLabelValues("state")))
+}
+
+// A decision record whose change panics fails that record, and the
+// document's next record is still written: the key must not stay busy for
+// good, holding every later command for its instance.
+func TestPanickingRecordLeavesTheDocumentFree(t *testing.T) {
+	e := newEnv(t, nil)
+	st, _ := e.stateWithWriter(t)
+	result := func() (func(), func(error), chan error) {
+		done := make(chan error, 1)
+		return func() { done <- nil }, func(err error) { done <- err }, done
+	}
+	wait := func(done chan error) error {
+		select {
+		case err := <-done:
+			return err
+		case <-time.After(10 * time.Second):
+			t.Fatal("the record was never answered")
+			return nil
+		}
+	}
+	ok, failed, first := result()
+	st.saveAsync(context.Background(), &stateRecord{key: "inst.p"}, func(*stateDoc) { panic("test: broken change") }, ok, failed)
+	if err := wait(first); err == nil || !strings.Contains(err.Error(), "panic") {
+		t.Fatalf("panicking record: %v, want a failure naming the panic", err)
+	}
+	ok, failed, second := result()
+	st.saveAsync(context.Background(), &stateRecord{key: "inst.p"}, func(d *stateDoc) {
+		d.setCmd("next", cmdEntry{Phase: phaseDecided, Status: StatusStopped}, time.Hour)
+	}, ok, failed)
+	if err := wait(second); err != nil {
+		t.Fatalf("the next record: %v", err)
+	}
+}
+
+// A document holding a command entry written as null (by hand, or by
+// another program) is read without it: deciding commands for its instance
+// goes on.
+func TestNullEntryInADocumentIsIgnored(t *testing.T) {
+	e := newEnv(t, nil)
+	e.emu.AddRunning(proj, "", "s1", "i-null")
+	key := instKey(command.Command{ProjectID: proj, ScriptName: "s1", InstanceID: "i-null"}.InstanceKey())
+	if _, err := e.state(t).kv.Put(context.Background(), key, []byte(`{"cmds":{"x":null}}`)); err != nil {
+		t.Fatal(err)
+	}
+	e.startWorker(nil)
+	// One at a time: commands for one instance whose calls overlap may
+	// meet DLF.6205 before the first one's stop is recorded.
+	for i := 1; i <= 3; i++ {
+		e.publish(body(t, map[string]any{"command_id": "null-" + strconv.Itoa(i), "project_id": proj,
+			"script_name": "s1", "instance_id": "i-null"}), nil)
+		e.out.wait(t, i, 15*time.Second)
+	}
+	e.stopStreamEmpty(t)
+	allStopped(t, byID(t, e.out.outcomes(t)))
 }

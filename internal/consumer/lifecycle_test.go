@@ -537,7 +537,7 @@ func (c panicOnField) With(fs []zapcore.Field) zapcore.Core {
 // with "no responders"; the worker must back off and create the consumer
 // again, not pull in a tight loop for ever while the commands wait.
 func TestConsumerDeletedWhileSlotsAreFullIsBoundAgain(t *testing.T) {
-	e := newEnv(t, func(c *Config) { c.Concurrency = 1 })
+	e := newEnv(t, func(c *Config) { c.Concurrency, c.heldFloor = 1, 1 })
 	e.emu.SetFaults(emulator.Faults{Latency: 500 * time.Millisecond})
 	const n = 7 // the four held (4 × WORKER_CONCURRENCY) and three more
 	e.publishMany(t, n, "del")

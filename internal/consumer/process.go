@@ -6,6 +6,7 @@ import (
 	"errors"
 	"fmt"
 	"maps"
+	"math/rand/v2"
 	"strconv"
 	"strings"
 	"time"
@@ -919,7 +920,10 @@ func (w *Worker) recordDecisionLater(j *job, change func(*stateDoc), err error) 
 	j.log.Warn("outcome stored, decision not recorded yet; holding the command and trying again", zap.Error(err))
 	wait := w.cfg.RetryInitial
 	for {
-		t := time.NewTimer(wait)
+		// Jittered: the records of one document that failed together
+		// (their group's write, see saveAsync) must not all try again
+		// at once and meet in compare-and-set.
+		t := time.NewTimer(wait*3/4 + rand.N(wait/2+1))
 		select {
 		case <-t.C:
 		case <-w.stopping:

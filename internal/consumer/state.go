@@ -190,6 +190,16 @@ type stateRecord struct {
 	doc stateDoc
 }
 
+// dropNull removes command entries written as null (by hand, or by
+// another program): every reader of an entry takes it to be there.
+func (d *stateDoc) dropNull() {
+	for id, e := range d.Cmds {
+		if e == nil {
+			delete(d.Cmds, id)
+		}
+	}
+}
+
 type stateStore struct {
 	kv     jetstream.KeyValue
 	reader *batchReader // nil: lookups go one by one
@@ -304,6 +314,7 @@ func (s *stateStore) load(ctx context.Context, key string) (*stateRecord, error)
 	// An unreadable document is treated as empty: it must never block a
 	// command, and the next write replaces it.
 	_ = json.Unmarshal(e.Value(), &r.doc)
+	r.doc.dropNull()
 	return r, nil
 }
 

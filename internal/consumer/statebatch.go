@@ -142,6 +142,7 @@ func (b *batchReader) answer(batch []*lookupReq) {
 				// Each command gets its own copy: two commands for one
 				// instance in one batch must not share a document.
 				_ = json.Unmarshal(f.raw, &rec.doc)
+				rec.doc.dropNull()
 			}
 			recs[i] = rec
 		}

@@ -3,6 +3,7 @@ package consumer
 import (
 	"context"
 	"errors"
+	"fmt"
 )
 
 // queuedSave is one decision record waiting to be written (see saveAsync).
@@ -12,6 +13,9 @@ type queuedSave struct {
 	change func(*stateDoc)
 	ok     func()
 	failed func(error)
+	// applied: r holds change, as a caller's retry and a hand-back at
+	// stop go on from r (see groupFailed).
+	applied bool
 }
 
 // saveAsync is save without a goroutine waiting for the answer (see
@@ -55,10 +59,7 @@ func (s *stateStore) saveAsync(ctx context.Context, r *stateRecord, change func(
 // writeGroup applies every change of group to base and writes the result
 // if the key is still at base's revision.
 func (s *stateStore) writeGroup(key string, group []*queuedSave, base *stateRecord) {
-	for _, q := range group {
-		q.change(&base.doc)
-	}
-	b, err := stateDocJSON(&base.doc)
+	b, err := applyGroup(group, base)
 	if err != nil {
 		s.groupFailed(key, group, err)
 		return
@@ -76,6 +77,25 @@ func (s *stateStore) writeGroup(key string, group []*queuedSave, base *stateReco
 	})
 }
 
+// applyGroup applies group's changes to base and encodes the result. A
+// panic in them becomes an error: the key must not stay busy for good,
+// and a queued group is applied on the answer's goroutine, where nothing
+// else would recover it.
+func applyGroup(group []*queuedSave, base *stateRecord) (b []byte, err error) {
+	defer func() {
+		if r := recover(); r != nil {
+			b, err = nil, fmt.Errorf("write state %s: panic applying the decision: %v", base.key, r)
+		}
+	}()
+	for _, q := range group {
+		q.change(&base.doc)
+		if q.r == base {
+			q.applied = true
+		}
+	}
+	return stateDocJSON(&base.doc)
+}
+
 // saveGroup writes group's changes through save's re-read-and-merge loop,
 // reading the document first when base is nil, and then lets the records
 // that queued meanwhile go.
@@ -90,11 +110,18 @@ func (s *stateStore) saveGroup(key string, group []*queuedSave, base *stateRecor
 		}
 		base = fresh
 	}
-	err := s.save(ctx, base, func(d *stateDoc) {
-		for _, q := range group {
-			q.change(d)
-		}
-	})
+	err := func() (err error) {
+		defer func() { // as in applyGroup
+			if r := recover(); r != nil {
+				err = fmt.Errorf("write state %s: panic applying the decision: %v", key, r)
+			}
+		}()
+		return s.save(ctx, base, func(d *stateDoc) {
+			for _, q := range group {
+				q.change(d)
+			}
+		})
+	}()
 	if err != nil {
 		s.groupFailed(key, group, err)
 		return
@@ -102,14 +129,14 @@ func (s *stateStore) saveGroup(key string, group []*queuedSave, base *stateRecor
 	s.stored(key, group, base)
 }
 
-// stored ends group, written as written: each record now holds what was
-// stored, as a caller's retry would go on from it, and the records that
-// queued meanwhile are written on top of it.
+// stored ends group, written as written. A record written alone holds
+// what was stored, as a caller goes on from it; the records of a group
+// that queued are not read again once ok runs, and copying the document
+// into each would cost the answer's goroutine most in a flood. The records
+// that queued meanwhile are written on top of it.
 func (s *stateStore) stored(key string, group []*queuedSave, written *stateRecord) {
-	for _, q := range group {
-		if q.r != written {
-			*q.r = stateRecord{key: key, rev: written.rev, doc: written.doc.clone()}
-		}
+	if q := group[0]; len(group) == 1 && q.r != written {
+		*q.r = stateRecord{key: key, rev: written.rev, doc: written.doc.clone()}
 	}
 	if s.writer != nil {
 		s.writeNext(key, written)
@@ -121,9 +148,17 @@ func (s *stateStore) stored(key string, group []*queuedSave, written *stateRecor
 
 // groupFailed reports err to every record of group, each on a goroutine
 // of its own, and lets the records that queued meanwhile go; they read the
-// document afresh, as nothing is known of what it holds now.
+// document afresh, as nothing is known of what it holds now. A record that
+// does not hold its change yet gets it first: the caller retries from it,
+// and a stop hands the document back as it is in memory, decision and all.
 func (s *stateStore) groupFailed(key string, group []*queuedSave, err error) {
 	for _, q := range group {
+		if !q.applied {
+			func() {
+				defer func() { _ = recover() }() // it panicked once already
+				q.change(&q.r.doc)
+			}()
+		}
 		go q.failed(err)
 	}
 	if s.writer != nil {

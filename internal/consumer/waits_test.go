@@ -32,6 +32,7 @@ import (
 func TestCircuitOpenAtGiveUpStillMakesTheLastAttempt(t *testing.T) {
 	e := newEnv(t, func(c *Config) {
 		c.Concurrency = 1 // the first 401 opens the circuit before any other call
+		c.heldFloor = 1   // the worker holds 4 x WORKER_CONCURRENCY
 		c.RetryMaxElapsed = time.Second
 		c.RetryInitial = 2 * time.Second // the first probe would come after the give-up
 		c.RetryMax = 5 * time.Second

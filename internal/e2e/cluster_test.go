@@ -200,13 +200,15 @@ func TestBrokerFaultsCluster(t *testing.T) {
 	republished := outcomePubs.republished()
 	// The worker whose server restarts loses the connection between some
 	// outcomes and their decision records, and the redeliveries of those
-	// (at most what it holds: 4 x 16) decide them again, within the
-	// duplicate window: the stream keeps the first outcome and the
-	// redelivery follows it. Anything beyond that means decided commands
-	// were taken up again (the already-decided check removed: 181).
+	// decide them again, within the duplicate window: the stream keeps the
+	// first outcome and the redelivery follows it. They are the commands
+	// of one worker between outcome and record at that moment: 0 to 62 in
+	// the runs of 2026-11-27, 0 in three runs once a worker held up to 512
+	// commands instead of 64. With the already-decided check removed,
+	// decided commands are taken up again too: 181.
 	redecided, redecidedEx := outcomePubs.decidedAgain()
-	if redecided > 4*16 {
-		t.Errorf("%d outcome publishes decided a command again, more than one worker holds, e.g. %s", redecided, sample(redecidedEx))
+	if redecided > 120 {
+		t.Errorf("%d outcome publishes decided a command again, more than one worker has between outcome and record, e.g. %s", redecided, sample(redecidedEx))
 	}
 	fmt.Printf("servers=%d workers=%d commands=%d outcomes=%d lost=%d duplicates=%d republished=%d redecided=%d stopped=%d dead_letters=%d longest_stall=%s elapsed=%s dlf_calls=%d\n",
 		nServers, nWorkers, nCommands, r.outcomes, r.lost, r.duplicates, republished, redecided, r.stopped, r.dead,
