@@ -670,6 +670,14 @@ func (w *Worker) store(j *job) {
 			j.release()
 		}, func(err error) {
 			defer j.release()
+			defer func() {
+				// A change that panicked in the write (see applyGroup)
+				// panics again here: the command is returned, as a panic
+				// on its own goroutine returns it.
+				if r := recover(); r != nil {
+					w.recovered(j.msg, j, r)
+				}
+			}()
 			w.recordDecisionLater(j, change, err)
 			// Whether the record was written, or the stop's hand-back wrote
 			// the document (already pruned, so that write drops nothing
