@@ -15,7 +15,9 @@ import (
 // records its decision in that instance's document. The worker writes the
 // records of one document together, so that they do not each lose
 // compare-and-set to the others and wait out growing retries, their
-// commands held all the while.
+// commands held all the while. And every command but the one whose call
+// stopped the instance ends already_stopped, also those whose DLF.6205
+// came before that stop was recorded (see siblings).
 func TestFloodOfOneInstanceDrains(t *testing.T) {
 	e := newEnv(t, nil)
 	e.emu.AddRunning(proj, "", "s1", "i-flood")
@@ -42,6 +44,11 @@ func TestFloodOfOneInstanceDrains(t *testing.T) {
 	}
 	if retried != 0 {
 		t.Errorf("%v decision records had to be tried again", retried)
+	}
+	// The calls that met DLF.6205 did so because the first one stopped
+	// the instance, which this worker saw even before it was recorded.
+	if n := counts[StatusFailed+"/"+CauseDLFError]; n != 0 {
+		t.Errorf("%d commands failed on DLF.6205 although a command of the same worker had stopped the instance", n)
 	}
 }
 

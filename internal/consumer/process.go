@@ -43,7 +43,13 @@ type job struct {
 	unanswered bool
 	marked     bool // this delivery's "sent" mark is stored (see markSent)
 	called     bool // this delivery has sent a call: its mark must stand
-	decided    bool // j.out holds a decision not yet stored
+	// sibLimit bounds the calls of this worker for the same instance that
+	// were on the wire with this delivery's last call; noted: a call of
+	// this delivery stopped the instance, as siblings records (see
+	// siblings.go).
+	sibLimit uint64
+	noted    bool
+	decided  bool // j.out holds a decision not yet stored
 	// outcomeStored: j.out is in the outcome stream (only the dead
 	// letter or the decision record is missing), by this delivery or an
 	// earlier one per the state bucket; it must not be published again.
@@ -435,7 +441,7 @@ func (w *Worker) call(j *job, req dlf.StopRequest, lastAt time.Time) (v dlf.Verd
 		heldBack()
 	}
 	j.called = true
-	v, elapsed, err := w.attempt(req, probe)
+	v, elapsed, err := w.attemptTracked(j, req, probe)
 	j.attempts++
 	w.circ.release(probe, v, w.hard.Err() != nil)
 	if answeredByDLF(v) { // a refusal (DLF.6205, say) got past the gateway's limit as well
@@ -467,6 +473,24 @@ func (w *Worker) unmarked(ctx context.Context, j *job, probe bool, v dlf.Verdict
 	w.marksRefused.Store(true)
 	j.log.Warn("could not record the call before making it; returning the command", zap.Error(err))
 	return v, callUnmarked
+}
+
+// attemptTracked is attempt, registered with the calls of this worker for
+// the same instance (see siblings), with the state bucket on.
+func (w *Worker) attemptTracked(j *job, req dlf.StopRequest, probe bool) (v dlf.Verdict, elapsed time.Duration, err error) {
+	if w.state == nil || !j.valid {
+		return w.attempt(req, probe)
+	}
+	key := j.cmd.InstanceKey()
+	t := w.sib.begin(key)
+	stopped := false
+	defer func() { // a panic in the client must not leave the call on the wire here either
+		j.sibLimit = w.sib.end(key, t, j.sid, stopped, time.Now())
+		j.noted = j.noted || stopped
+	}()
+	v, elapsed, err = w.attempt(req, probe)
+	stopped = v.Class == dlf.ClassStopped
+	return v, elapsed, err
 }
 
 // attempt sends the request on a slot the caller took, and gives the slot
@@ -771,9 +795,15 @@ func (w *Worker) stoppedMeanwhile(j *job) (why string, handled bool) {
 	}
 	ctx, cancel := context.WithTimeout(w.hard, publishTimeout)
 	defer cancel()
+	// Before the bucket: a stop of this worker is forgotten only once the
+	// bucket holds it, so the read below then finds it.
+	sibling, siblingAt, bySibling := w.sib.stoppedBy(ctx, j.cmd.InstanceKey(), j.sid, j.sibLimit)
 	recs, err := w.state.lookupWait(ctx, j.stateKeys())
 	if err != nil {
 		j.log.Debug("state not read again after DLF.6205", zap.Error(err))
+		if bySibling {
+			return siblingStop(sibling, siblingAt), false
+		}
 		return "", false // a DLF.6205 without a record: it fails
 	}
 	if w.decidedIn(ctx, j, recs) {
@@ -817,7 +847,16 @@ func (w *Worker) stoppedMeanwhile(j *job) (why string, handled bool) {
 		m.Delivery != n && (m.Inst == "" || m.Inst == j.cmd.InstanceKey()) && (e == nil || m.Delivery > e.Delivery) {
 		return fmt.Sprintf("DLF.6205, and meanwhile delivery %d of this command marked its call", m.Delivery), false
 	}
+	if bySibling {
+		return siblingStop(sibling, siblingAt), false
+	}
 	return "", false
+}
+
+// siblingStop explains a DLF.6205 by the stop another command of this
+// worker made on the instance while this one's call was on the wire.
+func siblingStop(sid, at string) string {
+	return fmt.Sprintf("DLF.6205, and meanwhile command %s stopped the instance at %s (its decision not yet recorded)", shownID(sid), at)
 }
 
 // adoptStored makes the outcome an earlier delivery stored this
@@ -960,6 +999,9 @@ func (w *Worker) recordDecisionLater(j *job, change func(*stateDoc), err error) 
 // acked acks a command whose outcome (and decision record) is stored.
 func (w *Worker) acked(j *job) {
 	o := &j.out
+	if j.noted { // its decision is recorded: the bucket explains a sibling's DLF.6205 now
+		w.sib.forget(j.cmd.InstanceKey(), j.sid)
+	}
 	status, cause := o.Status, o.Cause
 	if err := j.msg.Ack(); err != nil {
 		// The outcome is stored; a redelivery repeats it under the same

@@ -61,6 +61,7 @@ type Worker struct {
 	marksRefused atomic.Bool
 	circ         *circuit
 	thr          *throttle
+	sib          siblings // calls on the wire and stops not yet recorded, per instance
 
 	ready    atomic.Bool
 	soft     context.Context // Run's context: ends at soft stop
