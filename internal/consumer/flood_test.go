@@ -129,8 +129,8 @@ func TestNullEntryInADocumentIsIgnored(t *testing.T) {
 		t.Fatal(err)
 	}
 	e.startWorker(nil)
-	// One at a time: commands for one instance whose calls overlap may
-	// meet DLF.6205 before the first one's stop is recorded.
+	// One at a time, so that each reads the document the one before
+	// wrote, null entry and all.
 	for i := 1; i <= 3; i++ {
 		e.publish(body(t, map[string]any{"command_id": "null-" + strconv.Itoa(i), "project_id": proj,
 			"script_name": "s1", "instance_id": "i-null"}), nil)

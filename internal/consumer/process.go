@@ -797,7 +797,8 @@ func (w *Worker) stoppedMeanwhile(j *job) (why string, handled bool) {
 	defer cancel()
 	// Before the bucket: a stop of this worker is forgotten only once the
 	// bucket holds it, so the read below then finds it.
-	sibling, siblingAt, bySibling := w.sib.stoppedBy(ctx, j.cmd.InstanceKey(), j.sid, j.sibLimit)
+	// The calls waited for end within DLF_TIMEOUT.
+	sibling, siblingAt, bySibling := w.sib.stoppedBy(ctx, j.cmd.InstanceKey(), j.sid, j.sibLimit, w.cfg.CallTimeout)
 	recs, err := w.state.lookupWait(ctx, j.stateKeys())
 	if err != nil {
 		j.log.Debug("state not read again after DLF.6205", zap.Error(err))

@@ -12,31 +12,39 @@ import (
 // flood, fetched at once) all but one get DLF.6205: the first call
 // stopped the instance. The bucket explains that DLF.6205 only once the
 // first command's decision is recorded, after its outcome; a DLF.6205
-// that comes before then was dead-lettered (up to 15 of 300 in one
-// flood). This worker saw the stop itself, so it need not wait for the
-// record (see stoppedMeanwhile).
+// that came before then was dead-lettered (0 to 18 of 300 in a flood).
+// This worker saw the stop itself, so it need not wait for the record
+// (see stoppedMeanwhile).
 type siblings struct {
 	mu    sync.Mutex
-	next  uint64 // the ticket the next call gets
+	keep  time.Duration // how long a stop is remembered unrecorded: min(noteKeep, STATE_TTL)
+	next  uint64        // the ticket the next call gets
 	byKey map[string]*instCalls
 	ends  int // calls ended since the last sweep
 }
 
 type instCalls struct {
 	active map[uint64]bool // tickets of the calls on the wire
-	// The first call that got a 204, until its command's decision is
-	// recorded (forget) or noteKeep has passed.
+	// The first call that got a 204 (its ticket, command and time), until
+	// the note's time is up: keep after the stop, or afterRecord once its
+	// command's decision is recorded (forget).
+	stopTicket           uint64
 	stoppedBy, stoppedAt string
-	noted                time.Time
+	until                time.Time
 }
 
 // noteKeep bounds how long a stop is remembered when its command never
 // records its decision (it was returned): the bucket or DLF answer then.
 const noteKeep = time.Minute
 
-// siblingWait bounds how long a DLF.6205 waits for the answers of calls
-// for the same instance that were on the wire with its own.
-const siblingWait = 2 * time.Second
+// afterRecord is how long a stop is still remembered once it is recorded:
+// a lookup answered by a replica of the bucket that has not applied the
+// record yet must still find it here.
+const afterRecord = 5 * time.Second
+
+func newSiblings(stateTTL time.Duration) siblings {
+	return siblings{keep: min(noteKeep, stateTTL)}
+}
 
 // begin registers a call for instance key and returns its ticket.
 func (s *siblings) begin(key string) uint64 {
@@ -63,11 +71,10 @@ func (s *siblings) begin(key string) uint64 {
 func (s *siblings) end(key string, t uint64, sid string, stopped bool, now time.Time) (limit uint64) {
 	s.mu.Lock()
 	defer s.mu.Unlock()
-	ic := s.byKey[key]
-	if ic != nil {
+	if ic := s.byKey[key]; ic != nil {
 		delete(ic.active, t)
-		if stopped && ic.stoppedBy == "" {
-			ic.stoppedBy, ic.stoppedAt, ic.noted = sid, FormatTime(now), now
+		if stopped && (ic.stoppedBy == "" || now.After(ic.until)) {
+			ic.stopTicket, ic.stoppedBy, ic.stoppedAt, ic.until = t, sid, FormatTime(now), now.Add(s.keep)
 		}
 		s.drop(key, ic, now)
 	}
@@ -83,7 +90,7 @@ func (s *siblings) end(key string, t uint64, sid string, stopped bool, now time.
 // drop removes key's entry once it holds no call and no stop worth
 // keeping. Called with s.mu held.
 func (s *siblings) drop(key string, ic *instCalls, now time.Time) {
-	if ic.stoppedBy != "" && now.Sub(ic.noted) > noteKeep {
+	if ic.stoppedBy != "" && now.After(ic.until) {
 		ic.stoppedBy, ic.stoppedAt = "", ""
 	}
 	if len(ic.active) == 0 && ic.stoppedBy == "" {
@@ -91,31 +98,36 @@ func (s *siblings) drop(key string, ic *instCalls, now time.Time) {
 	}
 }
 
-// forget drops the stop sid made on instance key: its decision is
-// recorded, and the bucket answers from now on.
+// forget shortens the note of the stop sid made on instance key to
+// afterRecord: its decision is recorded, and the bucket answers.
 func (s *siblings) forget(key, sid string) {
 	s.mu.Lock()
 	defer s.mu.Unlock()
 	if ic := s.byKey[key]; ic != nil && ic.stoppedBy == sid {
-		ic.stoppedBy, ic.stoppedAt = "", ""
-		s.drop(key, ic, time.Now())
+		now := time.Now()
+		if soon := now.Add(afterRecord); soon.Before(ic.until) {
+			ic.until = soon
+		}
+		s.drop(key, ic, now)
 	}
 }
 
-// stoppedBy waits, at most siblingWait and while ctx lasts, for the calls
-// for instance key with tickets below limit to be answered, and returns
-// the command of this worker, other than sid, that stopped the instance,
-// and when; ok is false when none did.
-func (s *siblings) stoppedBy(ctx context.Context, key, sid string, limit uint64) (by, at string, ok bool) {
-	deadline := time.Now().Add(siblingWait)
+// stoppedBy waits, while ctx lasts and at most wait, for the calls for
+// instance key with tickets below limit to be answered, and returns the
+// command of this worker, other than sid, whose call among them stopped
+// the instance, and when; ok is false when none did. A call with a ticket
+// from limit on began after this one's answer, and cannot explain it.
+func (s *siblings) stoppedBy(ctx context.Context, key, sid string, limit uint64, wait time.Duration) (by, at string, ok bool) {
+	deadline := time.Now().Add(wait)
 	for {
+		now := time.Now()
 		s.mu.Lock()
 		ic := s.byKey[key]
 		if ic == nil {
 			s.mu.Unlock()
 			return "", "", false
 		}
-		if ic.stoppedBy != "" && ic.stoppedBy != sid {
+		if ic.stoppedBy != "" && ic.stoppedBy != sid && ic.stopTicket < limit && !now.After(ic.until) {
 			by, at = ic.stoppedBy, ic.stoppedAt
 			s.mu.Unlock()
 			return by, at, true
@@ -128,7 +140,7 @@ func (s *siblings) stoppedBy(ctx context.Context, key, sid string, limit uint64)
 			}
 		}
 		s.mu.Unlock()
-		if !waiting || time.Now().After(deadline) {
+		if !waiting || now.After(deadline) {
 			return "", "", false
 		}
 		select {

@@ -11,7 +11,7 @@ import (
 // the instance; once the stopper's decision is recorded the stop is
 // forgotten (the bucket answers then).
 func TestSiblingStopExplainsADLF6205(t *testing.T) {
-	var s siblings
+	s := newSiblings(time.Hour)
 	a := s.begin("k")
 	b := s.begin("k")
 	limit := s.end("k", b, "b", false, time.Now()) // b met DLF.6205 while a was on the wire
@@ -21,7 +21,7 @@ func TestSiblingStopExplainsADLF6205(t *testing.T) {
 	}
 	got := make(chan answer, 1)
 	go func() {
-		by, _, ok := s.stoppedBy(context.Background(), "k", "b", limit)
+		by, _, ok := s.stoppedBy(context.Background(), "k", "b", limit, time.Minute)
 		got <- answer{by, ok}
 	}()
 	select {
@@ -38,30 +38,61 @@ func TestSiblingStopExplainsADLF6205(t *testing.T) {
 	case <-time.After(time.Second):
 		t.Fatal("stoppedBy did not return once a was answered")
 	}
+	// Recorded, the stop is kept afterRecord longer (a replica of the
+	// bucket may answer without it), then dropped.
 	s.forget("k", "a")
-	if by, _, ok := s.stoppedBy(context.Background(), "k", "c", s.next); ok {
-		t.Errorf("a's stop still explains after it was recorded: %s", by)
+	if _, _, ok := s.stoppedBy(context.Background(), "k", "c", s.next, time.Minute); !ok {
+		t.Error("a's stop forgotten at once when recorded")
 	}
+	s.end("k", s.begin("k"), "d", false, time.Now().Add(afterRecord+time.Second))
 	if n := len(s.byKey); n != 0 {
-		t.Errorf("%d instances still tracked with nothing on the wire", n)
+		t.Errorf("%d instances still tracked after the note's time", n)
 	}
 }
 
 // A sibling that met DLF.6205 too explains nothing, and calls that began
 // after this one's answer are not waited for.
 func TestSiblingWithoutAStopExplainsNothing(t *testing.T) {
-	var s siblings
+	s := newSiblings(time.Hour)
 	a := s.begin("k")
 	b := s.begin("k")
 	s.end("k", a, "a", false, time.Now())
 	limit := s.end("k", b, "b", false, time.Now())
 	later := s.begin("k") // on the wire after b's answer: it cannot have caused it
 	start := time.Now()
-	if by, _, ok := s.stoppedBy(context.Background(), "k", "b", limit); ok {
+	if by, _, ok := s.stoppedBy(context.Background(), "k", "b", limit, time.Minute); ok {
 		t.Errorf("explained by %s", by)
 	}
-	if took := time.Since(start); took > siblingWait/2 {
+	if took := time.Since(start); took > time.Second {
 		t.Errorf("waited %s for a call that began after the answer", took)
 	}
 	s.end("k", later, "later", false, time.Now())
+}
+
+// A stop by a call that began after this one's answer cannot explain its
+// DLF.6205 (the instance may have started meanwhile), even while an older
+// call is still awaited.
+func TestSiblingStopAfterTheAnswerExplainsNothing(t *testing.T) {
+	s := newSiblings(time.Hour)
+	slow := s.begin("k")
+	b := s.begin("k")
+	limit := s.end("k", b, "b", false, time.Now())
+	s.end("k", s.begin("k"), "c", true, time.Now()) // began after b's answer
+	s.end("k", slow, "slow", false, time.Now())
+	if by, _, ok := s.stoppedBy(context.Background(), "k", "b", limit, time.Minute); ok {
+		t.Errorf("explained by %s, whose call began after the answer", by)
+	}
+}
+
+// A stop is not remembered longer than STATE_TTL, which bounds the
+// bucket's memory of it too.
+func TestSiblingStopLastsNoLongerThanTheStateTTL(t *testing.T) {
+	s := newSiblings(10 * time.Millisecond)
+	a := s.begin("k")
+	b := s.begin("k")
+	s.end("k", a, "a", true, time.Now().Add(-time.Second)) // noted a second ago
+	limit := s.end("k", b, "b", false, time.Now())
+	if by, _, ok := s.stoppedBy(context.Background(), "k", "b", limit, time.Minute); ok {
+		t.Errorf("explained by %s, noted longer ago than STATE_TTL", by)
+	}
 }

@@ -106,6 +106,7 @@ func New(js jetstream.JetStream, cons jetstream.Consumer, stopper Stopper, cfg C
 		held:    make(chan struct{}, cfg.heldLimit()),
 		ackWait: cfg.AckWait,
 		thr:     newThrottle(&cfg),
+		sib:     newSiblings(cfg.StateTTL),
 
 		pullsClosed: make(chan struct{}),
 	}
