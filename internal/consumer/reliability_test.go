@@ -30,6 +30,10 @@ func TestDecidedCommandIsNotRepeated(t *testing.T) {
 	b := body(t, map[string]any{"command_id": "once", "project_id": proj, "script_name": "s1", "instance_id": "i-1"})
 	e.publish(b, nats.Header{nats.MsgIdHdr: []string{"m-1"}})
 	e.out.wait(t, 1, 10*time.Second)
+	// Acked only once its decision is recorded: the repeat must find the
+	// record, not race the write that follows the outcome (CI once saw it
+	// lose: the repeat called DLF, got DLF.6205 and was then acked).
+	e.stopStreamEmpty(t)
 	e.publish(b, nats.Header{nats.MsgIdHdr: []string{"m-2"}})
 	e.repeatSkipped(t, r)
 	if got := testutilCount(r.w.m.reusedIDs); got != 0 {
