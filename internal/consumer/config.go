@@ -166,10 +166,11 @@ func (c *Config) maxAckPending() int {
 // command costs a few KB and, should the worker die, waits out the ack
 // wait.
 func (c *Config) heldLimit() int {
+	floor := minHeld
 	if c.heldFloor > 0 {
-		return max(4*c.Concurrency, c.heldFloor)
+		floor = c.heldFloor
 	}
-	return max(4*c.Concurrency, minHeld)
+	return max(4*c.Concurrency, floor)
 }
 
 // minHeld is the fewest commands a worker holds, whatever its concurrency.

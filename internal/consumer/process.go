@@ -32,6 +32,7 @@ type job struct {
 	// an id made of the stream sequence also the time the stream stored
 	// it (see stateID).
 	sid      string
+	inst     string    // the command's instance key (see command.InstanceKey); "" when invalid
 	received time.Time // when this delivery reached the worker
 	verr     error     // why the command is invalid; nil when valid
 	valid    bool
@@ -66,7 +67,7 @@ type job struct {
 // document, then, for a valid command, the index of its id.
 func (j *job) stateKeys() []string {
 	if j.valid {
-		return []string{instKey(j.cmd.InstanceKey()), cmdKey(j.sid)}
+		return []string{instKey(j.inst), cmdKey(j.sid)}
 	}
 	return []string{cmdKey(j.sid)}
 }
@@ -120,6 +121,9 @@ func (w *Worker) prepare(msg jetstream.Msg) (j *job, panicked bool) {
 	}, w.cfg.Defaults)
 	j = &job{msg: msg, meta: meta, cmd: cmd, sid: stateID(cmd, meta.Timestamp), received: time.Now(),
 		verr: verr, valid: verr == nil}
+	if j.valid { // read on every step of the common path: built once
+		j.inst = cmd.InstanceKey()
+	}
 	j.out = Outcome{
 		CommandID:  cmd.ID,
 		ProjectID:  cmd.ProjectID,
@@ -344,7 +348,7 @@ func (w *Worker) call(j *job, req dlf.StopRequest, lastAt time.Time) (v dlf.Verd
 	// back spend no tokens and the probe does not queue behind them.
 	held := func() bool { return w.thr.pausedFor(lastAt) || w.circ.holdsBack(probe, lastAt) }
 	mark := func() error {
-		err := w.state.markSent(ctx, j.sid, j.meta.NumDelivered, j.meta.Sequence.Stream, j.cmd.InstanceKey())
+		err := w.state.markSent(ctx, j.sid, j.meta.NumDelivered, j.meta.Sequence.Stream, j.inst)
 		if err == nil && w.marksRefused.Load() { // a load: every command passes here
 			w.marksRefused.Store(false)
 		}
@@ -360,7 +364,7 @@ func (w *Worker) call(j *job, req dlf.StopRequest, lastAt time.Time) (v dlf.Verd
 	heldBack := func() {
 		<-w.slots
 		if j.marked && !j.called {
-			if err := w.state.retractMark(ctx, j.sid, j.meta.NumDelivered, j.meta.Sequence.Stream, j.cmd.InstanceKey()); err != nil {
+			if err := w.state.retractMark(ctx, j.sid, j.meta.NumDelivered, j.meta.Sequence.Stream, j.inst); err != nil {
 				j.log.Debug("could not take the call's mark back while it is held back", zap.Error(err))
 				return
 			}
@@ -481,7 +485,7 @@ func (w *Worker) attemptTracked(j *job, req dlf.StopRequest, probe bool) (v dlf.
 	if w.state == nil || !j.valid {
 		return w.attempt(req, probe)
 	}
-	key := j.cmd.InstanceKey()
+	key := j.inst
 	t := w.sib.begin(key)
 	stopped := false
 	defer func() { // a panic in the client must not leave the call on the wire here either
@@ -759,7 +763,7 @@ func (w *Worker) decidedIn(ctx context.Context, j *job, recs []*stateRecord) boo
 	case e == nil:
 	case e.Phase == phaseDecided:
 		return true
-	case e.Phase == phaseSent && e.Seq == j.meta.Sequence.Stream && e.Inst != "" && e.Inst != j.cmd.InstanceKey():
+	case e.Phase == phaseSent && e.Seq == j.meta.Sequence.Stream && e.Inst != "" && e.Inst != j.inst:
 		// The other delivery read the command under other defaults.
 		if other, err := w.state.lookupWait(ctx, []string{instKey(e.Inst)}); err == nil {
 			return decidedIn(&other[0].doc)
@@ -798,7 +802,7 @@ func (w *Worker) stoppedMeanwhile(j *job) (why string, handled bool) {
 	// Before the bucket: a stop of this worker is forgotten only once the
 	// bucket holds it, so the read below then finds it.
 	// The calls waited for end within DLF_TIMEOUT.
-	sibling, siblingAt, bySibling := w.sib.stoppedBy(ctx, j.cmd.InstanceKey(), j.sid, j.sibLimit, w.cfg.CallTimeout)
+	sibling, siblingAt, bySibling := w.sib.stoppedBy(ctx, j.inst, j.sid, j.sibLimit, w.cfg.CallTimeout)
 	recs, err := w.state.lookupWait(ctx, j.stateKeys())
 	if err != nil {
 		j.log.Debug("state not read again after DLF.6205", zap.Error(err))
@@ -845,7 +849,7 @@ func (w *Worker) stoppedMeanwhile(j *job) (why string, handled bool) {
 	// (not this command read under other defaults) and its delivery has
 	// recorded no answer since, as recall counts marks.
 	if m := recs[1].doc.Cmds[j.sid]; m != nil && m.Phase == phaseSent && !m.Held && m.Seq == j.meta.Sequence.Stream &&
-		m.Delivery != n && (m.Inst == "" || m.Inst == j.cmd.InstanceKey()) && (e == nil || m.Delivery > e.Delivery) {
+		m.Delivery != n && (m.Inst == "" || m.Inst == j.inst) && (e == nil || m.Delivery > e.Delivery) {
 		return fmt.Sprintf("DLF.6205, and meanwhile delivery %d of this command marked its call", m.Delivery), false
 	}
 	if bySibling {
@@ -1001,7 +1005,7 @@ func (w *Worker) recordDecisionLater(j *job, change func(*stateDoc), err error) 
 func (w *Worker) acked(j *job) {
 	o := &j.out
 	if j.noted { // its decision is recorded: the bucket explains a sibling's DLF.6205 now
-		w.sib.forget(j.cmd.InstanceKey(), j.sid)
+		w.sib.forget(j.inst, j.sid)
 	}
 	status, cause := o.Status, o.Cause
 	if err := j.msg.Ack(); err != nil {
@@ -1098,7 +1102,7 @@ func (w *Worker) recall(j *job, recs []*stateRecord, err error) bool {
 	}
 	here := d.StoppedBy == j.sid || (entry != nil && entry.Phase == phaseDecided)
 	sameMsg := mark != nil && mark.Seq == j.meta.Sequence.Stream
-	if !here && mark != nil && j.valid && mark.Inst != "" && mark.Inst != j.cmd.InstanceKey() {
+	if !here && mark != nil && j.valid && mark.Inst != "" && mark.Inst != j.inst {
 		// A mark made under another instance key (this id for another
 		// instance, or this command read under other defaults) indexes
 		// the document that holds that command's decision and progress.
@@ -1166,7 +1170,7 @@ func (w *Worker) recall(j *job, recs []*stateRecord, err error) bool {
 	// other defaults) is of a call to another instance: it explains no
 	// DLF.6205 of this one.
 	if sameMsg && !mark.Held && mark.Delivery > recorded && mark.Delivery != j.meta.NumDelivered &&
-		(mark.Inst == "" || mark.Inst == j.cmd.InstanceKey()) {
+		(mark.Inst == "" || mark.Inst == j.inst) {
 		j.unanswered = true
 	}
 	if j.valid && d.StoppedBy != "" {
