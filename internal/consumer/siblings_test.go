@@ -96,3 +96,20 @@ func TestSiblingStopLastsNoLongerThanTheStateTTL(t *testing.T) {
 		t.Errorf("explained by %s, noted longer ago than STATE_TTL", by)
 	}
 }
+
+// A stop whose command never records its decision, on an instance no call
+// names again, is dropped by the sweep once its note runs out: the
+// bookkeeping must not grow with every instance ever stopped.
+func TestSiblingStopNeverRecordedIsSweptAway(t *testing.T) {
+	s := newSiblings(time.Hour)
+	now := time.Now()
+	s.end("k", s.begin("k"), "a", true, now)
+	s.end("other", s.begin("other"), "b", false, now.Add(noteKeep/2))
+	if _, ok := s.byKey["k"]; !ok {
+		t.Fatal("stop forgotten before its note ran out")
+	}
+	s.end("other", s.begin("other"), "c", false, now.Add(noteKeep+sweepEvery))
+	if n := len(s.byKey); n != 0 {
+		t.Errorf("%d instances still tracked after their notes ran out", n)
+	}
+}
