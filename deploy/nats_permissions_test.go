@@ -272,6 +272,8 @@ func TestNATSPermissions(t *testing.T) {
 		case <-ctx.Done():
 			t.Fatal("put key async: no stored-ack")
 		}
+		// The re-read after a DLF.6205 asks the bucket's stream leader.
+		apiRequest(t, worker, "$JS.API.STREAM.MSG.GET.KV_"+stateBucket, map[string]string{"last_by_subj": "$KV." + stateBucket + ".inst.i1"})
 		if e, err := kv.Get(ctx, "cmd.c1"); err != nil || string(e.Value()) != "decided" {
 			t.Fatalf("get key: %v %v", e, err)
 		}

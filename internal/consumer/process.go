@@ -799,11 +799,13 @@ func (w *Worker) stoppedMeanwhile(j *job) (why string, handled bool) {
 	}
 	ctx, cancel := context.WithTimeout(w.hard, publishTimeout)
 	defer cancel()
-	// Before the bucket: a stop of this worker is forgotten only once the
-	// bucket holds it, so the read below then finds it.
-	// The calls waited for end within DLF_TIMEOUT.
+	// Before the bucket: a stop of this worker is forgotten once the
+	// bucket's leader acknowledged its record, so the read below, from
+	// the leader, then finds it; a direct get might be answered by a
+	// follower that has not applied it yet. The calls waited for end
+	// within DLF_TIMEOUT.
 	sibling, siblingAt, bySibling := w.sib.stoppedBy(ctx, j.inst, j.sid, j.sibLimit, w.cfg.CallTimeout)
-	recs, err := w.state.lookupWait(ctx, j.stateKeys())
+	recs, err := w.state.lookupLeader(ctx, j.stateKeys())
 	if err != nil {
 		j.log.Debug("state not read again after DLF.6205", zap.Error(err))
 		if bySibling {

@@ -21,10 +21,9 @@ type siblings struct {
 	keep  time.Duration // how long a stop is remembered unrecorded: min(noteKeep, STATE_TTL)
 	next  uint64        // the ticket the next call gets
 	byKey map[string]*instCalls
-	// The last time every entry was looked at for dropping. In a steady
-	// flow of stops byKey holds those of the last afterRecord, tens of
-	// thousands: swept every thousand calls it cost more than the rest
-	// of this bookkeeping together (about 4 µs of CPU per command).
+	// The last time every entry was looked at for dropping: a stop whose
+	// command never records it (returned undecided) is noted until its
+	// time is up, and no other call may come for that instance.
 	swept time.Time
 }
 
@@ -36,8 +35,8 @@ type instCalls struct {
 	// not a map.
 	active []uint64
 	// The first call that got a 204 (its ticket, command and time), until
-	// the note's time is up: keep after the stop, or afterRecord once its
-	// command's decision is recorded (forget).
+	// its command's decision is recorded (forget), or at most keep after
+	// the stop.
 	stopTicket           uint64
 	stoppedBy, stoppedAt string
 	until                time.Time
@@ -47,10 +46,6 @@ type instCalls struct {
 // records its decision (it was returned): the bucket or DLF answer then.
 const noteKeep = time.Minute
 
-// afterRecord is how long a stop is still remembered once it is recorded:
-// a lookup answered by a replica of the bucket that has not applied the
-// record yet must still find it here.
-const afterRecord = 5 * time.Second
 
 func newSiblings(stateTTL time.Duration) siblings {
 	return siblings{keep: min(noteKeep, stateTTL)}
@@ -110,17 +105,17 @@ func (s *siblings) drop(key string, ic *instCalls, now time.Time) {
 	}
 }
 
-// forget shortens the note of the stop sid made on instance key to
-// afterRecord: its decision is recorded, and the bucket answers.
+// forget drops the note of the stop sid made on instance key: its
+// decision is recorded, and the bucket's leader answers for it
+// (stoppedMeanwhile reads it there). Kept longer, the notes of a steady
+// flow of stops made this map hold tens of thousands of instances, and
+// every call paid for its size.
 func (s *siblings) forget(key, sid string) {
 	s.mu.Lock()
 	defer s.mu.Unlock()
 	if ic := s.byKey[key]; ic != nil && ic.stoppedBy == sid {
-		now := time.Now()
-		if soon := now.Add(afterRecord); soon.Before(ic.until) {
-			ic.until = soon
-		}
-		s.drop(key, ic, now)
+		ic.stoppedBy, ic.stoppedAt = "", ""
+		s.drop(key, ic, time.Now())
 	}
 }
 

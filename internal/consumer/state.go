@@ -203,6 +203,7 @@ func (d *stateDoc) dropNull() {
 type stateStore struct {
 	kv     jetstream.KeyValue
 	reader *batchReader // nil: lookups go one by one
+	leader *leaderReader
 	writer *stateWriter // nil: saveAsync falls back to save
 
 	// The decision records waiting for a write of their document to
@@ -298,6 +299,15 @@ func (s *stateStore) lookupWait(ctx context.Context, keys []string) ([]*stateRec
 	case <-ctx.Done():
 		return nil, ctx.Err()
 	}
+}
+
+// lookupLeader reads keys from the bucket's leader (see leaderReader), or
+// as lookupWait does when the worker has none (tests of the state alone).
+func (s *stateStore) lookupLeader(ctx context.Context, keys []string) ([]*stateRecord, error) {
+	if s.leader == nil {
+		return s.lookupWait(ctx, keys)
+	}
+	return s.leader.read(ctx, keys)
 }
 
 // load reads one document; a missing key is an empty document.

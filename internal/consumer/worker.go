@@ -192,6 +192,7 @@ func (w *Worker) Run(ctx context.Context) error {
 			return err
 		}
 		defer st.writer.close()
+		st.leader = newLeaderReader(w.js.Conn(), w.cfg.StateBucket)
 		w.state = st
 	}
 

@@ -1,0 +1,39 @@
+package consumer
+
+import (
+	"context"
+	"testing"
+	"time"
+)
+
+// The leader read gives what the batched direct read gives: a missing key
+// as an empty document at revision 0, a written one with its revision and
+// document, in the order asked; a bucket that does not exist is an error,
+// not an empty document.
+func TestLeaderRead(t *testing.T) {
+	e := newEnv(t, nil)
+	st := e.state(t)
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+	if err := st.putEntry(ctx, "inst.k1", "c", cmdEntry{Phase: phaseDecided, Attempts: 3}); err != nil {
+		t.Fatal(err)
+	}
+	want, err := st.load(ctx, "inst.k1")
+	if err != nil {
+		t.Fatal(err)
+	}
+	lr := newLeaderReader(e.nc, "dlf_stop_state")
+	recs, err := lr.read(ctx, []string{"cmd.none", "inst.k1"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if r := recs[0]; r.key != "cmd.none" || r.rev != 0 || r.doc.Cmds != nil {
+		t.Errorf("missing key read as %+v", r)
+	}
+	if r := recs[1]; r.key != "inst.k1" || r.rev != want.rev || r.doc.Cmds["c"] == nil || r.doc.Cmds["c"].Attempts != 3 {
+		t.Errorf("inst.k1 read as rev %d %+v, want rev %d", r.rev, r.doc, want.rev)
+	}
+	if _, err := newLeaderReader(e.nc, "no_such_bucket").read(ctx, []string{"cmd.x"}); err == nil {
+		t.Error("a bucket that does not exist read without an error")
+	}
+}
