@@ -46,7 +46,6 @@ type instCalls struct {
 // records its decision (it was returned): the bucket or DLF answer then.
 const noteKeep = time.Minute
 
-
 func newSiblings(stateTTL time.Duration) siblings {
 	return siblings{keep: min(noteKeep, stateTTL)}
 }
