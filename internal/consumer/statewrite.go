@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"runtime"
 	"slices"
 	"strconv"
 	"sync"
@@ -197,6 +198,12 @@ func (w *stateWriter) syncLoop() {
 		if w.beforeBurst != nil {
 			w.beforeBurst()
 		}
+		// Let the goroutines that are about to queue a write run first:
+		// woken at once, this loop took 1.4 writes a burst on the
+		// benchmark, and paid a wake-up and a publish round of its own
+		// for nearly every one; after yielding, 14. When nothing else
+		// is runnable, Gosched returns at once.
+		runtime.Gosched()
 		w.syncMu.Lock()
 		writes := w.writes
 		w.writes = nil
