@@ -50,7 +50,11 @@ type job struct {
 	// siblings.go).
 	sibLimit uint64
 	noted    bool
-	decided  bool // j.out holds a decision not yet stored
+	// stopRecorded: the decision record as stored names this command
+	// as the instance's stopper (set by the record's change, read once
+	// it is stored), so the bucket explains a sibling's DLF.6205.
+	stopRecorded bool
+	decided      bool // j.out holds a decision not yet stored
 	// outcomeStored: j.out is in the outcome stream (only the dead
 	// letter or the decision record is missing), by this delivery or an
 	// earlier one per the state bucket; it must not be published again.
@@ -691,6 +695,7 @@ func (w *Worker) store(j *job) {
 		stopped := status == StatusStopped && j.valid
 		change := func(d *stateDoc) {
 			collect(&dropped, d.setDecided(j.sid, entry, stopped, o.FinishedAt, w.cfg.StateTTL))
+			j.stopRecorded = d.StoppedBy == j.sid
 		}
 		w.state.saveAsync(w.hard, j.state, change, func() {
 			w.state.indexDropped(dropped)
@@ -736,7 +741,7 @@ func (w *Worker) decidedMeanwhile(ctx context.Context, j *job) bool {
 		return false
 	}
 	recs, err := w.state.lookupWait(ctx, j.stateKeys())
-	if err != nil || !w.decidedIn(ctx, j, recs) {
+	if err != nil || !w.decidedIn(ctx, j, recs, w.state.lookupWait) {
 		return false // a failed read: the record write after the outcome settles it, or fails
 	}
 	w.ackDecidedElsewhere(j)
@@ -747,7 +752,10 @@ func (w *Worker) decidedMeanwhile(ctx context.Context, j *job) bool {
 // decision of j's command, following the id's "sent" mark to the document
 // of another instance key. A stop older than STATE_TTL is forgotten first,
 // as recall forgets it.
-func (w *Worker) decidedIn(ctx context.Context, j *job, recs []*stateRecord) bool {
+// read reads the other instance's document (lookupWait, or lookupLeader
+// where a stale answer costs a wrong outcome).
+func (w *Worker) decidedIn(ctx context.Context, j *job, recs []*stateRecord,
+	read func(context.Context, []string) ([]*stateRecord, error)) bool {
 	decidedIn := func(d *stateDoc) bool {
 		d.forgetOldStop(time.Now().Unix(), w.cfg.StateTTL)
 		e := d.Cmds[j.sid]
@@ -765,7 +773,7 @@ func (w *Worker) decidedIn(ctx context.Context, j *job, recs []*stateRecord) boo
 		return true
 	case e.Phase == phaseSent && e.Seq == j.meta.Sequence.Stream && e.Inst != "" && e.Inst != j.inst:
 		// The other delivery read the command under other defaults.
-		if other, err := w.state.lookupWait(ctx, []string{instKey(e.Inst)}); err == nil {
+		if other, err := read(ctx, []string{instKey(e.Inst)}); err == nil {
 			return decidedIn(&other[0].doc)
 		}
 	}
@@ -797,14 +805,14 @@ func (w *Worker) stoppedMeanwhile(j *job) (why string, handled bool) {
 	if w.state == nil || !j.valid {
 		return "", false
 	}
+	// Before the bucket: a stop of this worker is forgotten once the
+	// bucket's leader acknowledged a record naming it, so the read below,
+	// from the leader, then finds it; a direct get might be answered by
+	// a follower that has not applied it yet. The calls waited for end
+	// within DLF_TIMEOUT; the read has its own time after that.
+	sibling, siblingAt, bySibling := w.sib.stoppedBy(w.hard, j.inst, j.sid, j.sibLimit, w.cfg.CallTimeout)
 	ctx, cancel := context.WithTimeout(w.hard, publishTimeout)
 	defer cancel()
-	// Before the bucket: a stop of this worker is forgotten once the
-	// bucket's leader acknowledged its record, so the read below, from
-	// the leader, then finds it; a direct get might be answered by a
-	// follower that has not applied it yet. The calls waited for end
-	// within DLF_TIMEOUT.
-	sibling, siblingAt, bySibling := w.sib.stoppedBy(ctx, j.inst, j.sid, j.sibLimit, w.cfg.CallTimeout)
 	recs, err := w.state.lookupLeader(ctx, j.stateKeys())
 	if err != nil {
 		j.log.Debug("state not read again after DLF.6205", zap.Error(err))
@@ -813,7 +821,7 @@ func (w *Worker) stoppedMeanwhile(j *job) (why string, handled bool) {
 		}
 		return "", false // a DLF.6205 without a record: it fails
 	}
-	if w.decidedIn(ctx, j, recs) {
+	if w.decidedIn(ctx, j, recs, w.state.lookupLeader) {
 		w.ackDecidedElsewhere(j)
 		return "", true
 	}
@@ -1006,7 +1014,11 @@ func (w *Worker) recordDecisionLater(j *job, change func(*stateDoc), err error) 
 // acked acks a command whose outcome (and decision record) is stored.
 func (w *Worker) acked(j *job) {
 	o := &j.out
-	if j.noted { // its decision is recorded: the bucket explains a sibling's DLF.6205 now
+	// Its stop is recorded: the bucket explains a sibling's DLF.6205 now.
+	// A record that names another stopper (an older stop, or an outcome
+	// an earlier delivery stored and this one adopted) does not; the
+	// note then runs out in its own time.
+	if j.noted && j.stopRecorded {
 		w.sib.forget(j.inst, j.sid)
 	}
 	status, cause := o.Status, o.Cause

@@ -301,14 +301,27 @@ func (s *stateStore) lookupWait(ctx context.Context, keys []string) ([]*stateRec
 	}
 }
 
-// lookupLeader reads keys from the bucket's leader (see leaderReader), or
-// as lookupWait does when the worker has none (tests of the state alone).
+// lookupLeader reads keys from the bucket's leader (see leaderReader). A
+// stream without a leader (an election, a lost quorum) answers no such
+// read, so after leaderReadTimeout, or an error, it reads as lookupWait
+// does: a follower's answer, perhaps a moment behind, is better than none.
+// So it does when the worker has no leader reader (tests of the state
+// alone).
 func (s *stateStore) lookupLeader(ctx context.Context, keys []string) ([]*stateRecord, error) {
-	if s.leader == nil {
-		return s.lookupWait(ctx, keys)
+	if s.leader != nil {
+		lctx, cancel := context.WithTimeout(ctx, leaderReadTimeout)
+		recs, err := s.leader.read(lctx, keys)
+		cancel()
+		if err == nil || ctx.Err() != nil {
+			return recs, err
+		}
 	}
-	return s.leader.read(ctx, keys)
+	return s.lookupWait(ctx, keys)
 }
+
+// leaderReadTimeout bounds a read from the leader before lookupLeader
+// falls back to a direct get; an election usually takes a few seconds.
+const leaderReadTimeout = 2 * time.Second
 
 // load reads one document; a missing key is an empty document.
 func (s *stateStore) load(ctx context.Context, key string) (*stateRecord, error) {

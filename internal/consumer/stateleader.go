@@ -15,8 +15,12 @@ import (
 // writes yet; the leader has every write it acknowledged. The worker
 // reads this way only where a stale answer costs a wrong outcome: the
 // re-read after a DLF.6205 (stoppedMeanwhile), which a stop recorded a
-// moment ago must explain. Those are rare, so one request per key is
-// cheap enough.
+// moment ago must explain. That is one request per key, in sequence: a
+// flood of commands for one instance makes a few hundred, rare enough
+// not to batch them. Caveat: a leader cut off from its quorum answers
+// until it notices, perhaps from behind the new leader; only then is
+// this read stale, and the sibling note (see siblings) covers a stop
+// this worker saw for as long as its record is not stored.
 type leaderReader struct {
 	nc     *nats.Conn
 	api    string // $JS.API.STREAM.MSG.GET.<stream>
