@@ -37,9 +37,10 @@ type instCalls struct {
 	// The first call that got a 204 (its ticket, command and time), until
 	// its command's decision is recorded (forget), or at most keep after
 	// the stop.
-	stopTicket           uint64
-	stoppedBy, stoppedAt string
-	until                time.Time
+	stopTicket uint64
+	stoppedBy  string
+	stoppedAt  time.Time // formatted only when a DLF.6205 asks: most stops are never asked about
+	until      time.Time
 }
 
 // noteKeep bounds how long a stop is remembered when its command never
@@ -80,7 +81,7 @@ func (s *siblings) end(key string, t uint64, sid string, stopped bool, now time.
 			ic.active = slices.Delete(ic.active, i, i+1)
 		}
 		if stopped && (ic.stoppedBy == "" || now.After(ic.until)) {
-			ic.stopTicket, ic.stoppedBy, ic.stoppedAt, ic.until = t, sid, FormatTime(now), now.Add(s.keep)
+			ic.stopTicket, ic.stoppedBy, ic.stoppedAt, ic.until = t, sid, now, now.Add(s.keep)
 		}
 		s.drop(key, ic, now)
 	}
@@ -97,7 +98,7 @@ func (s *siblings) end(key string, t uint64, sid string, stopped bool, now time.
 // keeping. Called with s.mu held.
 func (s *siblings) drop(key string, ic *instCalls, now time.Time) {
 	if ic.stoppedBy != "" && now.After(ic.until) {
-		ic.stoppedBy, ic.stoppedAt = "", ""
+		ic.stoppedBy = ""
 	}
 	if len(ic.active) == 0 && ic.stoppedBy == "" {
 		delete(s.byKey, key)
@@ -113,7 +114,7 @@ func (s *siblings) forget(key, sid string) {
 	s.mu.Lock()
 	defer s.mu.Unlock()
 	if ic := s.byKey[key]; ic != nil && ic.stoppedBy == sid {
-		ic.stoppedBy, ic.stoppedAt = "", ""
+		ic.stoppedBy = ""
 		s.drop(key, ic, time.Now())
 	}
 }
@@ -134,7 +135,7 @@ func (s *siblings) stoppedBy(ctx context.Context, key, sid string, limit uint64,
 			return "", "", false
 		}
 		if ic.stoppedBy != "" && ic.stoppedBy != sid && ic.stopTicket < limit && !now.After(ic.until) {
-			by, at = ic.stoppedBy, ic.stoppedAt
+			by, at = ic.stoppedBy, FormatTime(ic.stoppedAt)
 			s.mu.Unlock()
 			return by, at, true
 		}
