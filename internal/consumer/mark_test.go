@@ -2,6 +2,7 @@ package consumer
 
 import (
 	"context"
+	"errors"
 	"fmt"
 	"strings"
 	"testing"
@@ -9,6 +10,7 @@ import (
 
 	"github.com/nats-io/nats.go/jetstream"
 
+	"github.com/dlf-stop/worker/internal/command"
 	"github.com/dlf-stop/worker/internal/dlf/emulator"
 	"github.com/dlf-stop/worker/internal/testutil"
 )
@@ -161,5 +163,47 @@ func TestMarkTheBucketRefusesHoldsTheCall(t *testing.T) {
 	}
 	if ok, why := r.w.Readiness(); !ok {
 		t.Errorf("not ready (%s) once the bucket stored a mark again", why)
+	}
+}
+
+// A mark replaces only what its delivery read. A redelivery whose read was
+// answered by a replica behind an earlier delivery's mark (after a
+// restart, a follower answers direct gets once 90% synchronised) must not
+// overwrite that mark: it is the only evidence that a call may have
+// stopped the instance, and without it the redelivery's DLF.6205 was
+// dead-lettered (once in the cluster test). The write fails as a
+// compare-and-set refusal instead, and the earlier mark stands; at the
+// revision read afresh it goes through. Both ways of writing: through the
+// worker's writer and without one.
+func TestMarkDoesNotOverwriteAMarkItDidNotRead(t *testing.T) {
+	for _, withWriter := range []bool{true, false} {
+		t.Run(fmt.Sprintf("writer=%v", withWriter), func(t *testing.T) {
+			e := newEnv(t, nil)
+			st := e.state(t)
+			if withWriter {
+				st, _ = e.stateWithWriter(t)
+			}
+			ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+			defer cancel()
+			inst := command.Command{ProjectID: proj, ScriptName: "s1", InstanceID: "i-1"}.InstanceKey()
+			if err := st.markSent(ctx, "c", 1, 5, inst); err != nil { // the earlier delivery's
+				t.Fatal(err)
+			}
+			_, err := st.markSentAt(ctx, "c", 2, 5, inst, 0) // as read from a replica without it
+			if !errors.Is(err, errWrongRevision) {
+				t.Fatalf("mark over a key it did not read: err = %v, want a compare-and-set refusal", err)
+			}
+			rec, err := st.load(ctx, cmdKey("c"))
+			if err != nil {
+				t.Fatal(err)
+			}
+			if m := rec.doc.Cmds["c"]; m == nil || m.Delivery != 1 {
+				t.Fatalf("the earlier mark was overwritten: %+v", rec.doc)
+			}
+			rev, err := st.markSentAt(ctx, "c", 2, 5, inst, rec.rev)
+			if err != nil || rev <= rec.rev {
+				t.Fatalf("mark at the revision read: rev %d, err %v", rev, err)
+			}
+		})
 	}
 }

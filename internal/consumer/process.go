@@ -42,8 +42,11 @@ type job struct {
 	// (this delivery, or an earlier one per the state bucket), so a later
 	// DLF.6205 means the stop happened.
 	unanswered bool
-	marked     bool // this delivery's "sent" mark is stored (see markSent)
-	called     bool // this delivery has sent a call: its mark must stand
+	marked     bool // this delivery's "sent" mark is stored (see markSentAt)
+	// markRev is the revision of the id's key as this delivery read it,
+	// or as its last mark wrote it: a mark replaces only that.
+	markRev uint64
+	called  bool // this delivery has sent a call: its mark must stand
 	// sibLimit bounds the calls of this worker for the same instance that
 	// were on the wire with this delivery's last call; noted: a call of
 	// this delivery stopped the instance, as siblings records (see
@@ -352,9 +355,12 @@ func (w *Worker) call(j *job, req dlf.StopRequest, lastAt time.Time) (v dlf.Verd
 	// back spend no tokens and the probe does not queue behind them.
 	held := func() bool { return w.thr.pausedFor(lastAt) || w.circ.holdsBack(probe, lastAt) }
 	mark := func() error {
-		err := w.state.markSent(ctx, j.sid, j.meta.NumDelivered, j.meta.Sequence.Stream, j.inst)
-		if err == nil && w.marksRefused.Load() { // a load: every command passes here
-			w.marksRefused.Store(false)
+		rev, err := w.state.markSentAt(ctx, j.sid, j.meta.NumDelivered, j.meta.Sequence.Stream, j.inst, j.markRev)
+		if err == nil {
+			j.markRev = rev
+			if w.marksRefused.Load() { // a load: every command passes here
+				w.marksRefused.Store(false)
+			}
 		}
 		return err
 	}
@@ -368,11 +374,12 @@ func (w *Worker) call(j *job, req dlf.StopRequest, lastAt time.Time) (v dlf.Verd
 	heldBack := func() {
 		<-w.slots
 		if j.marked && !j.called {
-			if err := w.state.retractMark(ctx, j.sid, j.meta.NumDelivered, j.meta.Sequence.Stream, j.inst); err != nil {
+			rev, err := w.state.retractMark(ctx, j.sid, j.meta.NumDelivered, j.meta.Sequence.Stream, j.inst, j.markRev)
+			if err != nil {
 				j.log.Debug("could not take the call's mark back while it is held back", zap.Error(err))
 				return
 			}
-			j.marked = false
+			j.marked, j.markRev = false, rev
 		}
 	}
 	for {
@@ -478,6 +485,13 @@ func (w *Worker) unmarked(ctx context.Context, j *job, probe bool, v dlf.Verdict
 		return notSent(probe)
 	}
 	w.circ.release(probe, v, true)
+	if errors.Is(err, errWrongRevision) {
+		// Not a bucket refusing writes: another delivery marked this
+		// command since this one read its key, or the read came from a
+		// replica behind the mark. The redelivery reads it again.
+		j.log.Warn("the command's state moved since it was read; returning the command to read it again", zap.Error(err))
+		return v, callUnmarked
+	}
 	w.marksRefused.Store(true)
 	j.log.Warn("could not record the call before making it; returning the command", zap.Error(err))
 	return v, callUnmarked
@@ -1110,6 +1124,7 @@ func (w *Worker) recall(j *job, recs []*stateRecord, err error) bool {
 	// instance, however late (contract section 6).
 	var indexed, mark *cmdEntry
 	if len(recs) > 1 {
+		j.markRev = recs[1].rev
 		if indexed = recs[1].doc.Cmds[j.sid]; indexed != nil && indexed.Phase == phaseSent {
 			mark, indexed = indexed, nil
 		}

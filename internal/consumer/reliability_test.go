@@ -169,10 +169,11 @@ func (e *env) fullDocument(t *testing.T) string {
 }
 
 // markFits is a size limit for the bucket's messages that the "sent" mark
-// of the commands below (about 70 bytes) fits and their decision record
-// (with its compare-and-set header, over 200) does not: a mark refused
-// holds the call back.
-const markFits = 100
+// of the commands below fits and their decision record does not: a mark
+// refused holds the call back. Both carry a compare-and-set header of 52
+// bytes; the mark's body is 69 to 72 bytes, the first decision's 82 or 83
+// (a stop, no command entries); documents with command entries are larger.
+const markFits = 130
 
 // decideWhileTheBucketRefuses has command "new" decided for i-404 while
 // the bucket refuses its writes, and lets it accept them again once the

@@ -394,30 +394,49 @@ func (s *stateStore) markDecided(id string, e cmdEntry) {
 	s.writer.put(cmdKey(id), decidedIndexDoc(id, e))
 }
 
-// markSent records that delivery n of the command sid (stream sequence
+// markSentAt records that delivery n of the command sid (stream sequence
 // seq) is about to call DLF, and returns once JetStream has stored the
 // record, so that no call leaves without it (see the package comment).
-func (s *stateStore) markSent(ctx context.Context, sid string, n, seq uint64, inst string) error {
-	return s.putMark(ctx, sid, sentMarkDoc(sid, n, seq, inst))
+//
+// The mark replaces what the id's key held at rev, as this delivery read
+// it (or last wrote it), and fails with errWrongRevision when the key
+// moved since. Written unconditionally, a mark erased the evidence it
+// exists for: a redelivery whose read was answered by a follower not yet
+// caught up with an earlier delivery's mark (after a restart a replica
+// answers direct gets once 90% synchronised) overwrote that mark with its
+// own, and its DLF.6205 then had nothing to explain it and was
+// dead-lettered although the earlier call had stopped the instance.
+func (s *stateStore) markSentAt(ctx context.Context, sid string, n, seq uint64, inst string, rev uint64) (uint64, error) {
+	return s.putMark(ctx, sid, sentMarkDoc(sid, n, seq, inst), rev)
 }
 
-// putMark stores a "sent" mark, returning once JetStream has stored it.
-func (s *stateStore) putMark(ctx context.Context, sid string, doc []byte) error {
+// putMark stores a "sent" mark over revision rev (see markSentAt),
+// returning once JetStream has stored it, with its revision.
+func (s *stateStore) putMark(ctx context.Context, sid string, doc []byte, rev uint64) (uint64, error) {
 	if s.writer == nil {
-		_, err := s.kv.Put(ctx, cmdKey(sid), doc)
-		return err
+		var err error
+		if rev == 0 {
+			rev, err = s.kv.Create(ctx, cmdKey(sid), doc)
+		} else {
+			rev, err = s.kv.Update(ctx, cmdKey(sid), doc, rev)
+		}
+		if errors.Is(err, jetstream.ErrKeyExists) {
+			err = fmt.Errorf("write state %s: %w", cmdKey(sid), errWrongRevision)
+		}
+		return rev, err
 	}
-	return s.writer.putAcked(ctx, cmdKey(sid), doc)
+	return s.writer.putAcked(ctx, cmdKey(sid), doc, rev)
 }
 
 // retractMark takes back delivery n's "sent" mark when the delivery is held
-// back before its call, by putting the mark again, marked held.
-func (s *stateStore) retractMark(ctx context.Context, sid string, n, seq uint64, inst string) error {
+// back before its call, by putting the mark again, marked held, over the
+// mark's revision rev.
+func (s *stateStore) retractMark(ctx context.Context, sid string, n, seq uint64, inst string, rev uint64) (uint64, error) {
 	doc, err := json.Marshal(&stateDoc{Cmds: map[string]*cmdEntry{sid: {Phase: phaseSent, Delivery: n, Seq: seq, Inst: inst, Held: true}}})
 	if err != nil {
-		return err
+		return 0, err
 	}
-	return s.putMark(ctx, sid, doc)
+	return s.putMark(ctx, sid, doc, rev)
 }
 
 // put overwrites a command entry unconditionally; for tests that set up

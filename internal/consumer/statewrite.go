@@ -162,14 +162,22 @@ func (w *stateWriter) put(key string, value []byte) {
 // A put given up while still queued is taken back: it would overwrite
 // what the caller writes under the key next. One already sent is waited
 // for, at most the publish timeout, for the same reason.
-func (w *stateWriter) putAcked(ctx context.Context, key string, value []byte) error {
+//
+// The put is a compare-and-set on rev, the key's revision as the caller
+// last read or wrote it (0: it must not exist), and returns the new one.
+func (w *stateWriter) putAcked(ctx context.Context, key string, value []byte, rev uint64) (uint64, error) {
 	m := nats.NewMsg(w.prefix + key)
 	m.Data = value
-	done := make(chan error, 1)
-	w.send(m, key, publishTimeout, func(_ uint64, err error) { done <- err })
+	m.Header.Set(jetstream.ExpectedLastSubjSeqHeader, strconv.FormatUint(rev, 10))
+	type answer struct {
+		rev uint64
+		err error
+	}
+	done := make(chan answer, 1)
+	w.send(m, key, publishTimeout, func(rev uint64, err error) { done <- answer{rev, err} })
 	select {
-	case err := <-done:
-		return err
+	case a := <-done:
+		return a.rev, a.err
 	case <-ctx.Done():
 	}
 	w.syncMu.Lock()
@@ -178,12 +186,12 @@ func (w *stateWriter) putAcked(ctx context.Context, key string, value []byte) er
 			w.writes = slices.Delete(w.writes, i, i+1)
 			w.syncMu.Unlock()
 			w.take(m.Reply[len(w.inbox)+1:])
-			return fmt.Errorf("write state %s: %w", key, ctx.Err())
+			return 0, fmt.Errorf("write state %s: %w", key, ctx.Err())
 		}
 	}
 	w.syncMu.Unlock()
 	<-done
-	return fmt.Errorf("write state %s: %w", key, ctx.Err())
+	return 0, fmt.Errorf("write state %s: %w", key, ctx.Err())
 }
 
 // syncLoop publishes what is queued, everything queued at once.

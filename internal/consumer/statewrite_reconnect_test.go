@@ -169,7 +169,7 @@ func TestMarkLostInAReconnectFails(t *testing.T) {
 
 	p.deaf.Store(true)
 	errA := make(chan error, 1)
-	go func() { errA <- w.putAcked(ctx, "a", []byte("mark-a")) }()
+	go func() { errA <- putAckedErr(w, ctx, "a", []byte("mark-a")) }()
 	waitDropped(t, p, "mark-a")
 	p.deaf.Store(false)
 	p.cut()
@@ -179,7 +179,7 @@ func TestMarkLostInAReconnectFails(t *testing.T) {
 		}
 		return nil
 	})
-	if err := w.putAcked(ctx, "b", []byte("mark-b")); err != nil {
+	if err := putAckedErr(w, ctx, "b", []byte("mark-b")); err != nil {
 		t.Fatalf("a mark put on the new connection: %v", err)
 	}
 	if _, err := st.kv.Get(ctx, "b"); err != nil {
@@ -232,7 +232,7 @@ func TestMarkGivenUpIsNeverPublished(t *testing.T) {
 	held, letGo := holdNextBurst(t, w)
 	bctx, bcancel := context.WithCancel(ctx)
 	errB := make(chan error, 1)
-	go func() { errB <- w.putAcked(bctx, "b", []byte("mark-b")) }()
+	go func() { errB <- putAckedErr(w, bctx, "b", []byte("mark-b")) }()
 	select {
 	case <-held:
 	case <-time.After(5 * time.Second):
@@ -254,7 +254,7 @@ func TestMarkGivenUpIsNeverPublished(t *testing.T) {
 	// c goes out in the burst b would have gone out in, or a later one;
 	// the stream stores what it reads in order, so once c is stored, a b
 	// sent before it would be too.
-	if err := w.putAcked(ctx, "c", []byte("mark-c")); err != nil {
+	if err := putAckedErr(w, ctx, "c", []byte("mark-c")); err != nil {
 		t.Fatal(err)
 	}
 	if _, err := st.kv.Get(ctx, "b"); !errors.Is(err, jetstream.ErrKeyNotFound) {
@@ -288,7 +288,7 @@ func TestWriteFailedWhileQueuedIsNeverPublished(t *testing.T) {
 		t.Fatal("the sweeper never failed the queued write")
 	}
 	letGo()
-	if err := w.putAcked(ctx, "after", []byte("after")); err != nil {
+	if err := putAckedErr(w, ctx, "after", []byte("after")); err != nil {
 		t.Fatal(err)
 	}
 	if _, err := st.kv.Get(ctx, "late"); !errors.Is(err, jetstream.ErrKeyNotFound) {

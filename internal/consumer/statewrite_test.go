@@ -178,3 +178,17 @@ func TestSaveAsyncMergesAfterConflict(t *testing.T) {
 		t.Fatalf("%d writes of the key (%v), want 3: the other writer's, the refused one, the merged one", n, err)
 	}
 }
+
+// putAckedErr is putAcked of a key that does not exist yet, for tests that
+// look only at whether the write was stored.
+func putAckedErr(w *stateWriter, ctx context.Context, key string, value []byte) error {
+	_, err := w.putAcked(ctx, key, value, 0)
+	return err
+}
+
+// markSent puts a "sent" mark whatever the key holds: for tests that set
+// up the mark another delivery left.
+func (s *stateStore) markSent(ctx context.Context, sid string, n, seq uint64, inst string) error {
+	_, err := s.kv.Put(ctx, cmdKey(sid), sentMarkDoc(sid, n, seq, inst))
+	return err
+}
