@@ -420,7 +420,7 @@ func (s *stateStore) putMark(ctx context.Context, sid string, doc []byte, rev ui
 		} else {
 			rev, err = s.kv.Update(ctx, cmdKey(sid), doc, rev)
 		}
-		if errors.Is(err, jetstream.ErrKeyExists) {
+		if errors.Is(err, jetstream.ErrKeyExists) || errors.Is(err, jetstream.ErrKeyRevisionMismatch) {
 			err = fmt.Errorf("write state %s: %w", cmdKey(sid), errWrongRevision)
 		}
 		return rev, err

@@ -262,9 +262,19 @@ type pubAck struct {
 	} `json:"error"`
 }
 
-// jsWrongLastSequence is JetStream's error code for a failed
-// expected-last-subject-sequence check.
-const jsWrongLastSequence = 10071
+// JetStream's error codes for a failed expected-last-subject-sequence
+// check: a stream of one replica answers the first, a replicated stream's
+// leader the second when it refuses the write before proposing it.
+const (
+	jsWrongLastSequence         = 10071
+	jsWrongLastSequenceConstant = 10164
+)
+
+// wrongRevision says whether a JetStream error code is a compare-and-set
+// refusal.
+func wrongRevision(code int) bool {
+	return code == jsWrongLastSequence || code == jsWrongLastSequenceConstant
+}
 
 func (w *stateWriter) answer(m *nats.Msg) {
 	p := w.take(m.Subject[len(w.inbox)+1:])
@@ -281,7 +291,7 @@ func (w *stateWriter) answer(m *nats.Msg) {
 	switch {
 	case err != nil:
 		p.then(0, fmt.Errorf("write state %s: unreadable answer: %w", p.key, err))
-	case ack.Error != nil && ack.Error.ErrCode == jsWrongLastSequence:
+	case ack.Error != nil && wrongRevision(ack.Error.ErrCode):
 		p.then(0, fmt.Errorf("write state %s: %w", p.key, errWrongRevision))
 	case ack.Error != nil:
 		p.then(0, fmt.Errorf("write state %s: %s (%d)", p.key, ack.Error.Description, ack.Error.ErrCode))

@@ -192,3 +192,15 @@ func (s *stateStore) markSent(ctx context.Context, sid string, n, seq uint64, in
 	_, err := s.kv.Put(ctx, cmdKey(sid), sentMarkDoc(sid, n, seq, inst))
 	return err
 }
+
+// Both of JetStream's codes for a failed compare-and-set are refusals: a
+// replicated bucket's leader answers 10164 where one of one replica
+// answers 10071, and taken as any other failure a refused mark would
+// count as the bucket refusing marks.
+func TestWrongRevisionCodes(t *testing.T) {
+	for code, want := range map[int]bool{10071: true, 10164: true, 10077: false, 0: false} {
+		if got := wrongRevision(code); got != want {
+			t.Errorf("wrongRevision(%d) = %v, want %v", code, got, want)
+		}
+	}
+}
