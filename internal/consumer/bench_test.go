@@ -59,6 +59,8 @@ func BenchmarkPipeline(b *testing.B) {
 			b.ReportMetric(100*on.rate/off.rate, "on/off_%")
 			b.ReportMetric(on.cpu, "on_cpu_us/cmd")
 			b.ReportMetric(off.cpu, "off_cpu_us/cmd")
+			b.ReportMetric(on.allocs, "on_allocs/cmd")
+			b.ReportMetric(off.allocs, "off_allocs/cmd")
 			b.ReportMetric(on.p50, "on_p50_ms")
 			b.ReportMetric(on.p99, "on_p99_ms")
 			b.ReportMetric(0, "ns/op")
@@ -78,6 +80,9 @@ type pipelineResult struct {
 	rate     float64 // commands per second
 	cpu      float64 // µs of CPU per command, the whole process
 	p50, p99 float64 // ms from publish to stored outcome
+	// allocs is heap allocations per command, the whole process: steadier
+	// still, and most of what garbage collection costs follows it.
+	allocs float64
 }
 
 // runPipeline runs n commands through a fresh environment; plain turns the
@@ -135,6 +140,9 @@ func runPipeline(b *testing.B, n int, latency time.Duration, concurrency int, pl
 	defer sub.Unsubscribe()
 	e.startWorker(nil)
 
+	var mem runtime.MemStats
+	runtime.ReadMemStats(&mem)
+	mallocs0 := mem.Mallocs
 	cpu0 := cpuTime()
 	start := time.Now()
 	for i := 0; i < n; i++ {
@@ -156,6 +164,8 @@ func runPipeline(b *testing.B, n int, latency time.Duration, concurrency int, pl
 	}
 	elapsed := time.Since(start)
 	cpu := cpuTime() - cpu0
+	runtime.ReadMemStats(&mem)
+	mallocs := mem.Mallocs - mallocs0
 
 	mu.Lock()
 	slices.Sort(lat)
@@ -178,9 +188,10 @@ func runPipeline(b *testing.B, n int, latency time.Duration, concurrency int, pl
 		// CPU per command is steadier than throughput on a shared
 		// machine; it counts the whole process (server, worker,
 		// emulator and publisher).
-		cpu: float64(cpu.Microseconds()) / float64(n),
-		p50: float64(p50.Microseconds()) / 1000,
-		p99: float64(p99.Microseconds()) / 1000,
+		cpu:    float64(cpu.Microseconds()) / float64(n),
+		p50:    float64(p50.Microseconds()) / 1000,
+		p99:    float64(p99.Microseconds()) / 1000,
+		allocs: float64(mallocs) / float64(n),
 	}
 }
 

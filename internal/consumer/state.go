@@ -213,7 +213,11 @@ type stateStore struct {
 	queued  map[string][]*queuedSave
 }
 
-func cmdKey(id string) string { return "cmd." + base64.RawURLEncoding.EncodeToString([]byte(id)) }
+func cmdKey(id string) string {
+	b := make([]byte, 0, len("cmd.")+base64.RawURLEncoding.EncodedLen(len(id)))
+	return string(base64.RawURLEncoding.AppendEncode(append(b, "cmd."...), []byte(id)))
+}
+
 func instKey(k string) string { return "inst." + k }
 
 // ensureState binds the bucket, creating it when missing. An existing

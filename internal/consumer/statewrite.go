@@ -40,6 +40,7 @@ type stateWriter struct {
 
 	mu      sync.Mutex
 	seq     uint64
+	reply   []byte                   // where send builds a reply subject
 	pending map[string]*pendingWrite // by reply token
 	stop    chan struct{}
 	done    sync.WaitGroup
@@ -57,11 +58,29 @@ type pendingWrite struct {
 	timeout  time.Duration // the answer is waited for this long from when it was queued, and again once published
 	deadline time.Time
 	then     func(rev uint64, err error)
+	// done takes the answer instead of then, for a caller that waits
+	// for it (putAcked): a closure over a channel cost two allocations
+	// more on every "sent" mark.
+	done chan writeAnswer
 	// sending: syncLoop is publishing it. The sweeper leaves it be
 	// until the publish returned, so that a write is never reported
 	// failed and then sent (a publish can stall, on the connection's
 	// lock, behind a socket the server stopped reading).
 	sending bool
+}
+
+type writeAnswer struct {
+	rev uint64
+	err error
+}
+
+// finish hands the write's answer to its caller.
+func (p *pendingWrite) finish(rev uint64, err error) {
+	if p.done != nil {
+		p.done <- writeAnswer{rev, err}
+		return
+	}
+	p.then(rev, err)
 }
 
 // errWrongRevision is a compare-and-set refusal: another writer updated
@@ -104,7 +123,7 @@ func (w *stateWriter) close() {
 	w.pending = map[string]*pendingWrite{}
 	w.mu.Unlock()
 	for _, p := range left {
-		p.then(0, errors.New("write state: worker stopped before the answer"))
+		p.finish(0, errors.New("write state: worker stopped before the answer"))
 	}
 }
 
@@ -113,21 +132,37 @@ func (w *stateWriter) close() {
 // goroutine or the sweeper's, so it must not block: slow work goes to a
 // goroutine of its own.
 func (w *stateWriter) write(key string, value []byte, rev uint64, timeout time.Duration, then func(rev uint64, err error)) {
-	m := nats.NewMsg(w.prefix + key)
-	m.Data = value
-	m.Header.Set(jetstream.ExpectedLastSubjSeqHeader, strconv.FormatUint(rev, 10))
-	w.send(m, key, timeout, then)
+	w.send(&nats.Msg{Subject: w.prefix + key, Data: value, Header: revHeader(rev)},
+		&pendingWrite{key: key, timeout: timeout, then: then})
+}
+
+// zeroRev is the header of a write to a key that must not exist yet, as
+// most are (a command's first mark, an instance's first decision). It is
+// shared, as nats.go only reads a message's header: a header of its own
+// cost each write three allocations, a tenth of what the state bucket
+// adds to a command's.
+var zeroRev = nats.Header{jetstream.ExpectedLastSubjSeqHeader: {"0"}}
+
+// revHeader is the compare-and-set header of a write over revision rev.
+func revHeader(rev uint64) nats.Header {
+	if rev == 0 {
+		return zeroRev
+	}
+	return nats.Header{jetstream.ExpectedLastSubjSeqHeader: {strconv.FormatUint(rev, 10)}}
 }
 
 // send queues m, a publish to the bucket, for syncLoop, with a reply
-// subject on which its stored-ack comes back to then.
-func (w *stateWriter) send(m *nats.Msg, key string, timeout time.Duration, then func(rev uint64, err error)) {
+// subject on which its stored-ack comes back to p.
+func (w *stateWriter) send(m *nats.Msg, p *pendingWrite) {
+	p.deadline = time.Now().Add(p.timeout)
 	w.mu.Lock()
 	w.seq++
-	token := strconv.FormatUint(w.seq, 36)
-	w.pending[token] = &pendingWrite{key: key, timeout: timeout, deadline: time.Now().Add(timeout), then: then}
+	// One allocation for the reply subject; its token, a substring, keys
+	// the pending write.
+	w.reply = strconv.AppendUint(append(append(w.reply[:0], w.inbox...), '.'), w.seq, 36)
+	m.Reply = string(w.reply)
+	w.pending[m.Reply[len(w.inbox)+1:]] = p
 	w.mu.Unlock()
-	m.Reply = w.inbox + "." + token
 	w.syncMu.Lock()
 	w.writes = append(w.writes, m)
 	w.syncMu.Unlock()
@@ -166,15 +201,9 @@ func (w *stateWriter) put(key string, value []byte) {
 // The put is a compare-and-set on rev, the key's revision as the caller
 // last read or wrote it (0: it must not exist), and returns the new one.
 func (w *stateWriter) putAcked(ctx context.Context, key string, value []byte, rev uint64) (uint64, error) {
-	m := nats.NewMsg(w.prefix + key)
-	m.Data = value
-	m.Header.Set(jetstream.ExpectedLastSubjSeqHeader, strconv.FormatUint(rev, 10))
-	type answer struct {
-		rev uint64
-		err error
-	}
-	done := make(chan answer, 1)
-	w.send(m, key, publishTimeout, func(rev uint64, err error) { done <- answer{rev, err} })
+	m := &nats.Msg{Subject: w.prefix + key, Data: value, Header: revHeader(rev)}
+	done := make(chan writeAnswer, 1)
+	w.send(m, &pendingWrite{key: key, timeout: publishTimeout, done: done})
 	select {
 	case a := <-done:
 		return a.rev, a.err
@@ -237,7 +266,7 @@ func (w *stateWriter) syncLoop() {
 			w.mu.Unlock()
 			if err != nil {
 				if p := w.take(token); p != nil {
-					p.then(0, fmt.Errorf("write state %s: %w", p.key, err))
+					p.finish(0, fmt.Errorf("write state %s: %w", p.key, err))
 				}
 			}
 		}
@@ -284,21 +313,21 @@ func (w *stateWriter) answer(m *nats.Msg) {
 	if status := m.Header.Get("Status"); status != "" {
 		// 503: no stream listens on the subject (bucket deleted, or
 		// no leader at the moment).
-		p.then(0, fmt.Errorf("write state %s: status %s %s", p.key, status, m.Header.Get("Description")))
+		p.finish(0, fmt.Errorf("write state %s: status %s %s", p.key, status, m.Header.Get("Description")))
 		return
 	}
 	ack, err := parsePubAck(m.Data)
 	switch {
 	case err != nil:
-		p.then(0, fmt.Errorf("write state %s: unreadable answer: %w", p.key, err))
+		p.finish(0, fmt.Errorf("write state %s: unreadable answer: %w", p.key, err))
 	case ack.Error != nil && wrongRevision(ack.Error.ErrCode):
-		p.then(0, fmt.Errorf("write state %s: %w", p.key, errWrongRevision))
+		p.finish(0, fmt.Errorf("write state %s: %w", p.key, errWrongRevision))
 	case ack.Error != nil:
-		p.then(0, fmt.Errorf("write state %s: %s (%d)", p.key, ack.Error.Description, ack.Error.ErrCode))
+		p.finish(0, fmt.Errorf("write state %s: %s (%d)", p.key, ack.Error.Description, ack.Error.ErrCode))
 	case ack.Seq == 0:
-		p.then(0, fmt.Errorf("write state %s: answer without a sequence", p.key))
+		p.finish(0, fmt.Errorf("write state %s: answer without a sequence", p.key))
 	default:
-		p.then(ack.Seq, nil)
+		p.finish(ack.Seq, nil)
 	}
 }
 
@@ -325,7 +354,7 @@ func (w *stateWriter) sweep() {
 			}
 			w.mu.Unlock()
 			for _, p := range late {
-				p.then(0, fmt.Errorf("write state %s: no answer in time", p.key))
+				p.finish(0, fmt.Errorf("write state %s: no answer in time", p.key))
 			}
 		}
 	}
