@@ -28,7 +28,7 @@ func appendJSONString(b []byte, s string) []byte {
 // decidedIndexDoc is the id index entry markDecided writes: the JSON of
 // stateDoc{Cmds: {id: e}}.
 func decidedIndexDoc(id string, e cmdEntry) []byte {
-	if e.Unanswered || e.Delivery != 0 || e.Outcome != nil || e.OutcomeStored || e.At != 0 {
+	if e.Unanswered || e.Delivery != 0 || e.Outcome != nil || e.OutcomeStored || e.At != 0 || e.MarkRev != nil {
 		b, _ := json.Marshal(&stateDoc{Cmds: map[string]*cmdEntry{id: &e}})
 		return b
 	}

@@ -5,6 +5,7 @@ import (
 	"errors"
 	"fmt"
 	"strings"
+	"sync/atomic"
 	"testing"
 	"time"
 
@@ -204,6 +205,88 @@ func TestMarkDoesNotOverwriteAMarkItDidNotRead(t *testing.T) {
 			if err != nil || rev <= rec.rev {
 				t.Fatalf("mark at the revision read: rev %d, err %v", rev, err)
 			}
+		})
+	}
+}
+
+// Deliveries of one command overlap when one loses its lease (its
+// heartbeats lost with a connection or a leader) and JetStream hands the
+// command on. Then a later delivery may read the id's key before an
+// earlier one, still alive, marks its call, and record its own progress
+// after that mark: delivery numbers do not order marks and progress. What
+// orders them is the revision of the id's key the progress entry
+// accounted for. Here delivery 8 recorded progress having seen no mark,
+// and delivery 7's mark, newer, is of a call nobody heard answered: the
+// DLF.6205 that follows is that call's stop, whether the mark was there
+// at the lookup or came during the call. (A cluster test run dead-lettered
+// three commands so: their first delivery's call had stopped the
+// instance.) A mark the entry did account for, its delivery's answer
+// recorded, explains nothing.
+func TestMarkNewerThanTheProgressOfALaterDelivery(t *testing.T) {
+	inst := command.Command{ProjectID: proj, ScriptName: "s1", InstanceID: "i-1"}.InstanceKey()
+	zero := uint64(0)
+	seenNone := cmdEntry{Phase: phaseAnswered, Delivery: 8, MarkRev: &zero}
+	for _, tc := range []struct {
+		name      string
+		before    func(ctx context.Context, st *stateStore, seq uint64) error // before the delivery
+		during    func(ctx context.Context, st *stateStore, seq uint64) error // while its call is on the wire
+		explained bool
+	}{
+		{"newer mark at the lookup", func(ctx context.Context, st *stateStore, seq uint64) error {
+			if err := st.putEntry(ctx, instKey(inst), "both", seenNone); err != nil {
+				return err
+			}
+			return st.markSent(ctx, "both", 7, seq, inst)
+		}, nil, true},
+		{"newer mark during the call", func(ctx context.Context, st *stateStore, seq uint64) error {
+			return st.putEntry(ctx, instKey(inst), "both", seenNone)
+		}, func(ctx context.Context, st *stateStore, seq uint64) error {
+			return st.markSent(ctx, "both", 7, seq, inst)
+		}, true},
+		{"mark accounted for at the lookup", func(ctx context.Context, st *stateStore, seq uint64) error {
+			if err := st.markSent(ctx, "both", 7, seq, inst); err != nil {
+				return err
+			}
+			rec, err := st.load(ctx, cmdKey("both"))
+			if err != nil {
+				return err
+			}
+			return st.putEntry(ctx, instKey(inst), "both", cmdEntry{Phase: phaseAnswered, Attempts: 1, Delivery: 8, MarkRev: &rec.rev})
+		}, nil, false},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			e := newEnv(t, nil)
+			st := e.state(t)
+			seqc := make(chan uint64, 1)
+			var calls atomic.Int32
+			url := answer6205(t, &calls, func(ctx context.Context) error {
+				select {
+				case seq := <-seqc:
+					if tc.during == nil {
+						return nil
+					}
+					return tc.during(ctx, st, seq)
+				case <-ctx.Done():
+					return ctx.Err()
+				}
+			})
+			b := body(t, map[string]any{"command_id": "both", "project_id": proj, "script_name": "s1", "instance_id": "i-1"})
+			seq := e.publish(b, nil)
+			if err := tc.before(context.Background(), st, seq); err != nil {
+				t.Fatal(err)
+			}
+			seqc <- seq
+			e.startWorkerAt(url, nil)
+			if tc.explained {
+				e.explained6205(t, &calls)
+				return
+			}
+			o := e.single(t)
+			if o.Status != StatusFailed || o.Cause != CauseDLFError {
+				t.Fatalf("outcome = %+v; want failed/dlf_error", o)
+			}
+			oneCall(t, &calls)
+			e.checkDead(t, o, b, seq)
 		})
 	}
 }

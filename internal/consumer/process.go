@@ -587,6 +587,10 @@ func (w *Worker) giveBack(j *job, delay time.Duration, reason string) {
 				entry.Phase, entry.Outcome, entry.OutcomeStored = phasePending, b, j.outcomeStored
 			}
 		}
+		// What this delivery knew of the id's marks, so that a mark an
+		// overlapping delivery stores after it still counts.
+		markRev := j.markRev
+		entry.MarkRev = &markRev
 		entry.At = time.Now().Unix()    // the real clock: this only ages entries out
 		var dropped map[string]cmdEntry // by every try: see store
 		err := w.state.save(ctx, j.state, func(d *stateDoc) { collect(&dropped, d.setProgress(j.sid, entry, w.cfg.StateTTL)) })
@@ -873,7 +877,7 @@ func (w *Worker) stoppedMeanwhile(j *job) (why string, handled bool) {
 	// (not this command read under other defaults) and its delivery has
 	// recorded no answer since, as recall counts marks.
 	if m := recs[1].doc.Cmds[j.sid]; m != nil && m.Phase == phaseSent && !m.Held && m.Seq == j.meta.Sequence.Stream &&
-		m.Delivery != n && (m.Inst == "" || m.Inst == j.inst) && (e == nil || m.Delivery > e.Delivery) {
+		m.Delivery != n && (m.Inst == "" || m.Inst == j.inst) && markUnaccounted(m, recs[1].rev, e) {
 		return fmt.Sprintf("DLF.6205, and meanwhile delivery %d of this command marked its call", m.Delivery), false
 	}
 	if bySibling {
@@ -1187,18 +1191,16 @@ func (w *Worker) recall(j *job, recs []*stateRecord, err error) bool {
 	// died or lost its lease with a call perhaps on the wire, and nobody
 	// saw the answer. (A mark of another message with the same id is not
 	// this command's progress.)
-	var recorded uint64
 	if entry != nil {
 		j.attempts = entry.Attempts
 		j.out.HTTPStatus, j.out.ErrorCode = entry.LastHTTPStatus, entry.LastErrorCode
 		j.out.ErrorMsg, j.out.DLFRequestID = entry.LastErrorMsg, entry.LastRequestID
 		j.unanswered = entry.Unanswered
-		recorded = entry.Delivery
 	}
 	// A mark made under another instance key (this command read under
 	// other defaults) is of a call to another instance: it explains no
 	// DLF.6205 of this one.
-	if sameMsg && !mark.Held && mark.Delivery > recorded && mark.Delivery != j.meta.NumDelivered &&
+	if sameMsg && !mark.Held && markUnaccounted(mark, recs[1].rev, entry) && mark.Delivery != j.meta.NumDelivered &&
 		(mark.Inst == "" || mark.Inst == j.inst) {
 		j.unanswered = true
 	}
@@ -1226,6 +1228,26 @@ func (d *stateDoc) setProgress(id string, e cmdEntry, keep time.Duration) (dropp
 		return nil
 	}
 	return d.setCmd(id, e, keep)
+}
+
+// markUnaccounted says whether the "sent" mark m, found at revision rev of
+// the id's key, is of a call the command's progress entry e (nil: none)
+// does not account for. An entry accounts for the marks up to the key's
+// revision its delivery last read or wrote (MarkRev). Delivery numbers do
+// not order them: deliveries overlap when one loses its lease, and an
+// earlier delivery, still alive, may mark its call after a later one
+// read the key, and that one record its progress after the mark. An
+// entry of a version that did not record the revision is taken to
+// account for the marks of its delivery and earlier ones, as before.
+func markUnaccounted(m *cmdEntry, rev uint64, e *cmdEntry) bool {
+	switch {
+	case e == nil:
+		return true
+	case e.MarkRev != nil:
+		return rev > *e.MarkRev
+	default:
+		return m.Delivery > e.Delivery
+	}
 }
 
 // setDecided records the decision e of command id, written at e.At (Unix

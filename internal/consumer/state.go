@@ -41,8 +41,9 @@ import (
 // Before its first call a delivery marks the id's key "sent" (delivery n,
 // stream sequence, instance key), and waits for JetStream's stored-ack of
 // the mark before the request leaves (markSent). A later delivery that
-// finds a mark newer than the last progress recorded knows that a
-// delivery died or lost its lease with a call perhaps on the wire, so a
+// finds a mark newer than the last progress recorded (by the key's
+// revision, see markUnaccounted) knows that a delivery died or lost its
+// lease with a call perhaps on the wire, so a
 // DLF.6205 means that call's stop (contract section 6); without a mark, a
 // DLF.6205 fails as usual. The delivery count alone cannot tell those
 // apart: a delivery that died before calling, or never reached the
@@ -94,6 +95,12 @@ type cmdEntry struct {
 	// mark still indexes the id; a delivery that dies while held leaves
 	// no call to count.
 	Held bool `json:"h,omitempty"`
+	// MarkRev is the revision of the id's key (its "sent" mark) as the
+	// delivery that wrote this progress entry last read or wrote it:
+	// Unanswered accounts for every mark up to it, and a mark stored
+	// since is of a call this entry knows nothing of (see
+	// markUnaccounted). Nil in an entry of a version that did not say.
+	MarkRev *uint64 `json:"mr,omitempty"`
 }
 
 // maxStoredErrorMsg bounds the error message kept in a command entry: the
