@@ -5,7 +5,6 @@ import (
 	"errors"
 	"fmt"
 	"strings"
-	"sync/atomic"
 	"testing"
 	"time"
 
@@ -228,8 +227,8 @@ func TestMarkNewerThanTheProgressOfALaterDelivery(t *testing.T) {
 	seenNone := cmdEntry{Phase: phaseAnswered, Delivery: 8, MarkRev: &zero}
 	for _, tc := range []struct {
 		name      string
-		before    func(ctx context.Context, st *stateStore, seq uint64) error // before the delivery
-		during    func(ctx context.Context, st *stateStore, seq uint64) error // while its call is on the wire
+		before    stateStep // before the delivery
+		during    stateStep // while its call is on the wire
 		explained bool
 	}{
 		{"newer mark at the lookup", func(ctx context.Context, st *stateStore, seq uint64) error {
@@ -255,37 +254,16 @@ func TestMarkNewerThanTheProgressOfALaterDelivery(t *testing.T) {
 		}, nil, false},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
-			e := newEnv(t, nil)
-			st := e.state(t)
-			seqc := make(chan uint64, 1)
-			var calls atomic.Int32
-			url := answer6205(t, &calls, func(ctx context.Context) error {
-				select {
-				case seq := <-seqc:
-					if tc.during == nil {
-						return nil
-					}
-					return tc.during(ctx, st, seq)
-				case <-ctx.Done():
-					return ctx.Err()
-				}
-			})
-			b := body(t, map[string]any{"command_id": "both", "project_id": proj, "script_name": "s1", "instance_id": "i-1"})
-			seq := e.publish(b, nil)
-			if err := tc.before(context.Background(), st, seq); err != nil {
-				t.Fatal(err)
-			}
-			seqc <- seq
-			e.startWorkerAt(url, nil)
+			e, calls, b, seq := run6205(t, tc.before, tc.during)
 			if tc.explained {
-				e.explained6205(t, &calls)
+				e.explained6205(t, calls)
 				return
 			}
 			o := e.single(t)
 			if o.Status != StatusFailed || o.Cause != CauseDLFError {
 				t.Fatalf("outcome = %+v; want failed/dlf_error", o)
 			}
-			oneCall(t, &calls)
+			oneCall(t, calls)
 			e.checkDead(t, o, b, seq)
 		})
 	}

@@ -1013,8 +1013,8 @@ func TestMarksThatDoNotExplainDLF6205(t *testing.T) {
 	other := command.Command{ProjectID: proj, Workspace: "other", ScriptName: "s1", InstanceID: "i-1"}.InstanceKey()
 	for _, tc := range []struct {
 		name   string
-		before func(ctx context.Context, st *stateStore, seq uint64) error // before the delivery
-		during func(ctx context.Context, st *stateStore, seq uint64) error // while its call is on the wire
+		before stateStep // before the delivery
+		during stateStep // while its call is on the wire
 	}{
 		{"mark for another instance", nil, func(ctx context.Context, st *stateStore, seq uint64) error {
 			return st.markSent(ctx, "both", 9, seq, other)
@@ -1038,37 +1038,52 @@ func TestMarksThatDoNotExplainDLF6205(t *testing.T) {
 		}},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
-			e := newEnv(t, nil)
-			st := e.state(t)
-			seqc := make(chan uint64, 1)
-			var calls atomic.Int32
-			url := answer6205(t, &calls, func(ctx context.Context) error {
-				select {
-				case seq := <-seqc:
-					if tc.during == nil {
-						return nil
-					}
-					return tc.during(ctx, st, seq)
-				case <-ctx.Done():
-					return ctx.Err()
-				}
-			})
-			seq := e.publish(body(t, map[string]any{"command_id": "both", "project_id": proj, "script_name": "s1", "instance_id": "i-1"}), nil)
-			if tc.before != nil {
-				if err := tc.before(context.Background(), st, seq); err != nil {
-					t.Fatal(err)
-				}
-			}
-			seqc <- seq
-			e.startWorkerAt(url, nil)
+			e, calls, b, seq := run6205(t, tc.before, tc.during)
 			o := e.single(t)
 			if o.Status != StatusFailed || o.Cause != CauseDLFError {
 				t.Fatalf("outcome = %+v; want failed/dlf_error", o)
 			}
-			oneCall(t, &calls)
-			e.checkDead(t, o, body(t, map[string]any{"command_id": "both", "project_id": proj, "script_name": "s1", "instance_id": "i-1"}), seq)
+			oneCall(t, calls)
+			e.checkDead(t, o, b, seq)
 		})
 	}
+}
+
+// stateStep changes the state bucket at a point of a delivery of the
+// command at stream sequence seq.
+type stateStep func(ctx context.Context, st *stateStore, seq uint64) error
+
+// run6205 publishes command "both" for instance i-1 and starts a worker
+// against a DLF that answers DLF.6205, with before applied to the state
+// bucket ahead of the delivery and during while its call is on the wire
+// (either may be nil). It returns the command's body and sequence.
+func run6205(t *testing.T, before, during stateStep) (e *env, calls *atomic.Int32, b []byte, seq uint64) {
+	t.Helper()
+	e = newEnv(t, nil)
+	st := e.state(t)
+	seqc := make(chan uint64, 1)
+	calls = new(atomic.Int32)
+	url := answer6205(t, calls, func(ctx context.Context) error {
+		select {
+		case seq := <-seqc:
+			if during == nil {
+				return nil
+			}
+			return during(ctx, st, seq)
+		case <-ctx.Done():
+			return ctx.Err()
+		}
+	})
+	b = body(t, map[string]any{"command_id": "both", "project_id": proj, "script_name": "s1", "instance_id": "i-1"})
+	seq = e.publish(b, nil)
+	if before != nil {
+		if err := before(context.Background(), st, seq); err != nil {
+			t.Fatal(err)
+		}
+	}
+	seqc <- seq
+	e.startWorkerAt(url, nil)
+	return e, calls, b, seq
 }
 
 // Progress another delivery records while this one's call is on the wire
