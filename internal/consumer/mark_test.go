@@ -252,6 +252,36 @@ func TestMarkNewerThanTheProgressOfALaterDelivery(t *testing.T) {
 			}
 			return st.putEntry(ctx, instKey(inst), "both", cmdEntry{Phase: phaseAnswered, Attempts: 1, Delivery: 8, MarkRev: &rec.rev})
 		}, nil, false},
+		{"own mark of the entry's delivery, its answer lost", func(ctx context.Context, st *stateStore, seq uint64) error {
+			// Delivery 7 read no mark; its own was stored but it was told
+			// otherwise, so it sent no call and went back.
+			if err := st.putEntry(ctx, instKey(inst), "both", cmdEntry{Phase: phaseAnswered, Delivery: 7, MarkRev: &zero}); err != nil {
+				return err
+			}
+			return st.markSent(ctx, "both", 7, seq, inst)
+		}, nil, false},
+		{"mark accounted for, then progress of an overlapping delivery that saw less", func(ctx context.Context, st *stateStore, seq uint64) error {
+			// Delivery 7 marked, was answered (500) and recorded so;
+			// delivery 8, which read the key before that mark and had
+			// its own refused, records its progress after.
+			if err := st.markSent(ctx, "both", 7, seq, inst); err != nil {
+				return err
+			}
+			rec, err := st.load(ctx, cmdKey("both"))
+			if err != nil {
+				return err
+			}
+			if err := st.putEntry(ctx, instKey(inst), "both", cmdEntry{Phase: phaseAnswered, Attempts: 1, Delivery: 7, MarkRev: &rec.rev, LastHTTPStatus: 500}); err != nil {
+				return err
+			}
+			doc, err := st.load(ctx, instKey(inst))
+			if err != nil {
+				return err
+			}
+			return st.save(ctx, doc, func(d *stateDoc) {
+				d.setProgress("both", cmdEntry{Phase: phaseAnswered, Delivery: 8, MarkRev: &zero}, time.Hour)
+			})
+		}, nil, false},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			e, calls, b, seq := run6205(t, tc.before, tc.during)

@@ -1153,8 +1153,14 @@ func (w *Worker) recall(j *job, recs []*stateRecord, err error) bool {
 			} else {
 				indexed = &cmdEntry{Phase: phaseDecided}
 			}
-		case sameMsg && entry == nil:
-			entry = oe // this command's progress, recorded under the other key
+		case sameMsg && entry == nil && oe != nil:
+			// This command's progress, recorded under the other key: its
+			// attempts and last answer, but not a call that went
+			// unanswered, which was to that other instance and explains
+			// no DLF.6205 of this one.
+			c := *oe
+			c.Unanswered = false
+			entry = &c
 		}
 	}
 	if here || (indexed != nil && indexed.Phase == phaseDecided) {
@@ -1226,6 +1232,16 @@ func (d *stateDoc) setProgress(id string, e cmdEntry, keep time.Duration) (dropp
 		return nil
 	case cur != nil && cur.Phase == phasePending && e.Phase != phasePending:
 		return nil
+	case cur != nil && cur.MarkRev != nil && (e.MarkRev == nil || *cur.MarkRev > *e.MarkRev):
+		// Overlapping deliveries record their progress in any order. The
+		// entry there accounts for marks this one never saw (an earlier
+		// delivery, still alive, marked and called after this one read
+		// the id's key): replaced, those marks would count as calls
+		// nobody heard answered. Both stand, merged: the later mark
+		// revision, any unanswered call, the larger count.
+		e.MarkRev = cur.MarkRev
+		e.Unanswered = e.Unanswered || cur.Unanswered
+		e.Attempts = max(e.Attempts, cur.Attempts)
 	}
 	return d.setCmd(id, e, keep)
 }
@@ -1244,7 +1260,11 @@ func markUnaccounted(m *cmdEntry, rev uint64, e *cmdEntry) bool {
 	case e == nil:
 		return true
 	case e.MarkRev != nil:
-		return rev > *e.MarkRev
+		// The entry of the mark's own delivery accounts for it whatever
+		// the revision: a mark stored whose answer was lost (the sweeper
+		// gave up, the delivery's time ran out) leaves the entry below
+		// it, though that delivery knows it sent no call.
+		return rev > *e.MarkRev && m.Delivery != e.Delivery
 	default:
 		return m.Delivery > e.Delivery
 	}

@@ -1028,6 +1028,12 @@ func TestMarksThatDoNotExplainDLF6205(t *testing.T) {
 		{"mark for another instance seen at the lookup", func(ctx context.Context, st *stateStore, seq uint64) error {
 			return st.markSent(ctx, "both", 9, seq, other)
 		}, nil},
+		{"a call to another instance that went unanswered", func(ctx context.Context, st *stateStore, seq uint64) error {
+			if err := st.putEntry(ctx, instKey(other), "both", cmdEntry{Phase: phaseAnswered, Attempts: 1, Unanswered: true, Delivery: 9}); err != nil {
+				return err
+			}
+			return st.markSent(ctx, "both", 9, seq, other)
+		}, nil},
 		{"the mark seen at the lookup", func(ctx context.Context, st *stateStore, seq uint64) error {
 			if err := st.markSent(ctx, "both", 9, seq, inst); err != nil {
 				return err
