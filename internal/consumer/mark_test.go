@@ -2,9 +2,13 @@ package consumer
 
 import (
 	"context"
+	"encoding/json"
 	"errors"
 	"fmt"
+	"net/http"
+	"net/http/httptest"
 	"strings"
+	"sync/atomic"
 	"testing"
 	"time"
 
@@ -296,5 +300,97 @@ func TestMarkNewerThanTheProgressOfALaterDelivery(t *testing.T) {
 			oneCall(t, calls)
 			e.checkDead(t, o, b, seq)
 		})
+	}
+}
+
+// A delivery held back by a 429 pause after marking takes its mark back
+// while it waits. Whether a take-back that failed was stored is not known
+// (its answer may be lost after JetStream stored it), so the delivery
+// marks again before it calls: a call sent on the mark the take-back may
+// have replaced would leave only a "held" mark behind, and should the
+// delivery then die, its redelivery would take the call's DLF.6205 for a
+// failure. Here the bucket refuses the take-back (it is a few bytes
+// larger than the mark) and the call goes out on a new mark.
+func TestTakeBackThatFailedIsMarkedAgain(t *testing.T) {
+	e := newEnv(t, nil)
+	st := e.state(t)
+	// a's first call is answered 429 once the test lets it go, pausing
+	// every call for a second; then a is stopped. b's instance does not
+	// exist.
+	release := make(chan struct{})
+	var aCalls, bCalls atomic.Int32
+	srv := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		w.Header().Set("Content-Type", "application/json")
+		if strings.Contains(r.URL.Path, "/instances/no-such/") {
+			bCalls.Add(1)
+			w.WriteHeader(http.StatusBadRequest)
+			_, _ = w.Write([]byte(`{"error_code":"DLF.6205","error_msg":"The script instance is not running."}`))
+			return
+		}
+		if aCalls.Add(1) > 1 {
+			w.WriteHeader(http.StatusNoContent)
+			return
+		}
+		select {
+		case <-release:
+		case <-r.Context().Done():
+			return
+		}
+		w.Header().Set("Retry-After", "1")
+		w.WriteHeader(http.StatusTooManyRequests)
+		_, _ = w.Write([]byte(`{"error_code":"APIG.0308","error_msg":"The throttling threshold has been reached."}`))
+	}))
+	t.Cleanup(srv.Close)
+	t.Cleanup(func() {
+		select {
+		case <-release:
+		default:
+			close(release)
+		}
+	})
+	r := e.startWorkerAt(srv.URL, func(c *Config) { c.Concurrency = 1 })
+	e.publish(body(t, map[string]any{"command_id": "a", "project_id": proj, "script_name": "s1", "instance_id": "a"}), nil)
+	testutil.Eventually(t, 5*time.Second, func() error {
+		if n := aCalls.Load(); n != 1 {
+			return fmt.Errorf("%d calls for a, want its first on the wire", n)
+		}
+		return nil
+	})
+	// b marks its call, then waits for the only slot.
+	e.publish(body(t, map[string]any{"command_id": "b", "project_id": proj, "script_name": "s1", "instance_id": "no-such"}), nil)
+	var first *stateRecord
+	testutil.Eventually(t, 5*time.Second, func() error {
+		rec, err := st.load(context.Background(), cmdKey("b"))
+		if err != nil || rec.rev == 0 {
+			return fmt.Errorf("b's mark is not stored yet (%v)", err)
+		}
+		first = rec
+		return nil
+	})
+	raw, err := json.Marshal(&first.doc)
+	if err != nil {
+		t.Fatal(err)
+	}
+	// Room for the mark and its compare-and-set header (52 bytes and a
+	// few more digits), not for the take-back's `,"h":true`.
+	e.updateStream(t, "KV_dlf_stop_state", func(c *jetstream.StreamConfig) { c.MaxMsgSize = int32(len(raw) + 52 + 4) })
+	close(release)
+	e.out.wait(t, 2, 20*time.Second)
+	if n := testutilCount(r.w.m.throttled); n != 1 {
+		t.Fatalf("%v calls answered 429, want a's first", n)
+	}
+	if o := byID(t, e.out.outcomes(t))["b"]; o.Status != StatusFailed || o.ErrorCode != "DLF.6205" {
+		t.Fatalf("b = %s/%s %s; want failed, DLF.6205 (its own call, answered)", o.Status, o.Cause, o.ErrorCode)
+	}
+	last, err := st.load(context.Background(), cmdKey("b"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	m := last.doc.Cmds["b"]
+	if last.rev <= first.rev || m == nil || m.Phase != phaseSent || m.Held {
+		t.Errorf("b's key at revision %d (first mark %d): %+v; want a new mark, not held, written after the take-back failed", last.rev, first.rev, m)
+	}
+	if n := bCalls.Load(); n != 1 {
+		t.Errorf("DLF calls for b = %d, want 1", n)
 	}
 }

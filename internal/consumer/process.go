@@ -369,14 +369,19 @@ func (w *Worker) call(j *job, req dlf.StopRequest, lastAt time.Time) (v dlf.Verd
 	// call yet: the wait ahead (an outage, a pause) may be long, and a
 	// delivery that dies in it sent nothing. (After a call the mark stays:
 	// it is what tells the next delivery that the call may have gone
-	// unanswered.) A take-back that fails leaves the mark standing, which
-	// errs on the side it always did.
+	// unanswered.) A take-back that fails may still have been stored (its
+	// answer lost), so the delivery marks again before it calls, over the
+	// revision of its own mark: a call sent on a mark the take-back
+	// replaced would leave only a "held" mark behind, and a redelivery
+	// would take its DLF.6205 for a failure. If the take-back was stored,
+	// that mark is refused and the command goes back to be read again.
 	heldBack := func() {
 		<-w.slots
 		if j.marked && !j.called {
 			rev, err := w.state.retractMark(ctx, j.sid, j.meta.NumDelivered, j.meta.Sequence.Stream, j.inst, j.markRev)
 			if err != nil {
-				j.log.Debug("could not take the call's mark back while it is held back", zap.Error(err))
+				j.log.Debug("could not take the call's mark back while it is held back; marking again before the call", zap.Error(err))
+				j.marked = false
 				return
 			}
 			j.marked, j.markRev = false, rev
