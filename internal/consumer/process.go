@@ -857,7 +857,6 @@ func (w *Worker) stoppedMeanwhile(j *job) (why string, handled bool) {
 	// not store is stored now, as recall does, before anything else: its
 	// outcome may be in the outcome stream already. An unanswered call of
 	// its own explains the DLF.6205.
-	n := j.meta.NumDelivered
 	e := d.Cmds[j.sid]
 	if e != nil && e.Phase == phasePending {
 		var o Outcome
@@ -881,8 +880,7 @@ func (w *Worker) stoppedMeanwhile(j *job) (why string, handled bool) {
 	// an answer. A mark explains the DLF.6205 if it is for this instance
 	// (not this command read under other defaults) and its delivery has
 	// recorded no answer since, as recall counts marks.
-	if m := recs[1].doc.Cmds[j.sid]; m != nil && m.Phase == phaseSent && !m.Held && m.Seq == j.meta.Sequence.Stream &&
-		m.Delivery != n && (m.Inst == "" || m.Inst == j.inst) && markUnaccounted(m, recs[1].rev, e) {
+	if m := recs[1].doc.Cmds[j.sid]; j.markCounts(m, recs[1].rev, e) {
 		return fmt.Sprintf("DLF.6205, and meanwhile delivery %d of this command marked its call", m.Delivery), false
 	}
 	if bySibling {
@@ -1208,11 +1206,7 @@ func (w *Worker) recall(j *job, recs []*stateRecord, err error) bool {
 		j.out.ErrorMsg, j.out.DLFRequestID = entry.LastErrorMsg, entry.LastRequestID
 		j.unanswered = entry.Unanswered
 	}
-	// A mark made under another instance key (this command read under
-	// other defaults) is of a call to another instance: it explains no
-	// DLF.6205 of this one.
-	if sameMsg && !mark.Held && markUnaccounted(mark, recs[1].rev, entry) && mark.Delivery != j.meta.NumDelivered &&
-		(mark.Inst == "" || mark.Inst == j.inst) {
+	if j.markCounts(mark, recs[1].rev, entry) {
 		j.unanswered = true
 	}
 	if j.valid && d.StoppedBy != "" {
@@ -1249,6 +1243,17 @@ func (d *stateDoc) setProgress(id string, e cmdEntry, keep time.Duration) (dropp
 		e.Attempts = max(e.Attempts, cur.Attempts)
 	}
 	return d.setCmd(id, e, keep)
+}
+
+// markCounts says whether m, the id's key as read at revision rev, is the
+// "sent" mark of another delivery of this very message whose call may have
+// gone unanswered: not taken back (held), and not accounted for by e, the
+// command's progress entry (nil: none). A mark made under another instance
+// key (this command read under other defaults) is of a call to another
+// instance: it explains no DLF.6205 of this one.
+func (j *job) markCounts(m *cmdEntry, rev uint64, e *cmdEntry) bool {
+	return m != nil && m.Phase == phaseSent && !m.Held && m.Seq == j.meta.Sequence.Stream &&
+		m.Delivery != j.meta.NumDelivered && (m.Inst == "" || m.Inst == j.inst) && markUnaccounted(m, rev, e)
 }
 
 // markUnaccounted says whether the "sent" mark m, found at revision rev of

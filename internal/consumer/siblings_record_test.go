@@ -11,6 +11,8 @@ import (
 	"time"
 
 	"github.com/nats-io/nats.go"
+
+	"github.com/dlf-stop/worker/internal/testutil"
 )
 
 // A stop this worker noted is forgotten only once a record naming it is
@@ -58,11 +60,12 @@ func TestSiblingStopNotRecordedOutlivesItsCommand(t *testing.T) {
 	e.startWorkerAt(srv.URL, nil)
 
 	seqA <- e.publish(body(t, map[string]any{"command_id": "a", "project_id": proj, "script_name": "s1", "instance_id": "i-1"}), nil)
-	select {
-	case <-waitCalls(&calls, 1):
-	case <-time.After(10 * time.Second):
-		t.Fatal("a's call did not come")
-	}
+	testutil.Eventually(t, 10*time.Second, func() error {
+		if calls.Load() < 1 {
+			return errors.New("a's call has not come")
+		}
+		return nil
+	})
 	e.publish(body(t, map[string]any{"command_id": "b", "project_id": proj, "script_name": "s1", "instance_id": "i-1"}), nil)
 
 	byID := map[string]Outcome{}
@@ -127,14 +130,4 @@ func pollUntil(ctx context.Context, within time.Duration, cond func() bool) erro
 		}
 	}
 	return nil
-}
-
-// waitCalls is closed once calls reaches n.
-func waitCalls(calls *atomic.Int32, n int32) <-chan struct{} {
-	done := make(chan struct{})
-	go func() {
-		defer close(done)
-		_ = pollUntil(context.Background(), 10*time.Second, func() bool { return calls.Load() >= n })
-	}()
-	return done
 }
