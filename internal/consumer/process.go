@@ -1206,7 +1206,7 @@ func (w *Worker) recall(j *job, recs []*stateRecord, err error) bool {
 		j.out.ErrorMsg, j.out.DLFRequestID = entry.LastErrorMsg, entry.LastRequestID
 		j.unanswered = entry.Unanswered
 	}
-	if j.markCounts(mark, recs[1].rev, entry) {
+	if mark != nil && j.markCounts(mark, recs[1].rev, entry) { // a mark: a valid command, whose id's key was read too
 		j.unanswered = true
 	}
 	if j.valid && d.StoppedBy != "" {
