@@ -5,10 +5,12 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
+	"io"
 	"net/http"
 	"os"
 	"path"
 	"path/filepath"
+	"slices"
 	"strings"
 	"testing"
 	"time"
@@ -49,6 +51,25 @@ func TestWorkerRunsAsDeployed(t *testing.T) {
 	const ak, sk, project, workspace = "AKDEPLOYTEST", "SKDEPLOYTEST", "proj-1", "ws-1"
 	emu, dlfURL := emulator.StartForTest(t, emulator.WithCredentials(ak, sk))
 	emu.AddRunning(project, workspace, "nightly", "inst-1")
+	emu.AddRunning(project, workspace, "nightly", "inst-2")
+
+	// The stored outcome of an earlier command with the id deploy-readback
+	// (a publisher that reuses ids). The worker's own outcome for the
+	// command published below is dropped as its duplicate; the worker
+	// reads the stored one back (STREAM.INFO and STREAM.MSG.GET on the
+	// outcome stream), sees another command's, and acks without an
+	// outcome of its own (contract section 6). Unable to read it, the
+	// worker would keep its own decision without counting a reused id.
+	earlier := nats.NewMsg(outcomePrefix + ".failed")
+	earlier.Header.Set(nats.MsgIdHdr, "deploy-readback")
+	earlier.Data = []byte(`{"command_id":"deploy-readback","status":"failed","cause":"dlf_error","error_code":"DLF.0100","attempts":1}`)
+	{
+		ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+		if _, err := operator.js.PublishMsg(ctx, earlier); err != nil {
+			t.Fatalf("store the earlier outcome: %v", err)
+		}
+		cancel()
+	}
 
 	// The worker's environment, from the manifests.
 	ms := loadManifests(t)
@@ -139,13 +160,18 @@ func TestWorkerRunsAsDeployed(t *testing.T) {
 	for id, body := range map[string]string{
 		"deploy-stop":   `{"script_name":"nightly","instance_id":"inst-1"}`,
 		"deploy-reject": `{"script_name":"nightly"}`,
+		// Its outcome is the stored one above (see there).
+		"deploy-readback": `{"script_name":"nightly","instance_id":"inst-2"}`,
 	} {
 		if _, err := scheduler.js.Publish(pctx, stopSubject, []byte(body), jetstream.WithMsgID(id)); err != nil {
 			t.Fatalf("publish %s: %v", id, err)
 		}
 	}
+	// Outcome events as published: deploy-readback's is published too
+	// (core subscribers see a publish the stream drops as a duplicate),
+	// so only the other two are waited for here.
 	got := map[string]string{}
-	for len(got) < 2 {
+	for got["deploy-stop"] == "" || got["deploy-reject"] == "" {
 		m, err := outcomes.NextMsg(30 * time.Second)
 		if err != nil {
 			t.Fatalf("waiting for outcomes (have %v): %v", got, err)
@@ -174,6 +200,36 @@ func TestWorkerRunsAsDeployed(t *testing.T) {
 	if m := fetchOne(t, dc); m.Headers().Get(nats.MsgIdHdr) != "deploy-reject" {
 		t.Errorf("dead letter %v; want deploy-reject", m.Headers())
 	}
+	// One stored outcome per command id: deploy-readback's is the earlier
+	// command's, read back.
+	oc, err := auditor.js.OrderedConsumer(pctx, outcomeStream, jetstream.OrderedConsumerConfig{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	stored := map[string][]string{}
+	for range 3 {
+		m := fetchOne(t, oc)
+		id := m.Headers().Get(nats.MsgIdHdr)
+		stored[id] = append(stored[id], m.Subject())
+	}
+	if want := []string{outcomePrefix + ".failed"}; !slices.Equal(stored["deploy-readback"], want) {
+		t.Errorf("stored outcomes of deploy-readback: %v; want %v", stored["deploy-readback"], want)
+	}
+	if info, err := oc.Info(pctx); err != nil || info.NumPending != 0 {
+		t.Errorf("outcome stream after three outcomes: %+v %v; want nothing more", info, err)
+	}
+	if !emu.Stopped(project, "nightly", "inst-2") {
+		t.Error("the reused id's command did not stop its instance")
+	}
+	testutil.WaitFor(t, 10*time.Second, "dlf_stop_command_ids_reused_total 1", func() bool {
+		resp, err := http.Get("http://" + httpAddr + "/metrics")
+		if err != nil {
+			return false
+		}
+		defer resp.Body.Close()
+		body, err := io.ReadAll(resp.Body)
+		return err == nil && strings.Contains(string(body), "\ndlf_stop_command_ids_reused_total 1\n")
+	})
 
 	// Acked: the work queue is empty.
 	testutil.WaitFor(t, 10*time.Second, "DLF_STOP empty", func() bool {
