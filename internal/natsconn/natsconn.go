@@ -40,6 +40,14 @@ const (
 	ConnectTimeout = 5 * time.Second
 	PingInterval   = 20 * time.Second
 	MaxPingsOut    = 3
+	// WriteTimeout bounds one write to the server's socket. A server that
+	// stops reading (wedged, or a link that drops packets) lets the
+	// kernel's buffers fill, and every publish then blocks in that
+	// write: nats.go's default, a minute, held a call's "sent" mark, and
+	// the call, that long. After WriteTimeout the connection is given up
+	// and reconnects. nats-server gives its own writes to a client the
+	// same 10 s (write_deadline).
+	WriteTimeout = 10 * time.Second
 )
 
 // Options returns the nats.go options for c: name, authentication, TLS,
@@ -74,6 +82,7 @@ func options(c config.NATS, log *zap.Logger, name string) ([]nats.Option, *redac
 		nats.Timeout(ConnectTimeout),
 		nats.PingInterval(PingInterval),
 		nats.MaxPingsOutstanding(MaxPingsOut),
+		nats.FlusherTimeout(WriteTimeout),
 	}
 	opts = append(opts, handlers(log, r)...)
 

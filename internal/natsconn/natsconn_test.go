@@ -412,3 +412,74 @@ func TestRedactor(t *testing.T) {
 		}
 	}
 }
+
+// TestServerThatStopsReadingIsLeft: a server that completes the handshake
+// and then reads nothing more. Publishes fill the socket's buffers and the
+// next write blocks; the connection must give up after WriteTimeout, not
+// after nats.go's default minute, so that a call's "sent" mark, and the
+// call, are not held that long (the worker then reconnects, and its writes
+// without an answer fail and are retried).
+func TestServerThatStopsReadingIsLeft(t *testing.T) {
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer ln.Close()
+	stalled := make(chan net.Conn, 1)
+	go func() {
+		defer close(stalled)
+		c, err := ln.Accept()
+		if err != nil {
+			return
+		}
+		_, _ = c.Write([]byte(`INFO {"server_id":"stall","version":"2.15.2","proto":1,"headers":true,"max_payload":1048576}` + "\r\n"))
+		// Read CONNECT and PING, answer PONG, then never read again.
+		var seen []byte
+		buf := make([]byte, 4096)
+		for !strings.Contains(string(seen), "PING\r\n") {
+			n, err := c.Read(buf)
+			if err != nil {
+				c.Close()
+				return
+			}
+			seen = append(seen, buf[:n]...)
+		}
+		_, _ = c.Write([]byte("PONG\r\n"))
+		stalled <- c
+	}()
+	nc, err := Connect(context.Background(), config.NATS{URL: "nats://" + ln.Addr().String()}, zap.NewNop(), "t")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer nc.Close()
+	c := <-stalled
+	if c == nil {
+		t.Fatal("the handshake did not complete")
+	}
+	defer c.Close()
+
+	start := time.Now()
+	published := make(chan error, 1)
+	go func() {
+		payload := make([]byte, 256*1024)
+		for {
+			if err := nc.Publish("s", payload); err != nil {
+				published <- err
+				return
+			}
+		}
+	}()
+	// Not nc.Status: it waits for the lock the blocked write holds.
+	select {
+	case err := <-published:
+		// The blocked write's own error, or the reconnect buffer's
+		// once the connection was given up.
+		t.Logf("publishing failed after %s (WriteTimeout %s): %v", time.Since(start).Round(100*time.Millisecond), WriteTimeout, err)
+	case <-time.After(WriteTimeout + 15*time.Second):
+		t.Fatalf("publishes still blocked %s after the server stopped reading", time.Since(start).Round(time.Second))
+	}
+	// And the connection is given up, to reconnect.
+	testutil.WaitFor(t, 5*time.Second, "the connection left for a reconnect", func() bool {
+		return nc.Status() == nats.RECONNECTING
+	})
+}
