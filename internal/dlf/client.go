@@ -1,6 +1,7 @@
 package dlf
 
 import (
+	"bytes"
 	"context"
 	"encoding/json"
 	"errors"
@@ -523,7 +524,23 @@ func rawString(m json.RawMessage) string {
 	if json.Unmarshal(m, &s) == nil {
 		return s
 	}
-	return string(m) // a number or other literal, kept as written
+	// A number, or an object or array a misbehaving gateway sent. Its
+	// strings are written again without escapes the sender may have
+	// chosen (\/, \u002b): the redactor looks for secrets as they were
+	// sent, and an escaped echo would slip past it.
+	d := json.NewDecoder(bytes.NewReader(m))
+	d.UseNumber() // numbers as written
+	var v any
+	if d.Decode(&v) != nil {
+		return ""
+	}
+	var b bytes.Buffer
+	e := json.NewEncoder(&b)
+	e.SetEscapeHTML(false)
+	if e.Encode(v) != nil {
+		return ""
+	}
+	return strings.TrimSpace(b.String())
 }
 
 // cleanText makes s safe for logs, outcome fields and NATS headers: valid
@@ -561,10 +578,15 @@ func cleanText(s string, max int) string {
 // in case a misbehaving server or proxy echoes the request. Secrets shorter
 // than 8 bytes are not searched for (they would mangle the text and are no
 // real secret).
-type redactor struct{ secrets [5]string }
+type redactor struct{ secrets [6]string }
 
+// The AK is among them: Huawei's gateway names it in the 401 for an AK it
+// does not know ("Get secretKey failed,ak:<AK>,err:ak not exist"), which is
+// what an AK deleted at IAM before its file was rotated gets, and the AK is
+// as much a credential as the rest. The whole Authorization value goes
+// first, so its parts never leave pieces behind.
 func newRedactor(cr Credentials, authorization string) *redactor {
-	return &redactor{secrets: [5]string{authorization, signatureOf(authorization), cr.SK, cr.SecurityToken, cr.AuthToken}}
+	return &redactor{secrets: [6]string{authorization, signatureOf(authorization), cr.SK, cr.SecurityToken, cr.AuthToken, cr.AK}}
 }
 
 // text redacts s, then cleans it and cuts it to max bytes (in that order, so

@@ -7,6 +7,7 @@ import (
 	"io"
 	"net"
 	"net/http"
+	"strconv"
 	"strings"
 	"sync"
 	"sync/atomic"
@@ -284,40 +285,58 @@ func TestStopTransportErrors(t *testing.T) {
 	})
 }
 
+// TestStopErrorsHoldNoSecrets: misbehaving gateways or proxies that echo
+// the request's credentials into their errors, in string fields and in an
+// object (whose strings the sender may escape: \/, \u002b).
 func TestStopErrorsHoldNoSecrets(t *testing.T) {
-	const authToken = "MIIZ-iam-token-abcdefghijklmnopqrstuvwxyz"
-	for _, cr := range []Credentials{
-		{AK: testAK, SK: testSK, SecurityToken: testToken},
-		{AuthToken: authToken},
-	} {
-		// A misbehaving proxy that echoes the request into its error.
-		c, _ := setup(t, func(w http.ResponseWriter, r *http.Request) {
+	const authToken = "MIIZ-iam-token/abcdefghijklmnopqrstuvwxyz+0123=="
+	answers := map[string]func(w http.ResponseWriter, r *http.Request, cr Credentials){
+		"strings": func(w http.ResponseWriter, r *http.Request, cr Credentials) {
 			echo := r.Header.Get("Authorization") + " " + r.Header.Get("X-Security-Token") + " " + r.Header.Get("X-Auth-Token")
 			if r.Header.Get("Authorization") != "" {
 				echo += " " + testSK // a server that knows the SK, like the emulator
+				// What Huawei's gateway answers for an AK it does not know.
+				echo += " Get secretKey failed,ak:" + cr.AK + ",err:ak not exist"
 			}
 			w.Header().Set("X-Request-Id", r.Header.Get("Authorization"))
 			w.WriteHeader(http.StatusForbidden)
-			io.WriteString(w, `{"error_code":"APIG.0301 `+r.Header.Get("X-Auth-Token")+`","error_msg":"`+echo+`"}`)
-		}, Config{Credentials: staticCreds(cr)})
-		resp, err := c.Stop(context.Background(), testStop)
-		if err == nil {
-			t.Fatal("no error")
-		}
-		v := Classify(resp, err)
-		texts := []string{err.Error(), resp.RequestID, v.ErrorCode, v.ErrorMsg, v.RequestID}
-		for _, s := range texts {
-			for _, secret := range []string{testSK, testToken, authToken, "Signature="} {
-				if strings.Contains(s, secret) {
-					t.Errorf("%q holds a secret", s)
+			io.WriteString(w, `{"error_code":"APIG.0301 `+r.Header.Get("X-Auth-Token")+`","error_msg":`+strconv.Quote(echo)+`}`)
+		},
+		"escaped object": func(w http.ResponseWriter, r *http.Request, cr Credentials) {
+			escape := strings.NewReplacer("/", `\/`, "+", `\u002b`, "=", `\u003d`).Replace
+			w.WriteHeader(http.StatusForbidden)
+			io.WriteString(w, `{"error_code":{"code":"APIG.0301"},"error_msg":{"detail":"bad credentials","token":"`+
+				escape(r.Header.Get("X-Auth-Token")+r.Header.Get("X-Security-Token"))+`","ak":"`+cr.AK+`"},"request_id":7}`)
+		},
+	}
+	for name, answer := range answers {
+		for _, cr := range []Credentials{
+			{AK: testAK, SK: testSK, SecurityToken: testToken},
+			{AuthToken: authToken},
+		} {
+			c, _ := setup(t, func(w http.ResponseWriter, r *http.Request) { answer(w, r, cr) }, Config{Credentials: staticCreds(cr)})
+			resp, err := c.Stop(context.Background(), testStop)
+			if err == nil {
+				t.Fatal("no error")
+			}
+			v := Classify(resp, err)
+			texts := []string{err.Error(), resp.RequestID, v.ErrorCode, v.ErrorMsg, v.RequestID}
+			for _, s := range texts {
+				for _, secret := range []string{testAK, testSK, testToken[:24], authToken[:24], "Signature="} {
+					if strings.Contains(s, secret) {
+						t.Errorf("%s: %q holds a secret", name, s)
+					}
 				}
 			}
-		}
-		if !strings.Contains(err.Error(), "[REDACTED]") {
-			t.Errorf("nothing redacted in %q", err)
-		}
-		if v.Class != ClassRetry || !v.Systemic {
-			t.Errorf("403 classified %+v", v)
+			if !strings.Contains(err.Error(), "[REDACTED]") {
+				t.Errorf("%s: nothing redacted in %q", name, err)
+			}
+			if v.Class != ClassRetry || !v.Systemic {
+				t.Errorf("%s: 403 classified %+v", name, v)
+			}
+			if name == "escaped object" && (!strings.Contains(v.ErrorMsg, `"detail":"bad credentials"`) || v.RequestID != "7") {
+				t.Errorf("error_msg %q, request_id %q: the rest of the answer should stay", v.ErrorMsg, v.RequestID)
+			}
 		}
 	}
 }

@@ -100,21 +100,42 @@ func secretsAKSKRun(t *testing.T) {
 	if err := wl.proc.check(); err != nil {
 		t.Fatalf("worker restarted or died around the SK rotation: %v", err)
 	}
-	refused := 0
-	for _, r := range emu.Requests()[before:] {
-		if r.Fault == "auth" {
-			refused++
-		}
-	}
+	refused := countFault(emu.Requests()[before:], "auth")
 	t.Logf("after the SK rotation: %d of %d DLF calls refused (old SK) before the worker picked up the new one, pid %d throughout",
 		refused, len(emu.Requests())-before, w.cmd.Process.Pid)
-	if wl.valid != 200 || wl.invalid != 100 {
-		t.Fatalf("workload: %d valid, %d invalid; want 200 and 100", wl.valid, wl.invalid)
+	// AK rotation the IAM way: the old AK is deleted before the files
+	// follow, and the gateway's 401 names it ("Get secretKey failed,
+	// ak:<AK>,err:ak not exist"), an echo the worker must keep out of
+	// its logs, outcomes and dead letters. The files are rewritten once
+	// the refusals were seen; the commands waited meanwhile.
+	newAK := "AKPUBLIC" + strings.ToUpper(randHex(t, 6))
+	newPairSK := "sk-SECRET-pair-" + randHex(t, 16)
+	emu.SetCredentials(newAK, newPairSK)
+	before = len(emu.Requests())
+	ids = wl.publish("ak-rotation", 20, 0, 0)
+	testutil.Eventually(t, 20*time.Second, func() error {
+		if n := countFault(emu.Requests()[before:], "auth"); n < 3 {
+			return fmt.Errorf("%d calls refused for the deleted AK, want 3", n)
+		}
+		return nil
+	})
+	if err := os.WriteFile(skFile, []byte(newPairSK+"\n"), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	if err := os.WriteFile(akFile, []byte(newAK+"\n"), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	wl.waitOutcomes(ids)
+	wl.expectStopped("ak-rotation")
+
+	if wl.valid != 220 || wl.invalid != 100 {
+		t.Fatalf("workload: %d valid, %d invalid; want 220 and 100", wl.valid, wl.invalid)
 	}
 
-	secrets := []secretNeedle{{"AK", ak}, {"secret marker", "-SECRET-"}}
+	secrets := []secretNeedle{{"AK", ak}, {"rotated AK", newAK}, {"secret marker", "-SECRET-"}}
 	secrets = append(secrets, encodedNeedles("SK", sk)...)
 	secrets = append(secrets, encodedNeedles("rotated SK", newSK)...)
+	secrets = append(secrets, encodedNeedles("SK of the rotated AK", newPairSK)...)
 	secrets = append(secrets, encodedNeedles("NATS password", pw)...)
 	secrets = append(secrets, encodedNeedles("NATS user:password", user+":"+pw)...)
 	wl.finish(secrets, "aksk_files+user_password_file")
@@ -456,4 +477,15 @@ func debugWorkerEnv(t *testing.T, natsURL, emuURL string, auth map[string]string
 		env[k] = v
 	}
 	return env
+}
+
+// countFault counts the requests the emulator answered with fault.
+func countFault(reqs []emulator.Request, fault string) int {
+	n := 0
+	for _, r := range reqs {
+		if r.Fault == fault {
+			n++
+		}
+	}
+	return n
 }

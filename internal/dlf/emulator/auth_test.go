@@ -111,6 +111,11 @@ func TestSignature(t *testing.T) {
 				if strings.Contains(string(a.body), sk) {
 					t.Fatal("secret key in the answer")
 				}
+				// The gateway's documented answer to an AK it does not
+				// know names the AK; to any other failure, not.
+				if named := strings.Contains(string(a.body), "Get secretKey failed,ak:"+ak+",err:ak not exist"); named != (tc.name == "unknown ak") {
+					t.Fatalf("body %s", a.body)
+				}
 				if e.Stopped("proj", script, id) {
 					t.Fatal("refused request stopped the instance")
 				}
