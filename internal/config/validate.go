@@ -7,7 +7,6 @@ import (
 	"math"
 	"net"
 	"net/url"
-	"os"
 	"regexp"
 	"strconv"
 	"strings"
@@ -16,6 +15,8 @@ import (
 	"unicode/utf8"
 
 	"go.uber.org/zap/zapcore"
+
+	"github.com/dlf-stop/worker/internal/secretfile"
 )
 
 // varError is one problem with one variable. Its message never holds a
@@ -343,7 +344,11 @@ func (p *problems) file(name, path string) {
 	if path == "" {
 		return
 	}
-	f, err := os.Open(path)
+	f, err := secretfile.OpenRegular(path)
+	if errors.Is(err, secretfile.ErrNotRegular) {
+		p.add(name, "%q is not a regular file", path)
+		return
+	}
 	if err != nil {
 		var pe *fs.PathError
 		if errors.As(err, &pe) {
@@ -360,8 +365,6 @@ func (p *problems) file(name, path string) {
 	switch {
 	case err != nil:
 		p.add(name, "cannot stat %q", path)
-	case !fi.Mode().IsRegular():
-		p.add(name, "%q is not a regular file", path)
 	case fi.Size() == 0:
 		p.add(name, "%q is empty", path)
 	}

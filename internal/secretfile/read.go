@@ -4,7 +4,6 @@ import (
 	"errors"
 	"fmt"
 	"io"
-	"os"
 	"strings"
 	"unicode"
 )
@@ -24,9 +23,9 @@ var (
 // readSecret reads the file at path and trims trailing whitespace. Errors
 // name the path and the problem, never the content.
 func readSecret(path string) (string, error) {
-	f, err := os.Open(path)
+	f, err := OpenRegular(path)
 	if err != nil {
-		return "", fmt.Errorf("secretfile: %w", err) // *fs.PathError names the path.
+		return "", fmt.Errorf("secretfile: %w", err) // names the path
 	}
 	defer f.Close()
 

@@ -142,3 +142,18 @@ func ServingAddr(lines []string) string {
 	}
 	return ""
 }
+
+// Returns fails the test when fn has not returned within the given time.
+func Returns(t testing.TB, within time.Duration, what string, fn func()) {
+	t.Helper()
+	done := make(chan struct{})
+	go func() {
+		defer close(done)
+		fn()
+	}()
+	select {
+	case <-done:
+	case <-time.After(within):
+		t.Fatalf("%s: still blocked after %s", what, within)
+	}
+}
