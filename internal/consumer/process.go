@@ -175,11 +175,15 @@ func (w *Worker) process(j *job, recs []*stateRecord, lerr error) {
 	sched := newSchedule(&w.cfg, meta.Timestamp, meta.NumDelivered)
 	// The circuit and a 429's pause give way at the give-up time, so that
 	// a command ends within DLF_TIMEOUT of it as the contract says. A
-	// command first seen after its time was up cannot meet that bound
-	// anyway; its one call waits its turn like any other, so that a
-	// backlog that aged during an outage does not hit DLF all at once.
+	// delivery that begins after its command's time was up cannot meet
+	// that bound anyway, whether the command is new to the worker or
+	// came back (fetched as the circuit opened, given back for a long
+	// backoff, or its worker died): its one call waits its turn like any
+	// other, a probe while the circuit is open, so that a backlog that
+	// aged during an outage is neither sent to DLF all at once nor
+	// dead-lettered one fetch after another while DLF is known to fail.
 	lastAt := sched.giveUpAt
-	if meta.NumDelivered <= 1 && !time.Now().Before(lastAt) {
+	if !time.Now().Before(lastAt) {
 		lastAt = time.Time{}
 	}
 	var last dlf.Verdict
@@ -463,7 +467,6 @@ func (w *Worker) call(j *job, req dlf.StopRequest, lastAt time.Time) (v dlf.Verd
 	j.called = true
 	v, elapsed, err := w.attemptTracked(j, req, probe)
 	j.attempts++
-	w.circ.release(probe, v, w.hard.Err() != nil)
 	if answeredByDLF(v) { // a refusal (DLF.6205, say) got past the gateway's limit as well
 		w.thr.succeeded()
 	}
@@ -520,17 +523,20 @@ func (w *Worker) attemptTracked(j *job, req dlf.StopRequest, probe bool) (v dlf.
 	return v, elapsed, err
 }
 
-// attempt sends the request on a slot the caller took, and gives the slot
-// back however it ends. A panic in the client must not keep the slot, nor
-// the circuit's probe turn: either loss would stall the worker for good.
+// attempt sends the request on a slot the caller took, tells the circuit
+// the answer, and gives the slot back however it ends. A panic in the
+// client must not keep the slot, nor the circuit's probe turn: either loss
+// would stall the worker for good.
 func (w *Worker) attempt(req dlf.StopRequest, probe bool) (v dlf.Verdict, elapsed time.Duration, err error) {
 	answered := false
 	defer func() {
 		w.m.inFlight.Dec()
+		// The circuit hears the answer before the slot is given back, as
+		// a 429's pause is set (below): a command waiting for this slot
+		// checks the circuit once it has the slot, and must not slip a
+		// call past the 401 that is opening it.
+		w.circ.release(probe, v, !answered || w.hard.Err() != nil)
 		<-w.slots
-		if !answered {
-			w.circ.release(probe, v, true)
-		}
 	}()
 	w.m.inFlight.Inc()
 	ctx, cancel := context.WithTimeout(w.hard, w.cfg.CallTimeout)

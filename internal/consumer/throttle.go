@@ -129,10 +129,13 @@ func (t *throttle) pausedFor(lastAt time.Time) bool {
 // throttled records a 429: everyone waits at least d from now.
 func (t *throttle) throttled(d time.Duration) {
 	t.mu.Lock()
+	defer t.mu.Unlock()
 	if until := time.Now().Add(d); until.After(t.pauseUntil) {
 		t.pauseUntil = until
 	}
-	t.mu.Unlock()
+	// The limit is read and set under t.mu, here and in succeeded: the
+	// limiter locks each step alone, and a success that read the limit
+	// before a 429 halved it would otherwise write the old one back.
 	if t.limiter != nil {
 		if l := t.limiter.Limit() / 2; l >= t.max/64 {
 			t.limiter.SetLimit(l)
@@ -147,6 +150,8 @@ func (t *throttle) succeeded() {
 	if t.limiter == nil {
 		return
 	}
+	t.mu.Lock()
+	defer t.mu.Unlock()
 	if l := t.limiter.Limit(); l < t.max {
 		l += t.max / 20
 		if l > t.max {

@@ -322,6 +322,61 @@ func TestLateCommandsWaitOutA429Pause(t *testing.T) {
 	}
 }
 
+// A command whose time ran out while it waited in the stream (an earlier
+// delivery handed it back, as a worker does with what it holds when the
+// circuit opens) gets its one call as a probe, like a command first seen
+// late: not at once while the circuit is open. It used to skip the
+// circuit, so in an outage longer than RETRY_MAX_ELAPSED a worker with
+// nothing else to do fetched such commands one by one and dead-lettered
+// each after a call DLF was sure to refuse (a review: 20 of 20 in 6 s,
+// the circuit open throughout).
+func TestRedeliveredLateCommandsWaitForTheProbe(t *testing.T) {
+	e := newEnv(t, func(c *Config) {
+		c.Concurrency = 1
+		c.RetryMaxElapsed = time.Millisecond // every command is older when it is fetched
+		c.RetryInitial = 50 * time.Millisecond
+	})
+	e.emu.SetFaults(emulator.Faults{AuthFail: true})
+	e.publishMany(t, 1, "aged")
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+	cons, err := e.js.Consumer(ctx, "DLF_STOP", "dlf-stop-worker")
+	if err != nil {
+		t.Fatal(err)
+	}
+	// The earlier delivery, handing the command back for a while.
+	b, err := cons.Fetch(1, jetstream.FetchMaxWait(5*time.Second))
+	if err != nil {
+		t.Fatal(err)
+	}
+	for m := range b.Messages() {
+		if err := m.NakWithDelay(4 * time.Second); err != nil {
+			t.Fatal(err)
+		}
+	}
+
+	r := e.startWorker(nil)
+	e.publishMany(t, 1, "opener") // its 401 opens the circuit
+	r.waitCircuitOpen(t)
+	// No probe from now on: the next one is an hour away.
+	r.w.circ.mu.Lock()
+	r.w.circ.nextTry = time.Now().Add(time.Hour)
+	r.w.circ.mu.Unlock()
+	e.out.wait(t, 1, 10*time.Second) // the opener's one call, failed
+	testutil.WaitFor(t, 10*time.Second, "the opener done", func() bool { return gaugeValue(r.w.m.held) == 0 })
+	calls := e.emu.StopCalls()
+	if calls != 1 {
+		t.Fatalf("%d DLF calls before the aged command came back; want the opener's only", calls)
+	}
+	testutil.WaitFor(t, 15*time.Second, "the aged command delivered again", func() bool { return gaugeValue(r.w.m.held) == 1 })
+	testutil.Consistently(t, time.Second, func() error {
+		if n := e.emu.StopCalls(); n != calls {
+			return fmt.Errorf("%d DLF calls with the circuit open and no probe due", n-calls)
+		}
+		return nil
+	})
+}
+
 // A command waiting for the rate limiter's next token is expired when its
 // deadline passes, not before.
 func TestRateLimitWaitExpiresAtTheDeadline(t *testing.T) {
