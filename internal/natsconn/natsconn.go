@@ -22,7 +22,6 @@ import (
 	"context"
 	"errors"
 	"fmt"
-	"io"
 	"os"
 	"strings"
 	"sync"
@@ -170,7 +169,9 @@ func (p *passwordFile) read() string {
 // readSecretFile returns the trimmed contents of path. Its errors name the
 // path and never hold the contents.
 func readSecretFile(path string) (string, error) {
-	b, err := readRegular(path)
+	// A FIFO or a huge file must not make this wait: it runs inside
+	// nats.go's reconnect, holding the connection's lock.
+	b, err := secretfile.ReadRegular(path)
 	if err != nil {
 		var pe *os.PathError
 		if errors.As(err, &pe) {
@@ -184,24 +185,6 @@ func readSecretFile(path string) (string, error) {
 	}
 	return s, nil
 }
-
-// readRegular reads the regular file at path, at most 1 MiB: it runs
-// inside nats.go's reconnect, under the connection's lock, so nothing
-// put there (a FIFO, a huge file) may make it wait.
-func readRegular(path string) ([]byte, error) {
-	f, err := secretfile.OpenRegular(path)
-	if err != nil {
-		return nil, err
-	}
-	defer f.Close()
-	b, err := io.ReadAll(io.LimitReader(f, maxSecretFile+1))
-	if err == nil && len(b) > maxSecretFile {
-		err = errors.New("larger than 1 MiB")
-	}
-	return b, err
-}
-
-const maxSecretFile = 1 << 20
 
 func handlers(log *zap.Logger, r *redactor) []nats.Option {
 	errField := func(err error) zap.Field {

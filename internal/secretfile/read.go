@@ -4,6 +4,7 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"io/fs"
 	"strings"
 	"unicode"
 )
@@ -23,22 +24,31 @@ var (
 // readSecret reads the file at path and trims trailing whitespace. Errors
 // name the path and the problem, never the content.
 func readSecret(path string) (string, error) {
-	f, err := OpenRegular(path)
+	b, err := ReadRegular(path)
 	if err != nil {
 		return "", fmt.Errorf("secretfile: %w", err) // names the path
-	}
-	defer f.Close()
-
-	b, err := io.ReadAll(io.LimitReader(f, maxSize+1))
-	if err != nil {
-		return "", fmt.Errorf("secretfile: %w", err)
-	}
-	if len(b) > maxSize {
-		return "", fmt.Errorf("secretfile: read %s: %w", path, ErrTooLarge)
 	}
 	s := strings.TrimRightFunc(string(b), unicode.IsSpace)
 	if s == "" {
 		return "", fmt.Errorf("secretfile: read %s: %w", path, ErrEmpty)
 	}
 	return s, nil
+}
+
+// ReadRegular reads the regular file at path (OpenRegular), at most 1 MiB
+// (ErrTooLarge). Errors name the path, never the content.
+func ReadRegular(path string) ([]byte, error) {
+	f, err := OpenRegular(path)
+	if err != nil {
+		return nil, err
+	}
+	defer f.Close()
+	b, err := io.ReadAll(io.LimitReader(f, maxSize+1))
+	if err != nil {
+		return nil, err
+	}
+	if len(b) > maxSize {
+		return nil, &fs.PathError{Op: "read", Path: path, Err: ErrTooLarge}
+	}
+	return b, nil
 }
