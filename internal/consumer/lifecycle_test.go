@@ -420,6 +420,39 @@ func TestPanicReturnsTheCommand(t *testing.T) {
 // broken clock) is returned with a growing delay, not in a tight loop,
 // and given up once RETRY_MAX_ELAPSED has passed: failed,
 // retries_exhausted, dead-lettered with its bytes, acked.
+// A panic after a command took the circuit's probe turn and a call slot,
+// before its call (in the mark, a take-back, the rate wait), gives both
+// back: the turn kept, the circuit would never probe again and the worker
+// stay paused after DLF recovered; the slot kept, one call fewer for good
+// (here the only one).
+func TestPanicBeforeTheProbeCallGivesTheTurnBack(t *testing.T) {
+	var panicked atomic.Bool
+	e := newEnv(t, func(c *Config) {
+		c.Concurrency = 1
+		c.RetryInitial, c.RetryMax = 50*time.Millisecond, 200*time.Millisecond
+		c.beforeCall = func(probe bool) {
+			if probe && panicked.CompareAndSwap(false, true) {
+				panic("test: broken before the probe's call")
+			}
+		}
+	})
+	e.emu.SetFaults(emulator.Faults{AuthFail: true})
+	e.publishMany(t, 3, "c")
+	r := e.startWorker(nil)
+	r.waitCircuitOpen(t)
+	testutil.WaitFor(t, 10*time.Second, "the panic", panicked.Load)
+	e.emu.SetFaults(emulator.Faults{})
+	e.out.wait(t, 3, 20*time.Second)
+	for id, o := range byID(t, e.out.outcomes(t)) {
+		if o.Status != StatusStopped {
+			t.Errorf("%s: %s/%s, want stopped once DLF recovered", id, o.Status, o.Cause)
+		}
+	}
+	if got := testutilCount(r.w.m.panics); got != 1 {
+		t.Errorf("panics counted: %v, want 1", got)
+	}
+}
+
 func TestPanicOnEveryDeliveryIsGivenUp(t *testing.T) {
 	e := newEnv(t, quickGiveUp)
 	e.emu.AddRunning(proj, "", "s1", "i-poison")

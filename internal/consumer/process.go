@@ -337,7 +337,28 @@ func (w *Worker) call(j *job, req dlf.StopRequest, lastAt time.Time) (v dlf.Verd
 		ctx, cancel = context.WithDeadline(w.soft, dl)
 		defer cancel()
 	}
+	// What this call holds until the client takes it over (attempt gives
+	// both back however the call ends): a panic before then must give
+	// them back too. The probe turn kept, the circuit would never probe
+	// again and the worker stay paused after DLF recovered; the slot
+	// kept, the worker would make one call fewer for good.
+	var ownProbe, ownSlot bool
+	defer func() {
+		if !ownProbe && !ownSlot {
+			return
+		}
+		if r := recover(); r != nil {
+			if ownSlot {
+				<-w.slots
+			}
+			if ownProbe {
+				w.circ.release(true, v, true)
+			}
+			panic(r)
+		}
+	}()
 	notSent := func(probe bool) (dlf.Verdict, callResult) {
+		ownProbe = false
 		w.circ.release(probe, v, true)
 		if w.soft.Err() != nil {
 			return v, callStopped
@@ -345,6 +366,7 @@ func (w *Worker) call(j *job, req dlf.StopRequest, lastAt time.Time) (v dlf.Verd
 		return v, callExpired
 	}
 	probe, ok := w.circ.acquire(ctx, lastAt)
+	ownProbe = probe
 	if !ok {
 		if w.soft.Err() != nil {
 			return v, callStopped
@@ -381,6 +403,7 @@ func (w *Worker) call(j *job, req dlf.StopRequest, lastAt time.Time) (v dlf.Verd
 	// that mark is refused and the command goes back to be read again.
 	heldBack := func() {
 		<-w.slots
+		ownSlot = false
 		if j.marked && !j.called {
 			rev, err := w.state.retractMark(ctx, j.sid, j.meta.NumDelivered, j.meta.Sequence.Stream, j.inst, j.markRev)
 			if err != nil {
@@ -393,7 +416,9 @@ func (w *Worker) call(j *job, req dlf.StopRequest, lastAt time.Time) (v dlf.Verd
 	}
 	for {
 		if w.circ.holdsBack(probe, lastAt) {
-			if probe, ok = w.circ.acquire(ctx, lastAt); !ok {
+			probe, ok = w.circ.acquire(ctx, lastAt)
+			ownProbe = probe
+			if !ok {
 				if w.soft.Err() != nil {
 					return v, callStopped
 				}
@@ -410,6 +435,7 @@ func (w *Worker) call(j *job, req dlf.StopRequest, lastAt time.Time) (v dlf.Verd
 			// (README, "the state bucket"). A delivery that dies while it
 			// waits for a slot (the calls ahead of it) leaves its mark.
 			if err := mark(); err != nil {
+				ownProbe = false // unmarked gives it back
 				return w.unmarked(ctx, j, probe, v, err, notSent)
 			}
 			j.marked = true
@@ -419,8 +445,10 @@ func (w *Worker) call(j *job, req dlf.StopRequest, lastAt time.Time) (v dlf.Verd
 		case <-ctx.Done():
 			return notSent(probe)
 		}
+		ownSlot = true
 		if ctx.Err() != nil { // both were ready and select took the slot
 			<-w.slots
+			ownSlot = false
 			return notSent(probe)
 		}
 		if held() {
@@ -433,10 +461,12 @@ func (w *Worker) call(j *job, req dlf.StopRequest, lastAt time.Time) (v dlf.Verd
 		}
 		if errors.Is(err, errRateWoken) {
 			<-w.slots
+			ownSlot = false
 			continue
 		}
 		if err != nil || ctx.Err() != nil { // the token and the deadline may come together
 			<-w.slots
+			ownSlot = false
 			return notSent(probe)
 		}
 		if held() {
@@ -454,6 +484,7 @@ func (w *Worker) call(j *job, req dlf.StopRequest, lastAt time.Time) (v dlf.Verd
 		// round trip, which costs little where the limit sets the pace.
 		if err := mark(); err != nil {
 			<-w.slots
+			ownSlot, ownProbe = false, false // unmarked gives the turn back
 			return w.unmarked(ctx, j, probe, v, err, notSent)
 		}
 		j.marked = true
@@ -464,7 +495,11 @@ func (w *Worker) call(j *job, req dlf.StopRequest, lastAt time.Time) (v dlf.Verd
 		}
 		heldBack()
 	}
+	if w.cfg.beforeCall != nil {
+		w.cfg.beforeCall(probe)
+	}
 	j.called = true
+	ownProbe, ownSlot = false, false // attempt gives them back however it ends
 	v, elapsed, err := w.attemptTracked(j, req, probe)
 	j.attempts++
 	if answeredByDLF(v) { // a refusal (DLF.6205, say) got past the gateway's limit as well
