@@ -357,6 +357,11 @@ func (w *Worker) call(j *job, req dlf.StopRequest, lastAt time.Time) (v dlf.Verd
 			panic(r)
 		}
 	}()
+	// freeSlot gives back the slot this call took, before the call.
+	freeSlot := func() {
+		<-w.slots
+		ownSlot = false
+	}
 	notSent := func(probe bool) (dlf.Verdict, callResult) {
 		ownProbe = false
 		w.circ.release(probe, v, true)
@@ -402,8 +407,7 @@ func (w *Worker) call(j *job, req dlf.StopRequest, lastAt time.Time) (v dlf.Verd
 	// would take its DLF.6205 for a failure. If the take-back was stored,
 	// that mark is refused and the command goes back to be read again.
 	heldBack := func() {
-		<-w.slots
-		ownSlot = false
+		freeSlot()
 		if j.marked && !j.called {
 			rev, err := w.state.retractMark(ctx, j.sid, j.meta.NumDelivered, j.meta.Sequence.Stream, j.inst, j.markRev)
 			if err != nil {
@@ -447,8 +451,7 @@ func (w *Worker) call(j *job, req dlf.StopRequest, lastAt time.Time) (v dlf.Verd
 		}
 		ownSlot = true
 		if ctx.Err() != nil { // both were ready and select took the slot
-			<-w.slots
-			ownSlot = false
+			freeSlot()
 			return notSent(probe)
 		}
 		if held() {
@@ -460,13 +463,11 @@ func (w *Worker) call(j *job, req dlf.StopRequest, lastAt time.Time) (v dlf.Verd
 			err = w.thr.waitRate(ctx, w.circ.changedCh)
 		}
 		if errors.Is(err, errRateWoken) {
-			<-w.slots
-			ownSlot = false
+			freeSlot()
 			continue
 		}
 		if err != nil || ctx.Err() != nil { // the token and the deadline may come together
-			<-w.slots
-			ownSlot = false
+			freeSlot()
 			return notSent(probe)
 		}
 		if held() {
@@ -483,8 +484,8 @@ func (w *Worker) call(j *job, req dlf.StopRequest, lastAt time.Time) (v dlf.Verd
 		// gets is not taken for its own stop. The slot waits out the
 		// round trip, which costs little where the limit sets the pace.
 		if err := mark(); err != nil {
-			<-w.slots
-			ownSlot, ownProbe = false, false // unmarked gives the turn back
+			freeSlot()
+			ownProbe = false // unmarked gives the turn back
 			return w.unmarked(ctx, j, probe, v, err, notSent)
 		}
 		j.marked = true
