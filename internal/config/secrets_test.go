@@ -28,8 +28,10 @@ func secretEnvs(t *testing.T) map[string]map[string]string {
 	return map[string]map[string]string{
 		"valid aksk": env(
 			"HUAWEICLOUD_SDK_AK", "AK", "HUAWEICLOUD_SDK_SK", secretSK, "HUAWEICLOUD_SDK_SECURITY_TOKEN", secretSecToken,
-			"NATS_USER", "u", "NATS_PASSWORD", secretNATSPass,
 			"NATS_URL", "nats://u:"+secretURLPass+"@127.0.0.1:4222,nats://"+secretURLPass+"@h:1"),
+		"valid nats password": env("DLF_AUTH_TOKEN", secretAuthTok, "NATS_USER", "u", "NATS_PASSWORD", secretNATSPass),
+		"url and nats password": env("DLF_AUTH_TOKEN", secretAuthTok, "NATS_USER", "u", "NATS_PASSWORD", secretNATSPass,
+			"NATS_URL", "nats://u:"+secretURLPass+"@127.0.0.1:4222"),
 		"aksk and token": env(
 			"HUAWEICLOUD_SDK_AK", "AK", "HUAWEICLOUD_SDK_SK", secretSK, "HUAWEICLOUD_SDK_SECURITY_TOKEN", secretSecToken,
 			"DLF_AUTH_TOKEN", secretAuthTok, "NATS_TOKEN", secretNATSTok, "NATS_PASSWORD", secretNATSPass),
@@ -121,11 +123,11 @@ func TestRedacted(t *testing.T) {
 	want := map[string]string{
 		"HUAWEICLOUD_SDK_SK":             "[redacted]",
 		"HUAWEICLOUD_SDK_SECURITY_TOKEN": "[redacted]",
-		"NATS_PASSWORD":                  "[redacted]",
+		"NATS_PASSWORD":                  "",
 		"NATS_TOKEN":                     "",
 		"DLF_AUTH_TOKEN":                 "",
 		"HUAWEICLOUD_SDK_AK":             "[redacted]",
-		"NATS_USER":                      "u",
+		"NATS_USER":                      "",
 		"NATS_URL":                       "nats://[redacted]@127.0.0.1:4222,nats://[redacted]@h:1",
 		"DLF_ENDPOINT":                   "https://dayu-dlf.cn-north-4.myhuaweicloud.com",
 		"DLF_TIMEOUT":                    "10s",
@@ -140,6 +142,17 @@ func TestRedacted(t *testing.T) {
 	}
 	if s := c.DLF.String(); !strings.Contains(s, `HUAWEICLOUD_SDK_SK:"[redacted]"`) || !strings.Contains(s, `HUAWEICLOUD_SDK_AK:"[redacted]"`) {
 		t.Errorf("DLF.String() = %s", s)
+	}
+
+	c, err = FromEnv(lookupMap(secretEnvs(t)["valid nats password"]))
+	if err != nil {
+		t.Fatal(err)
+	}
+	r = c.Redacted()
+	for k, v := range map[string]string{"NATS_PASSWORD": "[redacted]", "NATS_USER": "u", "DLF_AUTH_TOKEN": "[redacted]"} {
+		if r[k] != v {
+			t.Errorf("with a NATS password: Redacted()[%s] = %q, want %q", k, r[k], v)
+		}
 	}
 }
 

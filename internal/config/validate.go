@@ -76,6 +76,23 @@ func (n NATS) problems() []error {
 	if len(methods) > 1 {
 		p.add(strings.Join(methods, ", "), "set only one NATS authentication method: NATS_USER with NATS_PASSWORD or NATS_PASSWORD_FILE, NATS_TOKEN, NATS_CREDS or NATS_NKEY")
 	}
+	// nats.go sends a URL's user and password (or token) in place of
+	// NATS_USER, NATS_PASSWORD(_FILE), NATS_TOKEN and NATS_NKEY, without a
+	// word, and next to NATS_CREDS's JWT: a rotated password file would be
+	// read and never used.
+	if len(methods) > 0 && len(userinfoSpans(n.URL)) > 0 {
+		var set []string
+		for _, v := range []struct{ name, value string }{
+			{"NATS_USER", n.User}, {"NATS_PASSWORD", n.Password}, {"NATS_PASSWORD_FILE", n.PasswordFile},
+			{"NATS_TOKEN", n.Token}, {"NATS_CREDS", n.Creds}, {"NATS_NKEY", n.NKey},
+		} {
+			if v.value != "" {
+				set = append(set, v.name)
+			}
+		}
+		list := strings.Join(set, ", ")
+		p.add("NATS_URL", "carries a user name and password or a token, and %s set credentials as well: nats.go would send the URL's and drop those (or send both, with NATS_CREDS); set only one", list)
+	}
 	password := n.Password != "" || n.PasswordFile != ""
 	if n.Password != "" && n.PasswordFile != "" {
 		p.add("NATS_PASSWORD", "cannot be combined with NATS_PASSWORD_FILE; set only one")
