@@ -242,6 +242,25 @@ func (c *circuit) release(probe bool, v dlf.Verdict, cancelled bool) {
 	}
 }
 
+// credentialsChanged lets an open circuit probe now: new credentials may
+// be what ends a 401 or 403, and the probe backoff has grown meanwhile. A
+// probe already on the wire is waited for; the next one may go as soon as
+// it has answered.
+func (c *circuit) credentialsChanged() {
+	if c.disabled {
+		return
+	}
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	if !c.open {
+		return
+	}
+	c.probeBo.Reset()
+	c.nextTry = time.Time{}
+	c.log.Info("DLF credentials changed: probing now")
+	c.signalLocked()
+}
+
 func (c *circuit) signalLocked() {
 	close(c.changed)
 	c.changed = make(chan struct{})

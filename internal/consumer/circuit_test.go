@@ -144,6 +144,48 @@ func TestOnlyAnAnswerFromDLFClosesTheCircuit(t *testing.T) {
 	}
 }
 
+// New credentials may be what ends a 401: they let the next probe go at
+// once, however far the probe backoff has grown. A probe on the wire is
+// still waited for, and a closed circuit is left as it is.
+func TestCredentialsChangedLetTheProbeGoAtOnce(t *testing.T) {
+	cfg := Config{CircuitThreshold: 5, RetryInitial: time.Hour, RetryMax: time.Hour}
+	c := newCircuit(&cfg, zap.NewNop(), nil)
+	c.credentialsChanged() // closed: nothing to do
+	if c.Open() {
+		t.Fatal("a credentials change opened the circuit")
+	}
+	c.release(false, dlf.Verdict{HTTPStatus: 401, Systemic: true}, false)
+	acquire := func(within time.Duration) (probe, ok bool) {
+		ctx, cancel := context.WithTimeout(context.Background(), within)
+		defer cancel()
+		return c.acquire(ctx, time.Time{})
+	}
+	if probe, ok := acquire(100 * time.Millisecond); probe || ok {
+		t.Fatalf("acquire = probe %v, ok %v with the first probe an hour away; want to wait", probe, ok)
+	}
+
+	got := make(chan bool, 1)
+	go func() {
+		probe, ok := acquire(5 * time.Second)
+		got <- probe && ok
+	}()
+	c.credentialsChanged()
+	if !<-got {
+		t.Fatal("a waiting command did not get the probe turn after the credentials changed")
+	}
+	// That probe is on the wire: a second change lets nothing else by
+	// until it answers.
+	c.credentialsChanged()
+	if probe, ok := acquire(100 * time.Millisecond); probe || ok {
+		t.Fatalf("acquire = probe %v, ok %v while a probe is on the wire; want to wait", probe, ok)
+	}
+	c.release(true, dlf.Verdict{HTTPStatus: 401, Systemic: true}, false)
+	c.credentialsChanged()
+	if probe, ok := acquire(time.Second); !probe || !ok {
+		t.Fatalf("acquire = probe %v, ok %v after the failed probe and a change; want the probe turn", probe, ok)
+	}
+}
+
 // waitCircuitOpen waits until the worker's circuit has opened.
 func (r *running) waitCircuitOpen(t *testing.T) {
 	t.Helper()

@@ -133,6 +133,14 @@ func (w *Worker) Ready() bool {
 	return ok
 }
 
+// CredentialsChanged tells the worker that the DLF credentials were
+// replaced (a rotated AK/SK or token file). An open circuit probes at once
+// instead of after its backoff, which may have grown to
+// RETRY_MAX_INTERVAL: the operator who fixed the credentials should not
+// wait that long to see the worker resume. It is safe to call at any time,
+// from any goroutine.
+func (w *Worker) CredentialsChanged() { w.circ.credentialsChanged() }
+
 // Readiness is Ready with the reason when not ready, for /readyz.
 func (w *Worker) Readiness() (bool, string) {
 	switch {

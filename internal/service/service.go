@@ -7,6 +7,7 @@ import (
 	"errors"
 	"fmt"
 	"os"
+	"sync/atomic"
 	"time"
 
 	"github.com/nats-io/nats.go"
@@ -52,7 +53,14 @@ func Run(ctx context.Context, cfg config.Config, log *zap.Logger, hooks Hooks) e
 	// Secrets live only inside these values, never in a log field.
 	secretCtx, stopSecrets := context.WithCancel(context.WithoutCancel(ctx))
 	defer stopSecrets()
-	creds, err := credentials(secretCtx, cfg.DLF, log)
+	// The worker is made after the client that needs the credentials; a
+	// change that comes before it has no circuit to wake.
+	var worker atomic.Pointer[consumer.Worker]
+	creds, err := credentials(secretCtx, cfg.DLF, log, secretfile.WithOnChange(func() {
+		if w := worker.Load(); w != nil {
+			w.CredentialsChanged()
+		}
+	}))
 	if err != nil {
 		return err
 	}
@@ -132,6 +140,7 @@ func Run(ctx context.Context, cfg config.Config, log *zap.Logger, hooks Hooks) e
 	if err != nil {
 		return err
 	}
+	worker.Store(w)
 	readiness.Delegate(w.Readiness)
 	log.Info("consuming", zap.String("stream", ccfg.StopStream), zap.String("consumer", ccfg.ConsumerName),
 		zap.String("http_addr", ops.Addr()), zap.Int("concurrency", ccfg.Concurrency))
@@ -188,7 +197,9 @@ func ConsumerConfig(cfg config.Config, workerID string) consumer.Config {
 
 // credentials returns the per-request credential source. File-backed
 // values are watched, so a rotated secret applies to the next request.
-func credentials(ctx context.Context, d config.DLF, log *zap.Logger) (func() dlf.Credentials, error) {
+//
+// opts apply to every watched file (WithOnChange: a rotation).
+func credentials(ctx context.Context, d config.DLF, log *zap.Logger, opts ...secretfile.Option) (func() dlf.Credentials, error) {
 	if d.Unauthenticated() {
 		log.Warn("no DLF credentials configured: requests go out unsigned (only useful against an emulator)")
 		return nil, nil
@@ -197,7 +208,7 @@ func credentials(ctx context.Context, d config.DLF, log *zap.Logger) (func() dlf
 		if file == "" {
 			return secretfile.Static(inline), nil
 		}
-		v, err := secretfile.Watch(ctx, file, log)
+		v, err := secretfile.Watch(ctx, file, log, opts...)
 		if err != nil {
 			return nil, fmt.Errorf("%s: %w", name, err)
 		}
@@ -208,7 +219,7 @@ func credentials(ctx context.Context, d config.DLF, log *zap.Logger) (func() dlf
 	// signed with one new key and one old.
 	var keys func() (ak, sk string)
 	if d.AKFile != "" && d.SKFile != "" {
-		p, err := secretfile.WatchPair(ctx, d.AKFile, d.SKFile, log)
+		p, err := secretfile.WatchPair(ctx, d.AKFile, d.SKFile, log, opts...)
 		if err != nil {
 			return nil, fmt.Errorf("HUAWEICLOUD_SDK_AK_FILE, HUAWEICLOUD_SDK_SK_FILE: %w", err)
 		}
