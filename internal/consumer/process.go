@@ -510,10 +510,15 @@ func (w *Worker) call(j *job, req dlf.StopRequest, lastAt time.Time) (v dlf.Verd
 		j.unanswered = true
 	}
 	w.m.observeCall(v.HTTPStatus, elapsed)
+	// The status is the last attempt's, 0 when it got no answer; the error
+	// body and the request id are the last answer's (contract section 4),
+	// so an attempt without one leaves what DLF said before.
 	j.out.HTTPStatus = v.HTTPStatus
-	j.out.ErrorCode = v.ErrorCode
-	j.out.ErrorMsg = v.ErrorMsg
-	j.out.DLFRequestID = v.RequestID
+	if v.HTTPStatus != 0 {
+		j.out.ErrorCode = v.ErrorCode
+		j.out.ErrorMsg = v.ErrorMsg
+		j.out.DLFRequestID = v.RequestID
+	}
 	if v.Class != dlf.ClassStopped {
 		j.log.Debug("DLF call did not stop the instance", zap.Int("attempt", j.attempts),
 			zap.Int("http_status", v.HTTPStatus), zap.String("error_code", v.ErrorCode), zap.Error(err))

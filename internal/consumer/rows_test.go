@@ -9,6 +9,7 @@ import (
 	"net/http/httptest"
 	"strconv"
 	"strings"
+	"sync/atomic"
 	"testing"
 	"time"
 
@@ -293,6 +294,46 @@ func TestRowRedirectNotFollowed(t *testing.T) {
 		t.Errorf("calls=%d followed=%d, want 1 and 0", calls, followed)
 	}
 	e.checkDead(t, o, b, seq)
+}
+
+// The outcome's error_code, error_msg and dlf_request_id come from the
+// last answer DLF sent (contract section 4), and http_status from the last
+// attempt: when the last attempts got no answer at all, the status is 0
+// but what DLF said before is still reported.
+func TestLastAnswerOutlivesUnansweredAttempts(t *testing.T) {
+	var calls atomic.Int32
+	srv := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		if calls.Add(1) == 1 {
+			w.Header().Set("X-Request-Id", "req-first")
+			w.Header().Set("Content-Type", "application/json")
+			w.WriteHeader(http.StatusServiceUnavailable)
+			_, _ = w.Write([]byte(`{"error_code":"APIG.0201","error_msg":"Backend unavailable"}`))
+			return
+		}
+		hj, ok := w.(http.Hijacker)
+		if !ok {
+			t.Error("no hijacker")
+			return
+		}
+		if c, _, err := hj.Hijack(); err == nil {
+			_ = c.Close() // no answer
+		}
+	}))
+	t.Cleanup(srv.Close)
+	e := newEnv(t, func(c *Config) {
+		c.RetryMaxElapsed = 2 * time.Second
+		c.RetryInitial, c.RetryMax = 100*time.Millisecond, 200*time.Millisecond
+	})
+	e.startWorkerAt(srv.URL, nil)
+	e.publish(body(t, map[string]any{"project_id": proj, "script_name": "s1", "instance_id": "i-1"}), nil)
+	o := e.single(t)
+	if o.Status != StatusFailed || o.Cause != CauseRetriesExhausted || o.Attempts < 2 {
+		t.Fatalf("outcome = %+v; want failed/retries_exhausted after several attempts", o)
+	}
+	if o.HTTPStatus != 0 || o.ErrorCode != "APIG.0201" || o.ErrorMsg != "Backend unavailable" || o.DLFRequestID != "req-first" {
+		t.Errorf("http_status %d, error_code %q, error_msg %q, dlf_request_id %q; want 0 (the last attempt got no answer) and the first answer's APIG.0201, its message and req-first",
+			o.HTTPStatus, o.ErrorCode, o.ErrorMsg, o.DLFRequestID)
+	}
 }
 
 // retryThenHeal injects a fault on one instance, waits until the worker

@@ -154,7 +154,10 @@ func publishAndWait(ctx context.Context, cfg config.Config, id string, body []by
 	case out := <-got:
 		return out, 0, nil
 	case <-ctx.Done():
-		return nil, ExitNoOutcome, fmt.Errorf("no outcome for command %s within %s", id, wait)
+		// An id decided before the duplicate window is acked without a
+		// new outcome (contract section 6) for as long as the state
+		// bucket remembers it: say so, as nothing else will.
+		return nil, ExitNoOutcome, fmt.Errorf("no outcome for command %s within %s (an id the worker decided before gets no new outcome while its state bucket remembers it, STATE_TTL: leave --id out to send a new command)", id, wait)
 	}
 }
 
