@@ -394,3 +394,182 @@ func TestTakeBackThatFailedIsMarkedAgain(t *testing.T) {
 		t.Errorf("DLF calls for b = %d, want 1", n)
 	}
 }
+
+// fetchedByADyingWorker fetches the command at seq as a worker that then
+// dies (it never acks) would.
+func (e *env) fetchedByADyingWorker(t *testing.T, seq uint64) {
+	t.Helper()
+	cons, err := e.js.Consumer(context.Background(), "DLF_STOP", "dlf-stop-worker")
+	if err != nil {
+		t.Fatal(err)
+	}
+	batch, err := cons.Fetch(1, jetstream.FetchMaxWait(5*time.Second))
+	if err != nil {
+		t.Fatal(err)
+	}
+	m := <-batch.Messages()
+	if m == nil {
+		t.Fatal("the dying worker got nothing")
+	}
+	if md, err := m.Metadata(); err != nil || md.Sequence.Stream != seq {
+		t.Fatalf("the dying worker got %v (%v), want stream sequence %d", md, err, seq)
+	}
+}
+
+// deliveredAndDied is fetchedByADyingWorker after that worker stored the
+// "sent" mark of its call to inst: the call went out and its answer was
+// lost with the worker.
+func (e *env) deliveredAndDied(t *testing.T, st *stateStore, id string, seq uint64, inst command.Command) {
+	t.Helper()
+	e.fetchedByADyingWorker(t, seq)
+	if _, err := st.kv.Create(context.Background(), cmdKey(id), sentMarkDoc(id, 1, seq, inst.InstanceKey())); err != nil {
+		t.Fatal(err)
+	}
+}
+
+// Delivery 1 called and died. Delivery 2 knows it (the mark), marks its
+// own call and is then held back by a 429 pause before it calls. It must
+// not take its mark back: the mark is all that is left of delivery 1's
+// call, and when delivery 2 dies too, delivery 3's DLF.6205 is the answer
+// to that call (contract section 6), not a failure to dead-letter.
+func TestHeldDeliveryKeepsTheMarkOfAnEarlierUnansweredCall(t *testing.T) {
+	e := newEnv(t, func(c *Config) { c.AckWait, c.CallTimeout = time.Second, 10*time.Second })
+	st := e.state(t)
+	e.emu.AddRunning(proj, "", "s1", "i-slow")
+	e.emu.SetFaultsFor(proj, "s1", "i-slow", emulator.Faults{Latency: 2 * time.Second})
+	// i-1 is not running: delivery 1's call stopped it.
+	seq := e.publish(body(t, map[string]any{"command_id": "r", "project_id": proj, "script_name": "s1", "instance_id": "i-1"}), nil)
+	e.deliveredAndDied(t, st, "r", seq, command.Command{ProjectID: proj, ScriptName: "s1", InstanceID: "i-1"})
+	// "slow" holds the only call slot while delivery 2 of r waits for it.
+	e.publish(body(t, map[string]any{"command_id": "slow", "project_id": proj, "script_name": "s1", "instance_id": "i-slow"}), nil)
+	r1 := e.startWorker(func(c *Config) { c.Concurrency = 1 })
+	testutil.Eventually(t, 10*time.Second, func() error {
+		rec, err := st.load(context.Background(), cmdKey("r"))
+		if m := rec.doc.Cmds["r"]; err != nil || m == nil || m.Delivery != 2 {
+			return fmt.Errorf("delivery 2 of r has not marked yet: %+v (%v)", m, err)
+		}
+		return nil
+	})
+	r1.w.thr.throttled(10 * time.Second) // a 429 pause begins while delivery 2 waits for the slot
+	// The slot is given back before slow's outcome is stored: by then
+	// delivery 2 has the slot, has met the pause and given it back.
+	e.out.wait(t, 1, 10*time.Second)
+	if n := e.emu.StopCallsFor(proj, "s1", "i-1"); n != 0 {
+		t.Fatalf("delivery 2 called during the pause (%d calls)", n)
+	}
+	rec, err := st.load(context.Background(), cmdKey("r"))
+	if m := rec.doc.Cmds["r"]; err != nil || m == nil || m.Held {
+		t.Errorf("r's mark after delivery 2 was held back: %+v (%v); want it kept, not held", m, err)
+	}
+	r1.nc.Close() // delivery 2 dies in the pause
+	r1.stop(t)
+
+	e.startWorker(nil)
+	e.out.wait(t, 2, 20*time.Second)
+	o := byID(t, e.out.outcomes(t))["r"]
+	if o.Status != StatusStopped || o.Cause != CauseAlreadyStopped || o.ErrorCode != "DLF.6205" {
+		t.Errorf("r = %s/%s %s; want stopped/already_stopped: delivery 1's call stopped it", o.Status, o.Cause, o.ErrorCode)
+	}
+	e.noDeadLetters(t)
+}
+
+// The same command (its id, its instance) published again while the first
+// message's delivery had sent its call and died: the second message's
+// DLF.6205 is the answer to that call (contract section 6: an earlier
+// attempt for the same command), not a failure, and the first message's
+// redelivery is then acked without an outcome of its own.
+func TestSameCommandPublishedAgainCountsTheFirstMessagesCall(t *testing.T) {
+	e := newEnv(t, func(c *Config) { c.AckWait = 4 * time.Second })
+	st := e.state(t)
+	b := body(t, map[string]any{"command_id": "again", "project_id": proj, "script_name": "s1", "instance_id": "i-1"})
+	seq := e.publish(b, nil)
+	e.deliveredAndDied(t, st, "again", seq, command.Command{ProjectID: proj, ScriptName: "s1", InstanceID: "i-1"})
+	// Published again by its scheduler, past the duplicate window: a
+	// message of its own (here the stream sees no Nats-Msg-Id, so the
+	// test need not wait out the window).
+	e.publish(b, nil)
+	e.startWorker(nil)
+	e.stopStreamEmpty(t) // both messages acked: every outcome is stored
+	o := e.single(t)
+	if o.Status != StatusStopped || o.Cause != CauseAlreadyStopped || o.ErrorCode != "DLF.6205" {
+		t.Errorf("outcome = %s/%s %s; want stopped/already_stopped: the first message's call stopped the instance", o.Status, o.Cause, o.ErrorCode)
+	}
+	e.noDeadLetters(t)
+}
+
+// outcomesStored is how many outcome events the outcome stream holds.
+func (e *env) outcomesStored(t *testing.T) uint64 {
+	t.Helper()
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+	s, err := e.js.Stream(ctx, "DLF_STOP_OUTCOMES")
+	if err != nil {
+		t.Fatal(err)
+	}
+	info, err := s.Info(ctx)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return info.State.Msgs
+}
+
+// Id "A" names i-1 in a first message, whose call is slow, and i-2 in a
+// second one, which stops i-2 meanwhile and stores A's outcome. When the
+// first message's call ends, past the outcome stream's duplicate window
+// (1 s here, 2 minutes by default), A is decided: it must be acked without
+// a second outcome event, the second message's mark leading to where A's
+// decision is.
+func TestHeldDeliveryFindsItsIdDecidedForAnotherInstance(t *testing.T) {
+	e := newEnv(t, func(c *Config) { c.AckWait, c.CallTimeout = 2*time.Second, 10*time.Second })
+	e.updateStream(t, "DLF_STOP_OUTCOMES", func(c *jetstream.StreamConfig) { c.Duplicates = time.Second })
+	e.emu.AddRunning(proj, "", "s1", "i-1")
+	e.emu.AddRunning(proj, "", "s1", "i-2")
+	e.emu.SetFaultsFor(proj, "s1", "i-1", emulator.Faults{Latency: 4 * time.Second})
+	e.startWorker(nil)
+	e.publish(body(t, map[string]any{"command_id": "A", "project_id": proj, "script_name": "s1", "instance_id": "i-1"}), nil)
+	testutil.Eventually(t, 10*time.Second, func() error {
+		if e.emu.StopCallsFor(proj, "s1", "i-1") == 0 {
+			return errors.New("the first message has not called yet")
+		}
+		return nil
+	})
+	e.publish(body(t, map[string]any{"command_id": "A", "project_id": proj, "script_name": "s1", "instance_id": "i-2"}), nil)
+	e.stopStreamEmpty(t) // both acked: every outcome they published is stored
+	if n := e.outcomesStored(t); n != 1 {
+		t.Errorf("%d outcome events for id A, want 1", n)
+	}
+	if o := e.single(t); o.InstanceID != "i-2" || o.Status != StatusStopped {
+		t.Errorf("A's outcome: %s %s/%s; want i-2's, stopped", o.InstanceID, o.Status, o.Cause)
+	}
+}
+
+// A refused mark makes the worker unready while commands wait for theirs.
+// Once none is waiting (here the only one expired) and the bucket is well
+// again, the worker is ready again: an idle worker has no mark to store
+// that would say so, and stayed unready for good.
+func TestRefusedMarkDoesNotKeepAnIdleWorkerUnready(t *testing.T) {
+	e := newEnv(t, func(c *Config) { c.RetryInitial, c.RetryMax = 100*time.Millisecond, 400*time.Millisecond })
+	e.emu.AddRunning(proj, "", "s1", "a")
+	r := e.startWorker(nil)
+	r.waitStarted(t)
+	e.updateStream(t, "KV_dlf_stop_state", func(c *jetstream.StreamConfig) { c.MaxMsgSize = 16 })
+	deadline := time.Now().Add(1500 * time.Millisecond).UTC().Format(time.RFC3339Nano)
+	e.publish(body(t, map[string]any{"command_id": "a", "project_id": proj, "script_name": "s1", "instance_id": "a", "deadline": deadline}), nil)
+	testutil.Eventually(t, 5*time.Second, func() error {
+		if ok, why := r.w.Readiness(); ok || !strings.Contains(why, "marks") {
+			return fmt.Errorf("readiness = %v %q; want not ready for the refused marks", ok, why)
+		}
+		return nil
+	})
+	if o := e.single(t); o.Status != StatusExpired {
+		t.Fatalf("a = %s/%s; want expired, its deadline passed while its mark was refused", o.Status, o.Cause)
+	}
+	e.updateStream(t, "KV_dlf_stop_state", func(c *jetstream.StreamConfig) { c.MaxMsgSize = -1 })
+	e.stopStreamEmpty(t)
+	testutil.Eventually(t, 15*time.Second, func() error {
+		if ok, why := r.w.Readiness(); !ok {
+			return fmt.Errorf("not ready (%s), with no command waiting and the bucket well", why)
+		}
+		return nil
+	})
+}

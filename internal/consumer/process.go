@@ -26,6 +26,7 @@ const publishTimeout = 5 * time.Second
 // job is one delivery of one command on its way to an outcome.
 type job struct {
 	msg  jetstream.Msg
+	hb   *heartbeat // the message's, stopped before it is returned
 	meta *jetstream.MsgMetadata
 	cmd  command.Command
 	// sid is the command's identity in the state bucket: its id, and for
@@ -389,8 +390,8 @@ func (w *Worker) call(j *job, req dlf.StopRequest, lastAt time.Time) (v dlf.Verd
 		rev, err := w.state.markSentAt(ctx, j.sid, j.meta.NumDelivered, j.meta.Sequence.Stream, j.inst, j.markRev)
 		if err == nil {
 			j.markRev = rev
-			if w.marksRefused.Load() { // a load: every command passes here
-				w.marksRefused.Store(false)
+			if w.marksRefused.Load() != 0 { // a load: every command passes here
+				w.marksRefused.Store(0)
 			}
 		}
 		return err
@@ -406,9 +407,13 @@ func (w *Worker) call(j *job, req dlf.StopRequest, lastAt time.Time) (v dlf.Verd
 	// replaced would leave only a "held" mark behind, and a redelivery
 	// would take its DLF.6205 for a failure. If the take-back was stored,
 	// that mark is refused and the command goes back to be read again.
+	// A delivery that knows of an earlier call that went unanswered keeps
+	// its mark: the mark stands for that call too, and taken back it
+	// would leave a delivery after this one, should this one die, nothing
+	// to explain its DLF.6205 with.
 	heldBack := func() {
 		freeSlot()
-		if j.marked && !j.called {
+		if j.marked && !j.called && !j.unanswered {
 			rev, err := w.state.retractMark(ctx, j.sid, j.meta.NumDelivered, j.meta.Sequence.Stream, j.inst, j.markRev)
 			if err != nil {
 				j.log.Debug("could not take the call's mark back while it is held back; marking again before the call", zap.Error(err))
@@ -541,7 +546,7 @@ func (w *Worker) unmarked(ctx context.Context, j *job, probe bool, v dlf.Verdict
 		j.log.Warn("the command's state moved since it was read; returning the command to read it again", zap.Error(err))
 		return v, callUnmarked
 	}
-	w.marksRefused.Store(true)
+	w.marksRefused.Store(time.Now().UnixNano())
 	j.log.Warn("could not record the call before making it; returning the command", zap.Error(err))
 	return v, callUnmarked
 }
@@ -658,6 +663,12 @@ func (w *Worker) giveBack(j *job, delay time.Duration, reason string) {
 		}
 	}
 	w.awaitPullsClosed()
+	// No heartbeat may follow the nak: JetStream takes an InProgress as
+	// the command being worked on again, and its ack wait then replaces
+	// the nak's delay (nats-server's progressUpdate).
+	if j.hb != nil {
+		j.hb.stop()
+	}
 	var err error
 	if delay > 0 {
 		err = j.msg.NakWithDelay(delay)
@@ -807,7 +818,7 @@ func (w *Worker) store(j *job) {
 // would be a second outcome event. A delivery younger than half its ack
 // wait cannot have been overtaken, and pays nothing.
 func (w *Worker) decidedMeanwhile(ctx context.Context, j *job) bool {
-	if w.state == nil || time.Since(j.received) < w.ackWait/2 {
+	if w.state == nil || time.Since(j.received) < w.ackWaitNow()/2 {
 		return false
 	}
 	recs, err := w.state.lookupWait(ctx, j.stateKeys())
@@ -841,8 +852,11 @@ func (w *Worker) decidedIn(ctx context.Context, j *job, recs []*stateRecord,
 	case e == nil:
 	case e.Phase == phaseDecided:
 		return true
-	case e.Phase == phaseSent && e.Seq == j.meta.Sequence.Stream && e.Inst != "" && e.Inst != j.inst:
-		// The other delivery read the command under other defaults.
+	case e.Phase == phaseSent && e.Inst != "" && e.Inst != j.inst:
+		// The other delivery read the command under other defaults, or
+		// another message with this id names another instance: its
+		// decision, there, makes the id final (contract section 6), as
+		// recall finds.
 		if other, err := read(ctx, []string{instKey(e.Inst)}); err == nil {
 			return decidedIn(&other[0].doc)
 		}
@@ -1133,7 +1147,7 @@ func (w *Worker) readAgain(j *job, err error) ([]*stateRecord, error) {
 	w.m.stateReadErr.Inc()
 	w.checkState()
 	deadline := time.Now().Add(w.cfg.ShortWaitMax)
-	if held := j.received.Add(w.ackWait / 2); held.Before(deadline) {
+	if held := j.received.Add(w.ackWaitNow() / 2); held.Before(deadline) {
 		deadline = held
 	}
 	for wait := w.cfg.RetryInitial; !time.Now().Add(wait).After(deadline); wait *= 2 {
@@ -1293,14 +1307,25 @@ func (d *stateDoc) setProgress(id string, e cmdEntry, keep time.Duration) (dropp
 }
 
 // markCounts says whether m, the id's key as read at revision rev, is the
-// "sent" mark of another delivery of this very message whose call may have
-// gone unanswered: not taken back (held), and not accounted for by e, the
+// "sent" mark of another delivery of this command (this message, or
+// another message with its id for its instance) whose call may have gone
+// unanswered: not taken back (held), and not accounted for by e, the
 // command's progress entry (nil: none). A mark made under another instance
 // key (this command read under other defaults) is of a call to another
 // instance: it explains no DLF.6205 of this one.
 func (j *job) markCounts(m *cmdEntry, rev uint64, e *cmdEntry) bool {
-	return m != nil && m.Phase == phaseSent && !m.Held && m.Seq == j.meta.Sequence.Stream &&
-		m.Delivery != j.meta.NumDelivered && (m.Inst == "" || m.Inst == j.inst) && markUnaccounted(m, rev, e)
+	if m == nil || m.Phase != phaseSent || m.Held {
+		return false
+	}
+	if m.Seq != j.meta.Sequence.Stream {
+		// Another message with this id for this instance: the same
+		// command published again (contract section 6), whose progress
+		// entry this delivery adopts already, and whose call may have
+		// stopped the instance. Delivery numbers of two messages do not
+		// compare; the key's revision does.
+		return m.Inst != "" && m.Inst == j.inst && (e == nil || e.MarkRev == nil || rev > *e.MarkRev)
+	}
+	return m.Delivery != j.meta.NumDelivered && (m.Inst == "" || m.Inst == j.inst) && markUnaccounted(m, rev, e)
 }
 
 // markUnaccounted says whether the "sent" mark m, found at revision rev of

@@ -603,17 +603,7 @@ func TestDeliveryThatNeverCalledCountsForNothing(t *testing.T) {
 	e := newEnv(t, func(c *Config) { c.AckWait = time.Second })
 	b := body(t, map[string]any{"command_id": "typo", "project_id": proj, "script_name": "s1", "instance_id": "i-404"})
 	seq := e.publish(b, nil)
-	cons, err := e.js.Consumer(context.Background(), "DLF_STOP", "dlf-stop-worker")
-	if err != nil {
-		t.Fatal(err)
-	}
-	batch, err := cons.Fetch(1, jetstream.FetchMaxWait(5*time.Second))
-	if err != nil {
-		t.Fatal(err)
-	}
-	if m := <-batch.Messages(); m == nil {
-		t.Fatal("the crashing worker got nothing")
-	}
+	e.fetchedByADyingWorker(t, seq)
 	e.startWorker(nil)
 	o := e.single(t)
 	if o.Status != StatusFailed || o.Cause != CauseDLFError || o.ErrorCode != "DLF.6205" {

@@ -144,6 +144,13 @@ func ensureConsumer(ctx context.Context, js jetstream.JetStream, cfg Config, log
 		return nil, fmt.Errorf("%w: consumer %s filters %v, which does not deliver %q",
 			ErrMismatch, cfg.ConsumerName, filters, cfg.StopSubject)
 	}
+	// A smaller max_batch only makes the pulls smaller (see reserve); a
+	// pull that may not wait as long as the worker's is refused every
+	// time, and the worker would never consume.
+	if info.MaxRequestExpires > 0 && info.MaxRequestExpires < pullWait {
+		return nil, fmt.Errorf("%w: consumer %s lets a pull wait at most %s (max_expires); the worker's pulls wait %s",
+			ErrMismatch, cfg.ConsumerName, info.MaxRequestExpires, pullWait)
+	}
 	if info.MaxAckPending > 0 && info.MaxAckPending < cfg.heldLimit() {
 		log.Warn("consumer max-ack-pending is below what one worker holds; replicas will be starved",
 			zap.Int("max_ack_pending", info.MaxAckPending), zap.Int("held_limit", cfg.heldLimit()))

@@ -3,11 +3,15 @@ package consumer
 import (
 	"context"
 	"errors"
+	"fmt"
 	"strings"
 	"testing"
 	"time"
 
 	"github.com/nats-io/nats.go/jetstream"
+
+	"github.com/dlf-stop/worker/internal/dlf/emulator"
+	"github.com/dlf-stop/worker/internal/testutil"
 )
 
 func TestSubjectMatches(t *testing.T) {
@@ -80,5 +84,77 @@ func TestSetupChecksExistingResources(t *testing.T) {
 	_, err = Setup(ctx, e.js, e.cfg, e.log)
 	if !errors.Is(err, ErrMismatch) || !strings.Contains(err.Error(), "push consumer") {
 		t.Fatalf("push consumer: %v", err)
+	}
+}
+
+// A consumer that lets pulls wait less than the worker's is refused at
+// start, naming the limit: every pull would be refused, for ever.
+func TestSetupRefusesAConsumerWhosePullsCannotWait(t *testing.T) {
+	e := newEnv(t, nil)
+	e.replaceConsumer(t, jetstream.ConsumerConfig{MaxRequestExpires: 500 * time.Millisecond})
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+	_, err := Setup(ctx, e.js, e.cfg, e.log)
+	if !errors.Is(err, ErrMismatch) || !strings.Contains(err.Error(), "max_expires") {
+		t.Fatalf("consumer with max_expires 500ms: %v; want a mismatch naming max_expires", err)
+	}
+}
+
+// An existing consumer that caps pull batches (max_batch) below the
+// worker's pull is used with smaller pulls: a larger one is refused every
+// time, and the worker would never consume.
+func TestConsumerWithSmallMaxBatchIsConsumed(t *testing.T) {
+	e := newEnv(t, nil)
+	e.replaceConsumer(t, jetstream.ConsumerConfig{MaxRequestBatch: 4})
+	e.startWorker(nil)
+	e.publishMany(t, 20, "c")
+	e.out.wait(t, 20, 20*time.Second)
+	allStopped(t, byID(t, e.out.outcomes(t)))
+}
+
+// The consumer is deleted under a running worker that started with a long
+// ack wait, and the worker creates it again with its own, shorter one:
+// heartbeats must follow, or a command held longer than the new ack wait
+// (here a slow call) is handed to another delivery and called twice.
+func TestHeartbeatsFollowTheAckWaitOfTheConsumerBoundAgain(t *testing.T) {
+	e := newEnv(t, func(c *Config) { c.AckWait, c.CallTimeout = 9*time.Second, 10*time.Second })
+	r := e.startWorker(func(c *Config) { c.AckWait = 2 * time.Second })
+	r.waitStarted(t)
+	if got := r.w.ackWaitNow(); got != 9*time.Second {
+		t.Fatalf("ack wait %s at start, want the consumer's 9s", got)
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+	defer cancel()
+	if err := e.js.DeleteConsumer(ctx, "DLF_STOP", "dlf-stop-worker"); err != nil {
+		t.Fatal(err)
+	}
+	testutil.Eventually(t, 20*time.Second, func() error {
+		if got := r.w.ackWaitNow(); got != 2*time.Second {
+			return fmt.Errorf("ack wait %s, want the recreated consumer's 2s", got)
+		}
+		return nil
+	})
+	e.emu.AddRunning(proj, "", "s1", "slow")
+	e.emu.SetFaultsFor(proj, "s1", "slow", emulator.Faults{Latency: 6 * time.Second})
+	e.publish(body(t, map[string]any{"command_id": "slow", "project_id": proj, "script_name": "s1", "instance_id": "slow"}), nil)
+	e.out.wait(t, 1, 20*time.Second)
+	e.stopStreamEmpty(t)
+	if n := e.emu.StopCallsFor(proj, "s1", "slow"); n != 1 {
+		t.Errorf("one command called %d times: it was redelivered while its call was on the wire", n)
+	}
+}
+
+// replaceConsumer replaces the worker's consumer by one an operator made:
+// the worker's name, explicit acks and its filter, plus what c sets.
+func (e *env) replaceConsumer(t *testing.T, c jetstream.ConsumerConfig) {
+	t.Helper()
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+	if err := e.js.DeleteConsumer(ctx, "DLF_STOP", "dlf-stop-worker"); err != nil {
+		t.Fatal(err)
+	}
+	c.Durable, c.AckPolicy, c.FilterSubject = "dlf-stop-worker", jetstream.AckExplicitPolicy, "dlf.stop.request"
+	if _, err := e.js.CreateConsumer(ctx, "DLF_STOP", c); err != nil {
+		t.Fatal(err)
 	}
 }

@@ -156,6 +156,8 @@ type rawEntry struct {
 }
 
 func (b *batchReader) fetch(batch []*lookupReq) (map[string]rawEntry, error) {
+	// Most lookups find nothing (a first delivery of a new command).
+	var found map[string]rawEntry
 	subjects := make([]string, 0, 2*len(batch))
 	seen := make(map[string]bool, 2*len(batch))
 	for _, r := range batch {
@@ -169,11 +171,19 @@ func (b *batchReader) fetch(batch []*lookupReq) (map[string]rawEntry, error) {
 	req := multiLastRequest(subjects)
 	b.seq++
 	reply := b.inbox + "." + strconv.FormatUint(b.seq, 10)
+	// An answer nats.go dropped (the channel full of late answers to a
+	// batch that timed out) would read as a key that does not exist:
+	// a decided command called again. A batch that lost any is failed.
+	dropped, _ := b.sub.Dropped()
+	complete := func() (map[string]rawEntry, error) {
+		if d, _ := b.sub.Dropped(); d != dropped {
+			return nil, errors.New("read state: answers were dropped (slow consumer)")
+		}
+		return found, nil
+	}
 	if err := b.nc.PublishRequest(b.api, reply, req); err != nil {
 		return nil, fmt.Errorf("read state: %w", err)
 	}
-	// Most lookups find nothing (a first delivery of a new command).
-	var found map[string]rawEntry
 	timer := time.NewTimer(batchTimeout)
 	defer timer.Stop()
 	for {
@@ -184,10 +194,21 @@ func (b *batchReader) fetch(batch []*lookupReq) (map[string]rawEntry, error) {
 			}
 			switch status := m.Header.Get("Status"); status {
 			case "":
-			case "404": // none of the keys exists
-				return found, nil
+			case "404":
+				// "No Results": none of the keys exists. Anything else
+				// ("Message Not Found": a message the server could not
+				// load) says nothing of the keys.
+				if d := m.Header.Get("Description"); d != "No Results" {
+					return nil, fmt.Errorf("read state: status 404 %s", d)
+				}
+				return complete()
 			case "204": // end of batch
-				return found, nil
+				// The server stops at its byte limit and says how many
+				// answers it did not send: those keys are not absent.
+				if np := m.Header.Get("Nats-Num-Pending"); np != "" && np != "0" {
+					return nil, fmt.Errorf("read state: the server cut the batch short, %s answers not sent", np)
+				}
+				return complete()
 			default:
 				return nil, fmt.Errorf("read state: status %s %s", status, m.Header.Get("Description"))
 			}

@@ -3,9 +3,12 @@ package consumer
 import (
 	"context"
 	"fmt"
+	"strings"
 	"sync"
 	"testing"
 	"time"
+
+	"github.com/nats-io/nats.go"
 )
 
 // Many concurrent lookups, some of keys that exist, some not, some of the
@@ -56,4 +59,74 @@ func TestBatchedLookups(t *testing.T) {
 		}(i)
 	}
 	wg.Wait()
+}
+
+// A batch is a key's absence only when the server says so for every key:
+// an end of batch that counts answers it did not send (its byte limit) or
+// a 404 other than "No Results" (a message it could not load) fails the
+// lookups, which are returned and read again, rather than let a decided
+// command look new. A fake server answers here, as JetStream would.
+func TestBatchedLookupsTrustOnlyACompleteAnswer(t *testing.T) {
+	e := newEnv(t, nil)
+	data := func(key string, seq int) *nats.Msg {
+		m := nats.NewMsg("")
+		m.Header.Set("Nats-Subject", "$KV.fake."+key)
+		m.Header.Set("Nats-Sequence", fmt.Sprint(seq))
+		m.Data = []byte(`{"stopped_by":"x"}`)
+		return m
+	}
+	status := func(code, desc string, hdr ...string) *nats.Msg {
+		m := nats.NewMsg("")
+		m.Header.Set("Status", code)
+		m.Header.Set("Description", desc)
+		for i := 0; i+1 < len(hdr); i += 2 {
+			m.Header.Set(hdr[i], hdr[i+1])
+		}
+		return m
+	}
+	for _, tc := range []struct {
+		name    string
+		answers []*nats.Msg
+		wantErr string // "" : no error
+		wantRev uint64 // of key "a"
+	}{
+		{"complete", []*nats.Msg{data("a", 5), status("204", "EOB", "Nats-Num-Pending", "0")}, "", 5},
+		{"none exists", []*nats.Msg{status("404", "No Results")}, "", 0},
+		{"cut short", []*nats.Msg{data("a", 5), status("204", "EOB", "Nats-Num-Pending", "1")}, "cut the batch short", 0},
+		{"not loaded", []*nats.Msg{status("404", "Message Not Found")}, "status 404 Message Not Found", 0},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			sub, err := e.nc.Subscribe("$JS.API.DIRECT.GET.KV_fake", func(req *nats.Msg) {
+				for _, m := range tc.answers {
+					m.Subject = req.Reply
+					_ = e.nc.PublishMsg(m)
+				}
+			})
+			if err != nil {
+				t.Fatal(err)
+			}
+			defer func() { _ = sub.Unsubscribe() }()
+			br, err := newBatchReader(e.nc, "fake")
+			if err != nil {
+				t.Fatal(err)
+			}
+			defer br.close()
+			ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+			defer cancel()
+			rec, err := br.lookup(ctx, "b") // "b" is never in an answer
+			if tc.wantErr == "" {
+				if err != nil || rec.rev != 0 {
+					t.Fatalf("lookup of b = %+v, %v; want absent", rec, err)
+				}
+				rec, err = br.lookup(ctx, "a")
+				if err != nil || rec.rev != tc.wantRev {
+					t.Fatalf("lookup of a = %+v, %v; want revision %d", rec, err, tc.wantRev)
+				}
+				return
+			}
+			if err == nil || !strings.Contains(err.Error(), tc.wantErr) {
+				t.Fatalf("lookup of b = %+v, %v; want an error saying %q", rec, err, tc.wantErr)
+			}
+		})
+	}
 }

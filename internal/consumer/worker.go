@@ -46,7 +46,13 @@ type Worker struct {
 	pub  publisher
 	now  func() time.Time
 
-	ackWait time.Duration
+	// The bound consumer's ack wait (the shortest of its back-off, when it
+	// has one) and pull batch limit (0: none), read again at every bind:
+	// an operator may recreate or edit the consumer under a running
+	// worker, and heartbeats spaced for the old ack wait would let
+	// JetStream hand a command that is being worked on to another worker.
+	ackWait atomic.Int64
+	pullMax atomic.Int64
 	slots   chan struct{} // DLF calls in flight
 	held    chan struct{} // commands held by this worker
 	waiting atomic.Int64  // commands sleeping in-process before a retry
@@ -58,7 +64,7 @@ type Worker struct {
 	// marksRefused: the last "sent" mark the bucket was asked to store
 	// was not stored, so calls are held back until one is (see
 	// callUnmarked). Readiness reports it.
-	marksRefused atomic.Bool
+	marksRefused atomic.Int64 // unix nanoseconds of the refusal; 0: none since a mark was stored
 	circ         *circuit
 	thr          *throttle
 	sib          siblings // calls on the wire and stops not yet recorded, per instance
@@ -94,19 +100,18 @@ func New(js jetstream.JetStream, cons jetstream.Consumer, stopper Stopper, cfg C
 		return nil, errors.New("consumer: nil metrics")
 	}
 	w := &Worker{
-		cfg:     cfg,
-		js:      js,
-		cons:    cons,
-		dlf:     stopper,
-		log:     log,
-		m:       m,
-		pub:     publisher{js: js, outcomePrefix: cfg.OutcomePrefix, deadSubject: cfg.DeadSubject},
-		now:     time.Now,
-		slots:   make(chan struct{}, cfg.Concurrency),
-		held:    make(chan struct{}, cfg.heldLimit()),
-		ackWait: cfg.AckWait,
-		thr:     newThrottle(&cfg),
-		sib:     newSiblings(cfg.StateTTL),
+		cfg:   cfg,
+		js:    js,
+		cons:  cons,
+		dlf:   stopper,
+		log:   log,
+		m:     m,
+		pub:   publisher{js: js, outcomePrefix: cfg.OutcomePrefix, deadSubject: cfg.DeadSubject},
+		now:   time.Now,
+		slots: make(chan struct{}, cfg.Concurrency),
+		held:  make(chan struct{}, cfg.heldLimit()),
+		thr:   newThrottle(&cfg),
+		sib:   newSiblings(cfg.StateTTL),
 
 		pullsClosed: make(chan struct{}),
 	}
@@ -117,9 +122,7 @@ func New(js jetstream.JetStream, cons jetstream.Consumer, stopper Stopper, cfg C
 			m.circuitOpen.Set(0)
 		}
 	})
-	if info := cons.CachedInfo(); info != nil && info.Config.AckWait > 0 {
-		w.ackWait = info.Config.AckWait
-	}
+	w.bind(cons)
 	for _, o := range opts {
 		o(w)
 	}
@@ -131,6 +134,44 @@ func New(js jetstream.JetStream, cons jetstream.Consumer, stopper Stopper, cfg C
 func (w *Worker) Ready() bool {
 	ok, _ := w.Readiness()
 	return ok
+}
+
+// bind makes c the consumer the worker pulls from, and notes its limits.
+// Only the fetching goroutine (and New) calls it.
+func (w *Worker) bind(c jetstream.Consumer) {
+	w.cons = c
+	wait := w.cfg.AckWait
+	var most int64
+	if info := c.CachedInfo(); info != nil {
+		if info.Config.AckWait > 0 {
+			wait = info.Config.AckWait
+		}
+		for _, b := range info.Config.BackOff {
+			if b > 0 && b < wait {
+				wait = b // JetStream redelivers after BackOff[n] instead
+			}
+		}
+		most = int64(info.Config.MaxRequestBatch)
+	}
+	if old := time.Duration(w.ackWait.Swap(int64(wait))); old != 0 && old != wait {
+		w.log.Info("consumer ack wait changed; heartbeats follow", zap.Duration("was", old), zap.Duration("now", wait))
+	}
+	w.pullMax.Store(most)
+}
+
+// ackWaitNow is the ack wait of the consumer as last bound.
+func (w *Worker) ackWaitNow() time.Duration { return time.Duration(w.ackWait.Load()) }
+
+// marksRecentlyRefused says whether the last mark asked for was refused,
+// not longer ago than two of the longest redelivery delays and a margin
+// for the redelivery itself. Commands
+// waiting for a stored mark come back within that and mark again, so
+// while the bucket refuses, the refusal stays fresh; a worker left with no
+// command to mark (the refused one went to another replica, or expired)
+// must not stay unready for good after the bucket recovered.
+func (w *Worker) marksRecentlyRefused() bool {
+	at := w.marksRefused.Load()
+	return at != 0 && time.Since(time.Unix(0, at)) < 2*w.cfg.RetryMax+stateCheckEvery
 }
 
 // CredentialsChanged tells the worker that the DLF credentials were
@@ -148,7 +189,7 @@ func (w *Worker) Readiness() (bool, string) {
 		return false, "NATS not connected"
 	case w.circ.Open():
 		return false, "DLF circuit open: DLF fails systemically, commands wait in the stream"
-	case w.marksRefused.Load():
+	case w.marksRecentlyRefused():
 		return false, "the state bucket does not store the calls' marks: commands wait in the stream"
 	case !w.ready.Load():
 		return false, "consumer not bound"
@@ -242,7 +283,7 @@ func (w *Worker) fetch(ctx context.Context) {
 		case <-time.After(wait):
 		}
 		if c, err := ensureConsumer(ctx, w.js, w.cfg, w.log); err == nil {
-			w.cons = c
+			w.bind(c)
 		}
 	}
 }
@@ -404,8 +445,11 @@ func (w *Worker) reserve(ctx context.Context) (int, error) {
 	case <-ctx.Done():
 		return 0, ctx.Err()
 	}
-	n := 1
-	for n < w.cfg.pullBatch() {
+	n, most := 1, w.cfg.pullBatch()
+	if m := int(w.pullMax.Load()); m > 0 && m < most {
+		most = m // the consumer refuses larger pulls (max_batch)
+	}
+	for n < most {
 		select {
 		case w.held <- struct{}{}:
 			n++
@@ -453,7 +497,7 @@ func (w *Worker) waitCircuit(ctx context.Context) error {
 				nextRebind = time.Now().Add(wait)
 				w.log.Warn("fetching a probe command failed; binding the consumer again", zap.Error(err), zap.Duration("next_try_in", wait))
 				if c, err := ensureConsumer(ctx, w.js, w.cfg, w.log); err == nil {
-					w.cons = c
+					w.bind(c)
 				}
 			}
 		}
@@ -499,7 +543,7 @@ func pullExpired(err error) bool {
 // state bucket, the command's goroutine starts only once its lookup is
 // answered, so no goroutine sleeps on the batched read.
 func (w *Worker) handle(msg jetstream.Msg) {
-	hb := startHeartbeat(msg, w.ackWait/3)
+	hb := startHeartbeat(msg, func() time.Duration { return w.ackWaitNow() / 3 })
 	release := func() {
 		hb.stop()
 		<-w.held
@@ -521,7 +565,7 @@ func (w *Worker) handle(msg jetstream.Msg) {
 		release()
 		return
 	}
-	j.release = release
+	j.release, j.hb = release, hb
 	if w.state == nil {
 		go w.run(j, nil, nil)
 		return
@@ -660,9 +704,15 @@ type heartbeat struct {
 	stopped bool
 }
 
-func startHeartbeat(msg jetstream.Msg, every time.Duration) *heartbeat {
-	if every <= 0 {
-		every = time.Second
+// startHeartbeat sends InProgress for msg every every(), asked again
+// before each beat, so that a changed ack wait applies to commands
+// already held.
+func startHeartbeat(msg jetstream.Msg, every func() time.Duration) *heartbeat {
+	next := func() time.Duration {
+		if d := every(); d > 0 {
+			return d
+		}
+		return time.Second
 	}
 	h := &heartbeat{}
 	var beat func()
@@ -673,14 +723,16 @@ func startHeartbeat(msg jetstream.Msg, every time.Duration) *heartbeat {
 			return
 		}
 		_ = msg.InProgress()
-		h.t = time.AfterFunc(every, beat)
+		h.t = time.AfterFunc(next(), beat)
 	}
 	h.mu.Lock()
-	h.t = time.AfterFunc(every, beat)
+	h.t = time.AfterFunc(next(), beat)
 	h.mu.Unlock()
 	return h
 }
 
+// stop ends the beats; once it returns, none is being sent and none
+// will be.
 func (h *heartbeat) stop() {
 	h.mu.Lock()
 	h.stopped = true
