@@ -29,11 +29,14 @@ const (
 
 // shutdownSlack is the least time the pod's grace period must leave after
 // SHUTDOWN_TIMEOUT: when it ends the worker still naks the commands it holds
-// (after one flush round trip of at most 1s) and drains its NATS
-// connection (at most 5s), and a SIGKILL in between would leave them to
-// wait out the ack wait instead of going to another pod at once. (The
+// and drains its NATS connection, and a SIGKILL in between would leave them
+// to wait out the ack wait instead of going to another pod at once. At
+// worst, with a state bucket that stopped answering: a decision write sent
+// just before is given up after up to 6s (its 5s and the sweeper's 1s
+// tick), the command's progress write then takes up to 5s, the nak waits
+// for one flush round trip (at most 1s) and the drain up to 5s. (The
 // operations server's own shutdown comes after that and may be cut short.)
-const shutdownSlack = 7 * time.Second
+const shutdownSlack = 17 * time.Second
 
 // goRuntimeEnv are variables the Go runtime reads, not the worker; a
 // manifest may set them although config.EnvNames does not list them.

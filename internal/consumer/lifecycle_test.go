@@ -592,3 +592,40 @@ func TestConsumerDeletedWhileSlotsAreFullIsBoundAgain(t *testing.T) {
 	allStopped(t, byID(t, e.out.outcomes(t)))
 	e.stopStreamEmpty(t)
 }
+
+// A link that loses the server without a reset (here nothing the worker
+// sends reaches it any more) leaves the connection up until the pings
+// notice, 20 to 30 s later. The pulls that get no answer at all say so
+// on /readyz meanwhile, and readiness comes back with the answers.
+func TestSilentLinkMakesTheWorkerUnready(t *testing.T) {
+	e := newEnv(t, nil)
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	p := &cuttingProxy{ln: ln, target: e.srv.Addr().String()}
+	go p.serve()
+	t.Cleanup(func() { ln.Close(); p.cut() })
+	e.workerNATS = "nats://" + ln.Addr().String()
+	r := e.startWorker(nil)
+	e.workerNATS = ""
+	ready := func() error {
+		if ok, why := r.w.Readiness(); !ok {
+			return fmt.Errorf("not ready: %s", why)
+		}
+		return nil
+	}
+	testutil.Eventually(t, 10*time.Second, ready)
+	p.deaf.Store(true)
+	testutil.Eventually(t, 5*time.Second, func() error {
+		if ok, why := r.w.Readiness(); ok || !strings.Contains(why, "does not answer pull requests") {
+			return fmt.Errorf("readiness = %v %q with the link silent; want not ready, saying why", ok, why)
+		}
+		return nil
+	})
+	if !r.nc.IsConnected() {
+		t.Fatal("the connection was given up already: the test shows nothing of the pulls")
+	}
+	p.deaf.Store(false)
+	testutil.Eventually(t, 10*time.Second, ready)
+}

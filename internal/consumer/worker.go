@@ -65,9 +65,11 @@ type Worker struct {
 	// was not stored, so calls are held back until one is (see
 	// callUnmarked). Readiness reports it.
 	marksRefused atomic.Int64 // unix nanoseconds of the refusal; 0: none since a mark was stored
-	circ         *circuit
-	thr          *throttle
-	sib          siblings // calls on the wire and stops not yet recorded, per instance
+	// pullsUnanswered: the last pull got no answer from the server.
+	pullsUnanswered atomic.Bool
+	circ            *circuit
+	thr             *throttle
+	sib             siblings // calls on the wire and stops not yet recorded, per instance
 
 	ready    atomic.Bool
 	soft     context.Context // Run's context: ends at soft stop
@@ -189,6 +191,8 @@ func (w *Worker) Readiness() (bool, string) {
 		return false, "NATS not connected"
 	case w.circ.Open():
 		return false, "DLF circuit open: DLF fails systemically, commands wait in the stream"
+	case w.pullsUnanswered.Load():
+		return false, "the NATS server does not answer pull requests"
 	case w.marksRecentlyRefused():
 		return false, "the state bucket does not store the calls' marks: commands wait in the stream"
 	case !w.ready.Load():
@@ -371,9 +375,10 @@ func (w *Worker) pull(ctx context.Context) (pulled bool, err error) {
 			w.unreserve(n)
 			return pulled, err
 		}
-		got := 0
+		got, received := 0, 0
 		var handedBack map[uint64]bool
 		for msg := range batch.Messages() {
+			received++
 			if stopping := ctx.Err() != nil; stopping || w.circ.openNow() {
 				if stopping {
 					w.m.returned.WithLabelValues("shutdown").Inc()
@@ -393,6 +398,19 @@ func (w *Worker) pull(ctx context.Context) (pulled bool, err error) {
 		switch err := batch.Error(); {
 		case ctx.Err() != nil || pullExpired(err):
 			pulled = true
+			// The server ends an empty pull at expires with a 408; one
+			// that ended later, by nats.go's own timer a second after,
+			// got no answer at all: a link that lost the server without
+			// a reset, which the pings notice only after PingInterval
+			// times MaxPingsOut. Said on /readyz meanwhile.
+			silent := err == nil && received == 0 && ctx.Err() == nil &&
+				!time.Now().Before(expires.Add(pullAnswerGrace))
+			if silent != w.pullsUnanswered.Load() {
+				w.pullsUnanswered.Store(silent)
+				if silent {
+					w.log.Warn("the NATS server did not answer a pull request; is the link silent?")
+				}
+			}
 		case errors.Is(err, jetstream.ErrConsumerLeadershipChanged):
 			w.log.Debug("pull ended with a consumer leader change; pulling again", zap.Error(err))
 		default:
@@ -400,6 +418,10 @@ func (w *Worker) pull(ctx context.Context) (pulled bool, err error) {
 		}
 	}
 }
+
+// pullAnswerGrace is how late after its expiry an empty pull may end and
+// still count as answered by the server.
+const pullAnswerGrace = 500 * time.Millisecond
 
 // handBackMargin is how long after a pull's end, by this worker's clock,
 // a command handed back twice may be offered again.

@@ -39,8 +39,12 @@ import (
 const (
 	ReconnectWait  = 2 * time.Second
 	ConnectTimeout = 5 * time.Second
-	PingInterval   = 20 * time.Second
-	MaxPingsOut    = 3
+	// A link that loses the server without a reset is given up after
+	// PingInterval times MaxPingsOut (20 to 30 s), within JetStream's
+	// default ack wait of 30 s: the heartbeats of held commands go
+	// nowhere meanwhile.
+	PingInterval = 10 * time.Second
+	MaxPingsOut  = 2
 	// WriteTimeout bounds one write to the server's socket. A server that
 	// stops reading (wedged, or a link that drops packets) lets the
 	// kernel's buffers fill, and every publish then blocks in that
