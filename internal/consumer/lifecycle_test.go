@@ -162,16 +162,7 @@ func TestShutdownTimeoutReturnsHungCalls(t *testing.T) {
 // after the 30 s ack wait.
 func TestStopHandsBackWhatThePullOnTheWireBrings(t *testing.T) {
 	e := newEnv(t, func(c *Config) { c.AckWait = 30 * time.Second })
-	ln, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
-	}
-	p := &cuttingProxy{ln: ln, target: e.srv.Addr().String()}
-	go p.serve()
-	t.Cleanup(func() { ln.Close(); p.cut() })
-	e.workerNATS = "nats://" + ln.Addr().String()
-	r := e.startWorker(nil)
-	e.workerNATS = ""
+	r, p := e.startWorkerBehindProxy(t)
 	c := e.cfg
 	c.setDefaults()
 	info := func() *jetstream.ConsumerInfo {
@@ -599,16 +590,7 @@ func TestConsumerDeletedWhileSlotsAreFullIsBoundAgain(t *testing.T) {
 // on /readyz meanwhile, and readiness comes back with the answers.
 func TestSilentLinkMakesTheWorkerUnready(t *testing.T) {
 	e := newEnv(t, nil)
-	ln, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
-	}
-	p := &cuttingProxy{ln: ln, target: e.srv.Addr().String()}
-	go p.serve()
-	t.Cleanup(func() { ln.Close(); p.cut() })
-	e.workerNATS = "nats://" + ln.Addr().String()
-	r := e.startWorker(nil)
-	e.workerNATS = ""
+	r, p := e.startWorkerBehindProxy(t)
 	ready := func() error {
 		if ok, why := r.w.Readiness(); !ok {
 			return fmt.Errorf("not ready: %s", why)
@@ -628,4 +610,21 @@ func TestSilentLinkMakesTheWorkerUnready(t *testing.T) {
 	}
 	p.deaf.Store(false)
 	testutil.Eventually(t, 10*time.Second, ready)
+}
+
+// startWorkerBehindProxy starts a worker whose NATS connection goes
+// through a proxy the test can slow down or make deaf.
+func (e *env) startWorkerBehindProxy(t *testing.T) (*running, *cuttingProxy) {
+	t.Helper()
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	p := &cuttingProxy{ln: ln, target: e.srv.Addr().String()}
+	go p.serve()
+	t.Cleanup(func() { ln.Close(); p.cut() })
+	e.workerNATS = "nats://" + ln.Addr().String()
+	r := e.startWorker(nil)
+	e.workerNATS = ""
+	return r, p
 }
