@@ -34,8 +34,11 @@ type circuit struct {
 	// clean: closed with no failure counted, so that a call that gets a
 	// non-systemic answer changes nothing; read on every call without the
 	// lock, which 32 calls at a time would otherwise queue on.
-	clean    atomic.Bool
-	probing  bool      // a probe call is on the wire
+	clean   atomic.Bool
+	probing bool // a probe call is on the wire
+	// probeNow: the credentials changed while a probe was on the wire;
+	// should it fail, the next one goes at once (it used the old ones).
+	probeNow bool
 	nextTry  time.Time // earliest next probe
 	probeBo  *backoff.ExponentialBackOff
 	changed  chan struct{} // closed and replaced on every state change
@@ -200,7 +203,7 @@ func (c *circuit) release(probe bool, v dlf.Verdict, cancelled bool) {
 		// nothing of DLF: it neither counts nor clears, and a probe that
 		// got it is followed by another once the backoff has passed.
 		if c.open && probe {
-			c.nextTry = time.Now().Add(min(c.probeBo.NextBackOff(), c.probeBo.MaxInterval))
+			c.nextProbeLocked()
 			c.signalLocked()
 		}
 		return
@@ -210,6 +213,7 @@ func (c *circuit) release(probe bool, v dlf.Verdict, cancelled bool) {
 		if c.open {
 			c.open = false
 			c.isOpen.Store(false)
+			c.probeNow = false
 			c.probeBo.Reset()
 			c.log.Warn("DLF circuit closed: a probe call got through", zap.Int("http_status", v.HTTPStatus))
 			c.signalLocked()
@@ -222,7 +226,7 @@ func (c *circuit) release(probe bool, v dlf.Verdict, cancelled bool) {
 	c.failures++
 	if c.open {
 		if probe {
-			c.nextTry = time.Now().Add(min(c.probeBo.NextBackOff(), c.probeBo.MaxInterval))
+			c.nextProbeLocked()
 			c.signalLocked()
 		}
 		return
@@ -257,8 +261,18 @@ func (c *circuit) credentialsChanged() {
 	}
 	c.probeBo.Reset()
 	c.nextTry = time.Time{}
+	c.probeNow = c.probing
 	c.log.Info("DLF credentials changed: probing now")
 	c.signalLocked()
+}
+
+// nextProbeLocked spaces the probe after one that failed: by the backoff,
+// or at once when the credentials changed while it was on the wire.
+func (c *circuit) nextProbeLocked() {
+	c.nextTry = time.Now().Add(min(c.probeBo.NextBackOff(), c.probeBo.MaxInterval))
+	if c.probeNow {
+		c.nextTry, c.probeNow = time.Now(), false
+	}
 }
 
 func (c *circuit) signalLocked() {

@@ -174,15 +174,20 @@ func TestCredentialsChangedLetTheProbeGoAtOnce(t *testing.T) {
 		t.Fatal("a waiting command did not get the probe turn after the credentials changed")
 	}
 	// That probe is on the wire: a second change lets nothing else by
-	// until it answers.
+	// until it answers; the probe signed with the old credentials fails,
+	// and the next one goes at once, not after the backoff.
 	c.credentialsChanged()
 	if probe, ok := acquire(100 * time.Millisecond); probe || ok {
 		t.Fatalf("acquire = probe %v, ok %v while a probe is on the wire; want to wait", probe, ok)
 	}
 	c.release(true, dlf.Verdict{HTTPStatus: 401, Systemic: true}, false)
-	c.credentialsChanged()
 	if probe, ok := acquire(time.Second); !probe || !ok {
-		t.Fatalf("acquire = probe %v, ok %v after the failed probe and a change; want the probe turn", probe, ok)
+		t.Fatalf("acquire = probe %v, ok %v after a probe that was on the wire when the credentials changed; want the probe turn", probe, ok)
+	}
+	// Without a change, a failed probe is followed after the backoff.
+	c.release(true, dlf.Verdict{HTTPStatus: 401, Systemic: true}, false)
+	if probe, ok := acquire(100 * time.Millisecond); probe || ok {
+		t.Fatalf("acquire = probe %v, ok %v right after a failed probe; want to wait for the backoff", probe, ok)
 	}
 }
 

@@ -433,10 +433,12 @@ func (e *env) deliveredAndDied(t *testing.T, st *stateStore, id string, seq uint
 // call, and when delivery 2 dies too, delivery 3's DLF.6205 is the answer
 // to that call (contract section 6), not a failure to dead-letter.
 func TestHeldDeliveryKeepsTheMarkOfAnEarlierUnansweredCall(t *testing.T) {
-	e := newEnv(t, func(c *Config) { c.AckWait, c.CallTimeout = time.Second, 10*time.Second })
+	// Delivery 2 comes after the ack wait, 3 s after delivery 1: by then
+	// the worker has started and "slow" holds the only slot, for 5 s.
+	e := newEnv(t, func(c *Config) { c.AckWait, c.CallTimeout = 3*time.Second, 10*time.Second })
 	st := e.state(t)
 	e.emu.AddRunning(proj, "", "s1", "i-slow")
-	e.emu.SetFaultsFor(proj, "s1", "i-slow", emulator.Faults{Latency: 2 * time.Second})
+	e.emu.SetFaultsFor(proj, "s1", "i-slow", emulator.Faults{Latency: 5 * time.Second})
 	// i-1 is not running: delivery 1's call stopped it.
 	seq := e.publish(body(t, map[string]any{"command_id": "r", "project_id": proj, "script_name": "s1", "instance_id": "i-1"}), nil)
 	e.deliveredAndDied(t, st, "r", seq, command.Command{ProjectID: proj, ScriptName: "s1", InstanceID: "i-1"})
@@ -540,6 +542,16 @@ func TestHeldDeliveryFindsItsIdDecidedForAnotherInstance(t *testing.T) {
 	}
 	if o := e.single(t); o.InstanceID != "i-2" || o.Status != StatusStopped {
 		t.Errorf("A's outcome: %s %s/%s; want i-2's, stopped", o.InstanceID, o.Status, o.Cause)
+	}
+	// The first message's call stopped i-1, and the state says so: a
+	// later command for i-1 is already_stopped, without a call.
+	e.publish(body(t, map[string]any{"command_id": "B", "project_id": proj, "script_name": "s1", "instance_id": "i-1"}), nil)
+	e.out.wait(t, 2, 10*time.Second)
+	if o := byID(t, e.out.outcomes(t))["B"]; o.Status != StatusStopped || o.Cause != CauseAlreadyStopped {
+		t.Errorf("B for i-1 = %s/%s %s; want stopped/already_stopped: A's first message stopped i-1", o.Status, o.Cause, o.ErrorCode)
+	}
+	if n := e.emu.StopCallsFor(proj, "s1", "i-1"); n != 1 {
+		t.Errorf("DLF calls for i-1 = %d, want A's only", n)
 	}
 }
 

@@ -822,46 +822,65 @@ func (w *Worker) decidedMeanwhile(ctx context.Context, j *job) bool {
 		return false
 	}
 	recs, err := w.state.lookupWait(ctx, j.stateKeys())
-	if err != nil || !w.decidedIn(ctx, j, recs, w.state.lookupWait) {
+	if err != nil {
 		return false // a failed read: the record write after the outcome settles it, or fails
+	}
+	decision, here := w.decidedIn(ctx, j, recs, w.state.lookupWait)
+	if decision == nil {
+		return false
+	}
+	if !here && j.valid && j.out.Status == StatusStopped {
+		// The id was decided for another instance (a message reusing it),
+		// and this delivery's call stopped its own: that stop is recorded,
+		// without an outcome, as it is when the duplicate window drops
+		// the outcome (ackReused), so that a later command for this
+		// instance is already_stopped rather than a DLF.6205 failure.
+		w.ackReused(j, &Outcome{Status: decision.Status, Cause: decision.Cause})
+		return true
 	}
 	w.ackDecidedElsewhere(j)
 	return true
 }
 
-// decidedIn says whether the state read in recs (j.stateKeys) holds a
-// decision of j's command, following the id's "sent" mark to the document
-// of another instance key. A stop older than STATE_TTL is forgotten first,
-// as recall forgets it.
+// decidedIn returns the decision of j's command that the state read in
+// recs (j.stateKeys) holds, nil when none, following the id's "sent" mark
+// to the document of another instance key; here says it was found in the
+// document of j's own instance. A stop older than STATE_TTL is forgotten
+// first, as recall forgets it.
 // read reads the other instance's document (lookupWait, or lookupLeader
 // where a stale answer costs a wrong outcome).
 func (w *Worker) decidedIn(ctx context.Context, j *job, recs []*stateRecord,
-	read func(context.Context, []string) ([]*stateRecord, error)) bool {
-	decidedIn := func(d *stateDoc) bool {
+	read func(context.Context, []string) ([]*stateRecord, error)) (decision *cmdEntry, here bool) {
+	decidedIn := func(d *stateDoc) *cmdEntry {
 		d.forgetOldStop(time.Now().Unix(), w.cfg.StateTTL)
-		e := d.Cmds[j.sid]
-		return d.StoppedBy == j.sid || (e != nil && e.Phase == phaseDecided)
+		if d.StoppedBy == j.sid {
+			return &cmdEntry{Phase: phaseDecided, Status: StatusStopped}
+		}
+		if e := d.Cmds[j.sid]; e != nil && e.Phase == phaseDecided {
+			return e
+		}
+		return nil
 	}
-	if decidedIn(&recs[0].doc) {
-		return true
+	if e := decidedIn(&recs[0].doc); e != nil {
+		return e, true
 	}
 	if len(recs) < 2 {
-		return false
+		return nil, false
 	}
 	switch e := recs[1].doc.Cmds[j.sid]; {
 	case e == nil:
 	case e.Phase == phaseDecided:
-		return true
+		return e, false
 	case e.Phase == phaseSent && e.Inst != "" && e.Inst != j.inst:
 		// The other delivery read the command under other defaults, or
 		// another message with this id names another instance: its
 		// decision, there, makes the id final (contract section 6), as
 		// recall finds.
 		if other, err := read(ctx, []string{instKey(e.Inst)}); err == nil {
-			return decidedIn(&other[0].doc)
+			return decidedIn(&other[0].doc), false
 		}
 	}
-	return false
+	return nil, false
 }
 
 // ackDecidedElsewhere acks a delivery whose command another delivery
@@ -905,7 +924,7 @@ func (w *Worker) stoppedMeanwhile(j *job) (why string, handled bool) {
 		}
 		return "", false // a DLF.6205 without a record: it fails
 	}
-	if w.decidedIn(ctx, j, recs, w.state.lookupLeader) {
+	if decision, _ := w.decidedIn(ctx, j, recs, w.state.lookupLeader); decision != nil {
 		w.ackDecidedElsewhere(j)
 		return "", true
 	}

@@ -112,35 +112,58 @@ func TestConsumerWithSmallMaxBatchIsConsumed(t *testing.T) {
 	allStopped(t, byID(t, e.out.outcomes(t)))
 }
 
-// The consumer is deleted under a running worker that started with a long
-// ack wait, and the worker creates it again with its own, shorter one:
-// heartbeats must follow, or a command held longer than the new ack wait
-// (here a slow call) is handed to another delivery and called twice.
-func TestHeartbeatsFollowTheAckWaitOfTheConsumerBoundAgain(t *testing.T) {
-	e := newEnv(t, func(c *Config) { c.AckWait, c.CallTimeout = 9*time.Second, 10*time.Second })
-	r := e.startWorker(func(c *Config) { c.AckWait = 2 * time.Second })
-	r.waitStarted(t)
-	if got := r.w.ackWaitNow(); got != 9*time.Second {
-		t.Fatalf("ack wait %s at start, want the consumer's 9s", got)
-	}
-	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
-	defer cancel()
-	if err := e.js.DeleteConsumer(ctx, "DLF_STOP", "dlf-stop-worker"); err != nil {
-		t.Fatal(err)
-	}
-	testutil.Eventually(t, 20*time.Second, func() error {
-		if got := r.w.ackWaitNow(); got != 2*time.Second {
-			return fmt.Errorf("ack wait %s, want the recreated consumer's 2s", got)
-		}
-		return nil
-	})
-	e.emu.AddRunning(proj, "", "s1", "slow")
-	e.emu.SetFaultsFor(proj, "s1", "slow", emulator.Faults{Latency: 6 * time.Second})
-	e.publish(body(t, map[string]any{"command_id": "slow", "project_id": proj, "script_name": "s1", "instance_id": "slow"}), nil)
-	e.out.wait(t, 1, 20*time.Second)
-	e.stopStreamEmpty(t)
-	if n := e.emu.StopCallsFor(proj, "s1", "slow"); n != 1 {
-		t.Errorf("one command called %d times: it was redelivered while its call was on the wire", n)
+// The consumer's ack wait shrinks under a running worker that started
+// with a long one: the consumer is deleted and the worker creates it again
+// with its own, or an operator edits it in place (which makes no pull
+// fail). Heartbeats must follow, or a command held longer than the new ack
+// wait (here a slow call) is handed to another delivery and called twice.
+func TestHeartbeatsFollowTheConsumersAckWait(t *testing.T) {
+	for _, tc := range []struct {
+		name   string
+		change func(t *testing.T, e *env)
+	}{
+		{"recreated", func(t *testing.T, e *env) {
+			if err := e.js.DeleteConsumer(context.Background(), "DLF_STOP", "dlf-stop-worker"); err != nil {
+				t.Fatal(err)
+			}
+		}},
+		{"edited", func(t *testing.T, e *env) {
+			ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+			defer cancel()
+			c, err := e.js.Consumer(ctx, "DLF_STOP", "dlf-stop-worker")
+			if err != nil {
+				t.Fatal(err)
+			}
+			cfg := c.CachedInfo().Config
+			cfg.AckWait = 2 * time.Second
+			if _, err := e.js.UpdateConsumer(ctx, "DLF_STOP", cfg); err != nil {
+				t.Fatal(err)
+			}
+		}},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			e := newEnv(t, func(c *Config) { c.AckWait, c.CallTimeout = 9*time.Second, 10*time.Second })
+			r := e.startWorker(func(c *Config) { c.AckWait = 2 * time.Second })
+			r.waitStarted(t)
+			if got := r.w.ackWaitNow(); got != 9*time.Second {
+				t.Fatalf("ack wait %s at start, want the consumer's 9s", got)
+			}
+			tc.change(t, e)
+			testutil.Eventually(t, 2*consumerInfoEvery, func() error {
+				if got := r.w.ackWaitNow(); got != 2*time.Second {
+					return fmt.Errorf("ack wait %s, want the consumer's new 2s", got)
+				}
+				return nil
+			})
+			e.emu.AddRunning(proj, "", "s1", "slow")
+			e.emu.SetFaultsFor(proj, "s1", "slow", emulator.Faults{Latency: 6 * time.Second})
+			e.publish(body(t, map[string]any{"command_id": "slow", "project_id": proj, "script_name": "s1", "instance_id": "slow"}), nil)
+			e.out.wait(t, 1, 20*time.Second)
+			e.stopStreamEmpty(t)
+			if n := e.emu.StopCallsFor(proj, "s1", "slow"); n != 1 {
+				t.Errorf("one command called %d times: it was redelivered while its call was on the wire", n)
+			}
+		})
 	}
 }
 

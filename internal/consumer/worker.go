@@ -53,6 +53,7 @@ type Worker struct {
 	// JetStream hand a command that is being worked on to another worker.
 	ackWait atomic.Int64
 	pullMax atomic.Int64
+	infoAt  time.Time     // when the consumer's settings were last read (fetching goroutine only)
 	slots   chan struct{} // DLF calls in flight
 	held    chan struct{} // commands held by this worker
 	waiting atomic.Int64  // commands sleeping in-process before a retry
@@ -65,8 +66,9 @@ type Worker struct {
 	// was not stored, so calls are held back until one is (see
 	// callUnmarked). Readiness reports it.
 	marksRefused atomic.Int64 // unix nanoseconds of the refusal; 0: none since a mark was stored
-	// pullsUnanswered: the last pull got no answer from the server.
-	pullsUnanswered atomic.Bool
+	// pullsUnanswered: unix nanoseconds of the last pull that got no
+	// answer from the server; 0: the last one was answered.
+	pullsUnanswered atomic.Int64
 	circ            *circuit
 	thr             *throttle
 	sib             siblings // calls on the wire and stops not yet recorded, per instance
@@ -141,7 +143,7 @@ func (w *Worker) Ready() bool {
 // bind makes c the consumer the worker pulls from, and notes its limits.
 // Only the fetching goroutine (and New) calls it.
 func (w *Worker) bind(c jetstream.Consumer) {
-	w.cons = c
+	w.cons, w.infoAt = c, time.Now()
 	wait := w.cfg.AckWait
 	var most int64
 	if info := c.CachedInfo(); info != nil {
@@ -159,6 +161,35 @@ func (w *Worker) bind(c jetstream.Consumer) {
 		w.log.Info("consumer ack wait changed; heartbeats follow", zap.Duration("was", old), zap.Duration("now", wait))
 	}
 	w.pullMax.Store(most)
+}
+
+// pullsRecentlyUnanswered says whether a pull got no answer from the
+// server, not longer ago than pullSilenceShown, and none was answered
+// since.
+func (w *Worker) pullsRecentlyUnanswered() bool {
+	at := w.pullsUnanswered.Load()
+	return at != 0 && time.Since(time.Unix(0, at)) < pullSilenceShown
+}
+
+// consumerInfoEvery is how often the bound consumer's settings are read
+// again while pulls go well: an operator's `nats consumer edit` of its ack
+// wait makes no pull fail, so nothing else would notice it.
+const consumerInfoEvery = 10 * time.Second
+
+// refreshLimits reads the bound consumer's settings again when
+// consumerInfoEvery has passed since the last read. Only the fetching
+// goroutine calls it; a failed read changes nothing (the pull that follows
+// fails too, if the consumer is gone).
+func (w *Worker) refreshLimits(ctx context.Context) {
+	if time.Since(w.infoAt) < consumerInfoEvery {
+		return
+	}
+	w.infoAt = time.Now()
+	ictx, cancel := context.WithTimeout(ctx, 2*time.Second)
+	defer cancel()
+	if _, err := w.cons.Info(ictx); err == nil {
+		w.bind(w.cons)
+	}
 }
 
 // ackWaitNow is the ack wait of the consumer as last bound.
@@ -191,7 +222,7 @@ func (w *Worker) Readiness() (bool, string) {
 		return false, "NATS not connected"
 	case w.circ.Open():
 		return false, "DLF circuit open: DLF fails systemically, commands wait in the stream"
-	case w.pullsUnanswered.Load():
+	case w.pullsRecentlyUnanswered():
 		return false, "the NATS server does not answer pull requests"
 	case w.marksRecentlyRefused():
 		return false, "the state bucket does not store the calls' marks: commands wait in the stream"
@@ -369,6 +400,7 @@ func (w *Worker) pull(ctx context.Context) (pulled bool, err error) {
 			w.unreserve(n)
 			return pulled, errCircuitOpen
 		}
+		w.refreshLimits(ctx)
 		expires := time.Now().Add(pullWait)
 		batch, err := w.cons.Fetch(n, jetstream.FetchMaxWait(pullWait))
 		if err != nil {
@@ -405,11 +437,14 @@ func (w *Worker) pull(ctx context.Context) (pulled bool, err error) {
 			// times MaxPingsOut. Said on /readyz meanwhile.
 			silent := err == nil && received == 0 && ctx.Err() == nil &&
 				!time.Now().Before(expires.Add(pullAnswerGrace))
-			if silent != w.pullsUnanswered.Load() {
-				w.pullsUnanswered.Store(silent)
-				if silent {
+			switch was := w.pullsUnanswered.Load(); {
+			case silent:
+				if was == 0 {
 					w.log.Warn("the NATS server did not answer a pull request; is the link silent?")
 				}
+				w.pullsUnanswered.Store(time.Now().UnixNano())
+			case was != 0:
+				w.pullsUnanswered.Store(0)
 			}
 		case errors.Is(err, jetstream.ErrConsumerLeadershipChanged):
 			w.log.Debug("pull ended with a consumer leader change; pulling again", zap.Error(err))
@@ -420,8 +455,16 @@ func (w *Worker) pull(ctx context.Context) (pulled bool, err error) {
 }
 
 // pullAnswerGrace is how late after its expiry an empty pull may end and
-// still count as answered by the server.
-const pullAnswerGrace = 500 * time.Millisecond
+// still count as answered by the server: nats.go ends an unanswered one a
+// second after its expiry, and a round trip longer than this (or a
+// fetching goroutine kept off the CPU that long) would read as silence.
+const pullAnswerGrace = 900 * time.Millisecond
+
+// pullSilenceShown is how long an unanswered pull keeps the worker
+// unready: pulling on a silent link renews it every pullWait plus a
+// second; a worker that stopped pulling (every slot held) is not kept
+// unready for a pull long past.
+const pullSilenceShown = 3 * (pullWait + time.Second)
 
 // handBackMargin is how long after a pull's end, by this worker's clock,
 // a command handed back twice may be offered again.

@@ -6,6 +6,7 @@ import (
 	"net/http"
 	"os"
 	"path/filepath"
+	"strings"
 	"testing"
 	"time"
 
@@ -91,7 +92,7 @@ func TestFixedCredentialsEndThePauseAtOnce(t *testing.T) {
 		if err != nil {
 			return err
 		}
-		if code != http.StatusServiceUnavailable {
+		if code != http.StatusServiceUnavailable || !strings.Contains(body, "circuit open") {
 			return fmt.Errorf("/readyz = %d %q, want 503 with the circuit open", code, body)
 		}
 		return nil
