@@ -390,9 +390,7 @@ func (w *Worker) call(j *job, req dlf.StopRequest, lastAt time.Time) (v dlf.Verd
 		rev, err := w.state.markSentAt(ctx, j.sid, j.meta.NumDelivered, j.meta.Sequence.Stream, j.inst, j.markRev)
 		if err == nil {
 			j.markRev = rev
-			if w.marksRefused.Load() != 0 { // a load: every command passes here
-				w.marksRefused.Store(0)
-			}
+			w.marksRefused.clear()
 		}
 		return err
 	}
@@ -546,7 +544,7 @@ func (w *Worker) unmarked(ctx context.Context, j *job, probe bool, v dlf.Verdict
 		j.log.Warn("the command's state moved since it was read; returning the command to read it again", zap.Error(err))
 		return v, callUnmarked
 	}
-	w.marksRefused.Store(time.Now().UnixNano())
+	w.marksRefused.seen()
 	j.log.Warn("could not record the call before making it; returning the command", zap.Error(err))
 	return v, callUnmarked
 }

@@ -64,11 +64,10 @@ type Worker struct {
 	stateCheckedAt atomic.Int64
 	// marksRefused: the last "sent" mark the bucket was asked to store
 	// was not stored, so calls are held back until one is (see
-	// callUnmarked). Readiness reports it.
-	marksRefused atomic.Int64 // unix nanoseconds of the refusal; 0: none since a mark was stored
-	// pullsUnanswered: unix nanoseconds of the last pull that got no
-	// answer from the server; 0: the last one was answered.
-	pullsUnanswered atomic.Int64
+	// callUnmarked). pullsUnanswered: the last pull got no answer from
+	// the server. Readiness reports both while they are recent.
+	marksRefused    lapse
+	pullsUnanswered lapse
 	circ            *circuit
 	thr             *throttle
 	sib             siblings // calls on the wire and stops not yet recorded, per instance
@@ -163,14 +162,6 @@ func (w *Worker) bind(c jetstream.Consumer) {
 	w.pullMax.Store(most)
 }
 
-// pullsRecentlyUnanswered says whether a pull got no answer from the
-// server, not longer ago than pullSilenceShown, and none was answered
-// since.
-func (w *Worker) pullsRecentlyUnanswered() bool {
-	at := w.pullsUnanswered.Load()
-	return at != 0 && time.Since(time.Unix(0, at)) < pullSilenceShown
-}
-
 // consumerInfoEvery is how often the bound consumer's settings are read
 // again while pulls go well: an operator's `nats consumer edit` of its ack
 // wait makes no pull fail, so nothing else would notice it.
@@ -195,17 +186,33 @@ func (w *Worker) refreshLimits(ctx context.Context) {
 // ackWaitNow is the ack wait of the consumer as last bound.
 func (w *Worker) ackWaitNow() time.Duration { return time.Duration(w.ackWait.Load()) }
 
-// marksRecentlyRefused says whether the last mark asked for was refused,
-// not longer ago than two of the longest redelivery delays and a margin
-// for the redelivery itself. Commands
-// waiting for a stored mark come back within that and mark again, so
-// while the bucket refuses, the refusal stays fresh; a worker left with no
-// command to mark (the refused one went to another replica, or expired)
-// must not stay unready for good after the bucket recovered.
-func (w *Worker) marksRecentlyRefused() bool {
-	at := w.marksRefused.Load()
-	return at != 0 && time.Since(time.Unix(0, at)) < 2*w.cfg.RetryMax+stateCheckEvery
+// lapse is a condition that holds from when it was last seen until it
+// is cleared, or until it has not been seen again for a while: for a
+// readiness reason that what renews it may stop renewing (a worker left
+// with no command to mark, or no slot to pull for).
+type lapse struct{ at atomic.Int64 } // unix nanoseconds; 0: cleared
+
+// seen records the condition now; it reports whether it was clear before.
+func (l *lapse) seen() (wasClear bool) { return l.at.Swap(time.Now().UnixNano()) == 0 }
+
+// clear ends it; a load first, as clear runs on every command.
+func (l *lapse) clear() {
+	if l.at.Load() != 0 {
+		l.at.Store(0)
+	}
 }
+
+// within says whether it was seen less than d ago and not cleared since.
+func (l *lapse) within(d time.Duration) bool {
+	at := l.at.Load()
+	return at != 0 && time.Since(time.Unix(0, at)) < d
+}
+
+// marksRefusedShown is how long a refused mark keeps the worker unready:
+// two of the longest redelivery delays and a margin for the redelivery.
+// Commands waiting for a stored mark come back within that and mark again,
+// so while the bucket refuses, the refusal stays fresh.
+func (w *Worker) marksRefusedShown() time.Duration { return 2*w.cfg.RetryMax + stateCheckEvery }
 
 // CredentialsChanged tells the worker that the DLF credentials were
 // replaced (a rotated AK/SK or token file). An open circuit probes at once
@@ -222,9 +229,9 @@ func (w *Worker) Readiness() (bool, string) {
 		return false, "NATS not connected"
 	case w.circ.Open():
 		return false, "DLF circuit open: DLF fails systemically, commands wait in the stream"
-	case w.pullsRecentlyUnanswered():
+	case w.pullsUnanswered.within(pullSilenceShown):
 		return false, "the NATS server does not answer pull requests"
-	case w.marksRecentlyRefused():
+	case w.marksRefused.within(w.marksRefusedShown()):
 		return false, "the state bucket does not store the calls' marks: commands wait in the stream"
 	case !w.ready.Load():
 		return false, "consumer not bound"
@@ -437,14 +444,10 @@ func (w *Worker) pull(ctx context.Context) (pulled bool, err error) {
 			// times MaxPingsOut. Said on /readyz meanwhile.
 			silent := err == nil && received == 0 && ctx.Err() == nil &&
 				!time.Now().Before(expires.Add(pullAnswerGrace))
-			switch was := w.pullsUnanswered.Load(); {
-			case silent:
-				if was == 0 {
-					w.log.Warn("the NATS server did not answer a pull request; is the link silent?")
-				}
-				w.pullsUnanswered.Store(time.Now().UnixNano())
-			case was != 0:
-				w.pullsUnanswered.Store(0)
+			if !silent {
+				w.pullsUnanswered.clear()
+			} else if w.pullsUnanswered.seen() {
+				w.log.Warn("the NATS server did not answer a pull request; is the link silent?")
 			}
 		case errors.Is(err, jetstream.ErrConsumerLeadershipChanged):
 			w.log.Debug("pull ended with a consumer leader change; pulling again", zap.Error(err))
