@@ -625,6 +625,7 @@ func (w *Worker) handle(msg jetstream.Msg) {
 		// this goroutine closes once it returns.
 		go func() {
 			defer release()
+			hb.stop() // as afterPanic does for a job
 			w.afterPanic(msg, nil)
 		}()
 		return
@@ -717,6 +718,11 @@ func (w *Worker) logPanic(r any) {
 // waits for the pulls to close: it never runs on the fetching goroutine,
 // which closes them.
 func (w *Worker) afterPanic(msg jetstream.Msg, j *job) {
+	// No heartbeat may follow the nak below (see giveBack); what is left
+	// to do here takes far less than an ack wait.
+	if j != nil && j.hb != nil {
+		j.hb.stop()
+	}
 	meta, err := msg.Metadata()
 	if err != nil {
 		_ = msg.NakWithDelay(w.cfg.RetryInitial)
