@@ -611,7 +611,7 @@ func pullExpired(err error) bool {
 // state bucket, the command's goroutine starts only once its lookup is
 // answered, so no goroutine sleeps on the batched read.
 func (w *Worker) handle(msg jetstream.Msg) {
-	hb := startHeartbeat(msg, func() time.Duration { return w.ackWaitNow() / 3 })
+	hb := startHeartbeat(msg, &w.ackWait)
 	release := func() {
 		hb.stop()
 		<-w.held
@@ -778,16 +778,11 @@ type heartbeat struct {
 	stopped bool
 }
 
-// startHeartbeat sends InProgress for msg every every(), asked again
-// before each beat, so that a changed ack wait applies to commands
-// already held.
-func startHeartbeat(msg jetstream.Msg, every func() time.Duration) *heartbeat {
-	next := func() time.Duration {
-		if d := every(); d > 0 {
-			return d
-		}
-		return time.Second
-	}
+// startHeartbeat sends InProgress for msg every third of the ack wait in
+// ackWait (nanoseconds), read again before each beat, so that a changed ack
+// wait applies to commands already held. (A pointer, not a closure: this
+// runs for every command, and a closure cost two allocations each.)
+func startHeartbeat(msg jetstream.Msg, ackWait *atomic.Int64) *heartbeat {
 	h := &heartbeat{}
 	var beat func()
 	beat = func() {
@@ -797,12 +792,21 @@ func startHeartbeat(msg jetstream.Msg, every func() time.Duration) *heartbeat {
 			return
 		}
 		_ = msg.InProgress()
-		h.t = time.AfterFunc(next(), beat)
+		h.t = time.AfterFunc(beatEvery(ackWait), beat)
 	}
 	h.mu.Lock()
-	h.t = time.AfterFunc(next(), beat)
+	h.t = time.AfterFunc(beatEvery(ackWait), beat)
 	h.mu.Unlock()
 	return h
+}
+
+// beatEvery is a third of the ack wait in ackWait, or a second when none
+// is known.
+func beatEvery(ackWait *atomic.Int64) time.Duration {
+	if d := time.Duration(ackWait.Load()) / 3; d > 0 {
+		return d
+	}
+	return time.Second
 }
 
 // stop ends the beats; once it returns, none is being sent and none
