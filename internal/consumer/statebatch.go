@@ -31,6 +31,8 @@ type batchReader struct {
 	seq    uint64
 	stop   chan struct{}
 	done   sync.WaitGroup
+
+	afterRequest func() // a test's hook, run once a batch's request is sent
 }
 
 type lookupReq struct {
@@ -183,6 +185,9 @@ func (b *batchReader) fetch(batch []*lookupReq) (map[string]rawEntry, error) {
 	}
 	if err := b.nc.PublishRequest(b.api, reply, req); err != nil {
 		return nil, fmt.Errorf("read state: %w", err)
+	}
+	if b.afterRequest != nil {
+		b.afterRequest()
 	}
 	timer := time.NewTimer(batchTimeout)
 	defer timer.Stop()

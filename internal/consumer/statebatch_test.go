@@ -130,3 +130,70 @@ func TestBatchedLookupsTrustOnlyACompleteAnswer(t *testing.T) {
 		})
 	}
 }
+
+// Answers nats.go dropped as a slow consumer (the reader's channel full)
+// fail the batch: the key that was asked for may be among them, and read
+// as absent it would make a decided command look new. The reader is held
+// after its request until the server's answers overflowed its channel;
+// the end of the batch comes once the channel is drained, so only the
+// drop check can tell the batch is incomplete.
+func TestBatchedLookupsFailWhenAnswersWereDropped(t *testing.T) {
+	e := newEnv(t, nil)
+	br, err := newBatchReader(e.nc, "fake")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer br.close()
+	overflow := cap(br.msgs) + 100
+	sendEnd := make(chan struct{})
+	wait := func(what string, cond func() bool) bool {
+		for deadline := time.Now().Add(10 * time.Second); time.Now().Before(deadline); {
+			if cond() {
+				return true
+			}
+			time.Sleep(time.Millisecond) // polling a condition, not waiting for a result
+		}
+		t.Errorf("%s: not within 10s", what)
+		return false
+	}
+	br.afterRequest = func() {
+		// Everything beyond the channel's room is dropped, "b" last.
+		if !wait("answers dropped", func() bool { d, _ := br.sub.Dropped(); return d > overflow-cap(br.msgs) }) {
+			close(sendEnd)
+			return
+		}
+		go func() {
+			wait("channel drained", func() bool { return len(br.msgs) == 0 })
+			close(sendEnd)
+		}()
+	}
+	sub, err := e.nc.Subscribe("$JS.API.DIRECT.GET.KV_fake", func(req *nats.Msg) {
+		for i := 0; i <= overflow; i++ {
+			key := fmt.Sprintf("k%d", i)
+			if i == overflow {
+				key = "b" // the one asked for, among the dropped
+			}
+			m := nats.NewMsg(req.Reply)
+			m.Header.Set("Nats-Subject", "$KV.fake."+key)
+			m.Header.Set("Nats-Sequence", fmt.Sprint(i+1))
+			m.Data = []byte(`{"stopped_by":"x"}`)
+			_ = e.nc.PublishMsg(m)
+		}
+		<-sendEnd
+		end := nats.NewMsg(req.Reply)
+		end.Header.Set("Status", "204")
+		end.Header.Set("Description", "EOB")
+		end.Header.Set("Nats-Num-Pending", "0")
+		_ = e.nc.PublishMsg(end)
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer func() { _ = sub.Unsubscribe() }()
+	ctx, cancel := context.WithTimeout(context.Background(), 20*time.Second)
+	defer cancel()
+	rec, err := br.lookup(ctx, "b")
+	if err == nil || !strings.Contains(err.Error(), "dropped") {
+		t.Fatalf("lookup of b = %+v, %v; want an error saying answers were dropped", rec, err)
+	}
+}
