@@ -69,7 +69,9 @@
 // the URL is invalid (the error says so) or names another host ("u:12/34@h"
 // is host u, port 12). Since no parser can tell where such a password
 // ends, RedactURL hides everything up to the last '@' of each URL of the
-// list, so a host, port or path before that '@' is hidden too.
+// list, so a host, port or path before that '@' is hidden too; and a
+// password that looks like the start of another URL ("u:p,ws://x@h") is
+// hidden in both pieces, unless its first piece reads as a host and port.
 //
 // # Rate limit
 //

@@ -1,6 +1,7 @@
 package config
 
 import (
+	"net/url"
 	"strings"
 	"unicode"
 	"unicode/utf8"
@@ -21,9 +22,11 @@ const redacted = "[redacted]"
 // a ',' may belong to a password. NATS takes a user name without a password
 // as a token, so the whole user information is redacted, not only the
 // password. The one password it cannot hide is one that makes the text look
-// like the start of a URL: a scheme and "://" at the start of the text or
-// after a ',' or white space ("u:p, x://y@h", or "u://y@h" without a
-// scheme).
+// like the start of a URL (a scheme and "://" at the start of the text or
+// after a ',' or white space) and whose part before that is a valid host
+// and port: "u:80, x://y@h" shows "u:80". Otherwise text before another
+// URL that has no '@' and is not plain hosts and ports is hidden as well: in
+// "u:p, x://y@h", "u:p" is the start of a password.
 func RedactURL(s string) string {
 	return redactRange(s, userinfoSpans(s), 0, len(s))
 }
@@ -53,6 +56,11 @@ func userinfoSpans(s string) []span {
 		next, content := nextURL(s, from)
 		if at := strings.LastIndexByte(s[from:next], '@'); at > 0 {
 			spans = append(spans, span{from, from + at})
+		} else if end := from + len(strings.TrimRightFunc(s[from:next], isListSep)); next < len(s) && !hostsOnly(s[from:end]) {
+			// No '@' before another URL, yet not plain hosts: the
+			// start of a password that looks like the start of the
+			// next URL ("u:p, x://y@h" reads as "u:p" and "x://y@h").
+			spans = append(spans, span{from, end})
 		}
 		if next == len(s) {
 			return spans
@@ -82,6 +90,24 @@ func nextURL(s string, from int) (schemeStart, content int) {
 		}
 		i = sep + len("://")
 	}
+}
+
+func isListSep(r rune) bool { return r == ',' || unicode.IsSpace(r) }
+
+// hostsOnly says whether s, the text after a scheme's "://" (or a list
+// entry without one), is a list of hosts with optional numeric ports and
+// paths, nothing that could be part of a user's password. Empty text is.
+func hostsOnly(s string) bool {
+	for part := range strings.SplitSeq(s, ",") {
+		part = strings.TrimSpace(part)
+		if part == "" {
+			continue
+		}
+		if u, err := url.Parse("nats://" + part); err != nil || u.Hostname() == "" || u.User != nil {
+			return false
+		}
+	}
+	return true
 }
 
 func atListBoundary(s string, i int) bool {

@@ -182,7 +182,14 @@ func TestRedactURL(t *testing.T) {
 		{"nats://h1,u:p@h2", "nats://[redacted]@h2"},
 		{"nats://u:a://b@h", "nats://[redacted]@h"},
 		{"u:a://b@h", "[redacted]@h"},
-		{"nats://u:x, tls://y@h", "nats://u:x, tls://[redacted]@h"},
+		// A password that looks like the start of a second URL: what
+		// comes before that is not a host and port, so it is hidden too.
+		{"nats://u:x, tls://y@h", "nats://[redacted], tls://[redacted]@h"},
+		{"nats://worker:Sekr1t,ws://Zq9@127.0.0.1:4222", "nats://[redacted],ws://[redacted]@127.0.0.1:4222"},
+		{"u:p x://y@h", "[redacted] x://[redacted]@h"},
+		{"nats://a:1,b:2/x, tls://[::1]:3", "nats://a:1,b:2/x, tls://[::1]:3"},
+		// The one it cannot tell from a host and port.
+		{"nats://u:80, x://y@h", "nats://u:80, x://[redacted]@h"},
 	}
 	for _, tt := range tests {
 		if got := RedactURL(tt.in); got != tt.want {
@@ -209,6 +216,8 @@ func TestURLPasswordWithSeparatorsNeverLeaks(t *testing.T) {
 		{"nats://ok:1, u:s3cr#et@h", "s3cr#et", true},
 		{"nats://u:p,q@h, nats://u:12/34@h2", "p,q", true},
 		{"tls://ok:1,nats://u:12/34@h", "12/34", false},
+		{"nats://worker:Sekr1t,ws://Zq9@127.0.0.1:4222", "Sekr1t", true},
+		{"nats://worker:Sekr1t,ws://Zq9@127.0.0.1:4222", "Zq9", true},
 	}
 	for _, tt := range tests {
 		t.Run(tt.url, func(t *testing.T) {
