@@ -21,7 +21,11 @@ import (
 // commands, that got no answer or a 5xx. While open: the fetch loop takes
 // nothing new, commands already held wait (heartbeating, no calls), and one
 // probe call at a time is let through, spaced by a backoff. The first probe
-// that gets a non-systemic answer closes it.
+// that gets a non-systemic answer closes it, and so does a command's last
+// attempt made while it is open; a call that was sent before it opened
+// does not, as its answer may predate the failures that opened it, and
+// closing on it would let every held command call into a DLF that still
+// fails, the burst the circuit is there to prevent.
 type circuit struct {
 	threshold int
 	log       *zap.Logger
@@ -43,6 +47,10 @@ type circuit struct {
 	probeBo  *backoff.ExponentialBackOff
 	changed  chan struct{} // closed and replaced on every state change
 	disabled bool
+	// opened counts the openings: a call notes it before it is sent
+	// (generation), and its answer may close only the opening it was
+	// sent in.
+	opened atomic.Uint64
 }
 
 func newCircuit(cfg *Config, log *zap.Logger, onChange func(bool)) *circuit {
@@ -135,6 +143,12 @@ func (c *circuit) holdsBack(probe bool, lastAt time.Time) bool {
 	return lastAt.IsZero() || time.Now().Before(lastAt)
 }
 
+// generation is what a call notes right before it is sent, and gives
+// release with its answer. Noted before the last holdsBack check, so that
+// an opening between the two holds the call back or leaves it older than
+// the opening, never the reverse.
+func (c *circuit) generation() uint64 { return c.opened.Load() }
+
 // changedCh is closed at the next state change.
 func (c *circuit) changedCh() <-chan struct{} {
 	c.mu.Lock()
@@ -171,8 +185,9 @@ func answeredByDLF(v dlf.Verdict) bool {
 	return false
 }
 
-// release records a call's verdict.
-func (c *circuit) release(probe bool, v dlf.Verdict, cancelled bool) {
+// release records a call's verdict; sentIn is the generation the call
+// noted before it was sent (any value for a call that was not sent).
+func (c *circuit) release(probe bool, sentIn uint64, v dlf.Verdict, cancelled bool) {
 	if c.disabled {
 		return
 	}
@@ -209,6 +224,11 @@ func (c *circuit) release(probe bool, v dlf.Verdict, cancelled bool) {
 		return
 	}
 	if !counts {
+		if c.open && !probe && sentIn != c.opened.Load() {
+			// Sent before this opening: its answer may be older than the
+			// failures that opened it.
+			return
+		}
 		c.failures = 0
 		if c.open {
 			c.open = false
@@ -233,6 +253,7 @@ func (c *circuit) release(probe bool, v dlf.Verdict, cancelled bool) {
 	}
 	if immediate || c.failures >= c.threshold {
 		c.open = true
+		c.opened.Add(1)
 		c.isOpen.Store(true)
 		c.probeBo.Reset()
 		c.nextTry = time.Now().Add(min(c.probeBo.NextBackOff(), c.probeBo.MaxInterval))

@@ -106,7 +106,7 @@ func TestConsumerDeletedWhileOpenAndIdleIsBoundAgain(t *testing.T) {
 func TestOnlyAnAnswerFromDLFClosesTheCircuit(t *testing.T) {
 	cfg := Config{CircuitThreshold: 5, RetryInitial: time.Millisecond, RetryMax: time.Millisecond}
 	c := newCircuit(&cfg, zap.NewNop(), nil)
-	c.release(false, dlf.Verdict{HTTPStatus: 401, Systemic: true}, false)
+	c.release(false, c.generation(), dlf.Verdict{HTTPStatus: 401, Systemic: true}, false)
 	if !c.Open() {
 		t.Fatal("a 401 did not open the circuit")
 	}
@@ -118,7 +118,7 @@ func TestOnlyAnAnswerFromDLFClosesTheCircuit(t *testing.T) {
 		if !probe || !ok {
 			t.Fatalf("acquire = probe %v, ok %v; want the probe turn", probe, ok)
 		}
-		c.release(true, v, false)
+		c.release(true, c.generation(), v, false)
 	}
 	for _, v := range []dlf.Verdict{
 		{HTTPStatus: 429, ErrorCode: "APIG.0308"},
@@ -136,11 +136,90 @@ func TestOnlyAnAnswerFromDLFClosesTheCircuit(t *testing.T) {
 	}
 	// Closed, a 429 neither counts towards opening nor clears the count.
 	for i := 0; i < 5; i++ {
-		c.release(false, dlf.Verdict{HTTPStatus: 503}, false)
-		c.release(false, dlf.Verdict{HTTPStatus: 429}, false)
+		c.release(false, c.generation(), dlf.Verdict{HTTPStatus: 503}, false)
+		c.release(false, c.generation(), dlf.Verdict{HTTPStatus: 429}, false)
 	}
 	if !c.Open() {
 		t.Error("five 503s in a row but for 429s between them did not open the circuit")
+	}
+}
+
+// A call sent before the circuit opened may answer after it: its 204 or
+// DLF.6205 may predate the failures that opened the circuit, and must not
+// close it (found by review: every held command was released into a DLF
+// that still failed, and /readyz flapped). A command's last attempt, made
+// while the circuit is open, is as fresh as a probe and closes it.
+func TestACallSentBeforeTheOpeningDoesNotCloseIt(t *testing.T) {
+	for _, tc := range []struct {
+		name    string
+		opening []dlf.Verdict
+	}{
+		{"401", []dlf.Verdict{{HTTPStatus: 401, Systemic: true}}},
+		{"five 503", []dlf.Verdict{{HTTPStatus: 503}, {HTTPStatus: 503}, {HTTPStatus: 503}, {HTTPStatus: 503}, {HTTPStatus: 503}}},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			cfg := Config{CircuitThreshold: 5, RetryInitial: time.Hour, RetryMax: time.Hour}
+			c := newCircuit(&cfg, zap.NewNop(), nil)
+			ctx := context.Background()
+			slow, ok := c.acquire(ctx, time.Time{})
+			if slow || !ok {
+				t.Fatal("a call on a closed circuit was not let through as a plain call")
+			}
+			slowGen := c.generation() // noted as it is sent
+			for _, v := range tc.opening {
+				c.release(false, c.generation(), v, false)
+			}
+			if !c.Open() {
+				t.Fatal("the circuit did not open")
+			}
+			for _, v := range []dlf.Verdict{{HTTPStatus: 204, Class: dlf.ClassStopped}, {HTTPStatus: 400, ErrorCode: "DLF.6205"}} {
+				c.release(false, slowGen, v, false)
+				if !c.Open() {
+					t.Fatalf("a call sent before the opening, answered %d %s, closed the circuit", v.HTTPStatus, v.ErrorCode)
+				}
+			}
+			// A last attempt: let through while open, its time up.
+			last, ok := c.acquire(ctx, time.Now().Add(-time.Second))
+			if last || !ok {
+				t.Fatalf("acquire = probe %v, ok %v for a last attempt; want a plain call", last, ok)
+			}
+			c.release(false, c.generation(), dlf.Verdict{HTTPStatus: 204, Class: dlf.ClassStopped}, false)
+			if c.Open() {
+				t.Fatal("a last attempt made while the circuit was open got a 204, yet it stays open")
+			}
+		})
+	}
+}
+
+// The same through the worker: a command whose call is on the wire when
+// another's 401 opens the circuit gets its 204 afterwards, and the circuit
+// stays open (no probe is due for a minute). The opener's last attempt,
+// made with the circuit open when its 5 s are up, gets a 204 and closes it.
+func TestWorkerKeepsTheCircuitOpenAfterALateAnswer(t *testing.T) {
+	e := newEnv(t, func(c *Config) {
+		c.RetryInitial, c.RetryMax = time.Minute, time.Minute
+		c.RetryMaxElapsed = 5 * time.Second
+	})
+	e.emu.SetFaultsFor(proj, "s1", "opener", emulator.Faults{AuthFail: true})
+	answer := make(chan struct{})
+	r := e.secondWhileFirstIsHeld(t, "slow", "opener", func() { <-answer })
+	r.waitCircuitOpen(t)
+	close(answer)
+	o := e.single(t)
+	if o.CommandID != "slow" || o.Status != StatusStopped {
+		t.Fatalf("outcome %+v, want slow stopped", o)
+	}
+	// The circuit hears the answer before the outcome is published.
+	if !r.w.circ.Open() {
+		t.Fatal("the 204 of a call sent before the 401 closed the circuit")
+	}
+	e.emu.ClearFaultsFor(proj, "s1", "opener")
+	e.out.wait(t, 2, 20*time.Second)
+	if o := byID(t, e.out.outcomes(t))["opener"]; o.Status != StatusStopped || o.Attempts != 2 {
+		t.Fatalf("opener: %+v, want stopped at its last attempt", o)
+	}
+	if r.w.circ.Open() {
+		t.Error("the last attempt got a 204 with the circuit open, yet it stays open")
 	}
 }
 
@@ -154,7 +233,7 @@ func TestCredentialsChangedLetTheProbeGoAtOnce(t *testing.T) {
 	if c.Open() {
 		t.Fatal("a credentials change opened the circuit")
 	}
-	c.release(false, dlf.Verdict{HTTPStatus: 401, Systemic: true}, false)
+	c.release(false, c.generation(), dlf.Verdict{HTTPStatus: 401, Systemic: true}, false)
 	acquire := func(within time.Duration) (probe, ok bool) {
 		ctx, cancel := context.WithTimeout(context.Background(), within)
 		defer cancel()
@@ -180,12 +259,12 @@ func TestCredentialsChangedLetTheProbeGoAtOnce(t *testing.T) {
 	if probe, ok := acquire(100 * time.Millisecond); probe || ok {
 		t.Fatalf("acquire = probe %v, ok %v while a probe is on the wire; want to wait", probe, ok)
 	}
-	c.release(true, dlf.Verdict{HTTPStatus: 401, Systemic: true}, false)
+	c.release(true, c.generation(), dlf.Verdict{HTTPStatus: 401, Systemic: true}, false)
 	if probe, ok := acquire(time.Second); !probe || !ok {
 		t.Fatalf("acquire = probe %v, ok %v after a probe that was on the wire when the credentials changed; want the probe turn", probe, ok)
 	}
 	// Without a change, a failed probe is followed after the backoff.
-	c.release(true, dlf.Verdict{HTTPStatus: 401, Systemic: true}, false)
+	c.release(true, c.generation(), dlf.Verdict{HTTPStatus: 401, Systemic: true}, false)
 	if probe, ok := acquire(100 * time.Millisecond); probe || ok {
 		t.Fatalf("acquire = probe %v, ok %v right after a failed probe; want to wait for the backoff", probe, ok)
 	}

@@ -353,7 +353,7 @@ func (w *Worker) call(j *job, req dlf.StopRequest, lastAt time.Time) (v dlf.Verd
 				<-w.slots
 			}
 			if ownProbe {
-				w.circ.release(true, v, true)
+				w.circ.release(true, 0, v, true)
 			}
 			panic(r)
 		}
@@ -365,7 +365,7 @@ func (w *Worker) call(j *job, req dlf.StopRequest, lastAt time.Time) (v dlf.Verd
 	}
 	notSent := func(probe bool) (dlf.Verdict, callResult) {
 		ownProbe = false
-		w.circ.release(probe, v, true)
+		w.circ.release(probe, 0, v, true)
 		if w.soft.Err() != nil {
 			return v, callStopped
 		}
@@ -385,7 +385,11 @@ func (w *Worker) call(j *job, req dlf.StopRequest, lastAt time.Time) (v dlf.Verd
 	// circuit sends the command back for a probe turn. A rate wait ends
 	// early when the circuit changes, handing its token back, so calls held
 	// back spend no tokens and the probe does not queue behind them.
-	held := func() bool { return w.thr.pausedFor(lastAt) || w.circ.holdsBack(probe, lastAt) }
+	var gen uint64 // the circuit's generation at the last check; see generation
+	held := func() bool {
+		gen = w.circ.generation()
+		return w.thr.pausedFor(lastAt) || w.circ.holdsBack(probe, lastAt)
+	}
 	mark := func() error {
 		rev, err := w.state.markSentAt(ctx, j.sid, j.meta.NumDelivered, j.meta.Sequence.Stream, j.inst, j.markRev)
 		if err == nil {
@@ -504,7 +508,7 @@ func (w *Worker) call(j *job, req dlf.StopRequest, lastAt time.Time) (v dlf.Verd
 	}
 	j.called = true
 	ownProbe, ownSlot = false, false // attempt gives them back however it ends
-	v, elapsed, err := w.attemptTracked(j, req, probe)
+	v, elapsed, err := w.attemptTracked(j, req, probe, gen)
 	j.attempts++
 	if answeredByDLF(v) { // a refusal (DLF.6205, say) got past the gateway's limit as well
 		w.thr.succeeded()
@@ -536,7 +540,7 @@ func (w *Worker) unmarked(ctx context.Context, j *job, probe bool, v dlf.Verdict
 	if ctx.Err() != nil {
 		return notSent(probe)
 	}
-	w.circ.release(probe, v, true)
+	w.circ.release(probe, 0, v, true)
 	if errors.Is(err, errWrongRevision) {
 		// Not a bucket refusing writes: another delivery marked this
 		// command since this one read its key, or the read came from a
@@ -551,9 +555,9 @@ func (w *Worker) unmarked(ctx context.Context, j *job, probe bool, v dlf.Verdict
 
 // attemptTracked is attempt, registered with the calls of this worker for
 // the same instance (see siblings), with the state bucket on.
-func (w *Worker) attemptTracked(j *job, req dlf.StopRequest, probe bool) (v dlf.Verdict, elapsed time.Duration, err error) {
+func (w *Worker) attemptTracked(j *job, req dlf.StopRequest, probe bool, gen uint64) (v dlf.Verdict, elapsed time.Duration, err error) {
 	if w.state == nil || !j.valid {
-		return w.attempt(req, probe)
+		return w.attempt(req, probe, gen)
 	}
 	key := j.inst
 	t := w.sib.begin(key)
@@ -562,7 +566,7 @@ func (w *Worker) attemptTracked(j *job, req dlf.StopRequest, probe bool) (v dlf.
 		j.sibLimit = w.sib.end(key, t, j.sid, stopped, time.Now())
 		j.noted = j.noted || stopped
 	}()
-	v, elapsed, err = w.attempt(req, probe)
+	v, elapsed, err = w.attempt(req, probe, gen)
 	stopped = v.Class == dlf.ClassStopped
 	return v, elapsed, err
 }
@@ -571,7 +575,7 @@ func (w *Worker) attemptTracked(j *job, req dlf.StopRequest, probe bool) (v dlf.
 // the answer, and gives the slot back however it ends. A panic in the
 // client must not keep the slot, nor the circuit's probe turn: either loss
 // would stall the worker for good.
-func (w *Worker) attempt(req dlf.StopRequest, probe bool) (v dlf.Verdict, elapsed time.Duration, err error) {
+func (w *Worker) attempt(req dlf.StopRequest, probe bool, gen uint64) (v dlf.Verdict, elapsed time.Duration, err error) {
 	answered := false
 	defer func() {
 		w.m.inFlight.Dec()
@@ -579,7 +583,7 @@ func (w *Worker) attempt(req dlf.StopRequest, probe bool) (v dlf.Verdict, elapse
 		// a 429's pause is set (below): a command waiting for this slot
 		// checks the circuit once it has the slot, and must not slip a
 		// call past the 401 that is opening it.
-		w.circ.release(probe, v, !answered || w.hard.Err() != nil)
+		w.circ.release(probe, gen, v, !answered || w.hard.Err() != nil)
 		<-w.slots
 	}()
 	w.m.inFlight.Inc()

@@ -265,7 +265,7 @@ func TestStateBucketWithSmallMessagesStopsTheStart(t *testing.T) {
 func TestCircuitLetsTheLastAttemptThrough(t *testing.T) {
 	cfg := Config{CircuitThreshold: 5, RetryInitial: time.Hour, RetryMax: time.Hour}
 	c := newCircuit(&cfg, zap.NewNop(), nil)
-	c.release(false, dlf.Verdict{HTTPStatus: 401}, false)
+	c.release(false, c.generation(), dlf.Verdict{HTTPStatus: 401}, false)
 	if !c.Open() {
 		t.Fatal("a 401 did not open the circuit")
 	}
@@ -410,27 +410,36 @@ func TestRateLimitWaitExpiresAtTheDeadline(t *testing.T) {
 // own, when the answer to first reaches the worker.
 func (e *env) firstAnswerLate(t *testing.T, fault emulator.Faults) *running {
 	t.Helper()
-	e.emu.AddRunning(proj, "", "s1", "first")
-	e.emu.AddRunning(proj, "", "s1", "second")
 	e.emu.SetFaultsFor(proj, "s1", "first", fault)
+	return e.secondWhileFirstIsHeld(t, "first", "second", func() { <-time.After(300 * time.Millisecond) })
+}
+
+// secondWhileFirstIsHeld starts a worker whose stop calls to instance
+// first run hold before they reach the emulator, publishes a command for
+// first and, once its call has arrived, one for second (command ids are
+// the instances').
+func (e *env) secondWhileFirstIsHeld(t *testing.T, first, second string, hold func()) *running {
+	t.Helper()
+	e.emu.AddRunning(proj, "", "s1", first)
+	e.emu.AddRunning(proj, "", "s1", second)
 	arrived := make(chan struct{})
 	var once sync.Once
-	slow := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
-		if strings.Contains(r.URL.Path, "/instances/first/") {
+	front := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		if strings.Contains(r.URL.Path, "/instances/"+first+"/") {
 			once.Do(func() { close(arrived) })
-			<-time.After(300 * time.Millisecond)
+			hold()
 		}
 		e.emu.ServeHTTP(w, r)
 	}))
-	t.Cleanup(slow.Close)
-	r := e.startWorkerAt(slow.URL, nil)
-	e.publish(body(t, map[string]any{"command_id": "first", "project_id": proj, "script_name": "s1", "instance_id": "first"}), nil)
+	t.Cleanup(front.Close)
+	r := e.startWorkerAt(front.URL, nil)
+	e.publish(body(t, map[string]any{"command_id": first, "project_id": proj, "script_name": "s1", "instance_id": first}), nil)
 	select {
 	case <-arrived:
 	case <-time.After(10 * time.Second):
-		t.Fatal("first was not sent")
+		t.Fatalf("%s was not sent", first)
 	}
-	e.publish(body(t, map[string]any{"command_id": "second", "project_id": proj, "script_name": "s1", "instance_id": "second"}), nil)
+	e.publish(body(t, map[string]any{"command_id": second, "project_id": proj, "script_name": "s1", "instance_id": second}), nil)
 	return r
 }
 
