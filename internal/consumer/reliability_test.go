@@ -544,6 +544,37 @@ func TestLostResponseIsAlreadyStopped(t *testing.T) {
 		o.Status, o.Cause, e.out.len(), e.dead.len(), e.emu.StopCallsFor(proj, "s1", "i-1"))
 }
 
+// A gateway's 504 (or 502) is not DLF's answer: the call went in and DLF
+// may have stopped the instance behind it, so the retry's DLF.6205 is that
+// stop, as after a dropped connection (found by review: it was
+// dead-lettered). The front here lets the stop through to the emulator
+// and answers 504 instead of its 204.
+func TestGatewayTimeoutThenDLF6205IsAlreadyStopped(t *testing.T) {
+	for _, status := range []int{http.StatusGatewayTimeout, http.StatusBadGateway} {
+		t.Run(strconv.Itoa(status), func(t *testing.T) {
+			e := newEnv(t, func(c *Config) { c.RetryInitial, c.RetryMax = 50*time.Millisecond, 100*time.Millisecond })
+			e.emu.AddRunning(proj, "", "s1", "i-1")
+			var calls atomic.Int32
+			front := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+				if calls.Add(1) == 1 {
+					e.emu.ServeHTTP(httptest.NewRecorder(), r) // the stop happens behind the gateway
+					w.WriteHeader(status)
+					return
+				}
+				e.emu.ServeHTTP(w, r)
+			}))
+			t.Cleanup(front.Close)
+			e.startWorkerAt(front.URL, nil)
+			e.publish(body(t, map[string]any{"command_id": "gw", "project_id": proj, "script_name": "s1", "instance_id": "i-1"}), nil)
+			o := e.single(t)
+			if o.Status != StatusStopped || o.Cause != CauseAlreadyStopped || o.Attempts != 2 || o.ErrorCode != "DLF.6205" {
+				t.Fatalf("outcome = %+v; want stopped/already_stopped after two calls", o)
+			}
+			e.noDeadLetters(t)
+		})
+	}
+}
+
 // An earlier delivery recorded a call that went unanswered: a DLF.6205
 // now means that call stopped the instance.
 func TestRecordedUnansweredCallCounts(t *testing.T) {

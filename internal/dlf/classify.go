@@ -3,6 +3,7 @@ package dlf
 import (
 	"context"
 	"errors"
+	"net/http"
 	"time"
 )
 
@@ -47,8 +48,10 @@ type Verdict struct {
 	HTTPStatus int
 	// ErrorCode, ErrorMsg and RequestID of the answer, when it had them.
 	ErrorCode, ErrorMsg, RequestID string
-	// NotAnswered: the request was completely sent and no answer came
-	// (TransportError with Sent), so DLF may have stopped the instance.
+	// NotAnswered: the request was completely sent and DLF's answer did
+	// not come, so DLF may have stopped the instance: no answer at all
+	// (TransportError with Sent), or a gateway's 502 or 504, which took
+	// the request on and got no good answer from behind it in time.
 	NotAnswered bool
 }
 
@@ -60,7 +63,7 @@ type Verdict struct {
 //	other 4xx but 401, 403, 408, 429      failed (dlf_error)
 //	1xx, 3xx (redirects are not followed) failed (dlf_error)
 //	401, 403                              retry, Systemic
-//	408, 429, 5xx                         retry, Retry-After honoured
+//	408, 429, 5xx                         retry, Retry-After honoured (502, 504: NotAnswered)
 //	no answer: refused, reset, timeout    retry, Systemic (NotAnswered when sent)
 //	cancelled by the caller               retry (the command is returned, never failed)
 //	ErrInvalidRequest (nothing sent)      failed
@@ -106,6 +109,9 @@ func Classify(resp *Response, err error) Verdict {
 	default:
 		// context.Canceled from elsewhere, or anything unforeseen.
 		v.Class = ClassRetry
+	}
+	if v.HTTPStatus == http.StatusBadGateway || v.HTTPStatus == http.StatusGatewayTimeout {
+		v.NotAnswered = true
 	}
 	return v
 }

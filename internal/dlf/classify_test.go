@@ -61,8 +61,13 @@ func TestClassify(t *testing.T) {
 	add("408", 408, "", 0, Verdict{Class: ClassRetry})
 	add("408 retry after", 408, "", 3*time.Second, Verdict{Class: ClassRetry, RetryAfter: 3 * time.Second})
 	add("429 APIG.0308", 429, "APIG.0308", 5*time.Second, Verdict{Class: ClassRetry, RetryAfter: 5 * time.Second})
-	for _, s := range []int{500, 501, 502, 503, 504, 599} {
+	for _, s := range []int{500, 501, 503, 599} {
 		add(fmt.Sprint(s), s, "", time.Second, Verdict{Class: ClassRetry, RetryAfter: time.Second})
+	}
+	// 502 and 504: a gateway took the request on and got no good answer
+	// from behind it, so DLF may have stopped the instance.
+	for _, s := range []int{502, 504} {
+		add(fmt.Sprint(s), s, "", time.Second, Verdict{Class: ClassRetry, RetryAfter: time.Second, NotAnswered: true})
 	}
 	// Statuses outside 100-599: retry (assumption).
 	add("600", 600, "", 0, Verdict{Class: ClassRetry})
