@@ -246,6 +246,43 @@ func TestNATSPermissions(t *testing.T) {
 		w2.noViolations(t)
 	})
 
+	// Found by review: an operator who created the outcome stream with
+	// `nats stream add` has direct gets on, and clients then read by
+	// sequence through them; the worker's read-back of a stored outcome
+	// and an auditor's first step of a redrive were refused.
+	t.Run("reads by sequence where the streams allow direct gets", func(t *testing.T) {
+		ctx := stepCtx(t)
+		s3 := startConfServer(t)
+		w3, a3 := connectAs(t, s3, "dlf-worker"), connectAs(t, s3, "auditor")
+		for _, name := range []string{outcomeStream, deadStream} {
+			def := definition(t, files, name+".json", 1)
+			def["allow_direct"] = true
+			apiRequest(t, w3, "$JS.API.STREAM.CREATE."+name, def)
+		}
+		for _, subj := range []string{outcomePrefix + ".stopped", deadSubject} {
+			if _, err := w3.js.Publish(ctx, subj, []byte(`{}`)); err != nil {
+				t.Fatalf("publish to %s: %v", subj, err)
+			}
+		}
+		for _, r := range []struct {
+			u      *natsUser
+			stream string
+		}{{w3, outcomeStream}, {a3, outcomeStream}, {a3, deadStream}} {
+			st, err := r.u.js.Stream(ctx, r.stream)
+			if err != nil {
+				t.Fatalf("%s: look up %s: %v", r.u.name, r.stream, err)
+			}
+			if !st.CachedInfo().Config.AllowDirect {
+				t.Fatalf("%s does not allow direct gets", r.stream)
+			}
+			if _, err := st.GetMsg(ctx, 1); err != nil {
+				t.Errorf("%s: get %s #1: %v", r.u.name, r.stream, err)
+			}
+		}
+		w3.noViolations(t)
+		a3.noViolations(t)
+	})
+
 	t.Run("worker keeps per-command state", func(t *testing.T) {
 		ctx := stepCtx(t)
 		// Setup created the bucket (the empty-server run above proves the
