@@ -23,6 +23,7 @@ import (
 	"github.com/dlf-stop/worker/internal/config"
 	"github.com/dlf-stop/worker/internal/dlf/emulator"
 	"github.com/dlf-stop/worker/internal/service"
+	"github.com/dlf-stop/worker/internal/stopcli"
 	"github.com/dlf-stop/worker/internal/testutil"
 )
 
@@ -278,5 +279,30 @@ func TestWorkerWithoutPermissionSaysSo(t *testing.T) {
 	}
 	if took > 10*time.Second {
 		t.Errorf("start-up took %s to fail", took.Round(time.Millisecond))
+	}
+}
+
+// `worker stop` run with a user that may not publish stop commands (the
+// worker's own, say, as from inside its pod) says so at once, instead of
+// waiting out --wait and naming only the timeout (found by review).
+func TestStopWithoutPermissionSaysSo(t *testing.T) {
+	s := startConfServer(t)
+	env := map[string]string{
+		"NATS_URL": s.ClientURL(), "NATS_USER": "dlf-worker", "NATS_PASSWORD": envSentinel("DLF_WORKER_PASSWORD"),
+	}
+	var stdout, stderr strings.Builder
+	start := time.Now()
+	code := stopcli.Run(context.Background(), []string{"--script", "s", "--instance", "i", "--wait", "20s"},
+		func(k string) (string, bool) { v, ok := env[k]; return v, ok }, &stdout, &stderr)
+	took := time.Since(start)
+	if code != stopcli.ExitNoOutcome || stdout.Len() != 0 {
+		t.Errorf("exit %d, stdout %q; want %d and nothing", code, stdout.String(), stopcli.ExitNoOutcome)
+	}
+	if msg := stderr.String(); !strings.Contains(msg, "Permissions Violation") || !strings.Contains(msg, "dlf.stop.request") ||
+		strings.Contains(msg, envSentinel("DLF_WORKER_PASSWORD")) {
+		t.Errorf("stderr = %q; want the permissions violation for dlf.stop.request, without the password", msg)
+	}
+	if took > 10*time.Second {
+		t.Errorf("took %s to fail", took.Round(time.Millisecond))
 	}
 }

@@ -111,13 +111,30 @@ func Run(ctx context.Context, args []string, lookup func(string) (string, bool),
 }
 
 func publishAndWait(ctx context.Context, cfg config.Config, id string, body []byte, wait time.Duration) ([]byte, int, error) {
-	ctx, cancel := context.WithTimeout(ctx, wait)
-	defer cancel()
+	tctx, cancelTimeout := context.WithTimeout(ctx, wait)
+	defer cancelTimeout()
+	// The server reports a publish or subscription the user may not make
+	// only as an asynchronous error; without it, a user without the right
+	// (the worker's own, say) would wait out --wait and hear only of the
+	// timeout. It ends the wait at once, named.
+	ctx, cancel := context.WithCancelCause(tctx)
+	defer cancel(nil)
 	nc, err := natsconn.Connect(ctx, cfg.NATS, zap.NewNop(), "dlf-stop-worker stop")
 	if err != nil {
 		return nil, ExitNoOutcome, err
 	}
 	defer nc.Close()
+	nc.SetErrorHandler(func(_ *nats.Conn, _ *nats.Subscription, err error) {
+		if errors.Is(err, nats.ErrPermissionViolation) {
+			cancel(err)
+		}
+	})
+	denied := func() error {
+		if cause := context.Cause(ctx); errors.Is(cause, nats.ErrPermissionViolation) {
+			return fmt.Errorf("the NATS user may not do this (a scheduler's user publishes stop commands and hears outcomes; see deploy/nats/nats-server.conf): %w", cause)
+		}
+		return nil
+	}
 	// Subscribe before publishing so the outcome cannot slip past. The
 	// outcome carries the command id as Nats-Msg-Id.
 	got := make(chan []byte, 1)
@@ -145,6 +162,9 @@ func publishAndWait(ctx context.Context, cfg config.Config, id string, body []by
 	m.Header.Set(nats.MsgIdHdr, id)
 	ack, err := js.PublishMsg(ctx, m)
 	if err != nil {
+		if d := denied(); d != nil {
+			err = d
+		}
 		return nil, ExitNoOutcome, fmt.Errorf("publish to %s: %w", cfg.Subjects.StopSubject, err)
 	}
 	if ack.Duplicate {
@@ -154,6 +174,9 @@ func publishAndWait(ctx context.Context, cfg config.Config, id string, body []by
 	case out := <-got:
 		return out, 0, nil
 	case <-ctx.Done():
+		if d := denied(); d != nil {
+			return nil, ExitNoOutcome, fmt.Errorf("wait for the outcome: %w", d)
+		}
 		// An id decided before the duplicate window is acked without a
 		// new outcome (contract section 6) for as long as the state
 		// bucket remembers it: say so, as nothing else will.
