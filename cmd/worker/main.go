@@ -45,6 +45,16 @@ func realMain(ctx context.Context, args []string, stdout, stderr io.Writer) int 
 	case "":
 		return exitOn(stopped(ctx, runWorker(ctx)), stderr)
 	case "dev":
+		// It takes no arguments: `worker dev --help` must not start
+		// servers.
+		if len(args) > 0 {
+			if a := args[0]; a == "-h" || a == "--help" || a == "help" {
+				fmt.Fprint(stdout, usage)
+				return 0
+			}
+			fmt.Fprintf(stderr, "worker dev: unexpected argument %q\n%s", args[0], usage)
+			return 64
+		}
 		return exitOn(stopped(ctx, devenv.Run(ctx, stdout)), stderr)
 	case "stop":
 		return stopcli.Run(ctx, args, os.LookupEnv, stdout, stderr)

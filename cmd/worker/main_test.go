@@ -74,6 +74,9 @@ func TestUsage(t *testing.T) {
 		{args: []string{"help"}, code: 0, stdout: "worker stop --script S --instance I", quietError: true},
 		{args: []string{"--help"}, code: 0, stdout: "worker dev", quietError: true},
 		{args: []string{"-h"}, code: 0, stdout: "usage:", quietError: true},
+		// Found by review: these started the whole dev environment.
+		{args: []string{"dev", "--help"}, code: 0, stdout: "usage:", quietError: true},
+		{args: []string{"dev", "4222"}, code: 64, stderr: `unexpected argument "4222"`, quietOut: true},
 		{args: []string{"stop"}, code: 64, stderr: "--script and --instance are required", quietOut: true},
 		{args: []string{"stop", "--script", "s", "--instance", "i", "--wait", "0"}, code: 64, quietOut: true},
 	}
