@@ -6,6 +6,7 @@ import (
 	"net/http"
 	"os"
 	"path/filepath"
+	"runtime"
 	"strings"
 	"testing"
 	"time"
@@ -122,4 +123,48 @@ func TestFixedCredentialsEndThePauseAtOnce(t *testing.T) {
 			t.Fatalf("no stopped outcome within 5s of the fixed SK file (DLF saw %d stop calls)", emu.StopCalls())
 		}
 	}
+}
+
+// Run returns only once its secret-file watchers are gone: one still
+// re-reading could call into the worker after it stopped (found by
+// review; goleak, which retries, would not see it).
+func TestRunWaitsForItsSecretWatchers(t *testing.T) {
+	dir := t.TempDir()
+	akFile, skFile := filepath.Join(dir, "ak"), filepath.Join(dir, "sk")
+	for _, f := range []string{akFile, skFile} {
+		if err := os.WriteFile(f, []byte("v-"+filepath.Base(f)+"\n"), 0o600); err != nil {
+			t.Fatal(err)
+		}
+	}
+	ns := testutil.StartNATS(t)
+	cfg := testConfig(t, ns.ClientURL())
+	cfg.DLF.AKFile, cfg.DLF.SKFile = akFile, skFile
+	if err := cfg.Validate(); err != nil {
+		t.Fatal(err)
+	}
+	r := startRun(t, cfg)
+	select {
+	case <-r.startedAddr:
+	case <-r.done:
+		t.Fatalf("Run returned before consuming: %v", r.err)
+	case <-time.After(30 * time.Second):
+		t.Fatal("worker did not start within 30s")
+	}
+	watching := func() int { return strings.Count(allStacks(), "internal/secretfile.") }
+	if watching() == 0 {
+		t.Fatal("no secret-file watcher runs; the test would prove nothing")
+	}
+	r.cancel()
+	<-r.done
+	if r.err != nil {
+		t.Fatalf("Run: %v", r.err)
+	}
+	if n := watching(); n != 0 {
+		t.Errorf("%d frames of secret-file watchers still run after Run returned:\n%s", n, allStacks())
+	}
+}
+
+func allStacks() string {
+	buf := make([]byte, 1<<20)
+	return string(buf[:runtime.Stack(buf, true)])
 }

@@ -56,7 +56,7 @@ func Run(ctx context.Context, cfg config.Config, log *zap.Logger, hooks Hooks) e
 	// The worker is made after the client that needs the credentials; a
 	// change that comes before it has no circuit to wake.
 	var worker atomic.Pointer[consumer.Worker]
-	creds, err := credentials(secretCtx, cfg.DLF, log, secretfile.WithOnChange(func() {
+	creds, closeCreds, err := credentials(secretCtx, cfg.DLF, log, secretfile.WithOnChange(func() {
 		if w := worker.Load(); w != nil {
 			w.CredentialsChanged()
 		}
@@ -64,6 +64,9 @@ func Run(ctx context.Context, cfg config.Config, log *zap.Logger, hooks Hooks) e
 	if err != nil {
 		return err
 	}
+	// Run returns only once the watchers are gone: one still re-reading
+	// would call into a worker that has stopped.
+	defer closeCreds()
 
 	client, err := dlf.NewClient(dlf.Config{
 		Endpoint:    cfg.DLF.EndpointURL(),
@@ -198,11 +201,23 @@ func ConsumerConfig(cfg config.Config, workerID string) consumer.Config {
 // credentials returns the per-request credential source. File-backed
 // values are watched, so a rotated secret applies to the next request.
 //
-// opts apply to every watched file (WithOnChange: a rotation).
-func credentials(ctx context.Context, d config.DLF, log *zap.Logger, opts ...secretfile.Option) (func() dlf.Credentials, error) {
+// opts apply to every watched file (WithOnChange: a rotation). closeAll
+// stops the watchers and waits for them.
+func credentials(ctx context.Context, d config.DLF, log *zap.Logger, opts ...secretfile.Option) (src func() dlf.Credentials, closeAll func(), err error) {
+	var closers []func()
+	closeWatchers := func() {
+		for _, c := range closers {
+			c()
+		}
+	}
+	defer func() {
+		if err != nil {
+			closeWatchers() // those started before the one that failed
+		}
+	}()
 	if d.Unauthenticated() {
 		log.Warn("no DLF credentials configured: requests go out unsigned (only useful against an emulator)")
-		return nil, nil
+		return nil, closeWatchers, nil
 	}
 	value := func(inline, file, name string) (*secretfile.Value, error) {
 		if file == "" {
@@ -212,6 +227,7 @@ func credentials(ctx context.Context, d config.DLF, log *zap.Logger, opts ...sec
 		if err != nil {
 			return nil, fmt.Errorf("%s: %w", name, err)
 		}
+		closers = append(closers, v.Close)
 		return v, nil
 	}
 	// An AK and an SK both from files are watched as one pair: a
@@ -221,29 +237,30 @@ func credentials(ctx context.Context, d config.DLF, log *zap.Logger, opts ...sec
 	if d.AKFile != "" && d.SKFile != "" {
 		p, err := secretfile.WatchPair(ctx, d.AKFile, d.SKFile, log, opts...)
 		if err != nil {
-			return nil, fmt.Errorf("HUAWEICLOUD_SDK_AK_FILE, HUAWEICLOUD_SDK_SK_FILE: %w", err)
+			return nil, nil, fmt.Errorf("HUAWEICLOUD_SDK_AK_FILE, HUAWEICLOUD_SDK_SK_FILE: %w", err)
 		}
+		closers = append(closers, p.Close)
 		keys = p.Get
 	} else {
 		ak, err := value(d.AK, d.AKFile, "HUAWEICLOUD_SDK_AK_FILE")
 		if err != nil {
-			return nil, err
+			return nil, nil, err
 		}
 		sk, err := value(d.SK, d.SKFile, "HUAWEICLOUD_SDK_SK_FILE")
 		if err != nil {
-			return nil, err
+			return nil, nil, err
 		}
 		keys = func() (string, string) { return ak.Get(), sk.Get() }
 	}
 	token, err := value(d.AuthToken, d.AuthTokenFile, "DLF_AUTH_TOKEN_FILE")
 	if err != nil {
-		return nil, err
+		return nil, nil, err
 	}
 	securityToken := d.SecurityToken
 	return func() dlf.Credentials {
 		ak, sk := keys()
 		return dlf.Credentials{AK: ak, SK: sk, SecurityToken: securityToken, AuthToken: token.Get()}
-	}, nil
+	}, closeWatchers, nil
 }
 
 // WorkerID names this process in outcomes and logs: the host name (the
