@@ -67,18 +67,8 @@ func seedFile(t *testing.T, dir, name string, kp nkeys.KeyPair) (path string, se
 }
 
 func TestNKey(t *testing.T) {
-	good, err := nkeys.CreateUser()
-	if err != nil {
-		t.Fatal(err)
-	}
-	bad, err := nkeys.CreateUser()
-	if err != nil {
-		t.Fatal(err)
-	}
-	pub, err := good.PublicKey()
-	if err != nil {
-		t.Fatal(err)
-	}
+	good, pub := natsjwt.NewKey(t, nkeys.CreateUser)
+	bad, _ := natsjwt.NewKey(t, nkeys.CreateUser)
 	s := runServer(t, &server.Options{Nkeys: []*server.NkeyUser{{Nkey: pub}}})
 	dir := t.TempDir()
 	goodFile, goodSeed := seedFile(t, dir, "good.nk", good)
@@ -88,7 +78,7 @@ func TestNKey(t *testing.T) {
 	connectAndCheck(t, config.NATS{URL: serverURL(s), NKey: goodFile}, "", goodSeed, badSeed)
 	connectAndCheck(t, config.NATS{URL: serverURL(s), NKey: badFile}, "authorization violation", goodSeed, badSeed)
 
-	_, err = Connect(context.Background(), config.NATS{URL: serverURL(s), NKey: notSeed}, zap.NewNop(), "t")
+	_, err := Connect(context.Background(), config.NATS{URL: serverURL(s), NKey: notSeed}, zap.NewNop(), "t")
 	if err == nil || !strings.HasPrefix(err.Error(), "connect nats: NATS_NKEY: ") {
 		t.Fatalf("Connect with a file that is not a seed: %v, want a NATS_NKEY error", err)
 	}

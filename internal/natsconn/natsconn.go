@@ -58,9 +58,9 @@ const (
 // Options returns the nats.go options for c: name, authentication, TLS,
 // reconnecting forever every ReconnectWait, and handlers that log
 // disconnects, reconnects and asynchronous errors at warn level without
-// secrets. c is validated first; files that nats.go loads once (CA, client
-// certificate) and the password file are loaded here so a problem surfaces
-// now, as an error naming the variable.
+// secrets. c is validated first; the password, nkey, CA and client
+// certificate files are read here once so a problem surfaces now, as an
+// error naming the variable, and again at every connect (files.go).
 func Options(c config.NATS, log *zap.Logger, name string) ([]nats.Option, error) {
 	opts, _, err := options(c, log, name)
 	return opts, err
@@ -99,22 +99,24 @@ func options(c config.NATS, log *zap.Logger, name string) ([]nats.Option, *redac
 		opts = append(opts, auth)
 	}
 
-	// nats.go loads the CA and client certificate when the option is
-	// applied; apply to scratch options to report a bad file now.
-	var scratch nats.Options
+	// The CA and the client certificate are read at every connect (see
+	// files.go); read once now, a bad file is reported at start, named.
+	var caCB nats.RootCAsHandler
+	var certCB nats.TLSCertHandler
 	if c.CA != "" {
-		o := nats.RootCAs(c.CA)
-		if err := o(&scratch); err != nil {
-			return nil, nil, fmt.Errorf("NATS_CA: %s", r.scrub(natsMessage(err)))
+		caCB = rootCAs(c.CA)
+		if _, err := caCB(); err != nil {
+			return nil, nil, fmt.Errorf("NATS_CA: %s", r.scrub(err.Error()))
 		}
-		opts = append(opts, o)
 	}
 	if c.Cert != "" {
-		o := nats.ClientCert(c.Cert, c.Key)
-		if err := o(&scratch); err != nil {
-			return nil, nil, fmt.Errorf("NATS_CERT, NATS_KEY: %s", r.scrub(natsMessage(err)))
+		certCB = clientCert(c.Cert, c.Key)
+		if _, err := certCB(); err != nil {
+			return nil, nil, fmt.Errorf("NATS_CERT, NATS_KEY: %s", r.scrub(err.Error()))
 		}
-		opts = append(opts, o)
+	}
+	if caCB != nil || certCB != nil {
+		opts = append(opts, nats.ClientTLSConfig(certCB, caCB))
 	}
 	return opts, r, nil
 }
@@ -136,11 +138,11 @@ func authOption(c config.NATS, log *zap.Logger, r *redactor) (nats.Option, error
 	case c.Token != "":
 		return nats.Token(c.Token), nil
 	case c.Creds != "":
-		return nats.UserCredentials(c.Creds), nil
+		return credsOption(c.Creds), nil
 	case c.NKey != "":
-		o, err := nats.NkeyOptionFromSeed(c.NKey)
+		o, err := nkeyOption(c.NKey)
 		if err != nil {
-			return nil, fmt.Errorf("NATS_NKEY: %s", r.scrub(natsMessage(err)))
+			return nil, fmt.Errorf("NATS_NKEY: %s", r.scrub(err.Error()))
 		}
 		return o, nil
 	}
