@@ -282,9 +282,10 @@ func TestWorkerWithoutPermissionSaysSo(t *testing.T) {
 	}
 }
 
-// `worker stop` run with a user that may not publish stop commands (the
-// worker's own, say, as from inside its pod) says so at once, instead of
-// waiting out --wait and naming only the timeout (found by review).
+// `worker stop` run with a user that may not publish stop commands nor
+// hear outcomes (the worker's own, say, as from inside its pod) says so at
+// once, before it publishes anything, instead of waiting out --wait and
+// naming only the timeout (found by review).
 func TestStopWithoutPermissionSaysSo(t *testing.T) {
 	s := startConfServer(t)
 	env := map[string]string{
@@ -298,9 +299,9 @@ func TestStopWithoutPermissionSaysSo(t *testing.T) {
 	if code != stopcli.ExitNoOutcome || stdout.Len() != 0 {
 		t.Errorf("exit %d, stdout %q; want %d and nothing", code, stdout.String(), stopcli.ExitNoOutcome)
 	}
-	if msg := stderr.String(); !strings.Contains(msg, "Permissions Violation") || !strings.Contains(msg, "dlf.stop.request") ||
+	if msg := stderr.String(); !strings.Contains(msg, "nothing was published") || !strings.Contains(msg, `Permissions Violation for Subscription to "dlf.stop.outcome.*"`) ||
 		strings.Contains(msg, envSentinel("DLF_WORKER_PASSWORD")) {
-		t.Errorf("stderr = %q; want the permissions violation for dlf.stop.request, without the password", msg)
+		t.Errorf("stderr = %q; want the permissions violation for the outcomes, before publishing, without the password", msg)
 	}
 	if took > 10*time.Second {
 		t.Errorf("took %s to fail", took.Round(time.Millisecond))

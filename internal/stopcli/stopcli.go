@@ -129,9 +129,10 @@ func publishAndWait(ctx context.Context, cfg config.Config, id string, body []by
 			cancel(err)
 		}
 	})
+	const needs = "a scheduler's user publishes stop commands and hears outcomes; see deploy/nats/nats-server.conf"
 	denied := func() error {
 		if cause := context.Cause(ctx); errors.Is(cause, nats.ErrPermissionViolation) {
-			return fmt.Errorf("the NATS user may not do this (a scheduler's user publishes stop commands and hears outcomes; see deploy/nats/nats-server.conf): %w", cause)
+			return fmt.Errorf("the NATS user may not do this (%s): %w", needs, cause)
 		}
 		return nil
 	}
@@ -152,6 +153,13 @@ func publishAndWait(ctx context.Context, cfg config.Config, id string, body []by
 	defer func() { _ = sub.Unsubscribe() }()
 	if err := nc.Flush(); err != nil {
 		return nil, ExitNoOutcome, fmt.Errorf("subscribe to outcomes: %w", err)
+	}
+	// The server refuses a subscription before it answers the flush, and
+	// nats.go records that as the last error before the flush returns
+	// (the handler above may run later): a user that may not hear the
+	// outcome learns it before anything is published.
+	if err := nc.LastError(); errors.Is(err, nats.ErrPermissionViolation) {
+		return nil, ExitNoOutcome, fmt.Errorf("subscribe to outcomes: nothing was published: the NATS user may not hear outcomes (%s): %w", needs, err)
 	}
 	js, err := jetstream.New(nc)
 	if err != nil {
@@ -175,7 +183,7 @@ func publishAndWait(ctx context.Context, cfg config.Config, id string, body []by
 		return out, 0, nil
 	case <-ctx.Done():
 		if d := denied(); d != nil {
-			return nil, ExitNoOutcome, fmt.Errorf("wait for the outcome: %w", d)
+			return nil, ExitNoOutcome, fmt.Errorf("command %s was published (stream sequence %d), but waiting for its outcome failed: %w", id, ack.Sequence, d)
 		}
 		// An id decided before the duplicate window is acked without a
 		// new outcome (contract section 6) for as long as the state

@@ -9,6 +9,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/nats-io/nats-server/v2/server"
 	"github.com/nats-io/nats.go"
 	"github.com/nats-io/nats.go/jetstream"
 	"go.uber.org/goleak"
@@ -365,4 +366,62 @@ func TestWithWorker(t *testing.T) {
 			t.Errorf("stdout = %q, stderr = %q; want nothing and a message naming the id", stdout, stderr)
 		}
 	})
+}
+
+// A user that may not hear outcomes learns it before anything is
+// published (a rerun would otherwise send a second command); one that may
+// not publish commands learns it at once, not after --wait.
+func TestPermissionViolationsAreNamed(t *testing.T) {
+	deny := func(pub, sub string) *server.Permissions {
+		p := &server.Permissions{Publish: &server.SubjectPermission{}, Subscribe: &server.SubjectPermission{}}
+		if pub != "" {
+			p.Publish.Deny = []string{pub}
+		}
+		if sub != "" {
+			p.Subscribe.Deny = []string{sub}
+		}
+		return p
+	}
+	s := testutil.RunServer(t, &server.Options{Host: "127.0.0.1", Port: -1, Users: []*server.User{
+		{Username: "deaf", Password: "deaf-pw", Permissions: deny("", "dlf.stop.outcome.*")},
+		{Username: "mute", Password: "mute-pw", Permissions: deny(config.DefaultStopSubject, "")},
+		{Username: "watcher", Password: "watcher-pw"},
+	}})
+	watcher, err := nats.Connect(s.ClientURL(), nats.UserInfo("watcher", "watcher-pw"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(watcher.Close)
+	published, err := watcher.SubscribeSync(config.DefaultStopSubject)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := watcher.Flush(); err != nil {
+		t.Fatal(err)
+	}
+	for _, tc := range []struct{ user, want string }{
+		{"deaf", `subscribe to outcomes: nothing was published: the NATS user may not hear outcomes`},
+		{"mute", `publish to dlf.stop.request: the NATS user may not do this`},
+	} {
+		t.Run(tc.user, func(t *testing.T) {
+			start := time.Now()
+			code, stdout, stderr := runStop(t, map[string]string{"NATS_URL": s.ClientURL(), "NATS_USER": tc.user, "NATS_PASSWORD": tc.user + "-pw"},
+				"--script", "s", "--instance", "i", "--wait", "20s")
+			if code != stopcli.ExitNoOutcome || stdout != "" {
+				t.Errorf("exit %d, stdout %q; want %d and nothing", code, stdout, stopcli.ExitNoOutcome)
+			}
+			if !strings.Contains(stderr, tc.want) || !strings.Contains(stderr, "Permissions Violation") || strings.Contains(stderr, tc.user+"-pw") {
+				t.Errorf("stderr = %q; want %q and the violation, without the password", stderr, tc.want)
+			}
+			if took := time.Since(start); took > 10*time.Second {
+				t.Errorf("took %s", took.Round(time.Millisecond))
+			}
+		})
+	}
+	if err := watcher.Flush(); err != nil {
+		t.Fatal(err)
+	}
+	if m, err := published.NextMsg(0); err == nil {
+		t.Errorf("a command was published: %s", m.Data)
+	}
 }
