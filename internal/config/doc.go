@@ -71,7 +71,8 @@
 // ends, RedactURL hides everything up to the last '@' of each URL of the
 // list, so a host, port or path before that '@' is hidden too; and a
 // password that looks like the start of another URL ("u:p,ws://x@h") is
-// hidden in both pieces, unless its first piece reads as a host and port.
+// hidden in both pieces, unless its first piece reads as a host, port or
+// path.
 //
 // # Rate limit
 //

@@ -23,10 +23,11 @@ const redacted = "[redacted]"
 // as a token, so the whole user information is redacted, not only the
 // password. The one password it cannot hide is one that makes the text look
 // like the start of a URL (a scheme and "://" at the start of the text or
-// after a ',' or white space) and whose part before that is a valid host
-// and port: "u:80, x://y@h" shows "u:80". Otherwise text before another
-// URL that has no '@' and is not plain hosts and ports is hidden as well: in
-// "u:p, x://y@h", "u:p" is the start of a password.
+// after a ',' or white space) and whose part before that reads as a host,
+// port or path: "u:80, x://y@h" shows "u:80", and a token "t0k, x://y@h"
+// shows "t0k". Otherwise text before another URL that has no '@' and is
+// not plain hosts is hidden as well: in "u:p, x://y@h", "u:p" is the start
+// of a password.
 func RedactURL(s string) string {
 	return redactRange(s, userinfoSpans(s), 0, len(s))
 }
