@@ -69,7 +69,7 @@ type child struct {
 }
 
 // startWorker runs the binary with exactly env (nothing inherited but
-// PATH and HOME), collecting its log lines.
+// PATH and HOME), collecting its log lines (stderr and stdout).
 func startWorker(t testing.TB, env map[string]string) *child {
 	t.Helper()
 	return startWorkerBin(t, workerBin, env)
@@ -87,17 +87,23 @@ func startWorkerBin(t testing.TB, bin string, env map[string]string) *child {
 	if bin != plainWorkerBin {
 		cmd.Env = append(cmd.Env, "GORACE=atexit_sleep_ms=0") // no second's sleep before a clean exit
 	}
-	stderr, err := cmd.StderrPipe()
+	// Stdout is captured with stderr, as one stream of lines: on
+	// Kubernetes both are the pod's log, and the secrets searches must see
+	// both (found by review: a secret printed on stdout went unseen).
+	output, out, err := os.Pipe()
 	if err != nil {
 		t.Fatal(err)
 	}
-	cmd.Stdout = io.Discard
-	if err := cmd.Start(); err != nil {
+	cmd.Stdout, cmd.Stderr = out, out
+	err = cmd.Start()
+	out.Close() // the child holds its own copy
+	if err != nil {
+		output.Close()
 		t.Fatal(err)
 	}
 	c := &child{cmd: cmd, done: make(chan error, 1)}
 	go func() {
-		sc := bufio.NewScanner(stderr)
+		sc := bufio.NewScanner(output)
 		sc.Buffer(make([]byte, 0, 64<<10), 1<<20)
 		for sc.Scan() {
 			c.mu.Lock()
@@ -110,9 +116,10 @@ func startWorkerBin(t testing.TB, bin string, env map[string]string) *child {
 			c.mu.Lock()
 			c.logs = append(c.logs, "E2E: worker log capture stopped: "+err.Error())
 			c.mu.Unlock()
-			_, _ = io.Copy(io.Discard, stderr) // never block the worker on a full pipe
+			_, _ = io.Copy(io.Discard, output) // never block the worker on a full pipe
 		}
 		c.done <- cmd.Wait()
+		output.Close()
 	}()
 	t.Cleanup(func() {
 		c.kill()

@@ -21,6 +21,7 @@ import (
 	"github.com/dlf-stop/worker/internal/consumer"
 	"github.com/dlf-stop/worker/internal/dlf/emulator"
 	"github.com/dlf-stop/worker/internal/testutil"
+	"github.com/dlf-stop/worker/internal/testutil/natsjwt"
 )
 
 // TestSecretsNeverLeak pins "secrets are never logged, never put in
@@ -147,14 +148,7 @@ func secretsTokenRun(t *testing.T) {
 	ctx, cancel := context.WithTimeout(context.Background(), 60*time.Second)
 	defer cancel()
 	token := "tok-SECRET-" + randHex(t, 24)
-	kp, err := nkeys.CreateUser()
-	if err != nil {
-		t.Fatal(err)
-	}
-	pub, err := kp.PublicKey()
-	if err != nil {
-		t.Fatal(err)
-	}
+	kp, pub := natsjwt.NewKey(t, nkeys.CreateUser)
 	seed, err := kp.Seed()
 	if err != nil {
 		t.Fatal(err)
