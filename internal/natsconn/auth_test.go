@@ -99,7 +99,10 @@ func TestCreds(t *testing.T) {
 	goodFile, goodSeed := natsjwt.Creds(t, dir, "good.creds", known, nil)
 	unknownFile, unknownSeed := natsjwt.Creds(t, dir, "unknown-account.creds", unknown, nil)
 	wrongSeedFile, wrongSeed := natsjwt.Creds(t, dir, "wrong-seed.creds", known, other)
-	secrets := []string{goodSeed, unknownSeed, wrongSeed}
+	// nkeys reads a file without a JWT block as one JWT: the seed would
+	// go to the server in CONNECT (found by review).
+	bareFile, bareSeed := seedFile(t, dir, "bare-seed.creds", other)
+	secrets := []string{goodSeed, unknownSeed, wrongSeed, bareSeed}
 
 	tests := []struct {
 		name    string
@@ -109,6 +112,7 @@ func TestCreds(t *testing.T) {
 		{"right creds", goodFile, ""},
 		{"account unknown to the server", unknownFile, "authorization violation"},
 		{"seed does not match the JWT", wrongSeedFile, "authorization violation"},
+		{"a bare seed, no JWT", bareFile, "NATS_CREDS: "},
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {

@@ -1,6 +1,7 @@
 package natsconn
 
 import (
+	"bytes"
 	"crypto/tls"
 	"crypto/x509"
 	"errors"
@@ -67,20 +68,35 @@ func sign(path string, nonce []byte) ([]byte, error) {
 	return kp.Sign(nonce)
 }
 
-// credsOption authenticates with the user JWT and seed of a creds file.
-func credsOption(path string) nats.Option {
-	return nats.UserJWT(func() (string, error) {
+// credsOption authenticates with the user JWT and seed of a creds file,
+// both read now once so that a bad file is reported at start.
+func credsOption(path string) (nats.Option, error) {
+	userJWT := func() (string, error) {
 		b, err := readFile(path)
 		if err != nil {
 			return "", err
 		}
 		defer wipe(b)
+		// nkeys returns the whole text when it finds no JWT block: a bare
+		// seed would go to the server as the JWT.
+		if !bytes.Contains(b, []byte("-----BEGIN NATS USER JWT-----")) {
+			return "", fmt.Errorf("%q holds no user JWT (a creds file has a NATS USER JWT block and a seed)", path)
+		}
 		jwt, err := nkeys.ParseDecoratedJWT(b)
 		if err != nil {
 			return "", fmt.Errorf("%q holds no user JWT", path)
 		}
 		return jwt, nil
-	}, func(nonce []byte) ([]byte, error) { return sign(path, nonce) })
+	}
+	if _, err := userJWT(); err != nil {
+		return nil, err
+	}
+	kp, err := keyPair(path)
+	if err != nil {
+		return nil, err
+	}
+	kp.Wipe()
+	return nats.UserJWT(userJWT, func(nonce []byte) ([]byte, error) { return sign(path, nonce) }), nil
 }
 
 // nkeyOption authenticates with the nkey seed in path; its public key is

@@ -138,7 +138,11 @@ func authOption(c config.NATS, log *zap.Logger, r *redactor) (nats.Option, error
 	case c.Token != "":
 		return nats.Token(c.Token), nil
 	case c.Creds != "":
-		return credsOption(c.Creds), nil
+		o, err := credsOption(c.Creds)
+		if err != nil {
+			return nil, fmt.Errorf("NATS_CREDS: %s", r.scrub(err.Error()))
+		}
+		return o, nil
 	case c.NKey != "":
 		o, err := nkeyOption(c.NKey)
 		if err != nil {
