@@ -22,10 +22,16 @@ import (
 // nothing new, commands already held wait (heartbeating, no calls), and one
 // probe call at a time is let through, spaced by a backoff. The first probe
 // that gets a non-systemic answer closes it, and so does a command's last
-// attempt made while it is open; a call that was sent before it opened
-// does not, as its answer may predate the failures that opened it, and
-// closing on it would let every held command call into a DLF that still
-// fails, the burst the circuit is there to prevent.
+// attempt made while it is open.
+//
+// An answer counts only for the state the circuit was in when its call was
+// sent: the circuit numbers its openings and closings (generation), and a
+// call notes the number before it is sent. A 204 to a call sent before an
+// opening may predate the failures that opened it, and closing on it would
+// let every held command call into a DLF that still fails, the burst the
+// circuit is there to prevent; likewise a 401 to a call sent before a
+// probe's 204 closed the circuit is older than that 204, and does not open
+// it again.
 type circuit struct {
 	threshold int
 	log       *zap.Logger
@@ -47,10 +53,8 @@ type circuit struct {
 	probeBo  *backoff.ExponentialBackOff
 	changed  chan struct{} // closed and replaced on every state change
 	disabled bool
-	// opened counts the openings: a call notes it before it is sent
-	// (generation), and its answer may close only the opening it was
-	// sent in.
-	opened atomic.Uint64
+	// gen counts the openings and closings; see generation.
+	gen atomic.Uint64
 }
 
 func newCircuit(cfg *Config, log *zap.Logger, onChange func(bool)) *circuit {
@@ -144,10 +148,10 @@ func (c *circuit) holdsBack(probe bool, lastAt time.Time) bool {
 }
 
 // generation is what a call notes right before it is sent, and gives
-// release with its answer. Noted before the last holdsBack check, so that
-// an opening between the two holds the call back or leaves it older than
-// the opening, never the reverse.
-func (c *circuit) generation() uint64 { return c.opened.Load() }
+// release with its answer. Noted before the last holdsBack check, and an
+// opening sets isOpen before it counts: an opening between the two holds
+// the call back or leaves it older than the opening, never the reverse.
+func (c *circuit) generation() uint64 { return c.gen.Load() }
 
 // changedCh is closed at the next state change.
 func (c *circuit) changedCh() <-chan struct{} {
@@ -212,6 +216,16 @@ func (c *circuit) release(probe bool, sentIn uint64, v dlf.Verdict, cancelled bo
 		}
 		return
 	}
+	if sentIn != c.gen.Load() {
+		// Sent before the circuit last opened or closed: older than
+		// what changed it, it neither counts nor clears. A probe that
+		// got it is followed by another.
+		if c.open && probe {
+			c.nextProbeLocked()
+			c.signalLocked()
+		}
+		return
+	}
 	counts, immediate := systemic(v)
 	if !counts && !answeredByDLF(v) {
 		// A 429, a 408 or a failure of ours before any answer says
@@ -224,15 +238,11 @@ func (c *circuit) release(probe bool, sentIn uint64, v dlf.Verdict, cancelled bo
 		return
 	}
 	if !counts {
-		if c.open && !probe && sentIn != c.opened.Load() {
-			// Sent before this opening: its answer may be older than the
-			// failures that opened it.
-			return
-		}
 		c.failures = 0
 		if c.open {
 			c.open = false
 			c.isOpen.Store(false)
+			c.gen.Add(1)
 			c.probeNow = false
 			c.probeBo.Reset()
 			c.log.Warn("DLF circuit closed: a probe call got through", zap.Int("http_status", v.HTTPStatus))
@@ -253,8 +263,8 @@ func (c *circuit) release(probe bool, sentIn uint64, v dlf.Verdict, cancelled bo
 	}
 	if immediate || c.failures >= c.threshold {
 		c.open = true
-		c.opened.Add(1)
 		c.isOpen.Store(true)
+		c.gen.Add(1) // after isOpen; see generation
 		c.probeBo.Reset()
 		c.nextTry = time.Now().Add(min(c.probeBo.NextBackOff(), c.probeBo.MaxInterval))
 		c.log.Warn("DLF circuit open: pausing fetches, probing with one call at a time",

@@ -191,6 +191,52 @@ func TestACallSentBeforeTheOpeningDoesNotCloseIt(t *testing.T) {
 	}
 }
 
+// Neither way does an answer count for a circuit that opened or closed
+// after its call was sent (found by review of the first version, which
+// checked only non-probe successes): a probe sent before the circuit
+// closed and opened again does not close the new opening with its 204,
+// and a 401 to a call sent before a probe's 204 closed the circuit does
+// not open it again. A probe whose answer is stale is followed by another.
+func TestStaleAnswersDoNotChangeTheCircuit(t *testing.T) {
+	cfg := Config{CircuitThreshold: 5, RetryInitial: time.Millisecond, RetryMax: time.Millisecond}
+	c := newCircuit(&cfg, zap.NewNop(), nil)
+	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+	defer cancel()
+	unauthorized := dlf.Verdict{HTTPStatus: 401, Systemic: true}
+	ok := dlf.Verdict{HTTPStatus: 204, Class: dlf.ClassStopped}
+	probe := func() uint64 {
+		t.Helper()
+		if p, ok := c.acquire(ctx, time.Time{}); !p || !ok {
+			t.Fatalf("acquire = probe %v, ok %v; want the probe turn", p, ok)
+		}
+		return c.generation()
+	}
+
+	c.release(false, c.generation(), unauthorized, false)
+	oldProbe := probe() // on the wire while what follows happens
+	lastAttempt := c.generation()
+	c.release(false, lastAttempt, ok, false) // a command's last attempt closes it
+	if c.Open() {
+		t.Fatal("a last attempt's 204 did not close the circuit")
+	}
+	c.release(false, c.generation(), unauthorized, false) // a new call's 401 opens it again
+	if !c.Open() {
+		t.Fatal("a 401 did not open the circuit again")
+	}
+	c.release(true, oldProbe, ok, false)
+	if !c.Open() {
+		t.Fatal("a probe sent before the circuit closed and opened again closed the new opening with its 204")
+	}
+	c.release(true, probe(), ok, false) // a probe of this opening, taken at once
+	if c.Open() {
+		t.Fatal("a probe of the current opening got a 204, yet the circuit stays open")
+	}
+	c.release(false, lastAttempt, unauthorized, false) // sent before that probe's 204
+	if c.Open() {
+		t.Fatal("a 401 to a call sent before the probe's 204 opened the circuit again")
+	}
+}
+
 // The same through the worker: a command whose call is on the wire when
 // another's 401 opens the circuit gets its 204 afterwards, and the circuit
 // stays open (no probe is due for a minute). The opener's last attempt,
