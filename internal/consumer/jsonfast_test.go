@@ -71,6 +71,41 @@ func TestHandWrittenJSONMatchesEncodingJSON(t *testing.T) {
 	}
 }
 
+// Whatever field of cmdEntry is set, the id index document is what
+// encoding/json writes: a field added to cmdEntry and forgotten in
+// decidedIndexDoc's guard would otherwise be dropped silently (found by
+// review: Seq, Inst, Held and the last answer's fields were).
+func TestDecidedIndexDocIsEncodingJSON(t *testing.T) {
+	typ := reflect.TypeFor[cmdEntry]()
+	for i := range typ.NumField() {
+		e := cmdEntry{Phase: phaseDecided, Attempts: 1}
+		f := reflect.ValueOf(&e).Elem().Field(i)
+		switch f.Kind() {
+		case reflect.String:
+			f.SetString("x")
+		case reflect.Bool:
+			f.SetBool(true)
+		case reflect.Int, reflect.Int64:
+			f.SetInt(7)
+		case reflect.Uint64:
+			f.SetUint(7)
+		case reflect.Slice: // Outcome
+			f.SetBytes([]byte(`{"s":1}`))
+		case reflect.Pointer: // MarkRev
+			f.Set(reflect.New(f.Type().Elem()))
+		default:
+			t.Fatalf("field %s of kind %s: teach this test to set it", typ.Field(i).Name, f.Kind())
+		}
+		want, err := json.Marshal(&stateDoc{Cmds: map[string]*cmdEntry{"id": &e}})
+		if err != nil {
+			t.Fatal(err)
+		}
+		if got := decidedIndexDoc("id", e); string(got) != string(want) {
+			t.Errorf("with %s set:\n got %s\nwant %s", typ.Field(i).Name, got, want)
+		}
+	}
+}
+
 func TestParsePubAck(t *testing.T) {
 	for _, in := range []string{
 		`{"stream":"KV_dlf_stop_state","seq":42}`,
