@@ -45,6 +45,8 @@ type env struct {
 	// workerNATS, when set, is the URL workers started from now on
 	// connect to instead of the server's own (a proxy in front of it).
 	workerNATS string
+	// creds, when set, signs the calls of workers started from now on.
+	creds func() dlf.Credentials
 }
 
 // pubCounter counts the messages a core subscription sees.
@@ -220,7 +222,7 @@ func (e *env) startWorkerAt(endpoint string, mutate func(*Config), opts ...Optio
 	if err != nil {
 		e.t.Fatal(err)
 	}
-	client, err := dlf.NewClient(dlf.Config{Endpoint: endpoint, Timeout: cfg.CallTimeout, MaxConns: cfg.Concurrency})
+	client, err := dlf.NewClient(dlf.Config{Endpoint: endpoint, Timeout: cfg.CallTimeout, MaxConns: cfg.Concurrency, Credentials: e.creds})
 	if err != nil {
 		e.t.Fatal(err)
 	}

@@ -245,7 +245,11 @@ func (w *Worker) process(j *job, recs []*stateRecord, lerr error) {
 			w.finish(j, StatusStopped, CauseOK, "")
 			return
 		case dlf.ClassFailed:
-			w.finish(j, StatusFailed, CauseDLFError, "DLF refused the stop: "+describe(v))
+			detail := "DLF refused the stop: " + describe(v)
+			if v.NotSent {
+				detail = describe(v) // refused here, not by DLF
+			}
+			w.finish(j, StatusFailed, CauseDLFError, detail)
 			return
 		}
 		if w.hard.Err() != nil {
@@ -506,9 +510,18 @@ func (w *Worker) call(j *job, req dlf.StopRequest, lastAt time.Time) (v dlf.Verd
 	if w.cfg.beforeCall != nil {
 		w.cfg.beforeCall(probe)
 	}
-	j.called = true
+	called := j.called
+	j.called = true                  // before: a panic in the client may come after the request left
 	ownProbe, ownSlot = false, false // attempt gives them back however it ends
 	v, elapsed, err := w.attemptTracked(j, req, probe, gen)
+	if v.NotSent {
+		// Refused here before anything left (it could not be built or
+		// signed): not a DLF call, neither for attempts (contract section
+		// 4) nor for the metrics, nor as a call the mark must stand for.
+		j.called = called
+		j.log.Warn("the DLF request could not be built or signed; no call was made", zap.Error(err))
+		return v, callMade
+	}
 	j.attempts++
 	if answeredByDLF(v) { // a refusal (DLF.6205, say) got past the gateway's limit as well
 		w.thr.succeeded()
@@ -623,6 +636,9 @@ func describe(v dlf.Verdict) string {
 	case v.HTTPStatus == 0:
 		if v.NotAnswered {
 			return "no answer from DLF after the request was sent"
+		}
+		if v.NotSent {
+			return "the request could not be built or signed, so no call was made"
 		}
 		return "DLF could not be reached"
 	case v.ErrorCode != "":
@@ -1190,6 +1206,24 @@ func (w *Worker) readAgain(j *job, err error) ([]*stateRecord, error) {
 	return nil, err
 }
 
+// instDoc reads the document of instance key inst, for a second read of
+// recall's.
+func (w *Worker) instDoc(inst string) (*stateDoc, error) {
+	recs, err := w.state.lookupWait(w.soft, []string{instKey(inst)})
+	if err != nil {
+		return nil, err
+	}
+	d := &recs[0].doc
+	d.forgetOldStop(time.Now().Unix(), w.cfg.StateTTL)
+	return d, nil
+}
+
+// decidedIn says whether d records command sid as decided.
+func decidedIn(d *stateDoc, sid string) bool {
+	e := d.Cmds[sid]
+	return d.StoppedBy == sid || (e != nil && e.Phase == phaseDecided)
+}
+
 // recall applies what the state bucket said of the command, read before
 // anything is called. It returns false when the delivery was fully handled
 // here: already decided (acked silently), already stopped by another
@@ -1218,21 +1252,45 @@ func (w *Worker) recall(j *job, recs []*stateRecord, err error) bool {
 			mark, indexed = indexed, nil
 		}
 	}
-	here := d.StoppedBy == j.sid || (entry != nil && entry.Phase == phaseDecided)
+	sameDecided := false
+	if !j.valid && entry != nil && entry.Phase == phaseSent {
+		// An invalid command's one key is its id's, and holds the mark of
+		// a valid command with this id that made a call: its decision is
+		// in the document of the instance the mark names, and decided
+		// there, the id is final (found by review: the same id published
+		// again with a broken body, after the outcome stream's duplicate
+		// window, got a second outcome and a dead letter).
+		decided := false
+		if entry.Inst != "" {
+			od, err := w.instDoc(entry.Inst)
+			if err != nil {
+				return w.recall(j, nil, err)
+			}
+			decided = decidedIn(od, j.sid)
+		}
+		switch {
+		case decided && entry.Seq == j.meta.Sequence.Stream:
+			// This very message, decided where it was valid (another
+			// worker's defaults): a redelivery, not a reused id.
+			sameDecided = true
+		case decided:
+			indexed = &cmdEntry{Phase: phaseDecided}
+		}
+		entry = nil // a mark, not this command's progress
+	}
+	here := sameDecided || d.StoppedBy == j.sid || (entry != nil && entry.Phase == phaseDecided)
 	sameMsg := mark != nil && mark.Seq == j.meta.Sequence.Stream
 	if !here && mark != nil && j.valid && mark.Inst != "" && mark.Inst != j.inst {
 		// A mark made under another instance key (this id for another
 		// instance, or this command read under other defaults) indexes
 		// the document that holds that command's decision and progress.
-		other, err := w.state.lookupWait(w.soft, []string{instKey(mark.Inst)})
+		od, err := w.instDoc(mark.Inst)
 		if err != nil {
 			return w.recall(j, nil, err)
 		}
-		od := &other[0].doc
-		od.forgetOldStop(time.Now().Unix(), w.cfg.StateTTL)
 		oe := od.Cmds[j.sid]
 		switch {
-		case od.StoppedBy == j.sid || (oe != nil && oe.Phase == phaseDecided):
+		case decidedIn(od, j.sid):
 			if sameMsg {
 				here = true
 			} else {
@@ -1258,6 +1316,10 @@ func (w *Worker) recall(j *job, recs []*stateRecord, err error) bool {
 			// stopped and no outcome says so: only this line and the
 			// metric show a publisher that reuses ids.
 			w.m.reusedIDs.Inc()
+			if !j.valid {
+				j.log.Warn("command id already decided; this invalid command with it is acked without an outcome")
+				return false
+			}
 			j.log.Warn("command id already decided for another instance; acked without a stop or an outcome")
 			return false
 		}

@@ -53,17 +53,7 @@ func TestDecidedIDReusedForAnotherInstance(t *testing.T) {
 		nats.Header{nats.MsgIdHdr: []string{"m-1"}})
 	e.out.wait(t, 1, 10*time.Second)
 	st := e.state(t)
-	first := command.Command{ProjectID: proj, ScriptName: "s1", InstanceID: "i-1"}.InstanceKey()
-	testutil.Eventually(t, 5*time.Second, func() error {
-		rec, err := st.load(context.Background(), instKey(first))
-		if err != nil {
-			return err
-		}
-		if rec.doc.StoppedBy != "reused" {
-			return fmt.Errorf("decision not recorded yet: %+v", rec.doc)
-		}
-		return nil
-	})
+	first := e.stopRecorded(t, st, "reused", "i-1")
 	// The id's index is the mark of its call, pointing to that document.
 	if rec, err := st.load(context.Background(), cmdKey("reused")); err != nil {
 		t.Fatal(err)
@@ -79,6 +69,79 @@ func TestDecidedIDReusedForAnotherInstance(t *testing.T) {
 	if e.emu.Stopped(proj, "s1", "i-2") {
 		t.Error("the reused id stopped its instance")
 	}
+}
+
+// The same id published again with a body that is not a valid command,
+// after its call stopped an instance: the id's key holds only the mark of
+// that call, which names the instance document holding the decision. The
+// repeat is acked without an outcome or a dead letter (contract section 6:
+// a decided id, "however late"; found by review).
+func TestDecidedIDPublishedAgainAsAnInvalidCommand(t *testing.T) {
+	for _, tc := range []struct {
+		name string
+		body []byte
+		hdr  nats.Header
+	}{
+		{"no instance", []byte(`{"command_id":"once","project_id":"` + proj + `","script_name":"s1"}`), nats.Header{nats.MsgIdHdr: []string{"m-2"}}},
+		{"not JSON", []byte("not a command"), nats.Header{nats.MsgIdHdr: []string{"once"}}},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			e := newEnv(t, nil)
+			e.emu.AddRunning(proj, "", "s1", "i-1")
+			r := e.startWorker(nil)
+			e.publish(body(t, map[string]any{"command_id": "once", "project_id": proj, "script_name": "s1", "instance_id": "i-1"}),
+				nats.Header{nats.MsgIdHdr: []string{"m-1"}})
+			e.out.wait(t, 1, 10*time.Second)
+			e.stopRecorded(t, e.state(t), "once", "i-1")
+			e.publish(tc.body, tc.hdr)
+			e.repeatSkipped(t, r)
+			if got := testutilCount(r.w.m.reusedIDs); got != 1 {
+				t.Errorf("reused ids counted %v, want 1", got)
+			}
+		})
+	}
+}
+
+// The same message, decided by a worker whose defaults made it valid and
+// redelivered to one for which it is invalid (no default project): acked
+// without an outcome, and not counted as a reused id, which it is not
+// (found by review). The first worker's mark and decision are written here.
+func TestSameMessageDecidedWhereItWasValid(t *testing.T) {
+	e := newEnv(t, nil)
+	seq := e.publish([]byte(`{"script_name":"s1","instance_id":"i-1"}`), nats.Header{nats.MsgIdHdr: []string{"same"}})
+	st := e.state(t)
+	ctx := context.Background()
+	inst := command.Command{ProjectID: proj, ScriptName: "s1", InstanceID: "i-1"}.InstanceKey()
+	if _, err := st.markSentAt(ctx, "same", 1, seq, inst, 0); err != nil {
+		t.Fatal(err)
+	}
+	if err := st.putEntry(ctx, instKey(inst), "same", cmdEntry{Phase: phaseDecided, Attempts: 1, Status: StatusStopped, Cause: CauseOK, At: time.Now().Unix()}); err != nil {
+		t.Fatal(err)
+	}
+	r := e.startWorker(func(c *Config) { c.Defaults = command.Defaults{} })
+	e.ackedSilently(t, r)
+	if got := testutilCount(r.w.m.reusedIDs); got != 0 {
+		t.Errorf("reused ids counted %v for a redelivery of the message that was decided; want 0", got)
+	}
+	e.noDeadLetters(t)
+}
+
+// stopRecorded waits until the state bucket records that command id
+// stopped instance (of script s1 in proj), and returns its instance key.
+func (e *env) stopRecorded(t *testing.T, st *stateStore, id, instance string) string {
+	t.Helper()
+	inst := command.Command{ProjectID: proj, ScriptName: "s1", InstanceID: instance}.InstanceKey()
+	testutil.Eventually(t, 5*time.Second, func() error {
+		rec, err := st.load(context.Background(), instKey(inst))
+		if err != nil {
+			return err
+		}
+		if rec.doc.StoppedBy != id {
+			return fmt.Errorf("decision not recorded yet: %+v", rec.doc)
+		}
+		return nil
+	})
+	return inst
 }
 
 // An instance's document keeps at most maxCmdEntries commands. A decided

@@ -53,6 +53,30 @@ func TestCircuitOpenAtGiveUpStillMakesTheLastAttempt(t *testing.T) {
 	}
 }
 
+// A call that fails before anything is sent (credentials that cannot
+// sign) is not a DLF call: attempts counts calls made (contract section
+// 4), so a command whose every try failed so ends with none.
+func TestUnsignableCallsAreNotAttempts(t *testing.T) {
+	e := newEnv(t, func(c *Config) {
+		c.RetryMaxElapsed = time.Second
+		c.RetryInitial, c.RetryMax = 100*time.Millisecond, 200*time.Millisecond
+	})
+	e.creds = func() dlf.Credentials { return dlf.Credentials{AK: "ak-without-sk"} }
+	e.emu.AddRunning(proj, "", "s1", "i-1")
+	r := e.startWorker(nil)
+	e.publish(body(t, map[string]any{"command_id": "unsigned", "project_id": proj, "script_name": "s1", "instance_id": "i-1"}), nil)
+	o := e.single(t)
+	if o.Status != StatusFailed || o.Cause != CauseRetriesExhausted || o.Attempts != 0 {
+		t.Fatalf("outcome = %+v; want failed/retries_exhausted with 0 attempts", o)
+	}
+	if n := e.emu.StopCalls(); n != 0 {
+		t.Errorf("DLF saw %d calls", n)
+	}
+	if n := testutilCount(r.w.m.calls.WithLabelValues("0")); n != 0 {
+		t.Errorf("dlf_stop_dlf_calls_total{code=\"0\"} = %v; nothing was sent", n)
+	}
+}
+
 // A command handed back after a failed call, whose deadline passes before
 // its next delivery: that delivery makes no call, and its outcome still
 // reports the last answer DLF gave (contract section 4: http_status is the

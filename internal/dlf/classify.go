@@ -53,6 +53,9 @@ type Verdict struct {
 	// (TransportError with Sent), or a gateway's 502 or 504, which took
 	// the request on and got no good answer from behind it in time.
 	NotAnswered bool
+	// NotSent: the request failed here, before anything went to the
+	// network (it could not be built or signed); no DLF call was made.
+	NotSent bool
 }
 
 // Classify is the whole decision table of the contract (section 6) for one
@@ -103,9 +106,9 @@ func Classify(resp *Response, err error) Verdict {
 		v.NotAnswered = te.Sent
 		v.Systemic = !errors.Is(err, context.Canceled)
 	case errors.Is(err, ErrInvalidRequest):
-		v.Class = ClassFailed
+		v.Class, v.NotSent = ClassFailed, true
 	case errors.Is(err, ErrCredentials):
-		v.Class, v.Systemic = ClassRetry, true
+		v.Class, v.Systemic, v.NotSent = ClassRetry, true, true
 	default:
 		// context.Canceled from elsewhere, or anything unforeseen.
 		v.Class = ClassRetry

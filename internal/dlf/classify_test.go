@@ -85,8 +85,8 @@ func TestClassify(t *testing.T) {
 		row{name: "wrapped transport error", err: fmt.Errorf("attempt 3: %w", &TransportError{Err: refused}), want: Verdict{Class: ClassRetry, Systemic: true}},
 		row{name: "bare context canceled", err: context.Canceled, want: Verdict{Class: ClassRetry}},
 		// Nothing sent, decided by the client.
-		row{name: "invalid request", err: fmt.Errorf("%w: script_name is empty", ErrInvalidRequest), want: Verdict{Class: ClassFailed}},
-		row{name: "unusable credentials", err: fmt.Errorf("%w: AK and SK must both be set", ErrCredentials), want: Verdict{Class: ClassRetry, Systemic: true}},
+		row{name: "invalid request", err: fmt.Errorf("%w: script_name is empty", ErrInvalidRequest), want: Verdict{Class: ClassFailed, NotSent: true}},
+		row{name: "unusable credentials", err: fmt.Errorf("%w: AK and SK must both be set", ErrCredentials), want: Verdict{Class: ClassRetry, Systemic: true, NotSent: true}},
 		row{name: "unknown error", err: errors.New("something else"), want: Verdict{Class: ClassRetry}},
 		row{name: "nothing at all", want: Verdict{Class: ClassRetry}},
 		// A wrapped APIError is still read.
