@@ -10,6 +10,7 @@ import (
 	"encoding/pem"
 	"math/big"
 	"net"
+	"sync/atomic"
 	"testing"
 	"time"
 
@@ -27,7 +28,8 @@ type pki struct {
 	dir    string
 }
 
-var serial int64
+// serial numbers the certificates; parallel tests issue them too.
+var serial atomic.Int64
 
 // newCert gives tmpl what the CA and the certificates it issues have in
 // common (a serial of its own, the name, an hour of validity either side of
@@ -39,8 +41,7 @@ func newCert(t *testing.T, name string, tmpl, parent *x509.Certificate, parentKe
 	if err != nil {
 		t.Fatal(err)
 	}
-	serial++
-	tmpl.SerialNumber = big.NewInt(serial)
+	tmpl.SerialNumber = big.NewInt(serial.Add(1))
 	tmpl.Subject = pkix.Name{CommonName: name}
 	tmpl.NotBefore = time.Now().Add(-time.Hour)
 	tmpl.NotAfter = time.Now().Add(time.Hour)
