@@ -146,12 +146,15 @@ func TestBatchedLookupsFailWhenAnswersWereDropped(t *testing.T) {
 	defer br.close()
 	overflow := cap(br.msgs) + 100
 	sendEnd := make(chan struct{})
+	// Polled on the reader's goroutine (testutil.Eventually may not fail
+	// the test from there).
 	wait := func(what string, cond func() bool) bool {
-		for deadline := time.Now().Add(10 * time.Second); time.Now().Before(deadline); {
+		tick := time.NewTicker(time.Millisecond)
+		defer tick.Stop()
+		for deadline := time.Now().Add(10 * time.Second); time.Now().Before(deadline); <-tick.C {
 			if cond() {
 				return true
 			}
-			time.Sleep(time.Millisecond) // polling a condition, not waiting for a result
 		}
 		t.Errorf("%s: not within 10s", what)
 		return false
