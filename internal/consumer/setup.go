@@ -144,6 +144,23 @@ func ensureConsumer(ctx context.Context, js jetstream.JetStream, cfg Config, log
 		return nil, fmt.Errorf("%w: consumer %s filters %v, which does not deliver %q",
 			ErrMismatch, cfg.ConsumerName, filters, cfg.StopSubject)
 	}
+	// Settings under which the worker would lose commands, give them up
+	// by a count, stretch their retries or never consume (found by
+	// review): refused, naming the setting.
+	switch {
+	case info.HeadersOnly:
+		return nil, fmt.Errorf("%w: consumer %s delivers headers only; every command would arrive without its body and be rejected",
+			ErrMismatch, cfg.ConsumerName)
+	case info.MaxDeliver > 0:
+		return nil, fmt.Errorf("%w: consumer %s delivers a command at most %d times (max_deliver); the worker returns commands to retry them, gives up by RETRY_MAX_ELAPSED, and needs -1",
+			ErrMismatch, cfg.ConsumerName, info.MaxDeliver)
+	case len(info.BackOff) > 0:
+		return nil, fmt.Errorf("%w: consumer %s has a redelivery backoff %v, which JetStream adds to the delay of every command the worker returns to retry later; the worker paces retries itself",
+			ErrMismatch, cfg.ConsumerName, info.BackOff)
+	case info.PriorityPolicy != jetstream.PriorityPolicyNone || len(info.PriorityGroups) > 0:
+		return nil, fmt.Errorf("%w: consumer %s has priority groups %v; the worker's pulls name none and would all be refused",
+			ErrMismatch, cfg.ConsumerName, info.PriorityGroups)
+	}
 	// A smaller max_batch only makes the pulls smaller (see reserve); a
 	// pull that may not wait as long as the worker's is refused every
 	// time, and the worker would never consume.

@@ -100,6 +100,36 @@ func TestSetupRefusesAConsumerWhosePullsCannotWait(t *testing.T) {
 	}
 }
 
+// Consumer settings under which the worker would lose commands (headers
+// only: every body empty, rejected and acked), give them up by a count
+// (max_deliver: each return to retry is a delivery), stretch their
+// retries past RETRY_MAX_ELAPSED (backoff: JetStream adds it to every
+// delayed nak) or never consume (priority groups: every pull without one
+// refused) are refused at start, naming the setting (found by review).
+func TestSetupRefusesConsumersThatWouldLoseOrStrandCommands(t *testing.T) {
+	for _, tc := range []struct {
+		name string
+		c    jetstream.ConsumerConfig
+		want string
+	}{
+		{"headers only", jetstream.ConsumerConfig{HeadersOnly: true}, "headers only"},
+		{"max deliver", jetstream.ConsumerConfig{MaxDeliver: 3}, "max_deliver"},
+		{"backoff", jetstream.ConsumerConfig{MaxDeliver: -1, BackOff: []time.Duration{2 * time.Second, 25 * time.Second}}, "backoff"},
+		{"priority groups", jetstream.ConsumerConfig{PriorityPolicy: jetstream.PriorityPolicyOverflow, PriorityGroups: []string{"g"}}, "priority groups"},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			e := newEnv(t, nil)
+			e.replaceConsumer(t, tc.c)
+			ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+			defer cancel()
+			_, err := Setup(ctx, e.js, e.cfg, e.log)
+			if !errors.Is(err, ErrMismatch) || !strings.Contains(err.Error(), tc.want) {
+				t.Fatalf("Setup: %v; want a mismatch naming %q", err, tc.want)
+			}
+		})
+	}
+}
+
 // An existing consumer that caps pull batches (max_batch) below the
 // worker's pull is used with smaller pulls: a larger one is refused every
 // time, and the worker would never consume.
@@ -127,19 +157,7 @@ func TestHeartbeatsFollowTheConsumersAckWait(t *testing.T) {
 				t.Fatal(err)
 			}
 		}},
-		{"edited", func(t *testing.T, e *env) {
-			ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
-			defer cancel()
-			c, err := e.js.Consumer(ctx, "DLF_STOP", "dlf-stop-worker")
-			if err != nil {
-				t.Fatal(err)
-			}
-			cfg := c.CachedInfo().Config
-			cfg.AckWait = 2 * time.Second
-			if _, err := e.js.UpdateConsumer(ctx, "DLF_STOP", cfg); err != nil {
-				t.Fatal(err)
-			}
-		}},
+		{"edited", func(t *testing.T, e *env) { e.editAckWait(t, 2*time.Second) }},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			e := newEnv(t, func(c *Config) { c.AckWait, c.CallTimeout = 9*time.Second, 10*time.Second })
@@ -179,5 +197,66 @@ func (e *env) replaceConsumer(t *testing.T, c jetstream.ConsumerConfig) {
 	c.Durable, c.AckPolicy, c.FilterSubject = "dlf-stop-worker", jetstream.AckExplicitPolicy, "dlf.stop.request"
 	if _, err := e.js.CreateConsumer(ctx, "DLF_STOP", c); err != nil {
 		t.Fatal(err)
+	}
+}
+
+// editAckWait changes the worker's consumer's ack wait in place, as
+// `nats consumer edit --ack-wait` does.
+func (e *env) editAckWait(t *testing.T, d time.Duration) {
+	t.Helper()
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+	c, err := e.js.Consumer(ctx, "DLF_STOP", "dlf-stop-worker")
+	if err != nil {
+		t.Fatal(err)
+	}
+	cfg := c.CachedInfo().Config
+	cfg.AckWait = d
+	if _, err := e.js.UpdateConsumer(ctx, "DLF_STOP", cfg); err != nil {
+		t.Fatal(err)
+	}
+}
+
+// A worker that does not pull follows an edited ack wait too: one whose
+// circuit is open while it holds a command, and one whose every held slot
+// waits on a slow call (found by review: only pulls read it again, and
+// the old heartbeat spacing let JetStream hand held commands to another
+// replica).
+func TestAWorkerThatDoesNotPullFollowsAnEditedAckWait(t *testing.T) {
+	for _, tc := range []struct {
+		name  string
+		setup func(t *testing.T, e *env) *running
+	}{
+		{"circuit open", func(t *testing.T, e *env) *running {
+			e.emu.SetFaults(emulator.Faults{AuthFail: true})
+			r := e.startWorker(nil)
+			e.publishMany(t, 1, "held")
+			r.waitCircuitOpen(t)
+			return r
+		}},
+		{"every slot held", func(t *testing.T, e *env) *running {
+			e.emu.SetFaults(emulator.Faults{Latency: 30 * time.Second})
+			r := e.startWorker(func(c *Config) { c.Concurrency, c.heldFloor, c.CallTimeout = 1, 1, time.Minute })
+			e.publishMany(t, 6, "slow") // more than the 4 it holds
+			testutil.Eventually(t, 10*time.Second, func() error {
+				if n := len(r.w.held); n != cap(r.w.held) {
+					return fmt.Errorf("holds %d of %d", n, cap(r.w.held))
+				}
+				return nil
+			})
+			return r
+		}},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			e := newEnv(t, func(c *Config) { c.RetryInitial, c.RetryMax = time.Minute, time.Minute })
+			r := tc.setup(t, e)
+			e.editAckWait(t, 3*time.Second)
+			testutil.Eventually(t, 2*consumerInfoEvery, func() error {
+				if got := r.w.ackWaitNow(); got != 3*time.Second {
+					return fmt.Errorf("ack wait %s, want the consumer's new 3s", got)
+				}
+				return nil
+			})
+		})
 	}
 }

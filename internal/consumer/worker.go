@@ -68,9 +68,13 @@ type Worker struct {
 	// the server. Readiness reports both while they are recent.
 	marksRefused    lapse
 	pullsUnanswered lapse
-	circ            *circuit
-	thr             *throttle
-	sib             siblings // calls on the wire and stops not yet recorded, per instance
+	// publishRefused: the last command decided could not store its
+	// outcome or dead letter (a stream deleted, say): it and those after
+	// it wait in the stream.
+	publishRefused lapse
+	circ           *circuit
+	thr            *throttle
+	sib            siblings // calls on the wire and stops not yet recorded, per instance
 
 	ready    atomic.Bool
 	soft     context.Context // Run's context: ends at soft stop
@@ -233,6 +237,8 @@ func (w *Worker) Readiness() (bool, string) {
 		return false, "the NATS server does not answer pull requests"
 	case w.marksRefused.within(w.marksRefusedShown()):
 		return false, "the state bucket does not store the calls' marks: commands wait in the stream"
+	case w.publishRefused.within(w.marksRefusedShown()):
+		return false, "outcomes or dead letters cannot be stored: commands wait in the stream"
 	case !w.ready.Load():
 		return false, "consumer not bound"
 	}
@@ -324,10 +330,22 @@ func (w *Worker) fetch(ctx context.Context) {
 			return
 		case <-time.After(wait):
 		}
-		if c, err := ensureConsumer(ctx, w.js, w.cfg, w.log); err == nil {
-			w.bind(c)
-		}
+		w.rebind(ctx)
 	}
+}
+
+// rebind binds the consumer again, creating it if it is gone. A consumer
+// that no longer fits (edited to a setting Setup refuses) is named in the
+// log; the worker keeps trying, as an operator may fix it.
+func (w *Worker) rebind(ctx context.Context) {
+	c, err := ensureConsumer(ctx, w.js, w.cfg, w.log)
+	if err != nil {
+		if ctx.Err() == nil {
+			w.log.Warn("binding the consumer failed", zap.Error(err))
+		}
+		return
+	}
+	w.bind(c)
 }
 
 // closePulls runs once fetching has ended, and lets the commands returned
@@ -510,8 +528,24 @@ func (w *Worker) handBack(msg jetstream.Msg, expires time.Time, seen map[uint64]
 func (w *Worker) reserve(ctx context.Context) (int, error) {
 	select {
 	case w.held <- struct{}{}:
-	case <-ctx.Done():
-		return 0, ctx.Err()
+	default:
+		// Full: wait for room, reading the consumer's settings again
+		// meanwhile, as a pull would (found by review: a worker whose
+		// every slot held a slow call never heard of an edited ack wait,
+		// and its heartbeats let JetStream hand the calls to another).
+		refresh := time.NewTicker(consumerInfoEvery)
+		defer refresh.Stop()
+	wait:
+		for {
+			select {
+			case w.held <- struct{}{}:
+				break wait
+			case <-refresh.C:
+				w.refreshLimits(ctx)
+			case <-ctx.Done():
+				return 0, ctx.Err()
+			}
+		}
 	}
 	n, most := 1, w.cfg.pullBatch()
 	if m := int(w.pullMax.Load()); m > 0 && m < most {
@@ -545,12 +579,17 @@ var errCircuitOpen = errors.New("DLF circuit open")
 func (w *Worker) waitCircuit(ctx context.Context) error {
 	tick := time.NewTicker(w.cfg.RetryInitial)
 	defer tick.Stop()
+	refresh := time.NewTicker(consumerInfoEvery)
+	defer refresh.Stop()
 	rebind := backoff.NewExponentialBackOff()
 	rebind.InitialInterval = w.cfg.RetryInitial
 	rebind.MaxInterval = 30 * time.Second
 	rebind.MaxElapsedTime = 0
 	var nextRebind time.Time
 	for w.circ.Open() {
+		// Held commands heartbeat meanwhile: they follow an edited ack
+		// wait as when pulling (found by review).
+		w.refreshLimits(ctx)
 		if len(w.held) == 0 {
 			err := w.fetchProbe()
 			switch {
@@ -564,9 +603,7 @@ func (w *Worker) waitCircuit(ctx context.Context) error {
 				wait := rebind.NextBackOff()
 				nextRebind = time.Now().Add(wait)
 				w.log.Warn("fetching a probe command failed; binding the consumer again", zap.Error(err), zap.Duration("next_try_in", wait))
-				if c, err := ensureConsumer(ctx, w.js, w.cfg, w.log); err == nil {
-					w.bind(c)
-				}
+				w.rebind(ctx)
 			}
 		}
 		select {
@@ -574,6 +611,7 @@ func (w *Worker) waitCircuit(ctx context.Context) error {
 			return ctx.Err()
 		case <-w.circ.changedCh():
 		case <-tick.C:
+		case <-refresh.C:
 		}
 	}
 	return ctx.Err()
