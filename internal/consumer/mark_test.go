@@ -399,20 +399,128 @@ func TestTakeBackThatFailedIsMarkedAgain(t *testing.T) {
 // dies (it never acks) would.
 func (e *env) fetchedByADyingWorker(t *testing.T, seq uint64) {
 	t.Helper()
+	if md, err := e.fetchN(t, 1)[0].Metadata(); err != nil || md.Sequence.Stream != seq {
+		t.Fatalf("the dying worker got %v (%v), want stream sequence %d", md, err, seq)
+	}
+}
+
+// fetchN takes n commands from the worker's consumer, as a worker that
+// then holds them (or dies) would, and returns them unacked.
+func (e *env) fetchN(t *testing.T, n int) []jetstream.Msg {
+	t.Helper()
 	cons, err := e.js.Consumer(context.Background(), "DLF_STOP", "dlf-stop-worker")
 	if err != nil {
 		t.Fatal(err)
 	}
-	batch, err := cons.Fetch(1, jetstream.FetchMaxWait(5*time.Second))
+	batch, err := cons.Fetch(n, jetstream.FetchMaxWait(5*time.Second))
 	if err != nil {
 		t.Fatal(err)
 	}
-	m := <-batch.Messages()
-	if m == nil {
-		t.Fatal("the dying worker got nothing")
+	var out []jetstream.Msg
+	for m := range batch.Messages() {
+		out = append(out, m)
 	}
-	if md, err := m.Metadata(); err != nil || md.Sequence.Stream != seq {
-		t.Fatalf("the dying worker got %v (%v), want stream sequence %d", md, err, seq)
+	if len(out) != n {
+		t.Fatalf("fetched %d commands, want %d", len(out), n)
+	}
+	return out
+}
+
+// keepHeld heartbeats m until the test ends, as a live worker holding it
+// (in its backoff, say) would.
+func keepHeld(t *testing.T, m jetstream.Msg) {
+	stop, done := make(chan struct{}), make(chan struct{})
+	go func() {
+		defer close(done)
+		tick := time.NewTicker(300 * time.Millisecond)
+		defer tick.Stop()
+		for {
+			select {
+			case <-stop:
+				return
+			case <-tick.C:
+				_ = m.InProgress()
+			}
+		}
+	}()
+	t.Cleanup(func() { close(stop); <-done })
+}
+
+// Two messages of one command (the same id and instance, published
+// twice), X then Y. Y's delivery 1 marked, called (503) and handed back
+// its progress; X's delivery 1 then marked over it, its call stopped the
+// instance, and it died. X's delivery 2 gets DLF.6205: that is X's call's
+// stop. Found by review: Y's entry (delivery 1) was taken for the entry
+// of X's mark's delivery (delivery 1 too), which accounted for it, and the
+// DLF.6205 was dead-lettered. Y's entry written by its delivery 2 never
+// collided, and is the control.
+func TestAnotherMessagesEntryDoesNotHideThisMessagesCall(t *testing.T) {
+	for _, yDelivery := range []uint64{1, 2} {
+		t.Run(fmt.Sprintf("y_delivery=%d", yDelivery), func(t *testing.T) {
+			e := newEnv(t, func(c *Config) { c.AckWait = 2 * time.Second })
+			st := e.state(t)
+			ctx := context.Background()
+			b := body(t, map[string]any{"command_id": "dup", "project_id": proj, "script_name": "s1", "instance_id": "i-1"})
+			seqX, seqY := e.publish(b, nil), e.publish(b, nil)
+			for _, m := range e.fetchN(t, 2) {
+				if md, _ := m.Metadata(); md.Sequence.Stream == seqY {
+					keepHeld(t, m) // Y's worker lives on
+				}
+			}
+			inst := command.Command{ProjectID: proj, ScriptName: "s1", InstanceID: "i-1"}.InstanceKey()
+			r1, err := st.kv.Create(ctx, cmdKey("dup"), sentMarkDoc("dup", 1, seqY, inst))
+			if err != nil {
+				t.Fatal(err)
+			}
+			if err := st.putEntry(ctx, instKey(inst), "dup", cmdEntry{Phase: phaseAnswered, Attempts: 1, Delivery: yDelivery, Seq: seqY,
+				LastHTTPStatus: 503, MarkRev: &r1, At: time.Now().Unix()}); err != nil {
+				t.Fatal(err)
+			}
+			if _, err := st.kv.Update(ctx, cmdKey("dup"), sentMarkDoc("dup", 1, seqX, inst), r1); err != nil {
+				t.Fatal(err)
+			}
+			e.startWorker(nil) // X's delivery 2, after the ack wait; i-1 is unknown to DLF: stopped
+			if o := e.single(t); o.Status != StatusStopped || o.Cause != CauseAlreadyStopped {
+				t.Errorf("outcome %s/%s %s attempts=%d; want stopped/already_stopped for X's unanswered call",
+					o.Status, o.Cause, o.ErrorCode, o.Attempts)
+			}
+			e.noDeadLetters(t)
+		})
+	}
+}
+
+// Another message's mark, stored although its delivery never heard so
+// (the stored-ack lost), and that delivery's own entry, which says it sent
+// no call: the mark explains no DLF.6205, and this message's fails as any
+// DLF.6205 with no call of ours before it (found by review: it counted,
+// and the outcome said already_stopped).
+func TestAnotherMessagesOwnEntryAccountsForItsMark(t *testing.T) {
+	e := newEnv(t, func(c *Config) { c.AckWait = 2 * time.Second })
+	st := e.state(t)
+	ctx := context.Background()
+	b := body(t, map[string]any{"command_id": "lost", "project_id": proj, "script_name": "s1", "instance_id": "i-9"})
+	seqY := e.publish(b, nil)
+	e.publish(b, nil) // X
+	y := e.fetchN(t, 1)[0]
+	if md, _ := y.Metadata(); md.Sequence.Stream != seqY {
+		t.Fatal("fetched the wrong message")
+	}
+	inst := command.Command{ProjectID: proj, ScriptName: "s1", InstanceID: "i-9"}.InstanceKey()
+	if _, err := st.kv.Create(ctx, cmdKey("lost"), sentMarkDoc("lost", 1, seqY, inst)); err != nil {
+		t.Fatal(err)
+	}
+	zero := uint64(0) // the key as Y's delivery last knew it: absent
+	if err := st.putEntry(ctx, instKey(inst), "lost", cmdEntry{Phase: phaseAnswered, Delivery: 1, Seq: seqY, MarkRev: &zero,
+		At: time.Now().Unix()}); err != nil {
+		t.Fatal(err)
+	}
+	if err := y.NakWithDelay(time.Minute); err != nil { // Y goes back for later
+		t.Fatal(err)
+	}
+	e.startWorker(nil) // X's delivery 1
+	if o := e.single(t); o.Status != StatusFailed || o.Cause != CauseDLFError {
+		t.Errorf("outcome %s/%s %s attempts=%d; want failed/dlf_error: no call of ours reached DLF before X's",
+			o.Status, o.Cause, o.ErrorCode, o.Attempts)
 	}
 }
 

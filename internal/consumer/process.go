@@ -655,7 +655,7 @@ func (w *Worker) giveBack(j *job, delay time.Duration, reason string) {
 	if j.state != nil {
 		ctx, cancel := context.WithTimeout(context.WithoutCancel(w.hard), publishTimeout)
 		entry := cmdEntry{Phase: phaseAnswered, Attempts: j.attempts, Unanswered: j.unanswered, Delivery: j.meta.NumDelivered,
-			LastHTTPStatus: j.out.HTTPStatus, LastErrorCode: j.out.ErrorCode,
+			Seq: j.meta.Sequence.Stream, LastHTTPStatus: j.out.HTTPStatus, LastErrorCode: j.out.ErrorCode,
 			LastErrorMsg: truncateUTF8(j.out.ErrorMsg, maxStoredErrorMsg), LastRequestID: j.out.DLFRequestID}
 		if j.decided {
 			if b, err := json.Marshal(&j.out); err == nil {
@@ -1147,6 +1147,7 @@ func (w *Worker) acked(j *job) {
 		j.log.Warn("ack failed after the outcome was stored", zap.Error(err))
 	}
 	w.m.commands.WithLabelValues(status, cause).Inc()
+	w.publishRefused.clear()
 	fields := []zap.Field{zap.String("status", status), zap.String("cause", cause),
 		zap.Int("attempts", j.attempts), zap.Int("http_status", o.HTTPStatus)}
 	if status == StatusStopped {
@@ -1164,6 +1165,9 @@ func (w *Worker) publishFailed(j *job, kind string, err error) {
 		w.giveBack(j, 0, "shutdown")
 		return
 	}
+	// Found by review: a deleted outcome stream, which the worker does not
+	// create again while it runs, left it ready while nothing could end.
+	w.publishRefused.seen()
 	// A stream that stays broken must not turn into a tight redelivery
 	// loop: the delay grows with the deliveries, as a failing call's would.
 	w.giveBack(j, w.redeliveryDelay(j.meta.NumDelivered), "publish_failed")
@@ -1406,7 +1410,12 @@ func (j *job) markCounts(m *cmdEntry, rev uint64, e *cmdEntry) bool {
 		// entry this delivery adopts already, and whose call may have
 		// stopped the instance. Delivery numbers of two messages do not
 		// compare; the key's revision does.
-		return m.Inst != "" && m.Inst == j.inst && (e == nil || e.MarkRev == nil || rev > *e.MarkRev)
+		// An entry written by the mark's own delivery accounts for it
+		// whatever the revision, as for this message's marks below: that
+		// delivery knew whether it sent a call (found by review: a mark
+		// stored whose answer was lost, with no call after it, counted).
+		return m.Inst != "" && m.Inst == j.inst &&
+			(e == nil || e.MarkRev == nil || (rev > *e.MarkRev && !(e.Seq != 0 && ownEntry(m, e))))
 	}
 	return m.Delivery != j.meta.NumDelivered && (m.Inst == "" || m.Inst == j.inst) && markUnaccounted(m, rev, e)
 }
@@ -1429,10 +1438,21 @@ func markUnaccounted(m *cmdEntry, rev uint64, e *cmdEntry) bool {
 		// the revision: a mark stored whose answer was lost (the sweeper
 		// gave up, the delivery's time ran out) leaves the entry below
 		// it, though that delivery knows it sent no call.
-		return rev > *e.MarkRev && m.Delivery != e.Delivery
+		return rev > *e.MarkRev && !ownEntry(m, e)
 	default:
 		return m.Delivery > e.Delivery
 	}
+}
+
+// ownEntry says whether the progress entry e was written by the delivery
+// that made mark m. Delivery numbers alone do not say it: the entry is
+// shared by every message with the command's id, and delivery 1 of one
+// message is not delivery 1 of another (found by review: another
+// message's entry hid this one's call, and its DLF.6205 was
+// dead-lettered). An entry that does not name its message (written by a
+// version before it did) is matched by the number alone, as then.
+func ownEntry(m, e *cmdEntry) bool {
+	return m.Delivery == e.Delivery && (e.Seq == 0 || e.Seq == m.Seq)
 }
 
 // setDecided records the decision e of command id, written at e.At (Unix

@@ -4,6 +4,7 @@ import (
 	"context"
 	"fmt"
 	"strconv"
+	"strings"
 	"testing"
 	"time"
 
@@ -36,6 +37,10 @@ func TestDeadLetterFailureKeepsTheCommand(t *testing.T) {
 	if n := s.CachedInfo().State.Msgs; n != 1 {
 		t.Fatalf("command left the stream without its dead letter: %d messages", n)
 	}
+	// Nothing can end meanwhile: the worker says so (found by review).
+	if ok, why := r.w.Readiness(); ok || !strings.Contains(why, "cannot be stored") {
+		t.Errorf("readiness %v %q while no dead letter can be stored", ok, why)
+	}
 	// The operator fixes the dead-letter stream; the command then ends.
 	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
 	defer cancel()
@@ -47,6 +52,12 @@ func TestDeadLetterFailureKeepsTheCommand(t *testing.T) {
 	dead := newCollector(t, e.js, c.DeadStream)
 	dead.wait(t, 1, 20*time.Second)
 	e.stopStreamEmpty(t)
+	testutil.Eventually(t, 5*time.Second, func() error {
+		if ok, why := r.w.Readiness(); !ok {
+			return fmt.Errorf("not ready after the dead letter was stored: %s", why)
+		}
+		return nil
+	})
 	if n := e.out.len(); n != 1 {
 		t.Errorf("%d outcome events, want 1", n)
 	}

@@ -84,8 +84,9 @@ type cmdEntry struct {
 	LastErrorCode  string `json:"le,omitempty"`
 	LastErrorMsg   string `json:"lm,omitempty"`
 	LastRequestID  string `json:"lr,omitempty"`
-	// Seq is the stream sequence of the message a "sent" mark is for: an
-	// id reused by another message must not count as its progress.
+	// Seq is the stream sequence of the message a "sent" mark is for (an
+	// id reused by another message must not count as its progress), or
+	// of the message whose delivery wrote a progress entry (see ownEntry).
 	Seq uint64 `json:"q,omitempty"`
 	// Inst is the instance key of a "sent" mark's command: its decision
 	// and progress live in that instance's document.
