@@ -54,13 +54,7 @@ func TestFixedCredentialsEndThePauseAtOnce(t *testing.T) {
 	}
 	r := startRun(t, cfg)
 	addr := r.waitServing(t)
-	select {
-	case <-r.startedAddr:
-	case <-r.done:
-		t.Fatalf("Run returned before consuming: %v", r.err)
-	case <-time.After(30 * time.Second):
-		t.Fatal("worker did not start within 30s")
-	}
+	r.waitStarted(t)
 
 	nc, err := nats.Connect(ns.ClientURL())
 	if err != nil {
@@ -143,21 +137,13 @@ func TestRunWaitsForItsSecretWatchers(t *testing.T) {
 		t.Fatal(err)
 	}
 	r := startRun(t, cfg)
-	select {
-	case <-r.startedAddr:
-	case <-r.done:
-		t.Fatalf("Run returned before consuming: %v", r.err)
-	case <-time.After(30 * time.Second):
-		t.Fatal("worker did not start within 30s")
-	}
+	r.waitStarted(t)
 	watching := func() int { return strings.Count(allStacks(), "internal/secretfile.") }
 	if watching() == 0 {
 		t.Fatal("no secret-file watcher runs; the test would prove nothing")
 	}
-	r.cancel()
-	<-r.done
-	if r.err != nil {
-		t.Fatalf("Run: %v", r.err)
+	if err := r.cancelAndWait(t); err != nil {
+		t.Fatalf("Run: %v", err)
 	}
 	if n := watching(); n != 0 {
 		t.Errorf("%d frames of secret-file watchers still run after Run returned:\n%s", n, allStacks())

@@ -255,6 +255,18 @@ func (r *run) waitServing(t *testing.T) string {
 	return ""
 }
 
+// waitStarted waits until the worker consumes (Started was called).
+func (r *run) waitStarted(t *testing.T) {
+	t.Helper()
+	select {
+	case <-r.startedAddr:
+	case <-r.done:
+		t.Fatalf("Run returned before consuming: %v", r.err)
+	case <-time.After(30 * time.Second):
+		t.Fatal("worker did not start within 30s")
+	}
+}
+
 // stillConnecting fails when Run has returned: the probes before it
 // must have been answered while Run was still in the named step.
 func (r *run) stillConnecting(t *testing.T, step string) {
