@@ -47,13 +47,13 @@ type Worker struct {
 	now  func() time.Time
 
 	// The bound consumer's ack wait (the shortest of its back-off, when it
-	// has one) and pull batch limit (0: none), read again at every bind:
-	// an operator may recreate or edit the consumer under a running
-	// worker, and heartbeats spaced for the old ack wait would let
-	// JetStream hand a command that is being worked on to another worker.
+	// has one) and pull batch limit (0: none), read again at every bind
+	// and every consumerInfoEvery (watchLimits): an operator may recreate
+	// or edit the consumer under a running worker, and heartbeats spaced
+	// for the old ack wait would let JetStream hand a command that is
+	// being worked on to another worker.
 	ackWait atomic.Int64
 	pullMax atomic.Int64
-	infoAt  time.Time     // when the consumer's settings were last read (fetching goroutine only)
 	slots   chan struct{} // DLF calls in flight
 	held    chan struct{} // commands held by this worker
 	waiting atomic.Int64  // commands sleeping in-process before a retry
@@ -146,10 +146,16 @@ func (w *Worker) Ready() bool {
 // bind makes c the consumer the worker pulls from, and notes its limits.
 // Only the fetching goroutine (and New) calls it.
 func (w *Worker) bind(c jetstream.Consumer) {
-	w.cons, w.infoAt = c, time.Now()
+	w.cons = c
+	w.noteLimits(c.CachedInfo())
+}
+
+// noteLimits records the settings of the consumer in info that heartbeats
+// and pulls follow.
+func (w *Worker) noteLimits(info *jetstream.ConsumerInfo) {
 	wait := w.cfg.AckWait
 	var most int64
-	if info := c.CachedInfo(); info != nil {
+	if info != nil {
 		if info.Config.AckWait > 0 {
 			wait = info.Config.AckWait
 		}
@@ -166,24 +172,32 @@ func (w *Worker) bind(c jetstream.Consumer) {
 	w.pullMax.Store(most)
 }
 
-// consumerInfoEvery is how often the bound consumer's settings are read
-// again while pulls go well: an operator's `nats consumer edit` of its ack
-// wait makes no pull fail, so nothing else would notice it.
+// consumerInfoEvery is how often the consumer's settings are read again:
+// an operator's `nats consumer edit` of its ack wait makes no pull fail,
+// so nothing else would notice it.
 const consumerInfoEvery = 10 * time.Second
 
-// refreshLimits reads the bound consumer's settings again when
-// consumerInfoEvery has passed since the last read. Only the fetching
-// goroutine calls it; a failed read changes nothing (the pull that follows
-// fails too, if the consumer is gone).
-func (w *Worker) refreshLimits(ctx context.Context) {
-	if time.Since(w.infoAt) < consumerInfoEvery {
-		return
-	}
-	w.infoAt = time.Now()
-	ictx, cancel := context.WithTimeout(ctx, 2*time.Second)
-	defer cancel()
-	if _, err := w.cons.Info(ictx); err == nil {
-		w.bind(w.cons)
+// watchLimits reads the consumer's settings every consumerInfoEvery until
+// ctx ends, on a goroutine of its own: whatever the fetching goroutine
+// waits for (a pull, room to hold more, an open circuit), held commands
+// heartbeat meanwhile and must follow an edited ack wait (found by
+// review: waits that did not pull never read it). A failed read changes
+// nothing (a pull fails too, if the consumer is gone, and binds it again).
+func (w *Worker) watchLimits(ctx context.Context) {
+	t := time.NewTicker(consumerInfoEvery)
+	defer t.Stop()
+	for {
+		select {
+		case <-ctx.Done():
+			return
+		case <-t.C:
+		}
+		ictx, cancel := context.WithTimeout(ctx, 2*time.Second)
+		c, err := w.js.Consumer(ictx, w.cfg.StopStream, w.cfg.ConsumerName)
+		cancel()
+		if err == nil {
+			w.noteLimits(c.CachedInfo())
+		}
 	}
 }
 
@@ -293,7 +307,13 @@ func (w *Worker) Run(ctx context.Context) error {
 		w.state = st
 	}
 
+	watched := make(chan struct{})
+	go func() {
+		defer close(watched)
+		w.watchLimits(ctx)
+	}()
 	w.fetch(ctx)
+	<-watched
 
 	w.closePulls()
 	w.wg.Wait()
@@ -425,7 +445,6 @@ func (w *Worker) pull(ctx context.Context) (pulled bool, err error) {
 			w.unreserve(n)
 			return pulled, errCircuitOpen
 		}
-		w.refreshLimits(ctx)
 		expires := time.Now().Add(pullWait)
 		batch, err := w.cons.Fetch(n, jetstream.FetchMaxWait(pullWait))
 		if err != nil {
@@ -528,24 +547,8 @@ func (w *Worker) handBack(msg jetstream.Msg, expires time.Time, seen map[uint64]
 func (w *Worker) reserve(ctx context.Context) (int, error) {
 	select {
 	case w.held <- struct{}{}:
-	default:
-		// Full: wait for room, reading the consumer's settings again
-		// meanwhile, as a pull would (found by review: a worker whose
-		// every slot held a slow call never heard of an edited ack wait,
-		// and its heartbeats let JetStream hand the calls to another).
-		refresh := time.NewTicker(consumerInfoEvery)
-		defer refresh.Stop()
-	wait:
-		for {
-			select {
-			case w.held <- struct{}{}:
-				break wait
-			case <-refresh.C:
-				w.refreshLimits(ctx)
-			case <-ctx.Done():
-				return 0, ctx.Err()
-			}
-		}
+	case <-ctx.Done():
+		return 0, ctx.Err()
 	}
 	n, most := 1, w.cfg.pullBatch()
 	if m := int(w.pullMax.Load()); m > 0 && m < most {
@@ -579,17 +582,12 @@ var errCircuitOpen = errors.New("DLF circuit open")
 func (w *Worker) waitCircuit(ctx context.Context) error {
 	tick := time.NewTicker(w.cfg.RetryInitial)
 	defer tick.Stop()
-	refresh := time.NewTicker(consumerInfoEvery)
-	defer refresh.Stop()
 	rebind := backoff.NewExponentialBackOff()
 	rebind.InitialInterval = w.cfg.RetryInitial
 	rebind.MaxInterval = 30 * time.Second
 	rebind.MaxElapsedTime = 0
 	var nextRebind time.Time
 	for w.circ.Open() {
-		// Held commands heartbeat meanwhile: they follow an edited ack
-		// wait as when pulling (found by review).
-		w.refreshLimits(ctx)
 		if len(w.held) == 0 {
 			err := w.fetchProbe()
 			switch {
@@ -611,7 +609,6 @@ func (w *Worker) waitCircuit(ctx context.Context) error {
 			return ctx.Err()
 		case <-w.circ.changedCh():
 		case <-tick.C:
-		case <-refresh.C:
 		}
 	}
 	return ctx.Err()
