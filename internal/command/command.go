@@ -25,7 +25,8 @@ type Defaults struct {
 
 // Command is a decoded stop command with defaults applied. Returned by Decode
 // without error, every field satisfies its rule; Workspace is "" when neither
-// the command nor the configuration names one, Deadline is zero when absent.
+// the command nor the configuration names one; HasDeadline says whether the
+// command set a deadline.
 type Command struct {
 	ID         string
 	ProjectID  string
@@ -33,7 +34,10 @@ type Command struct {
 	ScriptName string
 	InstanceID string
 	Deadline   time.Time
-	Reason     string
+	// HasDeadline, not a zero Deadline, says the command has one: the
+	// valid deadline 0001-01-01T00:00:00Z is Go's zero time, and long past.
+	HasDeadline bool
+	Reason      string
 	// SeqID says ID is "<stream>-<seq>": the message's place in its
 	// stream rather than an id its publisher chose. A stream deleted and
 	// created again numbers its messages from 1 again, so such an id does
@@ -135,7 +139,7 @@ func Decode(body []byte, m Meta, d Defaults) (Command, error) {
 		fail(fDeadline, rule)
 	} else if ok {
 		if t, good := parseDeadline(s); good {
-			c.Deadline = t
+			c.Deadline, c.HasDeadline = t, true
 		} else {
 			fail(fDeadline, ruleDeadline)
 		}

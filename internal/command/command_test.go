@@ -448,7 +448,8 @@ func TestDecodeValidCommand(t *testing.T) {
 	}
 	want := Command{
 		ID: "cmd-42", ProjectID: "proj-1", Workspace: "ws-1", ScriptName: "nightly_load",
-		InstanceID: "inst-9", Deadline: time.Date(2030, 1, 2, 3, 4, 5, 0, time.UTC), Reason: "maintenance",
+		InstanceID: "inst-9", Deadline: time.Date(2030, 1, 2, 3, 4, 5, 0, time.UTC), HasDeadline: true,
+		Reason: "maintenance",
 	}
 	if c != want {
 		t.Errorf("Decode = %+v,\nwant     %+v", c, want)
@@ -492,6 +493,24 @@ func TestErrorOrder(t *testing.T) {
 	}
 }
 
+// The zero instant is a deadline like any other (and long past); Go's
+// zero time must not make it read as absent.
+func TestZeroInstantIsADeadline(t *testing.T) {
+	for _, d := range []string{"0001-01-01T00:00:00Z", "0001-01-01T01:00:00+01:00"} {
+		c, err := Decode([]byte(`{"project_id":"p","script_name":"s","instance_id":"i","deadline":"`+d+`"}`), testMeta, Defaults{})
+		if err != nil {
+			t.Fatalf("%s: %v", d, err)
+		}
+		if !c.HasDeadline || !c.Deadline.IsZero() {
+			t.Errorf("%s: HasDeadline %v, Deadline %v", d, c.HasDeadline, c.Deadline)
+		}
+	}
+	c, err := Decode([]byte(`{"project_id":"p","script_name":"s","instance_id":"i"}`), testMeta, Defaults{})
+	if err != nil || c.HasDeadline {
+		t.Errorf("no deadline: HasDeadline %v, err %v", c.HasDeadline, err)
+	}
+}
+
 func TestPartialCommandOnRejection(t *testing.T) {
 	defs := Defaults{ProjectID: "def-proj", Workspace: "def-ws"}
 	t.Run("field error keeps the good fields", func(t *testing.T) {
@@ -499,7 +518,7 @@ func TestPartialCommandOnRejection(t *testing.T) {
 		c, err := Decode([]byte(b), testMeta, defs)
 		checkField(t, err, "script_name")
 		want := Command{ID: "cmd-1", ProjectID: "def-proj", Workspace: "def-ws", InstanceID: "inst-1",
-			Deadline: time.Date(2030, 1, 2, 3, 4, 5, 0, time.UTC), Reason: "why"}
+			Deadline: time.Date(2030, 1, 2, 3, 4, 5, 0, time.UTC), HasDeadline: true, Reason: "why"}
 		if c != want {
 			t.Errorf("Decode = %+v,\nwant     %+v", c, want)
 		}

@@ -166,7 +166,7 @@ func (w *Worker) process(j *job, recs []*stateRecord, lerr error) {
 		w.finish(j, StatusRejected, CauseInvalidCommand, verr.Error())
 		return
 	}
-	if !cmd.Deadline.IsZero() && !w.now().Before(cmd.Deadline) {
+	if cmd.HasDeadline && !w.now().Before(cmd.Deadline) {
 		w.finish(j, StatusExpired, CauseDeadlinePassed, expiredBeforeCall(j))
 		return
 	}
@@ -212,7 +212,7 @@ func (w *Worker) process(j *job, recs []*stateRecord, lerr error) {
 			// by every later delivery. Only its deadline ends it.
 			w.checkState()
 			delay := w.redeliveryDelay(meta.NumDelivered)
-			if dl := cmd.Deadline; !dl.IsZero() {
+			if dl := cmd.Deadline; cmd.HasDeadline {
 				delay = max(min(delay, dl.Sub(w.now())), 0)
 			}
 			w.giveBack(j, delay, "state_unavailable")
@@ -264,7 +264,7 @@ func (w *Worker) process(j *job, recs []*stateRecord, lerr error) {
 					now.Sub(j.meta.Timestamp).Round(time.Millisecond), describe(v)))
 			return
 		}
-		if !cmd.Deadline.IsZero() && !now.Add(wait).Before(cmd.Deadline) {
+		if cmd.HasDeadline && !now.Add(wait).Before(cmd.Deadline) {
 			w.finish(j, StatusExpired, CauseDeadlinePassed,
 				fmt.Sprintf("deadline %s passes before the next attempt; last: %s",
 					cmd.Deadline.Format(time.RFC3339Nano), describe(v)))
@@ -337,7 +337,7 @@ const (
 // of RETRY_MAX_ELAPSED. A configured DLF_RATE_LIMIT still applies to it.
 func (w *Worker) call(j *job, req dlf.StopRequest, lastAt time.Time) (v dlf.Verdict, res callResult) {
 	ctx := w.soft
-	if dl := j.cmd.Deadline; !dl.IsZero() {
+	if dl := j.cmd.Deadline; j.cmd.HasDeadline {
 		var cancel context.CancelFunc
 		ctx, cancel = context.WithDeadline(w.soft, dl)
 		defer cancel()

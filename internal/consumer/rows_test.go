@@ -518,24 +518,33 @@ func TestRowRejected(t *testing.T) {
 	}
 }
 
+// The zero instant is a valid deadline too, and Go's zero time: it must
+// not read as "no deadline".
 func TestRowExpiredBeforeFirstCall(t *testing.T) {
-	e := newEnv(t, nil)
-	e.emu.AddRunning(proj, "", "s1", "i-1")
-	e.startWorker(nil)
-	b := body(t, map[string]any{"project_id": proj, "script_name": "s1", "instance_id": "i-1",
-		"deadline": time.Now().Add(-time.Second).Format(time.RFC3339)})
-	seq := e.publish(b, nil)
-	o := e.single(t)
-	if o.Status != StatusExpired || o.Cause != CauseDeadlinePassed || o.Attempts != 0 || o.HTTPStatus != 0 || o.Detail == "" {
-		t.Fatalf("outcome = %+v", o)
+	for name, deadline := range map[string]string{
+		"a second ago":     time.Now().Add(-time.Second).Format(time.RFC3339),
+		"the zero instant": "0001-01-01T01:00:00+01:00",
+	} {
+		t.Run(name, func(t *testing.T) {
+			e := newEnv(t, nil)
+			e.emu.AddRunning(proj, "", "s1", "i-1")
+			e.startWorker(nil)
+			b := body(t, map[string]any{"project_id": proj, "script_name": "s1", "instance_id": "i-1",
+				"deadline": deadline})
+			seq := e.publish(b, nil)
+			o := e.single(t)
+			if o.Status != StatusExpired || o.Cause != CauseDeadlinePassed || o.Attempts != 0 || o.HTTPStatus != 0 || o.Detail == "" {
+				t.Fatalf("outcome = %+v", o)
+			}
+			if n := e.emu.StopCalls(); n != 0 {
+				t.Errorf("DLF calls = %d, want 0", n)
+			}
+			if e.emu.Stopped(proj, "s1", "i-1") {
+				t.Error("expired command stopped the instance")
+			}
+			e.checkDead(t, o, b, seq)
+		})
 	}
-	if n := e.emu.StopCalls(); n != 0 {
-		t.Errorf("DLF calls = %d, want 0", n)
-	}
-	if e.emu.Stopped(proj, "s1", "i-1") {
-		t.Error("expired command stopped the instance")
-	}
-	e.checkDead(t, o, b, seq)
 }
 
 func TestRowExpiredWhileRetrying(t *testing.T) {
