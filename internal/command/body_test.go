@@ -127,7 +127,7 @@ func TestCorpusIsRejected(t *testing.T) {
 		testMeta,
 		{Stream: "DLF_STOP", Seq: 1},
 		{MsgID: "bad id", Stream: "DLF_STOP", Seq: 2},
-		{MsgID: "new-1", RedriveOf: "old-1", Stream: "DLF_STOP", Seq: 3},
+		{MsgID: "new-1", Redrive: true, Stream: "DLF_STOP", Seq: 3},
 	}
 	defaults := []Defaults{{}, {ProjectID: "def-proj"}, {ProjectID: "def-proj", Workspace: "def-ws"}}
 	seen := map[string]bool{}

@@ -10,10 +10,12 @@ const MaxBodySize = 64 << 10
 
 // Meta is what the message envelope says about a command.
 type Meta struct {
-	MsgID     string // Nats-Msg-Id header ("" if none)
-	RedriveOf string // Dlf-Redrive-Of header ("" if none)
-	Stream    string // stream name, e.g. "DLF_STOP"
-	Seq       uint64 // stream sequence
+	MsgID string // Nats-Msg-Id header ("" if none)
+	// Redrive says the message carries the Dlf-Redrive-Of header, even
+	// empty: a redrive whose old id was left out is a redrive still.
+	Redrive bool
+	Stream  string // stream name, e.g. "DLF_STOP"
+	Seq     uint64 // stream sequence
 }
 
 // Defaults are the worker's configured fallbacks for fields a command may
@@ -48,7 +50,7 @@ type Command struct {
 // Decode parses and validates a command body per contract section 3.
 //
 // The ID is the body's command_id; without one (or on a redrive, when
-// m.RedriveOf is set) it is m.MsgID when that follows the command_id rule,
+// m.Redrive) it is m.MsgID when that follows the command_id rule,
 // else "<stream>-<seq>".
 //
 // On error, which is always a *ValidationError for the first broken field in
@@ -77,7 +79,7 @@ func Decode(body []byte, m Meta, d Defaults) (Command, error) {
 		fail(fCommandID, rule)
 	} else if ok && !ValidID(s) {
 		fail(fCommandID, ruleID)
-	} else if ok && m.RedriveOf == "" {
+	} else if ok && !m.Redrive {
 		c.ID, c.SeqID = s, false
 	}
 

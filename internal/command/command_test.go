@@ -9,7 +9,7 @@ import (
 var rep = strings.Repeat
 
 func TestCommandID(t *testing.T) {
-	redrive := Meta{MsgID: "new-1", RedriveOf: "old-1", Stream: "DLF_STOP", Seq: 12}
+	redrive := Meta{MsgID: "new-1", Redrive: true, Stream: "DLF_STOP", Seq: 12}
 	tests := []struct {
 		name   string
 		body   string
@@ -48,8 +48,8 @@ func TestCommandID(t *testing.T) {
 		{"bad body id, bad header: stream-seq", body("command_id", `"a b"`), Meta{MsgID: "x y", Stream: "DLF_STOP", Seq: 3}, "DLF_STOP-3", "command_id"},
 		{"redrive: header wins over body", body("command_id", `"cmd-1"`), redrive, "new-1", ""},
 		{"redrive without body id", body(), redrive, "new-1", ""},
-		{"redrive, bad header: stream-seq", body("command_id", `"cmd-1"`), Meta{MsgID: "bad id", RedriveOf: "old-1", Stream: "DLF_STOP", Seq: 9}, "DLF_STOP-9", ""},
-		{"redrive, no header: stream-seq", body("command_id", `"cmd-1"`), Meta{RedriveOf: "old-1", Stream: "DLF_STOP", Seq: 9}, "DLF_STOP-9", ""},
+		{"redrive, bad header: stream-seq", body("command_id", `"cmd-1"`), Meta{MsgID: "bad id", Redrive: true, Stream: "DLF_STOP", Seq: 9}, "DLF_STOP-9", ""},
+		{"redrive, no header: stream-seq", body("command_id", `"cmd-1"`), Meta{Redrive: true, Stream: "DLF_STOP", Seq: 9}, "DLF_STOP-9", ""},
 		{"redrive still validates body id", body("command_id", `"bad id"`), redrive, "new-1", "command_id"},
 	}
 	for _, tt := range tests {

@@ -99,7 +99,7 @@ func reference(body []byte, m Meta, d Defaults) (Command, string) {
 
 	if s, ok, bad := get("command_id"); bad || ok && !refID.MatchString(s) {
 		fail("command_id")
-	} else if ok && m.RedriveOf == "" {
+	} else if ok && !m.Redrive {
 		c.ID = s
 	}
 	if s, ok, bad := get("project_id"); bad || ok && !refToken64.MatchString(s) {
@@ -192,7 +192,7 @@ func FuzzDecode(f *testing.F) {
 	f.Fuzz(func(t *testing.T, body []byte, msgID string, redrive, withDefaults bool) {
 		m := Meta{MsgID: msgID, Stream: "DLF_STOP", Seq: 42}
 		if redrive {
-			m.RedriveOf = "old-1"
+			m.Redrive = true
 		}
 		var d Defaults
 		if withDefaults {

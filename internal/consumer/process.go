@@ -121,11 +121,12 @@ func (w *Worker) prepare(msg jetstream.Msg) (j *job, panicked bool) {
 		return nil, false
 	}
 	hdr := msg.Headers()
+	_, redrive := hdr[HeaderRedriveOf]
 	cmd, verr := command.Decode(msg.Data(), command.Meta{
-		MsgID:     hdr.Get(nats.MsgIdHdr),
-		RedriveOf: hdr.Get(HeaderRedriveOf),
-		Stream:    meta.Stream,
-		Seq:       meta.Sequence.Stream,
+		MsgID:   hdr.Get(nats.MsgIdHdr),
+		Redrive: redrive,
+		Stream:  meta.Stream,
+		Seq:     meta.Sequence.Stream,
 	}, w.cfg.Defaults)
 	j = &job{msg: msg, meta: meta, cmd: cmd, sid: stateID(cmd, meta.Timestamp), received: time.Now(),
 		verr: verr, valid: verr == nil}

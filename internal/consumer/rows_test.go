@@ -572,12 +572,16 @@ func TestCommandIDAndDefaults(t *testing.T) {
 	e.emu.AddRunning("defproj", "defws", "s1", "i-1")
 	e.emu.AddRunning("defproj", "defws", "s1", "i-2")
 	e.emu.AddRunning("defproj", "defws", "s1", "i-3")
+	e.emu.AddRunning("defproj", "defws", "s1", "i-4")
 	e.startWorker(nil)
 	e.publish([]byte(`{"script_name":"s1","instance_id":"i-1"}`), nats.Header{nats.MsgIdHdr: []string{"from-header"}})
 	seq := e.publish([]byte(`{"script_name":"s1","instance_id":"i-2"}`), nats.Header{nats.MsgIdHdr: []string{"bad id!"}})
 	e.publish([]byte(`{"command_id":"in-body","script_name":"s1","instance_id":"i-3"}`),
 		nats.Header{nats.MsgIdHdr: []string{"redrive-1"}, HeaderRedriveOf: []string{"in-body"}})
-	e.out.wait(t, 3, 20*time.Second)
+	// The header present but empty is a redrive still (nats pub -H Dlf-Redrive-Of:).
+	e.publish([]byte(`{"command_id":"in-body","script_name":"s1","instance_id":"i-4"}`),
+		nats.Header{nats.MsgIdHdr: []string{"redrive-2"}, HeaderRedriveOf: []string{""}})
+	e.out.wait(t, 4, 20*time.Second)
 	ids := map[string]Outcome{}
 	for _, o := range e.out.outcomes(t) {
 		ids[o.CommandID] = o
@@ -585,7 +589,7 @@ func TestCommandIDAndDefaults(t *testing.T) {
 			t.Errorf("defaults not applied: %+v", o)
 		}
 	}
-	for _, want := range []string{"from-header", "DLF_STOP-" + strconv.FormatUint(seq, 10), "redrive-1"} {
+	for _, want := range []string{"from-header", "DLF_STOP-" + strconv.FormatUint(seq, 10), "redrive-1", "redrive-2"} {
 		if _, ok := ids[want]; !ok {
 			t.Errorf("no outcome with command_id %q; have %v", want, ids)
 		}
