@@ -584,6 +584,22 @@ func TestConsumerDeletedWhileSlotsAreFullIsBoundAgain(t *testing.T) {
 	e.stopStreamEmpty(t)
 }
 
+// A worker told to stop is not ready from then on, and says why, although
+// the pull on the wire runs out for up to a second after (see pull).
+func TestStoppingWorkerIsNotReady(t *testing.T) {
+	e := newEnv(t, nil)
+	r := e.startWorker(nil)
+	r.waitStarted(t)
+	r.cancel()
+	testutil.Eventually(t, 5*time.Second, func() error {
+		if ok, why := r.w.Readiness(); ok || why != "shutting down" {
+			return fmt.Errorf("readiness = %v %q after the stop; want not ready, shutting down", ok, why)
+		}
+		return nil
+	})
+	r.stop(t)
+}
+
 // A link that loses the server without a reset (here nothing the worker
 // sends reaches it any more) leaves the connection up until the pings
 // notice, 20 to 30 s later. The pulls that get no answer at all say so

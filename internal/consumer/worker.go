@@ -76,10 +76,13 @@ type Worker struct {
 	thr            *throttle
 	sib            siblings // calls on the wire and stops not yet recorded, per instance
 
-	ready    atomic.Bool
-	soft     context.Context // Run's context: ends at soft stop
-	stopping <-chan struct{} // soft.Done()
-	hard     context.Context // cancelled at hard stop
+	ready atomic.Bool
+	// shuttingDown is set as Run's context ends: the pull on the wire
+	// keeps ready set for up to a second after that (see pull).
+	shuttingDown atomic.Bool
+	soft         context.Context // Run's context: ends at soft stop
+	stopping     <-chan struct{} // soft.Done()
+	hard         context.Context // cancelled at hard stop
 	// pullsClosed is closed once no pull request of this worker can
 	// receive a message any more; commands returned at shutdown wait for
 	// it (see closePulls).
@@ -243,6 +246,8 @@ func (w *Worker) CredentialsChanged() { w.circ.credentialsChanged() }
 // Readiness is Ready with the reason when not ready, for /readyz.
 func (w *Worker) Readiness() (bool, string) {
 	switch {
+	case w.shuttingDown.Load():
+		return false, "shutting down"
 	case !w.js.Conn().IsConnected():
 		return false, "NATS not connected"
 	case w.circ.Open():
@@ -284,6 +289,7 @@ func (w *Worker) Run(ctx context.Context) error {
 	}()
 	defer func() { hardStop(); <-graceOver }()
 	w.hard = hard
+	defer context.AfterFunc(ctx, func() { w.shuttingDown.Store(true) })()
 	w.soft = ctx
 	w.stopping = ctx.Done()
 	if !w.cfg.DisableState {
