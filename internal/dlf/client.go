@@ -370,7 +370,19 @@ func (c *Client) Stop(ctx context.Context, r StopRequest) (*Response, error) {
 	return out, apiErr
 }
 
+// checkCredentials refuses credentials that cannot make a request, before
+// one is built: a value bound for a header (the AK in Authorization, the
+// tokens) with a control character would be refused by net/http only as
+// the request is sent, which reads as a transport failure and counts as a
+// call. The SK is a signing key only.
 func checkCredentials(cr Credentials) error {
+	for _, v := range []struct{ name, value string }{
+		{"the AK", cr.AK}, {"the security token", cr.SecurityToken}, {"the auth token", cr.AuthToken},
+	} {
+		if i := strings.IndexFunc(v.value, isHeaderControl); i >= 0 {
+			return fmt.Errorf("%w: %s holds a control character at byte %d (a line break inside its file?)", ErrCredentials, v.name, i)
+		}
+	}
 	switch {
 	case cr.AuthToken != "" && (cr.AK != "" || cr.SK != ""):
 		return fmt.Errorf("%w: both AK/SK and an auth token are set", ErrCredentials)
@@ -383,6 +395,10 @@ func checkCredentials(cr Credentials) error {
 	}
 	return nil
 }
+
+// isHeaderControl reports a character no header value may hold (RFC 9110
+// section 5.5 allows horizontal tab).
+func isHeaderControl(r rune) bool { return r < ' ' && r != '\t' || r == 0x7f }
 
 // newRequest builds the signed request exactly as it goes on the wire.
 func (c *Client) newRequest(ctx context.Context, r StopRequest, creds Credentials) (*http.Request, error) {

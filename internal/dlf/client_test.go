@@ -227,6 +227,11 @@ func TestStopCredentialErrors(t *testing.T) {
 		{SK: testSK},
 		{},
 		{SecurityToken: testToken},
+		// Values that go into a header must be able to: a token file
+		// wrapped at 76 columns keeps its inner line breaks.
+		{AK: testAK, SK: testSK, SecurityToken: testToken[:8] + "\n" + testToken[8:]},
+		{AK: testAK + "\r\n", SK: testSK},
+		{AuthToken: "tok-0123\x00456789"},
 	} {
 		c, _ := setup(t, func(w http.ResponseWriter, r *http.Request) { calls.Add(1) }, Config{Credentials: staticCreds(cr)})
 		resp, err := c.Stop(context.Background(), testStop)
@@ -236,7 +241,7 @@ func TestStopCredentialErrors(t *testing.T) {
 		if err != nil && (strings.Contains(err.Error(), testSK) || strings.Contains(err.Error(), testToken)) {
 			t.Errorf("error holds a secret: %v", err)
 		}
-		if v := Classify(resp, err); v.Class != ClassRetry || !v.Systemic {
+		if v := Classify(resp, err); v.Class != ClassRetry || !v.Systemic || !v.NotSent {
 			t.Errorf("credential error classified %+v", v)
 		}
 	}
