@@ -326,9 +326,15 @@ func putMAC(sk string, m hash.Hash) {
 	p.pool.Put(m)
 }
 
+// bodyHash is the signed payload hash: the X-Sdk-Content-Sha256 header's
+// value when the header is there, even empty (the SDK tests the key, not
+// the value), else the body's SHA-256.
 func bodyHash(h http.Header, body []byte) string {
-	if v := h.Get(HeaderContentSha256); v != "" {
-		return v
+	if v, ok := h[HeaderContentSha256]; ok {
+		if len(v) == 0 {
+			return ""
+		}
+		return v[0]
 	}
 	if len(body) == 0 {
 		return emptyBodyHash

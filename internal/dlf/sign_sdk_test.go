@@ -176,6 +176,8 @@ func TestSignGenericMatchesSDK(t *testing.T) {
 		{name: "underscore header", method: "POST", path: "/v1/p/y", headers: map[string]string{"X_Custom_Thing": "v", "X-Other": "  padded  "}},
 		{name: "escaped segments", method: "DELETE", path: "/v1/p/scripts/a b+c%d/instances/é", ak: "AK2", sk: "sk/with+chars="},
 		{name: "trailing slash", method: "GET", path: "/v1/p/"},
+		{name: "content hash given", method: "POST", path: "/v1/p/x", body: `{"a":1}`, headers: map[string]string{"X-Sdk-Content-Sha256": "abc"}},
+		{name: "content hash empty", method: "POST", path: "/v1/p/x", body: `{"a":1}`, headers: map[string]string{"X-Sdk-Content-Sha256": ""}},
 	}
 	for _, tc := range cases {
 		t.Run(tc.name, func(t *testing.T) {
