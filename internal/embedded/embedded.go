@@ -29,6 +29,11 @@ type Options struct {
 }
 
 // Start runs a JetStream server and waits until it accepts connections.
+// When the server reports that it cannot start (its port is taken, its
+// store directory cannot be created, JetStream does not start), Start
+// shuts it down and returns the server's own reason at once, without
+// waiting out the readiness timeout. The server's other output is
+// dropped.
 func Start(o Options) (*server.Server, error) {
 	if o.StoreDir == "" {
 		return nil, errors.New("embedded: StoreDir is required")
@@ -60,12 +65,72 @@ func Start(o Options) (*server.Server, error) {
 	if err != nil {
 		return nil, fmt.Errorf("embedded nats: %w", err)
 	}
-	go s.Start()
-	if !s.ReadyForConnections(10 * time.Second) {
-		s.Shutdown()
-		return nil, errors.New("embedded nats: not ready within 10s")
+	log := &startLog{}
+	s.SetLoggerV2(log, false, false, false)
+	returned := make(chan struct{})
+	go func() {
+		defer close(returned)
+		s.Start()
+	}()
+	if err := waitReady(s, log, readyWithin); err != nil {
+		abort(s, returned)
+		return nil, err
 	}
 	return s, nil
+}
+
+const (
+	// readyWithin bounds how long Start waits for a server that reports
+	// nothing wrong yet does not accept connections.
+	readyWithin = 10 * time.Second
+	// readyPoll is how long each readiness check waits, and so how soon a
+	// failure the server reports ends the wait.
+	readyPoll = 50 * time.Millisecond
+	// returnGrace bounds how long abort waits for Server.Start to return
+	// after the server has been shut down.
+	returnGrace = 5 * time.Second
+)
+
+// waitReady waits until s accepts connections. It returns the server's
+// own reason as soon as the server reports a fatal error (its port is
+// taken, its store directory cannot be created, JetStream does not
+// start), rather than waiting out the whole time for a readiness that
+// will never come.
+func waitReady(s *server.Server, log *startLog, within time.Duration) error {
+	deadline := time.Now().Add(within)
+	for {
+		// ReadyForConnections returns false after readyPoll at the latest.
+		ready := s.ReadyForConnections(readyPoll)
+		// Read after the readiness: a server that reported a fatal error
+		// has not started, even if a listener is up.
+		if msg := log.fatalMessage(); msg != "" {
+			return fmt.Errorf("embedded nats: %s", msg)
+		}
+		if ready {
+			return nil
+		}
+		if time.Now().After(deadline) {
+			if msg := log.lastError(); msg != "" {
+				return fmt.Errorf("embedded nats: not ready within %s, last error: %s", within, msg)
+			}
+			return fmt.Errorf("embedded nats: not ready within %s", within)
+		}
+	}
+}
+
+// abort shuts down a server that did not start, and waits for its Start
+// goroutine so that a failed Start leaves nothing running. After a fatal
+// error Server.Start returns at once; the wait is bounded for a server
+// that timed out while still starting.
+func abort(s *server.Server, returned <-chan struct{}) {
+	s.Shutdown()
+	s.WaitForShutdown()
+	grace := time.NewTimer(returnGrace)
+	defer grace.Stop()
+	select {
+	case <-returned:
+	case <-grace.C:
+	}
 }
 
 // PortOrFree returns want when it can be bound on host, else -1 so the

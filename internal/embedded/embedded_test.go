@@ -1,0 +1,104 @@
+package embedded_test
+
+import (
+	"net"
+	"os"
+	"path/filepath"
+	"strings"
+	"testing"
+	"time"
+
+	"go.uber.org/goleak"
+
+	"github.com/dlf-stop/worker/internal/embedded"
+)
+
+// promptly bounds how long a Start that cannot succeed may take. It is a
+// bound well under Start's 10s readiness wait, not a performance figure.
+const promptly = 5 * time.Second
+
+// TestStartFailsPromptlyWithReason runs real servers that cannot start and
+// checks that Start says why, without waiting out its readiness timeout,
+// and leaves no goroutine of the failed server behind.
+func TestStartFailsPromptlyWithReason(t *testing.T) {
+	tests := []struct {
+		name string
+		// setup returns the options of a server that cannot start, and
+		// the text its error must contain: the cause, as the operating
+		// system or the server words it.
+		setup func(t *testing.T) (embedded.Options, string)
+	}{
+		{
+			name: "port held by another listener",
+			setup: func(t *testing.T) (embedded.Options, string) {
+				l, err := net.Listen("tcp", "127.0.0.1:0")
+				if err != nil {
+					t.Fatal(err)
+				}
+				t.Cleanup(func() { _ = l.Close() })
+				port := l.Addr().(*net.TCPAddr).Port
+				_, want := net.Listen("tcp", l.Addr().String())
+				if want == nil {
+					t.Fatal("a second listener on a held port was accepted")
+				}
+				return embedded.Options{Port: port, StoreDir: t.TempDir()}, want.Error()
+			},
+		},
+		{
+			name: "store directory under a regular file",
+			setup: func(t *testing.T) (embedded.Options, string) {
+				file := filepath.Join(t.TempDir(), "file")
+				if err := os.WriteFile(file, nil, 0o600); err != nil {
+					t.Fatal(err)
+				}
+				// nats-server's own words; its message names no path.
+				return embedded.Options{StoreDir: filepath.Join(file, "store")},
+					"Can't start JetStream: storage directory is not a directory"
+			},
+		},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			ignore := goleak.IgnoreCurrent()
+			opts, want := tt.setup(t)
+
+			began := time.Now()
+			s, err := embedded.Start(opts)
+			took := time.Since(began)
+
+			if err == nil {
+				s.Shutdown()
+				s.WaitForShutdown()
+				t.Fatal("Start succeeded")
+			}
+			t.Logf("Start returned after %s: %v", took, err)
+			if !strings.Contains(err.Error(), want) {
+				t.Errorf("Start error = %q, want it to contain %q", err, want)
+			}
+			if took > promptly {
+				t.Errorf("Start returned after %s, want under %s", took, promptly)
+			}
+			goleak.VerifyNone(t, ignore)
+		})
+	}
+}
+
+// TestStartServesAndShutsDown checks the path every other test relies on:
+// a server that can start accepts connections, and its shutdown leaves
+// nothing running.
+func TestStartServesAndShutsDown(t *testing.T) {
+	ignore := goleak.IgnoreCurrent()
+	s, err := embedded.Start(embedded.Options{StoreDir: t.TempDir()})
+	if err != nil {
+		t.Fatal(err)
+	}
+	c, err := net.Dial("tcp", s.Addr().String())
+	if err != nil {
+		s.Shutdown()
+		t.Fatalf("dial the started server: %v", err)
+	}
+	_ = c.Close()
+	s.Shutdown()
+	s.WaitForShutdown()
+	goleak.VerifyNone(t, ignore)
+}
