@@ -301,9 +301,19 @@ func (d DLF) problems() []error {
 	return p
 }
 
+// withoutQuery cuts a URL's query and fragment from what an error shows:
+// what a query holds may be a token (?X-Auth-Token=...), and nothing in it
+// helps to fix the value.
+func withoutQuery(s string) string {
+	if i := strings.IndexAny(s, "?#"); i >= 0 {
+		return s[:i] + s[i:i+1] + "[not shown]"
+	}
+	return s
+}
+
 func (p *problems) endpoint(s string) {
 	const name = "DLF_ENDPOINT"
-	shown := RedactURL(s)
+	shown := RedactURL(withoutQuery(s))
 	u, err := url.Parse(s)
 	if err != nil {
 		p.add(name, "%q is not a valid URL", shown)

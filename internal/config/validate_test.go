@@ -56,7 +56,10 @@ func TestFromEnvInvalid(t *testing.T) {
 		{"endpoint http remote", env("DLF_ENDPOINT", "http://dlf.example.com"), "DLF_ENDPOINT: plain http is allowed only for loopback hosts"},
 		{"endpoint http private ip", env("DLF_ENDPOINT", "http://10.0.0.1:8080"), "DLF_ENDPOINT: plain http is allowed only for loopback hosts"},
 		{"endpoint http localhost lookalike", env("DLF_ENDPOINT", "http://localhost.example.com"), "DLF_ENDPOINT: plain http is allowed only for loopback hosts"},
-		{"endpoint query", env("DLF_ENDPOINT", "https://dlf.example.com/?a=b"), "DLF_ENDPOINT: must not have a query or fragment"},
+		{"endpoint query", env("DLF_ENDPOINT", "https://dlf.example.com/?a=b"), `DLF_ENDPOINT: must not have a query or fragment, got "https://dlf.example.com/?[not shown]"`},
+		// What a query or fragment holds is never shown: it may be a token.
+		{"endpoint query token", env("DLF_ENDPOINT", "http://dlf.example.com/?X-Auth-Token=MIIsecretTOKEN"), `DLF_ENDPOINT: plain http is allowed only for loopback hosts (127.0.0.0/8, ::1, localhost), got "http://dlf.example.com/?[not shown]"`},
+		{"endpoint fragment token", env("DLF_ENDPOINT", "https://[::1#MIIsecretTOKEN"), `DLF_ENDPOINT: "https://[::1#[not shown]" is not a valid URL`},
 		{"endpoint userinfo", env("DLF_ENDPOINT", "https://u:p@dlf.example.com"), `DLF_ENDPOINT: must not contain credentials ("https://[redacted]@dlf.example.com")`},
 
 		{"ak without sk", env("HUAWEICLOUD_SDK_AK", "AK"), "HUAWEICLOUD_SDK_SK: required when HUAWEICLOUD_SDK_AK is set"},
