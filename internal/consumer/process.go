@@ -1240,10 +1240,12 @@ func (w *Worker) recall(j *job, recs []*stateRecord, err error) bool {
 			return false
 		}
 		j.log.Warn("state bucket unavailable; returning the command", zap.Error(err))
+		w.stateUnread.seen()
 		w.checkState()
 		w.giveBack(j, w.cfg.RetryInitial, "state_unavailable")
 		return false
 	}
+	w.stateUnread.clear()
 	rec := recs[0]
 	d := &rec.doc
 	d.forgetOldStop(time.Now().Unix(), w.cfg.StateTTL) // the real clock, as it was written

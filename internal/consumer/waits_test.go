@@ -269,6 +269,34 @@ func TestStateBucketWithoutDirectGetsStopsTheStart(t *testing.T) {
 	}
 }
 
+// A bucket that stops answering reads while the worker runs (direct gets
+// turned off here) returns every command: /readyz says so until a read
+// goes through again (found by review: it said ready meanwhile).
+func TestUnreadableStateBucketMakesTheWorkerUnready(t *testing.T) {
+	e := newEnv(t, func(c *Config) { c.ShortWaitMax = 200 * time.Millisecond })
+	e.emu.AddRunning(proj, "", "s1", "i-1")
+	r := e.startWorker(nil)
+	r.waitStarted(t)
+	e.updateStream(t, "KV_dlf_stop_state", func(c *jetstream.StreamConfig) { c.AllowDirect = false })
+	e.publish(body(t, map[string]any{"project_id": proj, "script_name": "s1", "instance_id": "i-1"}), nil)
+	testutil.Eventually(t, 10*time.Second, func() error {
+		if ok, why := r.w.Readiness(); ok || !strings.Contains(why, "cannot be read") {
+			return fmt.Errorf("readiness = %v %q with the bucket unreadable; want not ready, saying why", ok, why)
+		}
+		return nil
+	})
+	e.updateStream(t, "KV_dlf_stop_state", func(c *jetstream.StreamConfig) { c.AllowDirect = true })
+	if o := e.single(t); o.Status != StatusStopped {
+		t.Fatalf("outcome = %+v", o)
+	}
+	testutil.Eventually(t, 5*time.Second, func() error {
+		if ok, why := r.w.Readiness(); !ok {
+			return fmt.Errorf("not ready after the bucket could be read again: %s", why)
+		}
+		return nil
+	})
+}
+
 // A state bucket whose messages are limited below what a command's
 // records can take would refuse some of them for good, and such a command
 // would wait for its call for ever: the worker says so at start.

@@ -72,6 +72,10 @@ type Worker struct {
 	// outcome or dead letter (a stream deleted, say): it and those after
 	// it wait in the stream.
 	publishRefused lapse
+	// stateUnread: the last command whose state was looked up was
+	// returned because the bucket could not be read (direct gets turned
+	// off, a leader lost for long): it and those after it wait.
+	stateUnread lapse
 	circ           *circuit
 	thr            *throttle
 	sib            siblings // calls on the wire and stops not yet recorded, per instance
@@ -258,6 +262,8 @@ func (w *Worker) Readiness() (bool, string) {
 		return false, "the state bucket does not store the calls' marks: commands wait in the stream"
 	case w.publishRefused.within(w.marksRefusedShown()):
 		return false, "outcomes or dead letters cannot be stored: commands wait in the stream"
+	case w.stateUnread.within(w.marksRefusedShown()):
+		return false, "the state bucket cannot be read: commands wait in the stream"
 	case !w.ready.Load():
 		return false, "consumer not bound"
 	}
