@@ -468,6 +468,58 @@ func TestPanicOnEveryDeliveryIsGivenUp(t *testing.T) {
 	e.checkGivenUp(t, r, b)
 }
 
+// Giving up stores the outcome, the dead letter and the decision record;
+// a bucket refusing the record holds the command while the record is
+// written again, and heartbeats must keep its lease meanwhile (found by
+// review: they had stopped with the panic, so the ack wait handed the
+// command to another delivery, which panicked again).
+func TestPanicGivenUpWhileTheBucketRefusesKeepsItsLease(t *testing.T) {
+	e := newEnv(t, func(c *Config) { quickGiveUp(c); c.AckWait = 2 * time.Second })
+	broken := WithClock(func() time.Time { panic("test: clock broke") })
+	r := e.startWorker(nil, broken)
+	r.waitStarted(t)
+	e.updateStream(t, "KV_dlf_stop_state", func(c *jetstream.StreamConfig) { c.MaxMsgSize = markFits })
+	b := body(t, map[string]any{"command_id": "c-poison", "project_id": proj, "script_name": "s1",
+		"instance_id": "i-poison", "deadline": "2999-01-01T00:00:00Z"})
+	e.publish(b, nil)
+	e.out.wait(t, 1, 10*time.Second)
+	refused := func(n float64) func() error {
+		return func() error {
+			if got := testutilCount(r.w.m.publishFail.WithLabelValues("state")); got < n {
+				return fmt.Errorf("%v refused decision writes", got)
+			}
+			return nil
+		}
+	}
+	deliveries := func() uint64 {
+		t.Helper()
+		ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+		defer cancel()
+		cons, err := e.js.Consumer(ctx, "DLF_STOP", "dlf-stop-worker")
+		if err != nil {
+			t.Fatal(err)
+		}
+		ci, err := cons.Info(ctx)
+		if err != nil {
+			t.Fatal(err)
+		}
+		return ci.Delivered.Consumer
+	}
+	testutil.Eventually(t, 10*time.Second, refused(1))
+	before := deliveries()
+	// The record is written again every RETRY_MAX_INTERVAL (100 ms) at
+	// most: 40 refusals outlast two ack waits.
+	testutil.Eventually(t, 30*time.Second, refused(40))
+	if after := deliveries(); after != before {
+		t.Errorf("%d deliveries more while the decision was held: its lease was lost", after-before)
+	}
+	e.updateStream(t, "KV_dlf_stop_state", func(c *jetstream.StreamConfig) { c.MaxMsgSize = -1 })
+	e.stopStreamEmpty(t)
+	if n := len(e.out.outcomes(t)); n != 1 {
+		t.Errorf("%d outcomes, want 1", n)
+	}
+}
+
 // The same when the panic comes before the command is even read (here: a
 // logger that breaks on its script name): it is named by its envelope.
 func TestPanicBeforeTheCommandIsReadIsGivenUp(t *testing.T) {

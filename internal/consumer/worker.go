@@ -76,9 +76,9 @@ type Worker struct {
 	// returned because the bucket could not be read (direct gets turned
 	// off, a leader lost for long): it and those after it wait.
 	stateUnread lapse
-	circ           *circuit
-	thr            *throttle
-	sib            siblings // calls on the wire and stops not yet recorded, per instance
+	circ        *circuit
+	thr         *throttle
+	sib         siblings // calls on the wire and stops not yet recorded, per instance
 
 	ready atomic.Bool
 	// shuttingDown is set as Run's context ends: the pull on the wire
@@ -796,8 +796,18 @@ func (w *Worker) afterPanic(msg jetstream.Msg, j *job) {
 }
 
 func (w *Worker) giveUpAfterPanics(msg jetstream.Msg, meta *jetstream.MsgMetadata, j *job, now time.Time) {
+	// Storing the outcome, the dead letter and the decision may hold the
+	// command for long (a bucket refusing the record, see
+	// recordDecisionLater): heartbeats again meanwhile, or the ack wait
+	// would hand it to another delivery. Whatever returns the command
+	// stops them first (giveBack); a write handed to the state writer
+	// stops them when it lets go of the command; otherwise the command
+	// is done when this returns.
+	hb := startHeartbeat(msg, &w.ackWait)
+	handedBefore := j != nil && j.handedOff
 	defer func() {
 		if r := recover(); r != nil {
+			hb.stop()
 			w.m.panics.Inc()
 			w.log.Error("panic while giving up a command that panicked; returning it", zap.Any("panic", r))
 			_ = msg.NakWithDelay(w.cfg.RetryMax)
@@ -811,6 +821,14 @@ func (w *Worker) giveUpAfterPanics(msg jetstream.Msg, meta *jetstream.MsgMetadat
 			log: w.log.With(zap.String("command_id", c.ID), zap.Uint64("delivery", meta.NumDelivered))}
 		j.out = Outcome{CommandID: c.ID, ReceivedAt: FormatTime(meta.Timestamp), WorkerID: w.cfg.WorkerID}
 	}
+	prev := j.release
+	j.release = func() { hb.stop(); prev() }
+	j.hb = hb
+	defer func() {
+		if handedBefore || !j.handedOff {
+			hb.stop()
+		}
+	}()
 	w.finishAt(j, now, StatusFailed, CauseRetriesExhausted, fmt.Sprintf(
 		"processing failed with an internal error on every delivery (%d) for RETRY_MAX_ELAPSED; the worker log has the panic",
 		meta.NumDelivered))
