@@ -71,6 +71,9 @@ type Config struct {
 	// heldFloor replaces minHeld, for tests whose premise is a worker
 	// that holds only a few commands (0: minHeld).
 	heldFloor int
+	// infoEvery replaces consumerInfoEvery, for tests that wait for an
+	// edited consumer to be read again (0: consumerInfoEvery).
+	infoEvery time.Duration
 	// beforeCall, a test's hook, runs right before a call is handed to
 	// the client, with its slot (and its probe turn, if probe) taken.
 	beforeCall func(probe bool)

@@ -161,7 +161,7 @@ func TestHeartbeatsFollowTheConsumersAckWait(t *testing.T) {
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			e := newEnv(t, func(c *Config) { c.AckWait, c.CallTimeout = 9*time.Second, 10*time.Second })
-			r := e.startWorker(func(c *Config) { c.AckWait = 2 * time.Second })
+			r := e.startWorker(func(c *Config) { c.AckWait, c.infoEvery = 2*time.Second, time.Second })
 			r.waitStarted(t)
 			if got := r.w.ackWaitNow(); got != 9*time.Second {
 				t.Fatalf("ack wait %s at start, want the consumer's 9s", got)
@@ -248,7 +248,7 @@ func TestAWorkerThatDoesNotPullFollowsAnEditedAckWait(t *testing.T) {
 		}},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
-			e := newEnv(t, func(c *Config) { c.RetryInitial, c.RetryMax = time.Minute, time.Minute })
+			e := newEnv(t, func(c *Config) { c.RetryInitial, c.RetryMax, c.infoEvery = time.Minute, time.Minute, time.Second })
 			r := tc.setup(t, e)
 			e.editAckWait(t, 3*time.Second)
 			testutil.Eventually(t, 2*consumerInfoEvery, func() error {

@@ -191,7 +191,11 @@ const consumerInfoEvery = 10 * time.Second
 // review: waits that did not pull never read it). A failed read changes
 // nothing (a pull fails too, if the consumer is gone, and binds it again).
 func (w *Worker) watchLimits(ctx context.Context) {
-	t := time.NewTicker(consumerInfoEvery)
+	every := consumerInfoEvery
+	if w.cfg.infoEvery > 0 {
+		every = w.cfg.infoEvery
+	}
+	t := time.NewTicker(every)
 	defer t.Stop()
 	for {
 		select {
