@@ -626,7 +626,8 @@ func expiredBeforeCall(j *job) string {
 	if j.attempts == 0 {
 		return fmt.Sprintf("deadline %s passed before the first call", dl)
 	}
-	last := dlf.Verdict{HTTPStatus: j.out.HTTPStatus, ErrorCode: j.out.ErrorCode, ErrorMsg: j.out.ErrorMsg}
+	last := dlf.Verdict{HTTPStatus: j.out.HTTPStatus, ErrorCode: j.out.ErrorCode, ErrorMsg: j.out.ErrorMsg,
+		NotAnswered: j.out.HTTPStatus == 0 && j.unanswered}
 	return fmt.Sprintf("deadline %s passed before the next attempt (after %d in earlier deliveries); last: %s",
 		dl, j.attempts, describe(last))
 }
@@ -980,6 +981,7 @@ func (w *Worker) stoppedMeanwhile(j *job) (why string, handled bool) {
 	// (not this command read under other defaults) and its delivery has
 	// recorded no answer since, as recall counts marks.
 	if m := recs[1].doc.Cmds[j.sid]; j.markCounts(m, recs[1].rev, e) {
+		j.attempts++ // that delivery's call, as recall counts one
 		return fmt.Sprintf("DLF.6205, and meanwhile delivery %d of this command marked its call", m.Delivery), false
 	}
 	if bySibling {
@@ -1358,7 +1360,13 @@ func (w *Worker) recall(j *job, recs []*stateRecord, err error) bool {
 		j.unanswered = entry.Unanswered
 	}
 	if mark != nil && j.markCounts(mark, recs[1].rev, entry) { // a mark: a valid command, whose id's key was read too
+		// A call made, for attempts too (contract section 4: the
+		// command's DLF calls), whose answer nobody saw: the last
+		// attempt's status is 0 (found by review: attempts left it out,
+		// and an expired redelivery said no call had been made).
 		j.unanswered = true
+		j.attempts++
+		j.out.HTTPStatus = 0
 	}
 	if j.valid && d.StoppedBy != "" {
 		w.finish(j, StatusStopped, CauseAlreadyStopped,

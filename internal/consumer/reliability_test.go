@@ -8,6 +8,7 @@ import (
 	"net/http/httptest"
 	"sort"
 	"strconv"
+	"strings"
 	"sync/atomic"
 	"testing"
 	"time"
@@ -663,10 +664,45 @@ func TestRecordedUnansweredCallCounts(t *testing.T) {
 // redelivery's DLF.6205 is taken as that call's stop.
 func TestCallOfACrashedDeliveryCounts(t *testing.T) {
 	e := newEnv(t, func(c *Config) { c.AckWait = time.Second })
+	e.crashWithTheCallOnTheWire(t, body(t, map[string]any{"command_id": "crashed", "project_id": proj, "script_name": "s1", "instance_id": "i-1"}))
+	e.startWorker(nil)
+	o := e.single(t)
+	if o.Status != StatusStopped || o.Cause != CauseAlreadyStopped || o.ErrorCode != "DLF.6205" {
+		t.Fatalf("outcome = %+v", o)
+	}
+	// The dead delivery's call is one of the command's calls (contract
+	// section 4; found by review: attempts said 1).
+	if calls := e.emu.StopCallsFor(proj, "s1", "i-1"); int64(o.Attempts) != calls {
+		t.Errorf("attempts = %d, DLF saw %d calls", o.Attempts, calls)
+	}
+	e.noDeadLetters(t)
+}
+
+// The same call counts when the redelivery finds the deadline passed: the
+// outcome does not say that no call was made (found by review).
+func TestCallOfACrashedDeliveryCountsWhenTheDeadlinePassed(t *testing.T) {
+	e := newEnv(t, func(c *Config) { c.AckWait = time.Second })
+	b := body(t, map[string]any{"command_id": "crashed", "project_id": proj, "script_name": "s1", "instance_id": "i-1",
+		"deadline": time.Now().Add(30 * time.Minute).Format(time.RFC3339)})
+	seq := e.crashWithTheCallOnTheWire(t, b)
+	e.startWorker(nil, WithClock(func() time.Time { return time.Now().Add(time.Hour) }))
+	o := e.single(t)
+	if o.Status != StatusExpired || o.Cause != CauseDeadlinePassed || o.Attempts != 1 || o.HTTPStatus != 0 ||
+		!strings.Contains(o.Detail, "after 1 in earlier deliveries") || !strings.Contains(o.Detail, "no answer") {
+		t.Fatalf("outcome = %+v; want expired after the one call, which got no answer", o)
+	}
+	e.checkDead(t, o, b, seq)
+}
+
+// crashWithTheCallOnTheWire has a worker take command b for a running
+// instance i-1 and die while its call is on the wire, after that call
+// stopped the instance: no answer, no record but the call's mark.
+func (e *env) crashWithTheCallOnTheWire(t *testing.T, b []byte) (seq uint64) {
+	t.Helper()
 	e.emu.AddRunning(proj, "", "s1", "i-1")
 	e.emu.SetFaultsFor(proj, "s1", "i-1", emulator.Faults{Latency: 300 * time.Millisecond})
 	crashing := e.startWorker(nil)
-	e.publish(body(t, map[string]any{"command_id": "crashed", "project_id": proj, "script_name": "s1", "instance_id": "i-1"}), nil)
+	seq = e.publish(b, nil)
 	testutil.Eventually(t, 10*time.Second, func() error {
 		if e.emu.StopCallsFor(proj, "s1", "i-1") == 0 {
 			return fmt.Errorf("no call yet")
@@ -681,12 +717,7 @@ func TestCallOfACrashedDeliveryCounts(t *testing.T) {
 		return nil
 	})
 	e.emu.ClearFaultsFor(proj, "s1", "i-1")
-	e.startWorker(nil)
-	o := e.single(t)
-	if o.Status != StatusStopped || o.Cause != CauseAlreadyStopped || o.ErrorCode != "DLF.6205" {
-		t.Fatalf("outcome = %+v", o)
-	}
-	e.noDeadLetters(t)
+	return seq
 }
 
 // A delivery that died before it called (here: fetched and never acked)
@@ -1053,7 +1084,7 @@ func TestStopRecordedDuringTheCallExplainsDLF6205(t *testing.T) {
 	url := answer6205(t, &calls, stopRecordedBy(st, "other"))
 	e.startWorkerAt(url, nil)
 	e.publish(body(t, map[string]any{"command_id": "late", "project_id": proj, "script_name": "s1", "instance_id": "i-1"}), nil)
-	e.explained6205(t, &calls)
+	e.explained6205(t, &calls, 1)
 	rec := loadDoc(t, st, i1Key())
 	if rec.doc.StoppedBy != "other" || rec.doc.Cmds["late"] == nil || rec.doc.Cmds["late"].Phase != phaseDecided {
 		t.Errorf("state = %+v; want stopped by the other command and this one decided", rec.doc)
@@ -1080,7 +1111,7 @@ func TestMarkOfAnotherDeliveryDuringTheCallExplainsDLF6205(t *testing.T) {
 	})
 	e.startWorkerAt(url, nil)
 	seqc <- e.publish(body(t, map[string]any{"command_id": "both", "project_id": proj, "script_name": "s1", "instance_id": "i-1"}), nil)
-	e.explained6205(t, &calls)
+	e.explained6205(t, &calls, 2) // the other delivery's call counts
 	rec := loadDoc(t, st, instKey(inst))
 	if rec.doc.StoppedBy != "both" {
 		t.Errorf("state = %+v; want the instance recorded as stopped by the command", rec.doc)
@@ -1279,12 +1310,13 @@ func TestOwnStopOlderThanStateTTLIsForgottenAfterDLF6205(t *testing.T) {
 }
 
 // explained6205 checks that the one DLF call got DLF.6205 and the command
-// ended stopped / already_stopped, acked, without a dead letter.
-func (e *env) explained6205(t *testing.T, calls *atomic.Int32) {
+// ended stopped / already_stopped, acked, without a dead letter; attempts
+// counts that call and those of other deliveries whose marks explain it.
+func (e *env) explained6205(t *testing.T, calls *atomic.Int32, attempts int) {
 	t.Helper()
 	o := e.single(t)
-	if o.Status != StatusStopped || o.Cause != CauseAlreadyStopped || o.Attempts != 1 {
-		t.Fatalf("outcome = %+v; want stopped/already_stopped after one call", o)
+	if o.Status != StatusStopped || o.Cause != CauseAlreadyStopped || o.Attempts != attempts {
+		t.Fatalf("outcome = %+v; want stopped/already_stopped, %d attempts", o, attempts)
 	}
 	e.stopStreamEmpty(t)
 	e.noDeadLetters(t)
