@@ -174,18 +174,22 @@ func (w *Worker) process(j *job, recs []*stateRecord, lerr error) {
 
 	req := dlf.StopRequest{ProjectID: cmd.ProjectID, Workspace: cmd.Workspace,
 		ScriptName: cmd.ScriptName, InstanceID: cmd.InstanceID}
-	sched := newSchedule(&w.cfg, meta.Timestamp, meta.NumDelivered)
+	sched := newSchedule(&w.cfg, meta.Timestamp, max(int(min(meta.NumDelivered, 64))-1, j.attempts))
 	// The circuit and a 429's pause give way at the give-up time, so that
-	// a command ends within DLF_TIMEOUT of it as the contract says. A
-	// delivery that begins after its command's time was up cannot meet
-	// that bound anyway, whether the command is new to the worker or
-	// came back (fetched as the circuit opened, given back for a long
-	// backoff, or its worker died): its one call waits its turn like any
-	// other, a probe while the circuit is open, so that a backlog that
-	// aged during an outage is neither sent to DLF all at once nor
+	// a command ends within DLF_TIMEOUT of it as the contract says. That
+	// holds for a delivery of a command that made calls and begins just
+	// after the give-up time too: its last wait, shortened to end there,
+	// was handed back to JetStream for being long (waitInProcess), and
+	// comes back a pull later (found by review: a 429's long Retry-After
+	// then held the last attempt for all of it). Any other delivery that
+	// begins after the give-up time cannot meet the bound anyway, whether
+	// the command is new to the worker or came back (fetched as the
+	// circuit opened, or its worker died): its one call waits its turn
+	// like any other, a probe while the circuit is open, so that a backlog
+	// that aged during an outage is neither sent to DLF all at once nor
 	// dead-lettered one fetch after another while DLF is known to fail.
 	lastAt := sched.giveUpAt
-	if !time.Now().Before(lastAt) {
+	if late := time.Since(lastAt); late >= 0 && (late > lastAttemptGrace || j.attempts == 0) {
 		lastAt = time.Time{}
 	}
 	var last dlf.Verdict
@@ -276,6 +280,12 @@ func (w *Worker) process(j *job, recs []*stateRecord, lerr error) {
 		}
 	}
 }
+
+// lastAttemptGrace is how late after its give-up time a delivery of a
+// command that made calls may begin and still be its last attempt (see
+// process): a wait handed back to end at the give-up time comes back
+// within a pull (pullWait) and the redelivery's way through JetStream.
+const lastAttemptGrace = 5 * time.Second
 
 // waitInProcess sleeps before the next attempt when the wait is short and
 // few commands are already sleeping; otherwise it hands the command back

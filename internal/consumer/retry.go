@@ -15,7 +15,10 @@ type schedule struct {
 	giveUpAt time.Time
 }
 
-func newSchedule(cfg *Config, storedAt time.Time, delivered uint64) *schedule {
+// newSchedule starts the backoff of a delivery after the given number of
+// earlier steps: the attempts earlier deliveries made, as the state bucket
+// counts them, or at least the deliveries before this one.
+func newSchedule(cfg *Config, storedAt time.Time, steps int) *schedule {
 	b := &backoff.ExponentialBackOff{
 		InitialInterval:     cfg.RetryInitial,
 		RandomizationFactor: backoff.DefaultRandomizationFactor,
@@ -27,9 +30,11 @@ func newSchedule(cfg *Config, storedAt time.Time, delivered uint64) *schedule {
 	}
 	b.Reset()
 	// A redelivered command continues where the previous delivery left
-	// off instead of hammering DLF from the initial interval again. The
-	// delivery count is the only memory JetStream keeps for us here.
-	for i := uint64(1); i < delivered && i < 64; i++ {
+	// off instead of hammering DLF from the initial interval again. One
+	// delivery may make several attempts before a wait long enough to be
+	// handed back (found by review: counting deliveries alone restarted
+	// the backoff near its start after every such wait).
+	for i := 0; i < steps && i < 64; i++ {
 		b.NextBackOff()
 	}
 	return &schedule{b: b, giveUpAt: storedAt.Add(cfg.RetryMaxElapsed)}

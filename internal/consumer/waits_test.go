@@ -154,21 +154,32 @@ func (r *running) waitFor429(t *testing.T) {
 // command's last attempt back: it ends within DLF_TIMEOUT of
 // RETRY_MAX_ELAPSED, not when the pause is over.
 func TestLongRetryAfterDoesNotOutlastTheGiveUp(t *testing.T) {
-	e := newEnv(t, func(c *Config) {
-		c.RetryMaxElapsed = 2 * time.Second
-		c.RetryInitial = 100 * time.Millisecond
-		c.CallTimeout = 2 * time.Second
-	})
-	e.emu.AddRunning(proj, "", "s1", "i-1")
-	e.emu.SetFaultsFor(proj, "s1", "i-1", emulator.Faults{Throttle: true, RetryAfter: 30 * time.Second})
-	e.startWorker(nil)
-	e.publish(body(t, map[string]any{"command_id": "c", "project_id": proj, "script_name": "s1", "instance_id": "i-1"}), nil)
-	o := e.single(t)
-	if o.Status != StatusFailed || o.Cause != CauseRetriesExhausted || o.HTTPStatus != 429 || o.Attempts < 2 {
-		t.Fatalf("outcome = %+v; want retries_exhausted after a last attempt", o)
-	}
-	if o.DurationMS > 2000+2000+500 {
-		t.Errorf("ended %d ms after it was stored; want within RETRY_MAX_ELAPSED + DLF_TIMEOUT", o.DurationMS)
+	for name, shortWaitMax := range map[string]time.Duration{
+		"last wait in-process": 0, // the default, longer than RETRY_MAX_ELAPSED here
+		// Handed back to JetStream to end at the give-up time, the wait
+		// comes back just after it, still the last attempt (found by
+		// review: it waited out the whole Retry-After).
+		"last wait handed back": 500 * time.Millisecond,
+	} {
+		t.Run(name, func(t *testing.T) {
+			e := newEnv(t, func(c *Config) {
+				c.RetryMaxElapsed = 2 * time.Second
+				c.RetryInitial = 100 * time.Millisecond
+				c.CallTimeout = 2 * time.Second
+				c.ShortWaitMax = shortWaitMax
+			})
+			e.emu.AddRunning(proj, "", "s1", "i-1")
+			e.emu.SetFaultsFor(proj, "s1", "i-1", emulator.Faults{Throttle: true, RetryAfter: 30 * time.Second})
+			e.startWorker(nil)
+			e.publish(body(t, map[string]any{"command_id": "c", "project_id": proj, "script_name": "s1", "instance_id": "i-1"}), nil)
+			o := e.single(t)
+			if o.Status != StatusFailed || o.Cause != CauseRetriesExhausted || o.HTTPStatus != 429 || o.Attempts < 2 {
+				t.Fatalf("outcome = %+v; want retries_exhausted after a last attempt", o)
+			}
+			if o.DurationMS > 2000+2000+500 {
+				t.Errorf("ended %d ms after it was stored; want within RETRY_MAX_ELAPSED + DLF_TIMEOUT", o.DurationMS)
+			}
+		})
 	}
 }
 
