@@ -16,6 +16,7 @@ import (
 	"go.uber.org/zap"
 
 	"github.com/dlf-stop/worker/internal/consumer"
+	"github.com/dlf-stop/worker/internal/stopcli"
 	"github.com/dlf-stop/worker/internal/testutil"
 )
 
@@ -141,6 +142,19 @@ func (u *natsUser) noViolations(t *testing.T) {
 
 // apiRequest sends a JetStream API request as nats does for
 // `nats stream add --config` and fails on an error answer.
+// storeFailedOutcome stores a failed outcome for command id as u, the way
+// the worker does, and returns it.
+func (u *natsUser) storeFailedOutcome(ctx context.Context, t *testing.T, id string) *nats.Msg {
+	t.Helper()
+	out := nats.NewMsg(outcomePrefix + ".failed")
+	out.Header.Set(nats.MsgIdHdr, id)
+	out.Data = []byte(`{"command_id":"` + id + `","status":"failed"}`)
+	if _, err := u.js.PublishMsg(ctx, out); err != nil {
+		t.Fatalf("publish outcome: %v", err)
+	}
+	return out
+}
+
 func apiRequest(t *testing.T, u *natsUser, subject string, body any) {
 	t.Helper()
 	data, err := json.Marshal(body)
@@ -324,7 +338,8 @@ func TestNATSPermissions(t *testing.T) {
 
 	t.Run("scheduler publishes, worker processes", func(t *testing.T) {
 		ctx := stepCtx(t)
-		// As `worker stop`: listen for outcomes before publishing.
+		// As a scheduler that listens to outcomes live (core NATS) before
+		// publishing.
 		outcomes, err := scheduler.nc.SubscribeSync(outcomePrefix + ".*")
 		if err != nil {
 			t.Fatal(err)
@@ -350,12 +365,7 @@ func TestNATSPermissions(t *testing.T) {
 				t.Fatal(err)
 			}
 			id := m.Headers().Get(nats.MsgIdHdr)
-			out := nats.NewMsg(outcomePrefix + ".failed")
-			out.Header.Set(nats.MsgIdHdr, id)
-			out.Data = []byte(`{"command_id":"` + id + `","status":"failed"}`)
-			if _, err := worker.js.PublishMsg(ctx, out); err != nil {
-				t.Fatalf("publish outcome: %v", err)
-			}
+			worker.storeFailedOutcome(ctx, t, id)
 			dead := nats.NewMsg(deadSubject)
 			dead.Header.Set(nats.MsgIdHdr, id)
 			dead.Header.Set("Dlf-Status", "failed")
@@ -381,6 +391,66 @@ func TestNATSPermissions(t *testing.T) {
 				t.Errorf("scheduler got an outcome on %s", m.Subject)
 			}
 		}
+	})
+
+	// `worker stop` as the scheduler reads the outcome from the outcome
+	// stream: stream info, an ordered consumer filtered to the outcome
+	// subjects (create, pull), deleted when it ends. Each of these refused
+	// fails it: the first three before it publishes, the delete by the
+	// consumer it leaves behind.
+	t.Run("worker stop as the scheduler", func(t *testing.T) {
+		ctx := stepCtx(t)
+		outcomes, err := worker.js.Stream(ctx, outcomeStream)
+		if err != nil {
+			t.Fatal(err)
+		}
+		consumersBefore := outcomes.CachedInfo().State.Consumers
+		env := map[string]string{"NATS_URL": s.ClientURL(), "NATS_USER": "scheduler", "NATS_PASSWORD": envSentinel(passwordVar("scheduler"))}
+		type ran struct {
+			code           int
+			stdout, stderr string
+		}
+		done := make(chan ran, 1)
+		go func() {
+			var out, errOut strings.Builder
+			code := stopcli.Run(context.Background(), []string{"--script", "s", "--instance", "i", "--id", "cli-c3", "--wait", "20s"},
+				func(k string) (string, bool) { v, ok := env[k]; return v, ok }, &out, &errOut)
+			done <- ran{code, out.String(), errOut.String()}
+		}()
+		// The worker's part. No command comes when worker stop gave up
+		// before publishing: its message says why.
+		batch, err := cons.Fetch(1, jetstream.FetchMaxWait(5*time.Second))
+		if err != nil {
+			t.Fatalf("fetch: %v", err)
+		}
+		m, ok := <-batch.Messages()
+		if !ok {
+			select {
+			case r := <-done:
+				t.Fatalf("worker stop published no command: exit %d, stderr %q", r.code, r.stderr)
+			case <-ctx.Done():
+				t.Fatalf("worker stop published no command (%v) and did not return", batch.Error())
+			}
+		}
+		id := m.Headers().Get(nats.MsgIdHdr)
+		out := worker.storeFailedOutcome(ctx, t, id)
+		if err := m.DoubleAck(ctx); err != nil {
+			t.Fatalf("ack: %v", err)
+		}
+		var r ran
+		select {
+		case r = <-done:
+		case <-ctx.Done():
+			t.Fatal("worker stop did not return")
+		}
+		if id != "cli-c3" || r.code != stopcli.ExitOther || r.stdout != string(out.Data)+"\n" || r.stderr != "" {
+			t.Errorf("worker stop sent %q, exit %d, stdout %q, stderr %q; want cli-c3, %d, its outcome and nothing",
+				id, r.code, r.stdout, r.stderr, stopcli.ExitOther)
+		}
+		testutil.WaitFor(t, 5*time.Second, "worker stop's consumer deleted", func() bool {
+			info, err := outcomes.Info(ctx)
+			return err == nil && info.State.Consumers == consumersBefore
+		})
 	})
 
 	t.Run("auditor reads outcomes and dead letters", func(t *testing.T) {
@@ -447,6 +517,19 @@ func TestNATSPermissions(t *testing.T) {
 		{scheduler, "pub", "$JS.API.CONSUMER.MSG.NEXT." + stopStream + "." + consumerName},
 		{scheduler, "pub", "$JS.ACK." + stopStream + "." + consumerName + ".1.1.1.1.1.0"},
 		{scheduler, "pub", "$KV." + stateBucket + ".k"},
+		// Only the outcome stream, only what `worker stop` does there.
+		{scheduler, "pub", "$JS.API.STREAM.INFO." + deadStream},
+		{scheduler, "pub", "$JS.API.STREAM.MSG.GET." + outcomeStream},
+		{scheduler, "pub", "$JS.API.CONSUMER.CREATE." + outcomeStream + ".unfiltered"},
+		{scheduler, "pub", "$JS.API.CONSUMER.CREATE." + outcomeStream + ".x." + deadSubject},
+		{scheduler, "pub", "$JS.API.CONSUMER.DURABLE.CREATE." + outcomeStream + ".x"},
+		{scheduler, "pub", "$JS.API.CONSUMER.CREATE." + deadStream + ".x." + deadSubject},
+		{scheduler, "pub", "$JS.API.CONSUMER.CREATE." + stopStream + ".x." + stopSubject},
+		{scheduler, "pub", "$JS.API.CONSUMER.MSG.NEXT." + deadStream + ".x"},
+		{scheduler, "pub", "$JS.API.CONSUMER.DELETE." + stopStream + "." + consumerName},
+		{scheduler, "pub", "$JS.API.CONSUMER.DELETE." + deadStream + ".x"},
+		{scheduler, "pub", "$JS.ACK." + outcomeStream + ".x.1.1.1.1.0"},
+		{scheduler, "pub", "$JS.API.STREAM.PURGE." + outcomeStream},
 		{scheduler, "sub", deadSubject},
 		{scheduler, "sub", stopSubject},
 		{scheduler, "sub", "$KV." + stateBucket + ".>"},

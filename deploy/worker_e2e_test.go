@@ -288,6 +288,12 @@ func TestWorkerWithoutPermissionSaysSo(t *testing.T) {
 // naming only the timeout (found by review).
 func TestStopWithoutPermissionSaysSo(t *testing.T) {
 	s := startConfServer(t)
+	// The streams exist, as once the worker has started.
+	operator := connectAs(t, s, "dlf-worker")
+	files := readStreamFiles(t)
+	for _, w := range wantStreams() {
+		apiRequest(t, operator, "$JS.API.STREAM.CREATE."+w.name, definition(t, files, w.name+".json", 1))
+	}
 	env := map[string]string{
 		"NATS_URL": s.ClientURL(), "NATS_USER": "dlf-worker", "NATS_PASSWORD": envSentinel("DLF_WORKER_PASSWORD"),
 	}
@@ -299,7 +305,7 @@ func TestStopWithoutPermissionSaysSo(t *testing.T) {
 	if code != stopcli.ExitNoOutcome || stdout.Len() != 0 {
 		t.Errorf("exit %d, stdout %q; want %d and nothing", code, stdout.String(), stopcli.ExitNoOutcome)
 	}
-	if msg := stderr.String(); !strings.Contains(msg, "nothing was published") || !strings.Contains(msg, `Permissions Violation for Subscription to "dlf.stop.outcome.*"`) ||
+	if msg := stderr.String(); !strings.Contains(msg, "nothing was published") || !strings.Contains(msg, `Permissions Violation for Publish to "$JS.API.CONSUMER.`) ||
 		strings.Contains(msg, envSentinel("DLF_WORKER_PASSWORD")) {
 		t.Errorf("stderr = %q; want the permissions violation for the outcomes, before publishing, without the password", msg)
 	}

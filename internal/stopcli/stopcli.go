@@ -1,5 +1,6 @@
 // Package stopcli is `worker stop`: publish one stop command with the
-// worker's NATS settings and print its outcome event when it arrives.
+// worker's NATS settings and print its outcome event once the outcome
+// stream holds it.
 package stopcli
 
 import (
@@ -23,9 +24,10 @@ import (
 )
 
 // Exit statuses (contract section 8). ExitNoOutcome covers every case in
-// which no outcome event arrived, including NATS being unreachable and the
-// command not being stored: the caller learns nothing about the instance
-// and may try again; ExitOther means an outcome said it was not stopped.
+// which no outcome event arrived, including NATS being unreachable, the
+// command not being stored, --wait running out and an interrupt (Ctrl-C,
+// SIGTERM): the caller learns nothing about the instance and may try
+// again; ExitOther means an outcome said it was not stopped.
 const (
 	ExitStopped   = 0
 	ExitOther     = 1
@@ -95,105 +97,171 @@ func Run(ctx context.Context, args []string, lookup func(string) (string, bool),
 		fmt.Fprintf(stderr, "worker stop: %v\n", err)
 		return ExitOther
 	}
-	out, code, err := publishAndWait(ctx, cfg, *id, body, *wait)
+	res, err := publishAndWait(ctx, cfg, *id, body, *wait)
 	if err != nil {
 		fmt.Fprintf(stderr, "worker stop: %v\n", err)
-		return code
+		return ExitNoOutcome
 	}
-	fmt.Fprintln(stdout, string(out))
+	if res.ack.Duplicate {
+		fmt.Fprintf(stderr, "worker stop: %s; the outcome printed is that command's\n", duplicated(*id, res.ack))
+	}
+	fmt.Fprintln(stdout, string(res.outcome))
 	var o struct {
 		Status string `json:"status"`
 	}
-	if json.Unmarshal(out, &o) == nil && o.Status == "stopped" {
+	if json.Unmarshal(res.outcome, &o) == nil && o.Status == "stopped" {
 		return ExitStopped
 	}
 	return ExitOther
 }
 
-func publishAndWait(ctx context.Context, cfg config.Config, id string, body []byte, wait time.Duration) ([]byte, int, error) {
-	tctx, cancelTimeout := context.WithTimeout(ctx, wait)
+// result is what publishAndWait learned: the outcome event, and the
+// acknowledgement of the command it belongs to.
+type result struct {
+	outcome []byte
+	ack     *jetstream.PubAck
+}
+
+const (
+	// duplicateWindow is the stop stream's duplicate window: JetStream's
+	// default, which the worker gives the stream it creates and
+	// deploy/nats/streams/DLF_STOP.json sets. The user of `worker stop`
+	// may not read the stop stream's configuration.
+	duplicateWindow = 2 * time.Minute
+	// clockSkew allows for the clocks of the nodes of a NATS cluster
+	// differing.
+	clockSkew = 10 * time.Second
+)
+
+// testHookPublished, when a test sets it, runs once the command is stored,
+// before the wait for its outcome.
+var testHookPublished func()
+
+// publishAndWait publishes the command and waits for its outcome. The
+// outcome is read from the outcome stream, not heard as it is published:
+// one stored while the connection is down (a server restart, a dropped
+// link, lame duck mode) is read once it is back.
+func publishAndWait(parent context.Context, cfg config.Config, id string, body []byte, wait time.Duration) (*result, error) {
+	tctx, cancelTimeout := context.WithTimeoutCause(parent, wait, waitRanOut(wait))
 	defer cancelTimeout()
-	// The server reports a publish or subscription the user may not make
+	// The server reports a request or subscription the user may not make
 	// only as an asynchronous error; without it, a user without the right
 	// (the worker's own, say) would wait out --wait and hear only of the
 	// timeout. It ends the wait at once, named.
 	ctx, cancel := context.WithCancelCause(tctx)
 	defer cancel(nil)
+	s := &session{parent: parent, ctx: ctx, wait: wait}
 	nc, err := natsconn.Connect(ctx, cfg.NATS, zap.NewNop(), "dlf-stop-worker stop")
 	if err != nil {
-		return nil, ExitNoOutcome, err
+		if parent.Err() != nil {
+			return nil, errors.New("interrupted while connecting to NATS: nothing was published")
+		}
+		if s.ranOut() != nil {
+			// natsconn names the cause: --wait.
+			return nil, fmt.Errorf("%w: nothing was published", err)
+		}
+		return nil, err
 	}
 	defer nc.Close()
+	s.nc = nc
 	nc.SetErrorHandler(func(_ *nats.Conn, _ *nats.Subscription, err error) {
 		if errors.Is(err, nats.ErrPermissionViolation) {
 			cancel(err)
 		}
 	})
-	const needs = "a scheduler's user publishes stop commands and hears outcomes; see deploy/nats/nats-server.conf"
-	denied := func() error {
-		if cause := context.Cause(ctx); errors.Is(cause, nats.ErrPermissionViolation) {
-			return fmt.Errorf("the NATS user may not do this (%s): %w", needs, cause)
-		}
-		return nil
-	}
-	// Subscribe before publishing so the outcome cannot slip past. The
-	// outcome carries the command id as Nats-Msg-Id.
-	got := make(chan []byte, 1)
-	sub, err := nc.Subscribe(cfg.Subjects.OutcomeSubjectPrefix+".*", func(m *nats.Msg) {
-		if m.Header.Get(nats.MsgIdHdr) == id {
-			select {
-			case got <- m.Data:
-			default:
-			}
-		}
-	})
-	if err != nil {
-		return nil, ExitNoOutcome, fmt.Errorf("subscribe to outcomes: %w", err)
-	}
-	defer func() { _ = sub.Unsubscribe() }()
-	if err := nc.Flush(); err != nil {
-		return nil, ExitNoOutcome, fmt.Errorf("subscribe to outcomes: %w", err)
-	}
-	// The server refuses a subscription before it answers the flush, and
-	// nats.go records that as the last error before the flush returns
-	// (the handler above may run later): a user that may not hear the
-	// outcome learns it before anything is published.
-	if err := nc.LastError(); errors.Is(err, nats.ErrPermissionViolation) {
-		return nil, ExitNoOutcome, fmt.Errorf("subscribe to outcomes: nothing was published: the NATS user may not hear outcomes (%s): %w", needs, err)
-	}
 	js, err := jetstream.New(nc)
 	if err != nil {
-		return nil, ExitNoOutcome, err
+		return nil, err
 	}
+
+	// Where the outcome stream ends now: this command's outcome can only
+	// come after. Reading starts there, before publishing, so the outcome
+	// cannot slip past, and a user that may not read the stream learns it
+	// before anything is published.
+	outcomes := cfg.Subjects.OutcomeStream
+	st, err := js.Stream(ctx, outcomes)
+	if err != nil {
+		if errors.Is(err, jetstream.ErrStreamNotFound) {
+			err = fmt.Errorf("%w (the worker creates it when it starts)", err)
+		}
+		return nil, s.beforePublish("look up outcome stream "+outcomes, err)
+	}
+	info := st.CachedInfo()
+	filter := cfg.Subjects.OutcomeSubjectPrefix + ".*"
+	// The ordered consumer deletes the consumer it replaces after a
+	// reconnect, and this run deletes its own at the end. A user that may
+	// not would lose the wait at the first reconnect: it learns it now,
+	// from deleting a consumer that does not exist.
+	if err := js.DeleteConsumer(ctx, outcomes, "worker-stop-probe-"+randomHex()); err != nil && !errors.Is(err, jetstream.ErrConsumerNotFound) {
+		return nil, s.beforePublish("read outcome stream "+outcomes, err)
+	}
+	r, err := readOutcomes(ctx, js, outcomes, filter, id, jetstream.OrderedConsumerConfig{
+		DeliverPolicy: jetstream.DeliverByStartSequencePolicy,
+		OptStartSeq:   info.State.LastSeq + 1,
+	})
+	if err != nil {
+		return nil, s.beforePublish("read outcome stream "+outcomes, err)
+	}
+	defer func() { r.stop() }() // r changes on a duplicate
+	// The server refuses a request (the first pull) before it answers the
+	// flush, and nats.go records that as the last error before the flush
+	// returns (the handler above may run later).
+	if err := nc.FlushWithContext(ctx); err != nil {
+		return nil, s.beforePublish("read outcome stream "+outcomes, err)
+	}
+	if v := s.violation(); v != nil {
+		return nil, s.beforePublish("read outcome stream "+outcomes, v)
+	}
+
 	m := nats.NewMsg(cfg.Subjects.StopSubject)
 	m.Data = body
 	m.Header.Set(nats.MsgIdHdr, id)
 	ack, err := js.PublishMsg(ctx, m)
 	if err != nil {
-		if d := denied(); d != nil {
-			err = d
-		}
-		return nil, ExitNoOutcome, fmt.Errorf("publish to %s: %w", cfg.Subjects.StopSubject, err)
+		return nil, s.publishFailed(cfg.Subjects.StopSubject, id, err)
 	}
+	if testHookPublished != nil {
+		testHookPublished()
+	}
+	var since time.Time
 	if ack.Duplicate {
-		return nil, ExitNoOutcome, fmt.Errorf("command id %s was published within the duplicate window already; its outcome was sent then", id)
-	}
-	select {
-	case out := <-got:
-		return out, 0, nil
-	case <-ctx.Done():
-		if d := denied(); d != nil {
-			return nil, ExitNoOutcome, fmt.Errorf("command %s was published (stream sequence %d), but waiting for its outcome failed: %w", id, ack.Sequence, d)
+		// The same id within the stop stream's duplicate window: JetStream
+		// kept the command published then and dropped this one. Its
+		// outcome may have been stored before this run looked at the
+		// outcome stream, so read from as far back as the window reaches
+		// (by the server's clock when it can tell). The ack's sequence is
+		// the stop stream's, which says nothing about where in the outcome
+		// stream to look.
+		since = info.TimeStamp
+		if since.IsZero() {
+			since = time.Now()
 		}
-		// An id decided before the duplicate window is acked without a
-		// new outcome (contract section 6) for as long as the state
-		// bucket remembers it: say so, as nothing else will.
-		return nil, ExitNoOutcome, fmt.Errorf("no outcome for command %s within %s (an id the worker decided before gets no new outcome while its state bucket remembers it, STATE_TTL: leave --id out to send a new command)", id, wait)
+		since = since.Add(-duplicateWindow - clockSkew).UTC()
+		r.stop()
+		r = nil
+		r, err = readOutcomes(ctx, js, outcomes, filter, id, jetstream.OrderedConsumerConfig{
+			DeliverPolicy: jetstream.DeliverByStartTimePolicy,
+			OptStartTime:  &since,
+		})
+		if err != nil && ctx.Err() == nil {
+			return nil, fmt.Errorf("%s; reading its outcome from %s failed: %w", duplicated(id, ack), outcomes, err)
+		}
 	}
+	if r != nil {
+		select {
+		case out := <-r.got:
+			return &result{outcome: out, ack: ack}, nil
+		case <-ctx.Done():
+		}
+	}
+	return nil, s.waitFailed(id, ack, since, r)
 }
 
-func newID() string {
+func newID() string { return "stop-" + randomHex() }
+
+// randomHex returns 16 random hexadecimal digits.
+func randomHex() string {
 	var b [8]byte
 	_, _ = rand.Read(b[:])
-	return "stop-" + hex.EncodeToString(b[:])
+	return hex.EncodeToString(b[:])
 }

@@ -11,7 +11,6 @@ import (
 
 	"github.com/nats-io/nats-server/v2/server"
 	"github.com/nats-io/nats.go"
-	"github.com/nats-io/nats.go/jetstream"
 	"go.uber.org/goleak"
 	"go.uber.org/zap"
 	"go.uber.org/zap/zaptest"
@@ -153,21 +152,7 @@ func TestNATSUnreachable(t *testing.T) {
 }
 
 func TestNoWorkerTimesOut(t *testing.T) {
-	ns := testutil.StartNATS(t)
-	nc, err := nats.Connect(ns.ClientURL())
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(nc.Close)
-	js, err := jetstream.New(nc)
-	if err != nil {
-		t.Fatal(err)
-	}
-	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
-	defer cancel()
-	if _, err := consumer.Setup(ctx, js, consumer.Config{}, zap.NewNop()); err != nil {
-		t.Fatalf("consumer.Setup: %v", err)
-	}
+	ns, js := startStreams(t)
 
 	start := time.Now()
 	code, stdout, stderr := runStop(t, map[string]string{"NATS_URL": ns.ClientURL()},
@@ -179,8 +164,8 @@ func TestNoWorkerTimesOut(t *testing.T) {
 	if stdout != "" {
 		t.Errorf("stdout = %q, want nothing", stdout)
 	}
-	if !strings.Contains(stderr, "no-worker-1") {
-		t.Errorf("stderr = %q, want it to name the command id", stderr)
+	if !strings.Contains(stderr, "no outcome for command no-worker-1 within --wait 500ms") {
+		t.Errorf("stderr = %q, want it to name the command id and --wait", stderr)
 	}
 	if elapsed < 500*time.Millisecond || elapsed > 5*time.Second {
 		t.Errorf("took %s, want about --wait (500ms)", elapsed)
@@ -188,6 +173,8 @@ func TestNoWorkerTimesOut(t *testing.T) {
 
 	// The command was stored in the stop stream: a worker started later
 	// would still get it.
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
 	s, err := js.Stream(ctx, config.DefaultStopStream)
 	if err != nil {
 		t.Fatal(err)
@@ -353,45 +340,48 @@ func TestWithWorker(t *testing.T) {
 		}
 	})
 
+	// JetStream drops the second command as a duplicate; the first one's
+	// outcome, stored before the second run began, is that id's outcome.
 	t.Run("reused id within the duplicate window", func(t *testing.T) {
 		inst := emu.Execute(defaultProject, "", script)
-		if code, _, _ := runStop(t, lookup, "--script", script, "--instance", inst, "--id", "cli-dup-1"); code != stopcli.ExitStopped {
+		code, first, _ := runStop(t, lookup, "--script", script, "--instance", inst, "--id", "cli-dup-1")
+		if code != stopcli.ExitStopped {
 			t.Fatalf("first stop: exit = %d, want %d", code, stopcli.ExitStopped)
 		}
-		code, stdout, stderr := runStop(t, lookup, "--script", script, "--instance", inst, "--id", "cli-dup-1", "--wait", "2s")
-		if code != stopcli.ExitNoOutcome {
-			t.Errorf("exit = %d, want %d", code, stopcli.ExitNoOutcome)
+		calls := emu.StopCalls()
+		code, stdout, stderr := runStop(t, lookup, "--script", script, "--instance", inst, "--id", "cli-dup-1", "--wait", "5s")
+		if code != stopcli.ExitStopped {
+			t.Errorf("exit = %d, want %d", code, stopcli.ExitStopped)
 		}
-		if stdout != "" || !strings.Contains(stderr, "cli-dup-1") {
-			t.Errorf("stdout = %q, stderr = %q; want nothing and a message naming the id", stdout, stderr)
+		if stdout != first {
+			t.Errorf("stdout = %q, want the first run's outcome %q", stdout, first)
+		}
+		if !strings.Contains(stderr, "command id cli-dup-1 was published already") {
+			t.Errorf("stderr = %q, want it to say the id was published already", stderr)
+		}
+		if got := emu.StopCalls(); got != calls {
+			t.Errorf("DLF stop calls went from %d to %d, want no call", calls, got)
 		}
 	})
 }
 
-// A user that may not hear outcomes learns it before anything is
-// published (a rerun would otherwise send a second command); one that may
-// not publish commands learns it at once, not after --wait.
+// A user that may not read the outcome stream learns it before anything is
+// published (a rerun would otherwise send a second command), whichever
+// step of the reading it may not do; one that may not publish commands
+// learns it at once, not after --wait.
 func TestPermissionViolationsAreNamed(t *testing.T) {
-	deny := func(pub, sub string) *server.Permissions {
-		p := &server.Permissions{Publish: &server.SubjectPermission{}, Subscribe: &server.SubjectPermission{}}
-		if pub != "" {
-			p.Publish.Deny = []string{pub}
-		}
-		if sub != "" {
-			p.Subscribe.Deny = []string{sub}
-		}
-		return p
+	deny := func(pub string) *server.Permissions {
+		return &server.Permissions{Publish: &server.SubjectPermission{Deny: []string{pub}}}
 	}
-	s := testutil.RunServer(t, &server.Options{Host: "127.0.0.1", Port: -1, Users: []*server.User{
-		{Username: "deaf", Password: "deaf-pw", Permissions: deny("", "dlf.stop.outcome.*")},
-		{Username: "mute", Password: "mute-pw", Permissions: deny(config.DefaultStopSubject, "")},
+	s := testutil.RunServer(t, &server.Options{Host: "127.0.0.1", Port: -1, JetStream: true, StoreDir: t.TempDir(), Users: []*server.User{
+		{Username: "blind", Password: "blind-pw", Permissions: deny("$JS.API.STREAM.INFO." + config.DefaultOutcomeStream)},
+		{Username: "deaf", Password: "deaf-pw", Permissions: deny("$JS.API.CONSUMER.CREATE." + config.DefaultOutcomeStream + ".>")},
+		{Username: "nopull", Password: "nopull-pw", Permissions: deny("$JS.API.CONSUMER.MSG.NEXT." + config.DefaultOutcomeStream + ".>")},
+		{Username: "nodelete", Password: "nodelete-pw", Permissions: deny("$JS.API.CONSUMER.DELETE." + config.DefaultOutcomeStream + ".>")},
+		{Username: "mute", Password: "mute-pw", Permissions: deny(config.DefaultStopSubject)},
 		{Username: "watcher", Password: "watcher-pw"},
 	}})
-	watcher, err := nats.Connect(s.ClientURL(), nats.UserInfo("watcher", "watcher-pw"))
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(watcher.Close)
+	watcher, js := setUpStreams(t, s.ClientURL(), nats.UserInfo("watcher", "watcher-pw"))
 	published, err := watcher.SubscribeSync(config.DefaultStopSubject)
 	if err != nil {
 		t.Fatal(err)
@@ -399,8 +389,12 @@ func TestPermissionViolationsAreNamed(t *testing.T) {
 	if err := watcher.Flush(); err != nil {
 		t.Fatal(err)
 	}
+	const reading = ": nothing was published: the NATS user may not read the outcome stream"
 	for _, tc := range []struct{ user, want string }{
-		{"deaf", `subscribe to outcomes: nothing was published: the NATS user may not hear outcomes`},
+		{"blind", "look up outcome stream DLF_STOP_OUTCOMES" + reading},
+		{"deaf", "read outcome stream DLF_STOP_OUTCOMES" + reading},
+		{"nopull", "read outcome stream DLF_STOP_OUTCOMES" + reading},
+		{"nodelete", "read outcome stream DLF_STOP_OUTCOMES" + reading},
 		{"mute", `publish to dlf.stop.request: the NATS user may not do this`},
 	} {
 		t.Run(tc.user, func(t *testing.T) {
@@ -423,5 +417,14 @@ func TestPermissionViolationsAreNamed(t *testing.T) {
 	}
 	if m, err := published.NextMsg(0); err == nil {
 		t.Errorf("a command was published: %s", m.Data)
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+	st, err := js.Stream(ctx, config.DefaultStopStream)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if n := st.CachedInfo().State.Msgs; n != 0 {
+		t.Errorf("stop stream holds %d commands; want none", n)
 	}
 }
