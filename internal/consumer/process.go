@@ -1122,6 +1122,11 @@ func (w *Worker) recordDecisionLater(j *job, change func(*stateDoc), err error) 
 		case <-t.C:
 		case <-w.stopping:
 			t.Stop()
+			// The outcome is stored, and the hand-back writes the
+			// decision, a last try: the next delivery then acks the
+			// command as decided and counts nothing, so it counts here
+			// (found by review: no worker counted it).
+			w.m.commands.WithLabelValues(j.out.Status, j.out.Cause).Inc()
 			w.giveBack(j, 0, "shutdown")
 			return
 		}

@@ -202,7 +202,17 @@ func TestIDDroppedForRoomIsIndexedWhenTheWorkerStops(t *testing.T) {
 	r := e.startWorker(func(c *Config) { c.RetryInitial, c.RetryMax = time.Minute, time.Minute })
 	e.decideWhileTheBucketRefuses(t, r)
 	r.stop(t) // recordDecisionLater is in its one-minute wait: the stop hands the command back
-	e.old0StaysDecided(t, e.startWorker(nil), key404)
+	r2 := e.startWorker(nil)
+	e.old0StaysDecided(t, r2, key404)
+	// Its outcome is stored: the decision counts once, by the worker that
+	// stored it (found by review: the next one acked it as decided, and
+	// no worker counted it).
+	decided := func(r *running) float64 {
+		return testutilCount(r.w.m.commands.WithLabelValues(StatusFailed, CauseDLFError))
+	}
+	if n1, n2 := decided(r), decided(r2); n1+n2 != 1 {
+		t.Errorf("failed/dlf_error counted %v times by the first worker and %v by the second, want once", n1, n2)
+	}
 }
 
 // fullDocument fills the document of instance i-404 with maxCmdEntries
