@@ -152,7 +152,18 @@ func (d *stateDoc) prune(now int64, keep time.Duration, except string) (dropped 
 			delete(d.Cmds, id)
 		}
 	}
-	if len(d.Cmds) <= maxCmdEntries {
+	if len(d.Cmds) < sizeCheckFrom {
+		return nil
+	}
+	// Over the budget by bytes, decided entries go too: a pending entry
+	// carries its whole outcome, and a document of them can outgrow what
+	// a message may hold (found by review), after which no decision for
+	// its instance could be recorded.
+	over := 0
+	if b, err := json.Marshal(d); err == nil && len(b) > maxDocBytes {
+		over = len(b) - maxDocBytes
+	}
+	if len(d.Cmds) <= maxCmdEntries && over == 0 {
 		return nil
 	}
 	var decided []string
@@ -163,17 +174,33 @@ func (d *stateDoc) prune(now int64, keep time.Duration, except string) (dropped 
 	}
 	slices.SortFunc(decided, func(a, b string) int { return cmp.Compare(d.Cmds[a].At, d.Cmds[b].At) })
 	for _, id := range decided {
-		if len(d.Cmds) <= maxCmdEntries {
+		if len(d.Cmds) <= maxCmdEntries && over <= 0 {
 			break
 		}
 		if dropped == nil {
 			dropped = map[string]cmdEntry{}
 		}
-		dropped[id] = *d.Cmds[id]
+		e := d.Cmds[id]
+		if over > 0 {
+			b, _ := json.Marshal(e)
+			over -= len(b) + len(id) + 4 // "id":entry,
+		}
+		dropped[id] = *e
 		delete(d.Cmds, id)
 	}
 	return dropped
 }
+
+// maxDocBytes bounds an instance's document by bytes, below the 1 MiB a
+// state bucket's messages may be limited to (minStateMsgSize), with room
+// for the entry being written. sizeCheckFrom is the number of entries
+// from which prune measures it: fewer cannot come near it (an entry takes
+// at most about 12 KB, a pending outcome with every text field full of
+// characters JSON escapes), and the common case pays nothing.
+const (
+	maxDocBytes   = 768 << 10
+	sizeCheckFrom = 48
+)
 
 // indexDropped indexes as decided the ids prune dropped for room.
 func (s *stateStore) indexDropped(dropped map[string]cmdEntry) {
@@ -231,6 +258,13 @@ func instKey(k string) string { return "inst." + k }
 // ensureState binds the bucket, creating it when missing. An existing
 // bucket is used as it is (an operator may have tuned its TTL).
 func ensureState(ctx context.Context, js jetstream.JetStream, cfg *Config, log *zap.Logger) (*stateStore, error) {
+	// A server that takes smaller messages than a document may grow to
+	// refuses some commands' records for good, as a bucket limited so
+	// would (below); it says so at start.
+	if mp := js.Conn().MaxPayload(); mp > 0 && mp < minStateMsgSize {
+		return nil, fmt.Errorf("%w: the NATS server takes messages of at most %d bytes (max_payload); the state bucket %s needs at least %d",
+			ErrMismatch, mp, cfg.StateBucket, minStateMsgSize)
+	}
 	kv, err := js.KeyValue(ctx, cfg.StateBucket)
 	if errors.Is(err, jetstream.ErrBucketNotFound) {
 		kv, err = js.CreateKeyValue(ctx, jetstream.KeyValueConfig{
@@ -353,9 +387,10 @@ func (s *stateStore) load(ctx context.Context, key string) (*stateRecord, error)
 	return r, nil
 }
 
-// minStateMsgSize is the smallest message size limit a state bucket may
-// have: NATS's default max_payload. An instance's document holds up to
-// maxCmdEntries command entries and can grow to hundreds of kilobytes.
+// minStateMsgSize is the smallest message size limit a state bucket (and
+// the server's max_payload) may have: NATS's default max_payload. An
+// instance's document holds up to maxCmdEntries command entries, within
+// maxDocBytes while decided entries can make room.
 const minStateMsgSize = 1 << 20
 
 // maxCASRetries bounds the re-read-and-merge loop when another worker

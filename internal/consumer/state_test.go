@@ -1,7 +1,10 @@
 package consumer
 
 import (
+	"encoding/json"
+	"maps"
 	"strconv"
+	"strings"
 	"testing"
 	"time"
 )
@@ -65,6 +68,44 @@ func TestPruneBoundsTheDocument(t *testing.T) {
 	}
 	if d.Cmds["c-0"] != nil {
 		t.Error("c-0 kept, the oldest")
+	}
+}
+
+// Pending entries carry their outcomes: a document of them and decided
+// entries stays within maxDocBytes, the oldest decided entries dropped
+// (and handed back, to be indexed) for room, every pending one kept
+// (found by review: the document outgrew what a message may hold).
+func TestPruneBoundsTheDocumentByBytes(t *testing.T) {
+	const now = 1_800_000_000
+	d := stateDoc{Cmds: map[string]*cmdEntry{}}
+	big := strings.Repeat("x", 5000)
+	for i := 0; i < 100; i++ {
+		d.Cmds["old-"+strconv.Itoa(i)] = &cmdEntry{Phase: phaseDecided, Status: StatusFailed, Cause: big, At: now - 1000 + int64(i)}
+	}
+	outcome := json.RawMessage(`{"error_msg":"` + strings.Repeat("y", 10000) + `"}`)
+	dropped := map[string]cmdEntry{}
+	for i := 0; i < 40; i++ {
+		maps.Copy(dropped, d.setCmd("p-"+strconv.Itoa(i), cmdEntry{Phase: phasePending, Outcome: outcome, At: now}, 24*time.Hour))
+		b, err := json.Marshal(&d)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if len(b) > maxDocBytes {
+			t.Fatalf("after %d pending entries the document takes %d bytes, over %d", i+1, len(b), maxDocBytes)
+		}
+	}
+	for i := 0; i < 40; i++ {
+		if d.Cmds["p-"+strconv.Itoa(i)] == nil {
+			t.Errorf("pending p-%d dropped", i)
+		}
+	}
+	if len(dropped) == 0 {
+		t.Fatal("nothing dropped; the test shows nothing")
+	}
+	for i := 0; i < len(dropped); i++ { // the oldest, in order
+		if _, ok := dropped["old-"+strconv.Itoa(i)]; !ok || d.Cmds["old-"+strconv.Itoa(i)] != nil {
+			t.Errorf("old-%d: dropped %v, kept %v; want the %d oldest dropped", i, ok, d.Cmds["old-"+strconv.Itoa(i)] != nil, len(dropped))
+		}
 	}
 }
 
