@@ -14,7 +14,6 @@ import (
 	"time"
 
 	"github.com/nats-io/nats-server/v2/server"
-	"github.com/nats-io/nats.go"
 	"github.com/nats-io/nats.go/jetstream"
 	"go.uber.org/zap"
 
@@ -313,28 +312,12 @@ func TestUnreadableStateBucketMakesTheWorkerUnready(t *testing.T) {
 // A server whose max_payload is below what a document may grow to would
 // refuse some commands' records for good: the worker says so at start.
 func TestSmallMaxPayloadStopsTheStart(t *testing.T) {
-	ns, err := server.NewServer(&server.Options{Host: "127.0.0.1", Port: -1, JetStream: true, StoreDir: t.TempDir(),
-		MaxPayload: 512 << 10, NoLog: true, NoSigs: true})
-	if err != nil {
-		t.Fatal(err)
-	}
-	go ns.Start()
-	t.Cleanup(func() { ns.Shutdown(); ns.WaitForShutdown() })
-	if !ns.ReadyForConnections(10 * time.Second) {
-		t.Fatal("server not ready")
-	}
-	nc, err := nats.Connect(ns.ClientURL())
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(nc.Close)
-	js, err := jetstream.New(nc)
-	if err != nil {
-		t.Fatal(err)
-	}
+	ns := testutil.RunServer(t, &server.Options{Host: "127.0.0.1", Port: -1, JetStream: true, StoreDir: t.TempDir(),
+		MaxPayload: 512 << 10})
+	_, js := testutil.ConnectJS(t, ns.ClientURL())
 	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
 	defer cancel()
-	_, err = Setup(ctx, js, Config{}, zap.NewNop())
+	_, err := Setup(ctx, js, Config{}, zap.NewNop())
 	if !errors.Is(err, ErrMismatch) || !strings.Contains(err.Error(), "max_payload") {
 		t.Fatalf("Setup = %v; want a mismatch naming max_payload", err)
 	}

@@ -196,22 +196,6 @@ func rssKiB(pid int) (rss, peak int64, err error) {
 func startJetStream(t testing.TB) (*server.Server, *nats.Conn, jetstream.JetStream) {
 	t.Helper()
 	srv := testutil.StartNATS(t)
-	nc, js := connectJS(t, srv.ClientURL())
+	nc, js := testutil.ConnectJS(t, srv.ClientURL())
 	return srv, nc, js
-}
-
-// connectJS connects to url (with opts, e.g. credentials), closed when the
-// test ends.
-func connectJS(t testing.TB, url string, opts ...nats.Option) (*nats.Conn, jetstream.JetStream) {
-	t.Helper()
-	nc, err := nats.Connect(url, opts...)
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(nc.Close)
-	js, err := jetstream.New(nc)
-	if err != nil {
-		t.Fatal(err)
-	}
-	return nc, js
 }

@@ -51,7 +51,7 @@ func secretsAKSKRun(t *testing.T) {
 		user  = "worker"
 	)
 	srv := startAuthServer(t, &server.Options{Username: user, Password: pw})
-	_, js := connectJS(t, srv.ClientURL(), nats.UserInfo(user, pw))
+	_, js := testutil.ConnectJS(t, srv.ClientURL(), nats.UserInfo(user, pw))
 	emu, emuURL := emulator.StartForTest(t, emulator.WithCredentials(ak, sk))
 
 	dir := t.TempDir()
@@ -166,7 +166,7 @@ func secretsTokenRun(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	_, js := connectJS(t, srv.ClientURL(), nkOpt)
+	_, js := testutil.ConnectJS(t, srv.ClientURL(), nkOpt)
 	emu, emuURL := emulator.StartForTest(t, emulator.WithAuthToken(token))
 
 	w := startWorker(t, debugWorkerEnv(t, srv.ClientURL(), emuURL, map[string]string{

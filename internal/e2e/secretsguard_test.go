@@ -14,6 +14,7 @@ import (
 
 	"github.com/dlf-stop/worker/internal/dlf"
 	"github.com/dlf-stop/worker/internal/dlf/emulator"
+	"github.com/dlf-stop/worker/internal/testutil"
 	"github.com/dlf-stop/worker/internal/testutil/natsjwt"
 )
 
@@ -99,9 +100,9 @@ func (g *secretsGuard) server(t *testing.T) *server.Server {
 func (g *secretsGuard) connect(t *testing.T, srv *server.Server) (*nats.Conn, jetstream.JetStream) {
 	t.Helper()
 	if g.auth == guardTokenCreds {
-		return connectJS(t, srv.ClientURL(), nats.UserCredentials(g.creds))
+		return testutil.ConnectJS(t, srv.ClientURL(), nats.UserCredentials(g.creds))
 	}
-	return connectJS(t, srv.ClientURL(), nats.UserInfo(g.user, g.pw))
+	return testutil.ConnectJS(t, srv.ClientURL(), nats.UserInfo(g.user, g.pw))
 }
 
 func (g *secretsGuard) emulatorOption() emulator.Option {

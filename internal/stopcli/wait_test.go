@@ -35,15 +35,7 @@ func startStreams(t *testing.T) (*server.Server, jetstream.JetStream) {
 // and consumer there, as the worker does at start.
 func setUpStreams(t *testing.T, url string, opts ...nats.Option) (*nats.Conn, jetstream.JetStream) {
 	t.Helper()
-	nc, err := nats.Connect(url, opts...)
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(nc.Close)
-	js, err := jetstream.New(nc)
-	if err != nil {
-		t.Fatal(err)
-	}
+	nc, js := testutil.ConnectJS(t, url, opts...)
 	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
 	defer cancel()
 	if _, err := consumer.Setup(ctx, js, consumer.Config{}, zap.NewNop()); err != nil {
