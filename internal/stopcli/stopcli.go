@@ -252,6 +252,13 @@ func publishAndWait(parent context.Context, cfg config.Config, id string, body [
 		case out := <-r.got:
 			return &result{outcome: out, ack: ack}, nil
 		case <-ctx.Done():
+			// Both may be ready at once, and select picks either: an
+			// outcome that arrived is the answer, however the wait ended.
+			select {
+			case out := <-r.got:
+				return &result{outcome: out, ack: ack}, nil
+			default:
+			}
 		}
 	}
 	return nil, s.waitFailed(id, ack, since, r)
