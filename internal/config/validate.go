@@ -301,19 +301,27 @@ func (d DLF) problems() []error {
 	return p
 }
 
-// withoutQuery cuts a URL's query and fragment from what an error shows:
-// what a query holds may be a token (?X-Auth-Token=...), and nothing in it
-// helps to fix the value.
+// withoutQuery cuts the query and fragment from a URL that RedactURL has
+// redacted, for what an error shows: what a query holds may be a token
+// (?X-Auth-Token=...), and nothing in it helps to fix the value. It looks
+// only after the redacted user information: cut before redacting, a '?'
+// or '#' inside a password would hide its '@' and show the password's
+// start (found by review).
 func withoutQuery(s string) string {
-	if i := strings.IndexAny(s, "?#"); i >= 0 {
-		return s[:i] + s[i:i+1] + "[not shown]"
+	from := 0
+	if i := strings.Index(s, redacted+"@"); i >= 0 {
+		from = i + len(redacted) + 1
+	}
+	if i := strings.IndexAny(s[from:], "?#"); i >= 0 {
+		i += from
+		return s[:i+1] + "[not shown]"
 	}
 	return s
 }
 
 func (p *problems) endpoint(s string) {
 	const name = "DLF_ENDPOINT"
-	shown := RedactURL(withoutQuery(s))
+	shown := withoutQuery(RedactURL(s))
 	u, err := url.Parse(s)
 	if err != nil {
 		p.add(name, "%q is not a valid URL", shown)

@@ -60,6 +60,9 @@ func TestFromEnvInvalid(t *testing.T) {
 		// What a query or fragment holds is never shown: it may be a token.
 		{"endpoint query token", env("DLF_ENDPOINT", "http://dlf.example.com/?X-Auth-Token=MIIsecretTOKEN"), `DLF_ENDPOINT: plain http is allowed only for loopback hosts (127.0.0.0/8, ::1, localhost), got "http://dlf.example.com/?[not shown]"`},
 		{"endpoint fragment token", env("DLF_ENDPOINT", "https://[::1#MIIsecretTOKEN"), `DLF_ENDPOINT: "https://[::1#[not shown]" is not a valid URL`},
+		// A '?' or '#' inside a password is not where the query begins.
+		{"endpoint password with ?", env("DLF_ENDPOINT", "https://user:S3cr?etPass@dlf.example.com/?a=b"), `DLF_ENDPOINT: "https://[redacted]@dlf.example.com/?[not shown]" is not a valid URL`},
+		{"endpoint password with #", env("DLF_ENDPOINT", "https://user:S3cr#etPass@dlf.example.com"), `DLF_ENDPOINT: "https://[redacted]@dlf.example.com" is not a valid URL`},
 		{"endpoint userinfo", env("DLF_ENDPOINT", "https://u:p@dlf.example.com"), `DLF_ENDPOINT: must not contain credentials ("https://[redacted]@dlf.example.com")`},
 
 		{"ak without sk", env("HUAWEICLOUD_SDK_AK", "AK"), "HUAWEICLOUD_SDK_SK: required when HUAWEICLOUD_SDK_AK is set"},
