@@ -662,8 +662,10 @@ func describe(v dlf.Verdict) string {
 
 // giveBack returns the command undecided. delay 0 means at once. With the
 // state bucket it first records how far the command got, so the next
-// delivery counts attempts on and knows whether a call went unanswered.
-func (w *Worker) giveBack(j *job, delay time.Duration, reason string) {
+// delivery counts attempts on and knows whether a call went unanswered;
+// recorded says that was stored (always, without the bucket).
+func (w *Worker) giveBack(j *job, delay time.Duration, reason string) (recorded bool) {
+	recorded = j.state == nil
 	if j.state != nil {
 		ctx, cancel := context.WithTimeout(context.WithoutCancel(w.hard), publishTimeout)
 		entry := cmdEntry{Phase: phaseAnswered, Attempts: j.attempts, Unanswered: j.unanswered, Delivery: j.meta.NumDelivered,
@@ -683,6 +685,7 @@ func (w *Worker) giveBack(j *job, delay time.Duration, reason string) {
 		err := w.state.save(ctx, j.state, func(d *stateDoc) { collect(&dropped, d.setProgress(j.sid, entry, w.cfg.StateTTL)) })
 		cancel()
 		if err == nil {
+			recorded = true
 			w.state.indexDropped(dropped)
 		}
 		if err != nil {
@@ -709,10 +712,11 @@ func (w *Worker) giveBack(j *job, delay time.Duration, reason string) {
 	if err != nil {
 		// The ack wait will bring it back anyway; nothing is lost.
 		j.log.Warn("could not return command; it comes back after the ack wait", zap.Error(err))
-		return
+		return recorded
 	}
 	j.log.Debug("command returned to JetStream", zap.String("reason", reason), zap.Duration("delay", delay),
 		zap.Int("attempt", j.attempts))
+	return recorded
 }
 
 // finish stores the outcome (and the dead letter when the status is not
@@ -1123,11 +1127,13 @@ func (w *Worker) recordDecisionLater(j *job, change func(*stateDoc), err error) 
 		case <-w.stopping:
 			t.Stop()
 			// The outcome is stored, and the hand-back writes the
-			// decision, a last try: the next delivery then acks the
+			// decision, a last try: written, the next delivery acks the
 			// command as decided and counts nothing, so it counts here
-			// (found by review: no worker counted it).
-			w.m.commands.WithLabelValues(j.out.Status, j.out.Cause).Inc()
-			w.giveBack(j, 0, "shutdown")
+			// (found by review: no worker counted it); not written, the
+			// delivery that records it counts it.
+			if w.giveBack(j, 0, "shutdown") {
+				w.m.commands.WithLabelValues(j.out.Status, j.out.Cause).Inc()
+			}
 			return
 		}
 		ctx, cancel := context.WithTimeout(w.hard, publishTimeout)

@@ -215,6 +215,43 @@ func TestIDDroppedForRoomIsIndexedWhenTheWorkerStops(t *testing.T) {
 	}
 }
 
+// The same stop while the bucket still refuses: the hand-back cannot write
+// the decision either, so the next worker decides the command again (its
+// outcome, stored already, is adopted) and counts it; the first one must
+// not (found by review: both did).
+func TestDecisionCountedOnceWhenTheStopsHandBackFails(t *testing.T) {
+	e := newEnv(t, nil)
+	r := e.startWorker(func(c *Config) { c.RetryInitial, c.RetryMax = time.Minute, time.Minute })
+	r.waitStarted(t)
+	e.updateStream(t, "KV_dlf_stop_state", func(c *jetstream.StreamConfig) { c.MaxMsgSize = markFits })
+	e.publish(body(t, map[string]any{"command_id": "new", "project_id": proj, "script_name": "s1", "instance_id": "i-404"}), nil)
+	e.out.wait(t, 1, 10*time.Second)
+	testutil.Eventually(t, 10*time.Second, func() error {
+		if n := testutilCount(r.w.m.publishFail.WithLabelValues("state")); n < 1 {
+			return fmt.Errorf("no failed decision write yet")
+		}
+		return nil
+	})
+	r.stop(t) // the hand-back's write is refused too
+	e.updateStream(t, "KV_dlf_stop_state", func(c *jetstream.StreamConfig) { c.MaxMsgSize = -1 })
+	r2 := e.startWorker(nil)
+	decided := func(r *running) float64 {
+		return testutilCount(r.w.m.commands.WithLabelValues(StatusFailed, CauseDLFError))
+	}
+	testutil.Eventually(t, 10*time.Second, func() error {
+		if n := decided(r2); n != 1 {
+			return fmt.Errorf("counted %v times by the second worker", n)
+		}
+		return nil
+	})
+	if n := decided(r); n != 0 {
+		t.Errorf("counted %v times by the first worker too", n)
+	}
+	if n := len(e.out.outcomes(t)); n != 1 {
+		t.Errorf("%d outcomes, want 1", n)
+	}
+}
+
 // fullDocument fills the document of instance i-404 with maxCmdEntries
 // decided commands, old-0 the oldest, and gives old-0 the mark of a call
 // as its only index. It returns the instance key.
