@@ -222,16 +222,7 @@ func TestIDDroppedForRoomIsIndexedWhenTheWorkerStops(t *testing.T) {
 func TestDecisionCountedOnceWhenTheStopsHandBackFails(t *testing.T) {
 	e := newEnv(t, nil)
 	r := e.startWorker(func(c *Config) { c.RetryInitial, c.RetryMax = time.Minute, time.Minute })
-	r.waitStarted(t)
-	e.updateStream(t, "KV_dlf_stop_state", func(c *jetstream.StreamConfig) { c.MaxMsgSize = markFits })
-	e.publish(body(t, map[string]any{"command_id": "new", "project_id": proj, "script_name": "s1", "instance_id": "i-404"}), nil)
-	e.out.wait(t, 1, 10*time.Second)
-	testutil.Eventually(t, 10*time.Second, func() error {
-		if n := testutilCount(r.w.m.publishFail.WithLabelValues("state")); n < 1 {
-			return fmt.Errorf("no failed decision write yet")
-		}
-		return nil
-	})
+	e.refuseTheDecision(t, r)
 	r.stop(t) // the hand-back's write is refused too
 	e.updateStream(t, "KV_dlf_stop_state", func(c *jetstream.StreamConfig) { c.MaxMsgSize = -1 })
 	r2 := e.startWorker(nil)
@@ -291,6 +282,14 @@ const markFits = 130
 // decision write failed.
 func (e *env) decideWhileTheBucketRefuses(t *testing.T, r *running) {
 	t.Helper()
+	e.refuseTheDecision(t, r)
+	e.updateStream(t, "KV_dlf_stop_state", func(c *jetstream.StreamConfig) { c.MaxMsgSize = -1 })
+}
+
+// refuseTheDecision is decideWhileTheBucketRefuses without the end: the
+// bucket goes on refusing.
+func (e *env) refuseTheDecision(t *testing.T, r *running) {
+	t.Helper()
 	r.waitStarted(t)
 	e.updateStream(t, "KV_dlf_stop_state", func(c *jetstream.StreamConfig) { c.MaxMsgSize = markFits })
 	e.publish(body(t, map[string]any{"command_id": "new", "project_id": proj, "script_name": "s1", "instance_id": "i-404"}), nil)
@@ -301,7 +300,6 @@ func (e *env) decideWhileTheBucketRefuses(t *testing.T, r *running) {
 		}
 		return nil
 	})
-	e.updateStream(t, "KV_dlf_stop_state", func(c *jetstream.StreamConfig) { c.MaxMsgSize = -1 })
 }
 
 // old0StaysDecided checks that old-0 left i-404's document, and that its
