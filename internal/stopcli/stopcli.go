@@ -102,14 +102,28 @@ func Run(ctx context.Context, args []string, lookup func(string) (string, bool),
 		fmt.Fprintf(stderr, "worker stop: %v\n", err)
 		return ExitNoOutcome
 	}
+	var o struct {
+		Status     string `json:"status"`
+		ProjectID  string `json:"project_id"`
+		Workspace  string `json:"workspace"`
+		ScriptName string `json:"script_name"`
+		InstanceID string `json:"instance_id"`
+	}
+	parsed := json.Unmarshal(res.outcome, &o) == nil
 	if res.ack.Duplicate {
+		// The earlier command may name another instance: its outcome
+		// says nothing of the one asked for (found by review: a stopped
+		// one read as exit 0).
+		if !parsed || o.ScriptName != *script || o.InstanceID != *instance ||
+			(*project != "" && o.ProjectID != *project) || (*workspace != "" && o.Workspace != *workspace) {
+			fmt.Fprintf(stderr, "worker stop: %s, and that command was for another instance (project %q, workspace %q, script %q, instance %q): nothing was sent for this one; leave --id out to send a new command\n",
+				duplicated(*id, res.ack), o.ProjectID, o.Workspace, o.ScriptName, o.InstanceID)
+			return ExitNoOutcome
+		}
 		fmt.Fprintf(stderr, "worker stop: %s; the outcome printed is that command's\n", duplicated(*id, res.ack))
 	}
 	fmt.Fprintln(stdout, string(res.outcome))
-	var o struct {
-		Status string `json:"status"`
-	}
-	if json.Unmarshal(res.outcome, &o) == nil && o.Status == "stopped" {
+	if parsed && o.Status == "stopped" {
 		return ExitStopped
 	}
 	return ExitOther

@@ -148,6 +148,21 @@ func TestDuplicateFollowsTheCommandPublishedBefore(t *testing.T) {
 		wantDuplicateNote(t, stderr, id)
 	})
 
+	// The earlier command named another instance: its outcome says
+	// nothing of the one asked for (found by review: exit 0).
+	t.Run("earlier command for another instance", func(t *testing.T) {
+		const id = "dup-other-instance"
+		seq = publishCommand(t, js, id).Sequence // for i-1
+		storeOutcome(t, js, id, "stopped")
+		code, stdout, stderr := runStop(t, lookup, "--script", "s", "--instance", "i-OTHER", "--id", id, "--wait", "10s")
+		if code != stopcli.ExitNoOutcome || stdout != "" {
+			t.Errorf("exit %d, stdout %q; want %d and nothing", code, stdout, stopcli.ExitNoOutcome)
+		}
+		if !strings.Contains(stderr, "for another instance") || !strings.Contains(stderr, `instance "i-1"`) {
+			t.Errorf("stderr %q; want it to say the id was another instance's", stderr)
+		}
+	})
+
 	t.Run("outcome stored while it waits", func(t *testing.T) {
 		const id = "dup-later"
 		seq = publishCommand(t, js, id).Sequence
