@@ -152,16 +152,17 @@ func (d *stateDoc) prune(now int64, keep time.Duration, except string) (dropped 
 			delete(d.Cmds, id)
 		}
 	}
-	if len(d.Cmds) < sizeCheckFrom {
-		return nil
-	}
 	// Over the budget by bytes, decided entries go too: a pending entry
 	// carries its whole outcome, and a document of them can outgrow what
 	// a message may hold (found by review), after which no decision for
-	// its instance could be recorded.
+	// its instance could be recorded. The document is measured only when
+	// a bound without encoding it says it might be over: a busy
+	// instance's document is written for every command.
 	over := 0
-	if b, err := json.Marshal(d); err == nil && len(b) > maxDocBytes {
-		over = len(b) - maxDocBytes
+	if d.sizeBound() > maxDocBytes {
+		if b, err := json.Marshal(d); err == nil && len(b) > maxDocBytes {
+			over = len(b) - maxDocBytes
+		}
 	}
 	if len(d.Cmds) <= maxCmdEntries && over == 0 {
 		return nil
@@ -193,14 +194,21 @@ func (d *stateDoc) prune(now int64, keep time.Duration, except string) (dropped 
 
 // maxDocBytes bounds an instance's document by bytes, below the 1 MiB a
 // state bucket's messages may be limited to (minStateMsgSize), with room
-// for the entry being written. sizeCheckFrom is the number of entries
-// from which prune measures it: fewer cannot come near it (an entry takes
-// at most about 12 KB, a pending outcome with every text field full of
-// characters JSON escapes), and the common case pays nothing.
-const (
-	maxDocBytes   = 768 << 10
-	sizeCheckFrom = 48
-)
+// for the entry being written.
+const maxDocBytes = 768 << 10
+
+// sizeBound is at least the size of d encoded: every text at six bytes a
+// byte (JSON writes <, > and & as \u003c, as it does control characters),
+// and room for the names, numbers and punctuation of each entry.
+func (d *stateDoc) sizeBound() int {
+	const perEntry = 256
+	n := perEntry + 6*(len(d.StoppedBy)+len(d.StoppedAt))
+	for id, e := range d.Cmds {
+		n += perEntry + 6*(len(id)+len(e.Phase)+len(e.Status)+len(e.Cause)+len(e.Outcome)+
+			len(e.LastErrorCode)+len(e.LastErrorMsg)+len(e.LastRequestID)+len(e.Inst))
+	}
+	return n
+}
 
 // indexDropped indexes as decided the ids prune dropped for room.
 func (s *stateStore) indexDropped(dropped map[string]cmdEntry) {

@@ -109,6 +109,30 @@ func TestPruneBoundsTheDocumentByBytes(t *testing.T) {
 	}
 }
 
+// sizeBound is a bound: a document with every text field full of
+// characters JSON escapes takes no more.
+func TestSizeBoundIsABound(t *testing.T) {
+	worst := strings.Repeat("<", 1000)
+	out, err := json.Marshal(map[string]string{"reason": worst, "error_msg": worst, "detail": worst})
+	if err != nil {
+		t.Fatal(err)
+	}
+	mr := uint64(1<<64 - 1)
+	d := stateDoc{StoppedBy: worst, StoppedAt: worst, StoppedT: 1 << 62, Cmds: map[string]*cmdEntry{}}
+	for i := 0; i < 5; i++ {
+		d.Cmds[worst+strconv.Itoa(i)] = &cmdEntry{Phase: phasePending, Attempts: 1 << 62, Unanswered: true, Delivery: 1 << 63,
+			Status: worst, Cause: worst, Outcome: out, OutcomeStored: true, At: 1 << 62, LastHTTPStatus: 599,
+			LastErrorCode: worst, LastErrorMsg: worst, LastRequestID: worst, Seq: 1 << 63, Inst: worst, Held: true, MarkRev: &mr}
+	}
+	b, err := json.Marshal(&d)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if bound := d.sizeBound(); len(b) > bound {
+		t.Errorf("encoded %d bytes, over the bound %d", len(b), bound)
+	}
+}
+
 // Progress of one delivery never overwrites the decision of another.
 func TestProgressDoesNotUndoADecision(t *testing.T) {
 	d := stateDoc{StoppedBy: "s", Cmds: map[string]*cmdEntry{
