@@ -808,7 +808,6 @@ func (w *Worker) giveUpAfterPanics(msg jetstream.Msg, meta *jetstream.MsgMetadat
 	// stops them when it lets go of the command; otherwise the command
 	// is done when this returns.
 	hb := startHeartbeat(msg, &w.ackWait)
-	handedBefore := j != nil && j.handedOff
 	defer func() {
 		if r := recover(); r != nil {
 			hb.stop()
@@ -829,7 +828,7 @@ func (w *Worker) giveUpAfterPanics(msg jetstream.Msg, meta *jetstream.MsgMetadat
 	j.release = func() { hb.stop(); prev() }
 	j.hb = hb
 	defer func() {
-		if handedBefore || !j.handedOff {
+		if !j.handedOff {
 			hb.stop()
 		}
 	}()
