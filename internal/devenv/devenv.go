@@ -91,6 +91,9 @@ func RunWith(ctx context.Context, stdout io.Writer, o Options) error {
 	}
 
 	cfg := config.Default()
+	// What the logger above was built with, so that the configuration
+	// the worker logs says so (found by review: it said json).
+	cfg.LogLevel, cfg.LogFormat = "info", "console"
 	cfg.NATS.URL = ns.ClientURL()
 	cfg.DLF.Endpoint = emuURL
 	cfg.DLF.ProjectID = DemoProject
