@@ -190,6 +190,24 @@ func (r *running) shutdown(t testing.TB) {
 	r.client.CloseIdleConnections()
 }
 
+// consumerInfo reads the worker's consumer's info from the server.
+func (e *env) consumerInfo(t *testing.T) *jetstream.ConsumerInfo {
+	t.Helper()
+	c := e.cfg
+	c.setDefaults()
+	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+	defer cancel()
+	cons, err := e.js.Consumer(ctx, c.StopStream, c.ConsumerName)
+	if err != nil {
+		t.Fatal(err)
+	}
+	ci, err := cons.Info(ctx)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return ci
+}
+
 // startWorker runs a worker with its own NATS connection, as a separate
 // replica would.
 func (e *env) startWorker(mutate func(*Config), opts ...Option) *running {

@@ -163,22 +163,7 @@ func TestShutdownTimeoutReturnsHungCalls(t *testing.T) {
 func TestStopHandsBackWhatThePullOnTheWireBrings(t *testing.T) {
 	e := newEnv(t, func(c *Config) { c.AckWait = 30 * time.Second })
 	r, p := e.startWorkerBehindProxy(t)
-	c := e.cfg
-	c.setDefaults()
-	info := func() *jetstream.ConsumerInfo {
-		t.Helper()
-		ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
-		defer cancel()
-		cons, err := e.js.Consumer(ctx, c.StopStream, c.ConsumerName)
-		if err != nil {
-			t.Fatal(err)
-		}
-		ci, err := cons.Info(ctx)
-		if err != nil {
-			t.Fatal(err)
-		}
-		return ci
-	}
+	info := func() *jetstream.ConsumerInfo { return e.consumerInfo(t) }
 	testutil.Eventually(t, 10*time.Second, func() error {
 		if !r.w.Ready() || info().NumWaiting == 0 {
 			return fmt.Errorf("the worker has no pull waiting yet")
@@ -491,20 +476,7 @@ func TestPanicGivenUpWhileTheBucketRefusesKeepsItsLease(t *testing.T) {
 			return nil
 		}
 	}
-	deliveries := func() uint64 {
-		t.Helper()
-		ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
-		defer cancel()
-		cons, err := e.js.Consumer(ctx, "DLF_STOP", "dlf-stop-worker")
-		if err != nil {
-			t.Fatal(err)
-		}
-		ci, err := cons.Info(ctx)
-		if err != nil {
-			t.Fatal(err)
-		}
-		return ci.Delivered.Consumer
-	}
+	deliveries := func() uint64 { return e.consumerInfo(t).Delivered.Consumer }
 	testutil.Eventually(t, 10*time.Second, refused(1))
 	before := deliveries()
 	// The record is written again every RETRY_MAX_INTERVAL (100 ms) at
