@@ -174,7 +174,7 @@ func (w *Worker) process(j *job, recs []*stateRecord, lerr error) {
 
 	req := dlf.StopRequest{ProjectID: cmd.ProjectID, Workspace: cmd.Workspace,
 		ScriptName: cmd.ScriptName, InstanceID: cmd.InstanceID}
-	sched := newSchedule(&w.cfg, meta.Timestamp, max(int(min(meta.NumDelivered, 64))-1, j.attempts))
+	sched := newSchedule(&w.cfg, meta.Timestamp, max(int(meta.NumDelivered)-1, j.attempts))
 	// The circuit and a 429's pause give way at the give-up time, so that
 	// a command ends within DLF_TIMEOUT of it as the contract says. That
 	// holds for a delivery of a command that made calls and begins just
