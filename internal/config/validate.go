@@ -301,27 +301,39 @@ func (d DLF) problems() []error {
 	return p
 }
 
-// withoutQuery cuts the query and fragment from a URL that RedactURL has
-// redacted, for what an error shows: what a query holds may be a token
-// (?X-Auth-Token=...), and nothing in it helps to fix the value. It looks
-// only after the redacted user information: cut before redacting, a '?'
-// or '#' inside a password would hide its '@' and show the password's
-// start (found by review).
-func withoutQuery(s string) string {
-	from := 0
-	if i := strings.Index(s, redacted+"@"); i >= 0 {
-		from = i + len(redacted) + 1
+// shownEndpoint is what an error shows of a DLF_ENDPOINT: scheme, host
+// and path, the user information as [redacted] and the query and fragment
+// not at all (a query is where a pasted token would sit, and nothing in
+// it helps to fix the value). Of a value that does not parse, where the
+// user information ends and the query begins cannot be told: it shows
+// the part before any '@', '?' or '#', and no more than the scheme when
+// there is one (found by review: two earlier forms each showed the start
+// of a password or of a query).
+func shownEndpoint(s string) string {
+	u, err := url.Parse(s)
+	if err != nil {
+		i := strings.IndexAny(s, "@?#")
+		if i < 0 {
+			return s
+		}
+		if j := strings.Index(s, "://"); j >= 0 && j < i {
+			return s[:j+3] + "[not shown]"
+		}
+		return "[not shown]"
 	}
-	if i := strings.IndexAny(s[from:], "?#"); i >= 0 {
-		i += from
-		return s[:i+1] + "[not shown]"
+	shown := (&url.URL{Scheme: u.Scheme, Host: u.Host, Path: u.Path, RawPath: u.RawPath}).String()
+	if u.User != nil {
+		shown = strings.Replace(shown, "//", "//"+redacted+"@", 1)
 	}
-	return s
+	if u.RawQuery != "" || u.ForceQuery || u.Fragment != "" {
+		shown += "?[not shown]"
+	}
+	return shown
 }
 
 func (p *problems) endpoint(s string) {
 	const name = "DLF_ENDPOINT"
-	shown := withoutQuery(RedactURL(s))
+	shown := shownEndpoint(s)
 	u, err := url.Parse(s)
 	if err != nil {
 		p.add(name, "%q is not a valid URL", shown)

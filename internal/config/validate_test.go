@@ -59,10 +59,14 @@ func TestFromEnvInvalid(t *testing.T) {
 		{"endpoint query", env("DLF_ENDPOINT", "https://dlf.example.com/?a=b"), `DLF_ENDPOINT: must not have a query or fragment, got "https://dlf.example.com/?[not shown]"`},
 		// What a query or fragment holds is never shown: it may be a token.
 		{"endpoint query token", env("DLF_ENDPOINT", "http://dlf.example.com/?X-Auth-Token=MIIsecretTOKEN"), `DLF_ENDPOINT: plain http is allowed only for loopback hosts (127.0.0.0/8, ::1, localhost), got "http://dlf.example.com/?[not shown]"`},
-		{"endpoint fragment token", env("DLF_ENDPOINT", "https://[::1#MIIsecretTOKEN"), `DLF_ENDPOINT: "https://[::1#[not shown]" is not a valid URL`},
+		{"endpoint fragment token", env("DLF_ENDPOINT", "https://[::1#MIIsecretTOKEN"), `DLF_ENDPOINT: "https://[not shown]" is not a valid URL`},
 		// A '?' or '#' inside a password is not where the query begins.
-		{"endpoint password with ?", env("DLF_ENDPOINT", "https://user:S3cr?etPass@dlf.example.com/?a=b"), `DLF_ENDPOINT: "https://[redacted]@dlf.example.com/?[not shown]" is not a valid URL`},
-		{"endpoint password with #", env("DLF_ENDPOINT", "https://user:S3cr#etPass@dlf.example.com"), `DLF_ENDPOINT: "https://[redacted]@dlf.example.com" is not a valid URL`},
+		{"endpoint password with ?", env("DLF_ENDPOINT", "https://user:S3cr?etPass@dlf.example.com/?a=b"), `DLF_ENDPOINT: "https://[not shown]" is not a valid URL`},
+		{"endpoint password with #", env("DLF_ENDPOINT", "https://user:S3cr#etPass@dlf.example.com"), `DLF_ENDPOINT: "https://[not shown]" is not a valid URL`},
+		// An '@' or a second URL inside the query is the query's.
+		{"endpoint query with @", env("DLF_ENDPOINT", "https://dlf.example.com/?password=p@SECRET"), `DLF_ENDPOINT: must not have a query or fragment, got "https://dlf.example.com/?[not shown]"`},
+		{"endpoint fragment with @", env("DLF_ENDPOINT", "https://dlf.example.com/#frag@SECRET"), `DLF_ENDPOINT: must not have a query or fragment, got "https://dlf.example.com/?[not shown]"`},
+		{"endpoint query with a URL", env("DLF_ENDPOINT", "https://dlf.example.com/?t=SECRET,https://h@x"), `DLF_ENDPOINT: must not have a query or fragment, got "https://dlf.example.com/?[not shown]"`},
 		{"endpoint userinfo", env("DLF_ENDPOINT", "https://u:p@dlf.example.com"), `DLF_ENDPOINT: must not contain credentials ("https://[redacted]@dlf.example.com")`},
 
 		{"ak without sk", env("HUAWEICLOUD_SDK_AK", "AK"), "HUAWEICLOUD_SDK_SK: required when HUAWEICLOUD_SDK_AK is set"},
@@ -188,5 +192,26 @@ func TestFromEnvParseErrorHidesFollowOnErrors(t *testing.T) {
 	}
 	if got := err.Error(); got != `RETRY_MAX_INTERVAL: invalid duration "x" (want e.g. 500ms, 30s, 10m)` {
 		t.Fatalf("error = %q", got)
+	}
+}
+
+// Whatever the shape of a DLF_ENDPOINT, an error never shows what its user
+// information, query or fragment hold (found by review, twice).
+func TestEndpointErrorsShowNoSecret(t *testing.T) {
+	for _, v := range []string{
+		"https://u:SECRET@dlf.example.com/?a=b", "https://u:SE?CRET@dlf.example.com", "https://u:SE#CRET@dlf.example.com",
+		"https://dlf.example.com/?t=SECRET", "https://dlf.example.com/#SECRET", "https://dlf.example.com/?p=x@SECRET",
+		"https://dlf.example.com/#f@SECRET", "https://dlf.example.com/?t=SECRET,https://h@x", "https://u:SE?CRET@h/?t=x@SECRET",
+		"http://SECRET@remote.example.com", "https://[::1#SECRET", "https://[::1?SECRET",
+		"dlf.example.com/?SECRET", "://SECRET@x", "https://u:p@[::1]:99999/?SECRET",
+	} {
+		_, err := FromEnv(lookupMap(env("DLF_ENDPOINT", v)))
+		if err == nil {
+			t.Errorf("%q accepted", v)
+			continue
+		}
+		if strings.Contains(err.Error(), "SECRET") || strings.Contains(err.Error(), "CRET") {
+			t.Errorf("%q: the error shows a secret: %v", v, err)
+		}
 	}
 }
