@@ -663,9 +663,10 @@ func describe(v dlf.Verdict) string {
 // giveBack returns the command undecided. delay 0 means at once. With the
 // state bucket it first records how far the command got, so the next
 // delivery counts attempts on and knows whether a call went unanswered;
-// recorded says that was stored (always, without the bucket).
-func (w *Worker) giveBack(j *job, delay time.Duration, reason string) (recorded bool) {
-	recorded = j.state == nil
+// decisionStored says the document it stored holds the command's decision
+// (the one in memory, a hand-back at a stop: a re-read after a conflict
+// holds a pending entry instead).
+func (w *Worker) giveBack(j *job, delay time.Duration, reason string) (decisionStored bool) {
 	if j.state != nil {
 		ctx, cancel := context.WithTimeout(context.WithoutCancel(w.hard), publishTimeout)
 		entry := cmdEntry{Phase: phaseAnswered, Attempts: j.attempts, Unanswered: j.unanswered, Delivery: j.meta.NumDelivered,
@@ -682,10 +683,14 @@ func (w *Worker) giveBack(j *job, delay time.Duration, reason string) (recorded 
 		entry.MarkRev = &markRev
 		entry.At = time.Now().Unix()    // the real clock: this only ages entries out
 		var dropped map[string]cmdEntry // by every try: see store
-		err := w.state.save(ctx, j.state, func(d *stateDoc) { collect(&dropped, d.setProgress(j.sid, entry, w.cfg.StateTTL)) })
+		var decided bool
+		err := w.state.save(ctx, j.state, func(d *stateDoc) {
+			collect(&dropped, d.setProgress(j.sid, entry, w.cfg.StateTTL))
+			decided = decidedIn(d, j.sid)
+		})
 		cancel()
 		if err == nil {
-			recorded = true
+			decisionStored = decided
 			w.state.indexDropped(dropped)
 		}
 		if err != nil {
@@ -712,11 +717,11 @@ func (w *Worker) giveBack(j *job, delay time.Duration, reason string) (recorded 
 	if err != nil {
 		// The ack wait will bring it back anyway; nothing is lost.
 		j.log.Warn("could not return command; it comes back after the ack wait", zap.Error(err))
-		return recorded
+		return decisionStored
 	}
 	j.log.Debug("command returned to JetStream", zap.String("reason", reason), zap.Duration("delay", delay),
 		zap.Int("attempt", j.attempts))
-	return recorded
+	return decisionStored
 }
 
 // finish stores the outcome (and the dead letter when the status is not
@@ -1129,7 +1134,8 @@ func (w *Worker) recordDecisionLater(j *job, change func(*stateDoc), err error) 
 			// The outcome is stored, and the hand-back writes the
 			// decision, a last try: written, the next delivery acks the
 			// command as decided and counts nothing, so it counts here
-			// (found by review: no worker counted it); not written, the
+			// (found by review: no worker counted it); not written (the
+			// write failed, or a re-read wrote a pending entry), the
 			// delivery that records it counts it.
 			if w.giveBack(j, 0, "shutdown") {
 				w.m.commands.WithLabelValues(j.out.Status, j.out.Cause).Inc()

@@ -215,31 +215,47 @@ func TestIDDroppedForRoomIsIndexedWhenTheWorkerStops(t *testing.T) {
 	}
 }
 
-// The same stop while the bucket still refuses: the hand-back cannot write
-// the decision either, so the next worker decides the command again (its
-// outcome, stored already, is adopted) and counts it; the first one must
-// not (found by review: both did).
+// The same stop, when the hand-back does not write the decision: the
+// bucket still refuses, or the document changed meanwhile, so the
+// hand-back's re-read writes a pending entry. The next worker then decides
+// the command (its outcome, stored already, is adopted or stored again)
+// and counts it; the first one must not (found by review: both did, in
+// each case).
 func TestDecisionCountedOnceWhenTheStopsHandBackFails(t *testing.T) {
-	e := newEnv(t, nil)
-	r := e.startWorker(func(c *Config) { c.RetryInitial, c.RetryMax = time.Minute, time.Minute })
-	e.refuseTheDecision(t, r)
-	r.stop(t) // the hand-back's write is refused too
-	e.updateStream(t, "KV_dlf_stop_state", func(c *jetstream.StreamConfig) { c.MaxMsgSize = -1 })
-	r2 := e.startWorker(nil)
-	decided := func(r *running) float64 {
-		return testutilCount(r.w.m.commands.WithLabelValues(StatusFailed, CauseDLFError))
-	}
-	testutil.Eventually(t, 10*time.Second, func() error {
-		if n := decided(r2); n != 1 {
-			return fmt.Errorf("counted %v times by the second worker", n)
-		}
-		return nil
-	})
-	if n := decided(r); n != 0 {
-		t.Errorf("counted %v times by the first worker too", n)
-	}
-	if n := len(e.out.outcomes(t)); n != 1 {
-		t.Errorf("%d outcomes, want 1", n)
+	for name, before := range map[string]func(t *testing.T, e *env){
+		"bucket still refuses": func(*testing.T, *env) {},
+		"document changed meanwhile": func(t *testing.T, e *env) {
+			e.updateStream(t, "KV_dlf_stop_state", func(c *jetstream.StreamConfig) { c.MaxMsgSize = -1 })
+			key := instKey(command.Command{ProjectID: proj, ScriptName: "s1", InstanceID: "i-404"}.InstanceKey())
+			if _, err := e.state(t).kv.Put(context.Background(), key, []byte(`{}`)); err != nil {
+				t.Fatal(err)
+			}
+		},
+	} {
+		t.Run(name, func(t *testing.T) {
+			e := newEnv(t, nil)
+			r := e.startWorker(func(c *Config) { c.RetryInitial, c.RetryMax = time.Minute, time.Minute })
+			e.refuseTheDecision(t, r)
+			before(t, e)
+			r.stop(t) // the hand-back writes no decision
+			e.updateStream(t, "KV_dlf_stop_state", func(c *jetstream.StreamConfig) { c.MaxMsgSize = -1 })
+			r2 := e.startWorker(nil)
+			decided := func(r *running) float64 {
+				return testutilCount(r.w.m.commands.WithLabelValues(StatusFailed, CauseDLFError))
+			}
+			testutil.Eventually(t, 10*time.Second, func() error {
+				if n := decided(r2); n != 1 {
+					return fmt.Errorf("counted %v times by the second worker", n)
+				}
+				return nil
+			})
+			if n := decided(r); n != 0 {
+				t.Errorf("counted %v times by the first worker too", n)
+			}
+			if n := len(e.out.outcomes(t)); n != 1 {
+				t.Errorf("%d outcomes, want 1", n)
+			}
+		})
 	}
 }
 
