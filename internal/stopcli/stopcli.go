@@ -113,9 +113,18 @@ func Run(ctx context.Context, args []string, lookup func(string) (string, bool),
 	if res.ack.Duplicate {
 		// The earlier command may name another instance: its outcome
 		// says nothing of the one asked for (found by review: a stopped
-		// one read as exit 0).
+		// one read as exit 0). A project or workspace left out is the
+		// worker's default, which this environment names when it shares
+		// the worker's; when it does not, that part is not compared.
+		wantProject, wantWorkspace := *project, *workspace
+		if wantProject == "" {
+			wantProject, _ = lookup("HUAWEICLOUD_SDK_PROJECT_ID")
+		}
+		if wantWorkspace == "" {
+			wantWorkspace, _ = lookup("DLF_WORKSPACE")
+		}
 		if !parsed || o.ScriptName != *script || o.InstanceID != *instance ||
-			(*project != "" && o.ProjectID != *project) || (*workspace != "" && o.Workspace != *workspace) {
+			(wantProject != "" && o.ProjectID != wantProject) || (wantWorkspace != "" && o.Workspace != wantWorkspace) {
 			fmt.Fprintf(stderr, "worker stop: %s, and that command was for another instance (project %q, workspace %q, script %q, instance %q): nothing was sent for this one; leave --id out to send a new command\n",
 				duplicated(*id, res.ack), o.ProjectID, o.Workspace, o.ScriptName, o.InstanceID)
 			return ExitNoOutcome

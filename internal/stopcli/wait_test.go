@@ -60,11 +60,18 @@ func publishCommand(t *testing.T, js jetstream.JetStream, id string) *jetstream.
 // storeOutcome stores an outcome event for command id, as the worker does.
 func storeOutcome(t *testing.T, js jetstream.JetStream, id, status string) {
 	t.Helper()
-	body, err := json.Marshal(consumer.Outcome{CommandID: id, ScriptName: "s", InstanceID: "i-1", Status: status, Cause: "ok", HTTPStatus: 204})
+	storeOutcomeOf(t, js, consumer.Outcome{CommandID: id, ScriptName: "s", InstanceID: "i-1", Status: status, Cause: "ok", HTTPStatus: 204})
+}
+
+// storeOutcomeOf stores outcome o, as the worker does.
+func storeOutcomeOf(t *testing.T, js jetstream.JetStream, o consumer.Outcome) {
+	t.Helper()
+	body, err := json.Marshal(o)
 	if err != nil {
 		t.Fatal(err)
 	}
-	m := nats.NewMsg(config.DefaultOutcomeSubjectPrefix + "." + status)
+	id := o.CommandID
+	m := nats.NewMsg(config.DefaultOutcomeSubjectPrefix + "." + o.Status)
 	m.Header.Set(nats.MsgIdHdr, id)
 	m.Data = body
 	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
@@ -160,6 +167,20 @@ func TestDuplicateFollowsTheCommandPublishedBefore(t *testing.T) {
 		}
 		if !strings.Contains(stderr, "for another instance") || !strings.Contains(stderr, `instance "i-1"`) {
 			t.Errorf("stderr %q; want it to say the id was another instance's", stderr)
+		}
+	})
+
+	// A project left out is the worker's default, named in the same
+	// environment (found by review: another project's outcome read as
+	// this one's).
+	t.Run("earlier command for another project", func(t *testing.T) {
+		const id = "dup-other-project"
+		seq = publishCommand(t, js, id).Sequence
+		storeOutcomeOf(t, js, consumer.Outcome{CommandID: id, ProjectID: "P-OTHER", ScriptName: "s", InstanceID: "i-1", Status: "stopped", Cause: "ok"})
+		env := map[string]string{"NATS_URL": lookup["NATS_URL"], "HUAWEICLOUD_SDK_PROJECT_ID": "P-DEFAULT"}
+		code, stdout, stderr := runStop(t, env, "--script", "s", "--instance", "i-1", "--id", id, "--wait", "10s")
+		if code != stopcli.ExitNoOutcome || stdout != "" || !strings.Contains(stderr, "for another instance") {
+			t.Errorf("exit %d, stdout %q, stderr %q; want %d, nothing, and why", code, stdout, stderr, stopcli.ExitNoOutcome)
 		}
 	})
 
