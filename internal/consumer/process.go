@@ -43,7 +43,12 @@ type job struct {
 	// (this delivery, or an earlier one per the state bucket), so a later
 	// DLF.6205 means the stop happened.
 	unanswered bool
-	marked     bool // this delivery's "sent" mark is stored (see markSentAt)
+	// markCounted: the last call known, an earlier delivery's, is one
+	// whose delivery died after its "sent" mark (see recall); it went
+	// unanswered. answeredBefore: an earlier delivery recorded calls it
+	// made and handed the command back.
+	markCounted, answeredBefore bool
+	marked                      bool // this delivery's "sent" mark is stored (see markSentAt)
 	// markRev is the revision of the id's key as this delivery read it,
 	// or as its last mark wrote it: a mark replaces only that.
 	markRev uint64
@@ -177,8 +182,9 @@ func (w *Worker) process(j *job, recs []*stateRecord, lerr error) {
 	sched := newSchedule(&w.cfg, meta.Timestamp, max(int(meta.NumDelivered)-1, j.attempts))
 	// The circuit and a 429's pause give way at the give-up time, so that
 	// a command ends within DLF_TIMEOUT of it as the contract says. That
-	// holds for a delivery of a command that made calls and begins just
-	// after the give-up time too: its last wait, shortened to end there,
+	// holds for a delivery that begins just after the give-up time of a
+	// command an earlier delivery recorded calls for and handed back (not
+	// a mark of a delivery that died): its last wait, shortened to end there,
 	// was handed back to JetStream for being long (waitInProcess), and
 	// comes back a pull later (found by review: a 429's long Retry-After
 	// then held the last attempt for all of it). Any other delivery that
@@ -189,7 +195,7 @@ func (w *Worker) process(j *job, recs []*stateRecord, lerr error) {
 	// that aged during an outage is neither sent to DLF all at once nor
 	// dead-lettered one fetch after another while DLF is known to fail.
 	lastAt := sched.giveUpAt
-	if late := time.Since(lastAt); late >= 0 && (late > lastAttemptGrace || j.attempts == 0) {
+	if late := time.Since(lastAt); late >= 0 && (late > lastAttemptGrace || !j.answeredBefore) {
 		lastAt = time.Time{}
 	}
 	var last dlf.Verdict
@@ -637,7 +643,7 @@ func expiredBeforeCall(j *job) string {
 		return fmt.Sprintf("deadline %s passed before the first call", dl)
 	}
 	last := dlf.Verdict{HTTPStatus: j.out.HTTPStatus, ErrorCode: j.out.ErrorCode, ErrorMsg: j.out.ErrorMsg,
-		NotAnswered: j.out.HTTPStatus == 0 && j.unanswered}
+		NotAnswered: j.markCounted}
 	return fmt.Sprintf("deadline %s passed before the next attempt (after %d in earlier deliveries); last: %s",
 		dl, j.attempts, describe(last))
 }
@@ -1382,6 +1388,7 @@ func (w *Worker) recall(j *job, recs []*stateRecord, err error) bool {
 	// this command's progress.)
 	if entry != nil {
 		j.attempts = entry.Attempts
+		j.answeredBefore = entry.Attempts > 0
 		j.out.HTTPStatus, j.out.ErrorCode = entry.LastHTTPStatus, entry.LastErrorCode
 		j.out.ErrorMsg, j.out.DLFRequestID = entry.LastErrorMsg, entry.LastRequestID
 		j.unanswered = entry.Unanswered
@@ -1391,7 +1398,7 @@ func (w *Worker) recall(j *job, recs []*stateRecord, err error) bool {
 		// command's DLF calls), whose answer nobody saw: the last
 		// attempt's status is 0 (found by review: attempts left it out,
 		// and an expired redelivery said no call had been made).
-		j.unanswered = true
+		j.unanswered, j.markCounted = true, true
 		j.attempts++
 		j.out.HTTPStatus = 0
 	}

@@ -755,6 +755,34 @@ func TestCallOfACrashedDeliveryCountsWhenTheDeadlinePassed(t *testing.T) {
 	e.checkDead(t, o, b, seq)
 }
 
+// An earlier delivery whose first call went unanswered and whose last
+// was refused before it reached DLF (no answer either: http_status 0)
+// handed the command back; its deadline passes before the next one. The
+// detail must not say the last request was sent (found by review: any
+// unanswered call made it say so).
+func TestExpiredAfterARefusedLastCallDoesNotSayItWasSent(t *testing.T) {
+	e := newEnv(t, nil)
+	st := e.state(t)
+	ctx := context.Background()
+	b := body(t, map[string]any{"command_id": "w", "project_id": proj, "script_name": "s1", "instance_id": "i-1",
+		"deadline": time.Now().Add(30 * time.Minute).Format(time.RFC3339)})
+	seq := e.publish(b, nil)
+	inst := command.Command{ProjectID: proj, ScriptName: "s1", InstanceID: "i-1"}.InstanceKey()
+	rev, err := st.markSentAt(ctx, "w", 1, seq, inst, 0)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := st.putEntry(ctx, instKey(inst), "w", cmdEntry{Phase: phaseAnswered, Attempts: 2, Unanswered: true, Delivery: 1,
+		Seq: seq, MarkRev: &rev, At: time.Now().Unix()}); err != nil {
+		t.Fatal(err)
+	}
+	e.startWorker(nil, WithClock(func() time.Time { return time.Now().Add(time.Hour) }))
+	o := e.single(t)
+	if o.Status != StatusExpired || o.Attempts != 2 || strings.Contains(o.Detail, "after the request was sent") {
+		t.Errorf("outcome = %+v; want expired after 2 attempts, not saying the last request was sent", o)
+	}
+}
+
 // crashWithTheCallOnTheWire has a worker take command b for a running
 // instance i-1 and die while its call is on the wire, after that call
 // stopped the instance: no answer, no record but the call's mark.

@@ -17,6 +17,7 @@ import (
 	"github.com/nats-io/nats.go/jetstream"
 	"go.uber.org/zap"
 
+	"github.com/dlf-stop/worker/internal/command"
 	"github.com/dlf-stop/worker/internal/dlf"
 	"github.com/dlf-stop/worker/internal/dlf/emulator"
 	"github.com/dlf-stop/worker/internal/testutil"
@@ -408,7 +409,18 @@ func TestLateCommandsWaitOutA429Pause(t *testing.T) {
 // nothing else to do fetched such commands one by one and dead-lettered
 // each after a call DLF was sure to refuse (a review: 20 of 20 in 6 s,
 // the circuit open throughout).
+//
+// The same when the earlier delivery marked its call "sent" and died: the
+// mark counts as its call, but not as calls a delivery recorded before
+// handing the command back, which alone give the last attempt its pass
+// just after the give-up time (found by review).
 func TestRedeliveredLateCommandsWaitForTheProbe(t *testing.T) {
+	for _, marked := range []bool{false, true} {
+		t.Run(fmt.Sprintf("marked=%v", marked), func(t *testing.T) { redeliveredLateCommandWaitsForTheProbe(t, marked) })
+	}
+}
+
+func redeliveredLateCommandWaitsForTheProbe(t *testing.T, marked bool) {
 	e := newEnv(t, func(c *Config) {
 		c.Concurrency = 1
 		c.RetryMaxElapsed = time.Millisecond // every command is older when it is fetched
@@ -428,6 +440,16 @@ func TestRedeliveredLateCommandsWaitForTheProbe(t *testing.T) {
 		t.Fatal(err)
 	}
 	for m := range b.Messages() {
+		if marked {
+			md, err := m.Metadata()
+			if err != nil {
+				t.Fatal(err)
+			}
+			inst := command.Command{ProjectID: proj, ScriptName: "s1", InstanceID: "aged-0"}.InstanceKey()
+			if err := e.state(t).markSent(ctx, "aged-0", 1, md.Sequence.Stream, inst); err != nil {
+				t.Fatal(err)
+			}
+		}
 		if err := m.NakWithDelay(4 * time.Second); err != nil {
 			t.Fatal(err)
 		}
