@@ -86,9 +86,10 @@ func duplicated(id string, ack *jetstream.PubAck) string {
 }
 
 // waitFailed words the end of the wait for the outcome of command id,
-// acknowledged with ack, read from since when it was a duplicate; r is
+// acknowledged with ack, read from since when it was a duplicate, when the
+// outcome stream's oldest outcome is from first (zero: not known); r is
 // the reader, nil when it could not be created.
-func (s *session) waitFailed(id string, ack *jetstream.PubAck, since time.Time, r *outcomeReader) error {
+func (s *session) waitFailed(id string, ack *jetstream.PubAck, since, first time.Time, r *outcomeReader) error {
 	published := fmt.Sprintf("command %s was published (stream %s, sequence %d)", id, ack.Stream, ack.Sequence)
 	if ack.Duplicate {
 		published = duplicated(id, ack)
@@ -100,10 +101,17 @@ func (s *session) waitFailed(id string, ack *jetstream.PubAck, since time.Time, 
 		return fmt.Errorf("interrupted while waiting for the outcome: %s; that command may still be processed", published)
 	}
 	var msg string
-	if ack.Duplicate {
+	switch {
+	case ack.Duplicate && first.After(since):
+		// The stream's limits dropped outcomes of the time read: that
+		// command's may be among them (found by review: "may not have
+		// been processed yet" hid it).
+		msg = fmt.Sprintf("%s; no outcome for it came within --wait %s, and the outcome stream no longer holds outcomes stored before %s (its limits dropped them): that command may have been decided already",
+			published, s.wait, first.UTC().Format(time.RFC3339))
+	case ack.Duplicate:
 		msg = fmt.Sprintf("%s; no outcome for it came within --wait %s (outcomes stored since %s were read): that command may not have been processed yet",
 			published, s.wait, since.Format(time.RFC3339))
-	} else {
+	default:
 		// An id decided before the duplicate window is acked without a
 		// new outcome (contract section 6) for as long as the state
 		// bucket remembers it: say so, as nothing else will.

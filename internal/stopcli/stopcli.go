@@ -284,7 +284,18 @@ func publishAndWait(parent context.Context, cfg config.Config, id string, body [
 			}
 		}
 	}
-	return nil, s.waitFailed(id, ack, since, r)
+	// For a duplicate's message: when the outcome stream has dropped
+	// outcomes from its head (its first sequence is past 1), the time of
+	// the oldest it still holds.
+	var first time.Time
+	if ack.Duplicate && parent.Err() == nil {
+		ictx, cancel := context.WithTimeout(parent, 2*time.Second)
+		if st, err := js.Stream(ictx, outcomes); err == nil && st.CachedInfo().State.FirstSeq > 1 {
+			first = st.CachedInfo().State.FirstTime
+		}
+		cancel()
+	}
+	return nil, s.waitFailed(id, ack, since, first, r)
 }
 
 func newID() string { return "stop-" + randomHex() }

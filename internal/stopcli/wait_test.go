@@ -370,3 +370,29 @@ func TestEndedWhileConnecting(t *testing.T) {
 		}
 	})
 }
+
+// A duplicate --id whose earlier command's outcome the outcome stream's
+// limits have dropped is not said to be unprocessed (found by review).
+func TestDuplicateWhoseOutcomeWasDropped(t *testing.T) {
+	ns := testutil.StartNATS(t)
+	_, js := testutil.ConnectJS(t, ns.ClientURL())
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+	if _, err := js.CreateStream(ctx, jetstream.StreamConfig{Name: config.DefaultOutcomeStream,
+		Subjects: []string{config.DefaultOutcomeSubjectPrefix + ".*"}, MaxMsgs: 1}); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := consumer.Setup(ctx, js, consumer.Config{}, zap.NewNop()); err != nil {
+		t.Fatal(err)
+	}
+	const id = "dropped-1"
+	publishCommand(t, js, id)
+	storeOutcome(t, js, id, "stopped")
+	storeOutcome(t, js, "someone-else", "failed") // the stream keeps one: dropped-1's goes
+	code, stdout, stderr := runStop(t, map[string]string{"NATS_URL": ns.ClientURL()},
+		"--script", "s", "--instance", "i-1", "--id", id, "--wait", "1s")
+	if code != stopcli.ExitNoOutcome || stdout != "" || !strings.Contains(stderr, "its limits dropped them") ||
+		strings.Contains(stderr, "may not have been processed yet") {
+		t.Errorf("exit %d, stdout %q, stderr %q; want %d, nothing, and that outcomes were dropped", code, stdout, stderr, stopcli.ExitNoOutcome)
+	}
+}
