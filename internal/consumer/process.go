@@ -1094,8 +1094,17 @@ func (w *Worker) ackReused(j *job, first *Outcome) {
 		})
 		cancel()
 		if err != nil {
+			// The bucket fails, not the outcome stream: returned like a
+			// command whose mark was refused, with the delay a failing
+			// publish gets, and without saying outcomes cannot be stored.
+			w.m.publishFail.WithLabelValues("state").Inc()
 			w.checkState()
-			w.publishFailed(j, "state", err)
+			j.log.Warn("reused id's decision not recorded; returning the command", zap.Error(err))
+			if w.soft.Err() != nil {
+				w.giveBack(j, 0, "shutdown")
+				return
+			}
+			w.giveBack(j, w.redeliveryDelay(j.meta.NumDelivered), "state_unavailable")
 			return
 		}
 		w.state.indexDropped(dropped)

@@ -1070,6 +1070,44 @@ func TestIDPublishedAgainWhoseCallStoppedItsInstance(t *testing.T) {
 	e.noDeadLetters(t)
 }
 
+// A reused id whose record the bucket refuses is returned as the bucket's
+// failure, not as an outcome that could not be stored: readiness must not
+// send an operator to the outcome stream, which took everything (found by
+// review), and it ends once the bucket takes writes again.
+func TestReusedIDWhoseRecordIsRefusedWaitsForTheBucket(t *testing.T) {
+	e := newEnv(t, nil)
+	e.emu.AddRunning(proj, "", "s1", "i-2")
+	e.storeOutcome(t, firstDupOutcome())
+	r := e.startWorker(func(c *Config) { c.RetryInitial, c.RetryMax = 50*time.Millisecond, 200*time.Millisecond })
+	r.waitStarted(t)
+	e.updateStream(t, "KV_dlf_stop_state", func(c *jetstream.StreamConfig) { c.MaxMsgSize = markFits })
+	e.publish(body(t, map[string]any{"command_id": "dup", "project_id": proj, "script_name": "s1", "instance_id": "i-2"}), nil)
+	testutil.Eventually(t, 10*time.Second, func() error {
+		if n := testutilCount(r.w.m.returned.WithLabelValues("state_unavailable")); n < 1 {
+			return fmt.Errorf("not returned for the bucket yet")
+		}
+		return nil
+	})
+	if n := testutilCount(r.w.m.returned.WithLabelValues("publish_failed")); n != 0 {
+		t.Errorf("returned %v times as a failed publish", n)
+	}
+	if ok, why := r.w.Readiness(); strings.Contains(why, "outcomes") {
+		t.Errorf("readiness = %v, %q; the outcome stream is not what fails", ok, why)
+	}
+	e.updateStream(t, "KV_dlf_stop_state", func(c *jetstream.StreamConfig) { c.MaxMsgSize = -1 })
+	e.stopStreamEmpty(t)
+	testutil.Eventually(t, 5*time.Second, func() error {
+		if got := testutilCount(r.w.m.reusedIDs); got < 1 {
+			return fmt.Errorf("reused ids counted %v", got)
+		}
+		return nil
+	})
+	if o := e.single(t); o.InstanceID != "i-1" {
+		t.Errorf("outcome = %+v; want the first command's only", o)
+	}
+	e.noDeadLetters(t)
+}
+
 // storeOutcome stores o in the outcome stream under its command id, as an
 // earlier delivery (or another message with that id) would have.
 func (e *env) storeOutcome(t *testing.T, o Outcome) {
