@@ -695,15 +695,14 @@ func (w *Worker) giveBack(j *job, delay time.Duration, reason string) (decisionS
 			decided = decidedIn(d, j.sid)
 		})
 		cancel()
-		if err == nil {
-			decisionStored = decided
-			w.state.indexDropped(dropped)
-		}
 		if err != nil {
 			// The next delivery then finds this one's "sent" mark newer
 			// than any entry, if it called, and counts the call as
 			// unanswered: the safe side.
 			j.log.Warn("could not record progress in the state bucket", zap.Error(err))
+		} else {
+			decisionStored = decided
+			w.state.indexDropped(dropped)
 		}
 	}
 	w.awaitPullsClosed()
