@@ -97,6 +97,14 @@ func Run(ctx context.Context, args []string, lookup func(string) (string, bool),
 		fmt.Fprintf(stderr, "worker stop: %v\n", err)
 		return ExitOther
 	}
+	// A value the worker would reject is bad usage, not a command to
+	// dead-letter (found by review: a typo became a rejected outcome).
+	// The project is checked as given; a default is the worker's to apply.
+	var verr *command.ValidationError
+	if _, err := command.Decode(body, command.Meta{}, command.Defaults{ProjectID: "checked-by-the-worker"}); errors.As(err, &verr) {
+		fmt.Fprintf(stderr, "worker stop: --%s %s\n", flagOf[verr.Field], verr.Rule)
+		return ExitUsage
+	}
 	res, err := publishAndWait(ctx, cfg, *id, body, *wait)
 	if err != nil {
 		fmt.Fprintf(stderr, "worker stop: %v\n", err)
@@ -123,8 +131,13 @@ func Run(ctx context.Context, args []string, lookup func(string) (string, bool),
 		if wantWorkspace == "" {
 			wantWorkspace, _ = lookup("DLF_WORKSPACE")
 		}
-		if !parsed || o.ScriptName != *script || o.InstanceID != *instance ||
-			(wantProject != "" && o.ProjectID != wantProject) || (wantWorkspace != "" && o.Workspace != wantWorkspace) {
+		// A rejected outcome leaves out the fields that broke their
+		// rule; only those it names can differ (found by review: the
+		// same line run twice read as another instance).
+		rejected := o.Status == "rejected"
+		same := func(got, want string) bool { return got == want || (rejected && got == "") }
+		if !parsed || !same(o.ScriptName, *script) || !same(o.InstanceID, *instance) ||
+			(wantProject != "" && !same(o.ProjectID, wantProject)) || (wantWorkspace != "" && !same(o.Workspace, wantWorkspace)) {
 			fmt.Fprintf(stderr, "worker stop: %s, and that command was for another instance (project %q, workspace %q, script %q, instance %q): nothing was sent for this one; leave --id out to send a new command\n",
 				duplicated(*id, res.ack), o.ProjectID, o.Workspace, o.ScriptName, o.InstanceID)
 			return ExitNoOutcome
@@ -137,6 +150,10 @@ func Run(ctx context.Context, args []string, lookup func(string) (string, bool),
 	}
 	return ExitOther
 }
+
+// flagOf names the flag that sets each field of the command.
+var flagOf = map[string]string{"command_id": "id", "project_id": "project", "workspace": "workspace",
+	"script_name": "script", "instance_id": "instance"}
 
 // result is what publishAndWait learned: the outcome event, and the
 // acknowledgement of the command it belongs to.

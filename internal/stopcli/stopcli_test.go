@@ -73,6 +73,14 @@ func TestUsageErrors(t *testing.T) {
 		{"negative --wait", []string{"--script", "s", "--instance", "i-1", "--wait", "-1s"}},
 		{"--wait not a duration", []string{"--script", "s", "--instance", "i-1", "--wait", "soon"}},
 		{"unknown flag", []string{"--script", "s", "--instance", "i-1", "--bogus"}},
+		// Values the worker would reject (found by review: published,
+		// then rejected and dead-lettered).
+		{"--script .", []string{"--script", ".", "--instance", "i-1"}},
+		{"--script with a slash", []string{"--script", "a/b", "--instance", "i-1"}},
+		{"--instance with a slash", []string{"--script", "s", "--instance", "a/b"}},
+		{"--instance too long", []string{"--script", "s", "--instance", strings.Repeat("i", 129)}},
+		{"bad --project", []string{"--script", "s", "--instance", "i-1", "--project", "p/q"}},
+		{"bad --workspace", []string{"--script", "s", "--instance", "i-1", "--workspace", "w s"}},
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {

@@ -184,6 +184,24 @@ func TestDuplicateFollowsTheCommandPublishedBefore(t *testing.T) {
 		}
 	})
 
+	// A rejected outcome leaves out what broke its rule (here the
+	// project: the worker had no default). It is the same command when
+	// what it names matches (found by review: exit 2, "another instance").
+	t.Run("earlier command rejected", func(t *testing.T) {
+		const id = "dup-rejected"
+		seq = publishCommand(t, js, id).Sequence
+		storeOutcomeOf(t, js, consumer.Outcome{CommandID: id, ScriptName: "s", InstanceID: "i-1", Status: "rejected", Cause: "invalid_command"})
+		env := map[string]string{"NATS_URL": lookup["NATS_URL"], "HUAWEICLOUD_SDK_PROJECT_ID": "P-DEFAULT"}
+		code, stdout, stderr := runStop(t, env, "--script", "s", "--instance", "i-1", "--id", id, "--wait", "10s")
+		if code != stopcli.ExitOther {
+			t.Errorf("exit %d; want %d", code, stopcli.ExitOther)
+		}
+		if o := oneJSONLine(t, stdout); o.CommandID != id || o.Status != "rejected" {
+			t.Errorf("outcome %+v; want %s's, rejected", o, id)
+		}
+		wantDuplicateNote(t, stderr, id)
+	})
+
 	t.Run("outcome stored while it waits", func(t *testing.T) {
 		const id = "dup-later"
 		seq = publishCommand(t, js, id).Sequence
