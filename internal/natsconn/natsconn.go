@@ -189,7 +189,7 @@ func readSecretFile(path string) (string, error) {
 		}
 		return "", fmt.Errorf("read %q: %v", path, err)
 	}
-	s := strings.TrimSpace(string(b))
+	s := secretfile.Trim(b)
 	if s == "" {
 		return "", fmt.Errorf("%q is empty", path)
 	}

@@ -147,7 +147,9 @@ func TestInitialRead(t *testing.T) {
 		{"newline", "s3cr3t\n", "s3cr3t"},
 		{"crlf", "s3cr3t\r\n", "s3cr3t"},
 		{"trailing blanks", "s3cr3t \t\n\n", "s3cr3t"},
-		{"leading and inner blanks kept", "  s3 cr3t\n", "  s3 cr3t"},
+		{"leading blanks trimmed, inner kept", "  s3 cr3t\n", "s3 cr3t"},
+		{"blank first line", "\ns3cr3t\n", "s3cr3t"},
+		{"byte order mark", "\ufeffs3cr3t\r\n", "s3cr3t"},
 		{"inner newline kept", "line1\nline2\n", "line1\nline2"},
 	}
 	for _, tt := range tests {
