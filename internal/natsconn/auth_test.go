@@ -4,7 +4,9 @@ import (
 	"context"
 	"strings"
 	"testing"
+	"time"
 
+	"github.com/nats-io/jwt/v2"
 	"github.com/nats-io/nats-server/v2/server"
 	"github.com/nats-io/nkeys"
 	"go.uber.org/zap"
@@ -102,7 +104,9 @@ func TestCreds(t *testing.T) {
 	// nkeys reads a file without a JWT block as one JWT: the seed would
 	// go to the server in CONNECT (found by review).
 	bareFile, bareSeed := seedFile(t, dir, "bare-seed.creds", other)
-	secrets := []string{goodSeed, unknownSeed, wrongSeed, bareSeed}
+	expiredFile, expiredSeed := natsjwt.CredsWith(t, dir, "expired.creds", known, nil,
+		func(c *jwt.UserClaims) { c.Expires = time.Now().Add(-time.Hour).Unix() })
+	secrets := []string{goodSeed, unknownSeed, wrongSeed, bareSeed, expiredSeed}
 
 	tests := []struct {
 		name    string
@@ -111,7 +115,10 @@ func TestCreds(t *testing.T) {
 	}{
 		{"right creds", goodFile, ""},
 		{"account unknown to the server", unknownFile, "authorization violation"},
-		{"seed does not match the JWT", wrongSeedFile, "authorization violation"},
+		// The server says only "authorization violation" to both (found
+		// by review); the worker names them.
+		{"seed does not match the JWT", wrongSeedFile, "NATS_CREDS: the seed in"},
+		{"expired", expiredFile, "NATS_CREDS: the user JWT in"},
 		{"a bare seed, no JWT", bareFile, "NATS_CREDS: "},
 	}
 	for _, tt := range tests {

@@ -7,7 +7,9 @@ import (
 	"errors"
 	"fmt"
 	"os"
+	"time"
 
+	"github.com/nats-io/jwt/v2"
 	"github.com/nats-io/nats.go"
 	"github.com/nats-io/nkeys"
 
@@ -82,20 +84,40 @@ func credsOption(path string) (nats.Option, error) {
 		if !bytes.Contains(b, []byte("-----BEGIN NATS USER JWT-----")) {
 			return "", fmt.Errorf("%q holds no user JWT (a creds file has a NATS USER JWT block and a seed)", path)
 		}
-		jwt, err := nkeys.ParseDecoratedJWT(b)
+		token, err := nkeys.ParseDecoratedJWT(b)
 		if err != nil {
 			return "", fmt.Errorf("%q holds no user JWT", path)
 		}
-		return jwt, nil
+		// The server answers an expired JWT with a bare "authorization
+		// violation", as it does a wrong account (found by review).
+		claims, err := jwt.DecodeUserClaims(token)
+		if err != nil {
+			return "", fmt.Errorf("%q holds no readable user JWT: %v", path, err)
+		}
+		if claims.Expires != 0 && time.Now().Unix() >= claims.Expires {
+			return "", fmt.Errorf("the user JWT in %q expired at %s", path,
+				time.Unix(claims.Expires, 0).UTC().Format(time.RFC3339))
+		}
+		return token, nil
 	}
-	if _, err := userJWT(); err != nil {
+	token, err := userJWT()
+	if err != nil {
 		return nil, err
 	}
 	kp, err := keyPair(path)
 	if err != nil {
 		return nil, err
 	}
+	pub, err := kp.PublicKey()
 	kp.Wipe()
+	if err != nil {
+		return nil, fmt.Errorf("%q holds no user nkey seed", path)
+	}
+	// Public keys only: neither is a secret.
+	if claims, err := jwt.DecodeUserClaims(token); err == nil && claims.Subject != pub {
+		return nil, fmt.Errorf("the seed in %q is not the key of its user JWT (the JWT is for %s, the seed signs as %s)",
+			path, claims.Subject, pub)
+	}
 	return nats.UserJWT(userJWT, func(nonce []byte) ([]byte, error) { return sign(path, nonce) }), nil
 }
 

@@ -90,9 +90,19 @@ func (o *Operator) Account(t testing.TB, register, jetStream bool) nkeys.KeyPair
 // key pair's seed instead of the user's own (a file the server refuses).
 func Creds(t testing.TB, dir, name string, account nkeys.KeyPair, seedOf nkeys.KeyPair) (path, seed string) {
 	t.Helper()
+	return CredsWith(t, dir, name, account, seedOf, nil)
+}
+
+// CredsWith is Creds with the user's claims changed by edit (when not nil)
+// before they are signed: an expiry, say.
+func CredsWith(t testing.TB, dir, name string, account nkeys.KeyPair, seedOf nkeys.KeyPair, edit func(*jwt.UserClaims)) (path, seed string) {
+	t.Helper()
 	ukp, upub := NewKey(t, nkeys.CreateUser)
 	uc := jwt.NewUserClaims(upub)
 	uc.Name = "test-user"
+	if edit != nil {
+		edit(uc)
+	}
 	encoded, err := uc.Encode(account)
 	if err != nil {
 		t.Fatal(err)
