@@ -81,6 +81,7 @@ func passwordVar(user string) string {
 		"dlf-worker": "DLF_WORKER_PASSWORD",
 		"scheduler":  "DLF_SCHEDULER_PASSWORD",
 		"auditor":    "DLF_AUDITOR_PASSWORD",
+		"dlf-admin":  "DLF_ADMIN_PASSWORD",
 	}[user]
 }
 
@@ -484,7 +485,34 @@ func TestNATSPermissions(t *testing.T) {
 		}
 	})
 
-	for _, u := range []*natsUser{worker, scheduler, auditor} {
+	// The README sends an operator to `nats stream edit` and `nats
+	// consumer edit`; no user of the account could (found by review).
+	admin := connectAs(t, s, "dlf-admin")
+	t.Run("an operator edits the streams and the consumer", func(t *testing.T) {
+		ctx := stepCtx(t)
+		for _, name := range []string{outcomeStream, deadStream} {
+			st, err := admin.js.Stream(ctx, name)
+			if err != nil {
+				t.Fatal(err)
+			}
+			cfg := st.CachedInfo().Config
+			cfg.Duplicates = 5 * time.Minute
+			if _, err := admin.js.UpdateStream(ctx, cfg); err != nil {
+				t.Fatalf("nats stream edit %s: %v", name, err)
+			}
+		}
+		c, err := admin.js.Consumer(ctx, stopStream, consumerName)
+		if err != nil {
+			t.Fatal(err)
+		}
+		cfg := c.CachedInfo().Config
+		cfg.MaxAckPending *= 2
+		if _, err := admin.js.UpdateConsumer(ctx, stopStream, cfg); err != nil {
+			t.Fatalf("nats consumer edit: %v", err)
+		}
+	})
+
+	for _, u := range []*natsUser{worker, scheduler, auditor, admin} {
 		u.noViolations(t)
 	}
 

@@ -14,7 +14,7 @@ import (
 const natsConfPath = "nats/nats-server.conf"
 
 // The users nats-server.conf must define in the application account.
-var natsUsers = []string{"dlf-worker", "scheduler", "auditor"}
+var natsUsers = []string{"dlf-worker", "scheduler", "auditor", "dlf-admin"}
 
 func readNATSConf(t *testing.T) string {
 	t.Helper()
