@@ -125,6 +125,12 @@ func (w *Worker) prepare(msg jetstream.Msg) (j *job, panicked bool) {
 		_ = msg.NakWithDelay(w.cfg.RetryInitial)
 		return nil, false
 	}
+	if w.bodyWithheld(msg) {
+		w.log.Error("a command arrived without its body (a headers-only consumer); returning it",
+			zap.Uint64("stream_seq", meta.Sequence.Stream))
+		_ = msg.NakWithDelay(w.cfg.RetryMax)
+		return nil, false
+	}
 	hdr := msg.Headers()
 	_, redrive := hdr[HeaderRedriveOf]
 	cmd, verr := command.Decode(msg.Data(), command.Meta{

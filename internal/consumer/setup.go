@@ -128,45 +128,15 @@ func ensureConsumer(ctx context.Context, js jetstream.JetStream, cfg Config, log
 		return nil, fmt.Errorf("bind consumer %s on %s: %w", cfg.ConsumerName, cfg.StopStream, err)
 	}
 	info := c.CachedInfo().Config
-	if info.DeliverSubject != "" {
-		return nil, fmt.Errorf("%w: consumer %s on %s is a push consumer (deliver subject %q); the worker needs a pull consumer",
-			ErrMismatch, cfg.ConsumerName, cfg.StopStream, info.DeliverSubject)
+	if err := consumerUnfit(cfg, info); err != nil {
+		return nil, err
 	}
-	if info.AckPolicy != jetstream.AckExplicitPolicy {
-		return nil, fmt.Errorf("%w: consumer %s has ack policy %s; the worker needs explicit acks",
-			ErrMismatch, cfg.ConsumerName, info.AckPolicy)
-	}
-	filters := info.FilterSubjects
-	if info.FilterSubject != "" {
-		filters = append(filters, info.FilterSubject)
-	}
-	if len(filters) > 0 && !anySubjectCovers(filters, cfg.StopSubject) {
-		return nil, fmt.Errorf("%w: consumer %s filters %v, which does not deliver %q",
-			ErrMismatch, cfg.ConsumerName, filters, cfg.StopSubject)
-	}
-	// Settings under which the worker would lose commands, give them up
-	// by a count, stretch their retries or never consume (found by
-	// review): refused, naming the setting.
-	switch {
-	case info.HeadersOnly:
-		return nil, fmt.Errorf("%w: consumer %s delivers headers only; every command would arrive without its body and be rejected",
-			ErrMismatch, cfg.ConsumerName)
-	case info.MaxDeliver > 0:
-		return nil, fmt.Errorf("%w: consumer %s delivers a command at most %d times (max_deliver); the worker returns commands to retry them, gives up by RETRY_MAX_ELAPSED, and needs -1",
-			ErrMismatch, cfg.ConsumerName, info.MaxDeliver)
-	case len(info.BackOff) > 0:
+	// JetStream would add it to the delay of every command the worker
+	// returns to retry later (found by review). Refused at start only: a
+	// running worker's heartbeats follow one added meanwhile (noteLimits).
+	if len(info.BackOff) > 0 {
 		return nil, fmt.Errorf("%w: consumer %s has a redelivery backoff %v, which JetStream adds to the delay of every command the worker returns to retry later; the worker paces retries itself",
 			ErrMismatch, cfg.ConsumerName, info.BackOff)
-	case info.PriorityPolicy != jetstream.PriorityPolicyNone || len(info.PriorityGroups) > 0:
-		return nil, fmt.Errorf("%w: consumer %s has priority groups %v; the worker's pulls name none and would all be refused",
-			ErrMismatch, cfg.ConsumerName, info.PriorityGroups)
-	}
-	// A smaller max_batch only makes the pulls smaller (see reserve); a
-	// pull that may not wait as long as the worker's is refused every
-	// time, and the worker would never consume.
-	if info.MaxRequestExpires > 0 && info.MaxRequestExpires < pullWait {
-		return nil, fmt.Errorf("%w: consumer %s lets a pull wait at most %s (max_expires); the worker's pulls wait %s",
-			ErrMismatch, cfg.ConsumerName, info.MaxRequestExpires, pullWait)
 	}
 	if info.MaxAckPending > 0 && info.MaxAckPending < cfg.heldLimit() {
 		log.Warn("consumer max-ack-pending is below what one worker holds; replicas will be starved",

@@ -80,6 +80,11 @@ type Worker struct {
 	thr         *throttle
 	sib         siblings // calls on the wire and stops not yet recorded, per instance
 
+	// unfit is why the consumer, as last read, would lose or strand
+	// commands (consumerUnfit); nil while it fits. Nothing is pulled
+	// meanwhile.
+	unfit atomic.Pointer[string]
+
 	ready atomic.Bool
 	// shuttingDown is set as Run's context ends: the pull on the wire
 	// keeps ready set for up to a second after that (see pull).
@@ -172,11 +177,67 @@ func (w *Worker) noteLimits(info *jetstream.ConsumerInfo) {
 			}
 		}
 		most = int64(info.Config.MaxRequestBatch)
+		w.setUnfit(consumerUnfit(w.cfg, info.Config))
 	}
 	if old := time.Duration(w.ackWait.Swap(int64(wait))); old != 0 && old != wait {
 		w.log.Info("consumer ack wait changed; heartbeats follow", zap.Duration("was", old), zap.Duration("now", wait))
 	}
 	w.pullMax.Store(most)
+}
+
+// setUnfit records whether the consumer loses commands as it is now
+// configured (err, from consumerUnfit), and says so in
+// the log when that changes.
+func (w *Worker) setUnfit(err error) {
+	if err == nil {
+		if w.unfit.Swap(nil) != nil {
+			w.log.Info("the consumer fits again; pulling")
+		}
+		return
+	}
+	why := err.Error()
+	if old := w.unfit.Swap(&why); old == nil || *old != why {
+		w.log.Error("the consumer no longer fits; nothing is pulled until an operator puts it right", zap.Error(err))
+	}
+}
+
+// bodyWithheld says whether a delivery without a body but with the size
+// header of a headers-only consumer had its body withheld: read from the
+// consumer itself, as a publisher may set any header. Until watchLimits
+// notices an edited consumer, such deliveries would otherwise be decided
+// as empty commands and acked, their bodies gone. A consumer that cannot
+// be read counts as withholding: the delivery is only returned.
+func (w *Worker) bodyWithheld(msg jetstream.Msg) bool {
+	size := msg.Headers().Get(nats.MsgSize)
+	if size == "" || size == "0" || len(msg.Data()) != 0 {
+		return false
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Second)
+	defer cancel()
+	c, err := w.js.Consumer(ctx, w.cfg.StopStream, w.cfg.ConsumerName)
+	if err != nil {
+		return true
+	}
+	w.noteLimits(c.CachedInfo())
+	return c.CachedInfo().Config.HeadersOnly
+}
+
+// errUnfit ends a pull while the consumer would lose commands.
+var errUnfit = errors.New("the consumer no longer fits")
+
+// waitFit returns once the consumer fits again (watchLimits reads it) or
+// ctx ends.
+func (w *Worker) waitFit(ctx context.Context) error {
+	tick := time.NewTicker(250 * time.Millisecond)
+	defer tick.Stop()
+	for w.unfit.Load() != nil {
+		select {
+		case <-ctx.Done():
+			return ctx.Err()
+		case <-tick.C:
+		}
+	}
+	return nil
 }
 
 // consumerInfoEvery is how often the consumer's settings are read again:
@@ -253,11 +314,14 @@ func (w *Worker) CredentialsChanged() { w.circ.credentialsChanged() }
 
 // Readiness is Ready with the reason when not ready, for /readyz.
 func (w *Worker) Readiness() (bool, string) {
+	unfit := w.unfit.Load()
 	switch {
 	case w.shuttingDown.Load():
 		return false, "shutting down"
 	case !w.js.Conn().IsConnected():
 		return false, "NATS not connected"
+	case unfit != nil:
+		return false, "the consumer no longer fits, nothing is pulled: " + *unfit
 	case w.circ.Open():
 		return false, "DLF circuit open: DLF fails systemically, commands wait in the stream"
 	case w.pullsUnanswered.within(pullSilenceShown):
@@ -359,6 +423,12 @@ func (w *Worker) fetch(ctx context.Context) {
 		if errors.Is(err, errCircuitOpen) {
 			continue
 		}
+		if errors.Is(err, errUnfit) {
+			if w.waitFit(ctx) != nil {
+				return
+			}
+			continue
+		}
 		wait := retry.NextBackOff()
 		w.log.Warn("pulling failed; binding the consumer again", zap.Error(err), zap.Duration("in", wait))
 		select {
@@ -376,7 +446,12 @@ func (w *Worker) fetch(ctx context.Context) {
 func (w *Worker) rebind(ctx context.Context) {
 	c, err := ensureConsumer(ctx, w.js, w.cfg, w.log)
 	if err != nil {
-		if ctx.Err() == nil {
+		var ue *unfitError
+		if errors.As(err, &ue) {
+			// Pulling on would lose or strand commands (found by review:
+			// the old binding was kept and pulled from).
+			w.setUnfit(err)
+		} else if ctx.Err() == nil {
 			w.log.Warn("binding the consumer failed", zap.Error(err))
 		}
 		return
@@ -452,6 +527,9 @@ func (w *Worker) pull(ctx context.Context) (pulled bool, err error) {
 		}
 		if w.circ.Open() {
 			return pulled, errCircuitOpen
+		}
+		if w.unfit.Load() != nil {
+			return pulled, errUnfit
 		}
 		n, err := w.reserve(ctx)
 		if err != nil {
@@ -604,7 +682,7 @@ func (w *Worker) waitCircuit(ctx context.Context) error {
 	rebind.MaxElapsedTime = 0
 	var nextRebind time.Time
 	for w.circ.Open() {
-		if len(w.held) == 0 {
+		if len(w.held) == 0 && w.unfit.Load() == nil {
 			err := w.fetchProbe()
 			switch {
 			case err == nil:

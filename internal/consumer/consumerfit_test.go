@@ -1,0 +1,119 @@
+package consumer
+
+import (
+	"context"
+	"fmt"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/nats-io/nats.go/jetstream"
+
+	"github.com/dlf-stop/worker/internal/testutil"
+)
+
+// editConsumer changes the worker's consumer in place, as `nats consumer
+// edit` does.
+func (e *env) editConsumer(t *testing.T, change func(*jetstream.ConsumerConfig)) {
+	t.Helper()
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+	c, err := e.js.Consumer(ctx, "DLF_STOP", "dlf-stop-worker")
+	if err != nil {
+		t.Fatal(err)
+	}
+	cfg := c.CachedInfo().Config
+	change(&cfg)
+	if _, err := e.js.UpdateConsumer(ctx, "DLF_STOP", cfg); err != nil {
+		t.Fatal(err)
+	}
+}
+
+// unfitFor waits until r says, on /readyz, that its consumer no longer
+// fits for the reason want.
+func (r *running) unfitFor(t *testing.T, want string) {
+	t.Helper()
+	testutil.Eventually(t, 10*time.Second, func() error {
+		if ok, why := r.w.Readiness(); ok || !strings.Contains(why, "no longer fits") || !strings.Contains(why, want) {
+			return fmt.Errorf("readiness %v %q", ok, why)
+		}
+		return nil
+	})
+}
+
+// A consumer edited while the worker runs into one that would lose or
+// strand commands is read again every consumerInfoEvery: the worker stops
+// pulling and says why until it is put right, then goes on. Found by
+// review: with headers_only, every command arrived empty and was rejected,
+// acked and dead-lettered without its body; with a max_deliver, a command
+// returned for a retry that many times was never delivered again.
+func TestConsumerEditedToLoseCommandsIsNotPulled(t *testing.T) {
+	for _, tc := range []struct {
+		name       string
+		why        string
+		edit, undo func(*jetstream.ConsumerConfig)
+	}{
+		{"headers only", "headers only",
+			func(c *jetstream.ConsumerConfig) { c.HeadersOnly = true },
+			func(c *jetstream.ConsumerConfig) { c.HeadersOnly = false }},
+		{"max deliver", "max_deliver",
+			func(c *jetstream.ConsumerConfig) { c.MaxDeliver = 2 },
+			func(c *jetstream.ConsumerConfig) { c.MaxDeliver = -1 }},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			e := newEnv(t, nil)
+			e.emu.AddRunning(proj, "", "s1", "i-1")
+			r := e.startWorker(func(c *Config) { c.infoEvery = 100 * time.Millisecond })
+			r.waitStarted(t)
+			e.editConsumer(t, tc.edit)
+			r.unfitFor(t, tc.why)
+			// The pull on the wire when the edit was read runs out
+			// (pullWait); no other may follow.
+			testutil.Eventually(t, 5*time.Second, func() error {
+				if n := e.consumerInfo(t).NumWaiting; n != 0 {
+					return fmt.Errorf("%d pulls waiting", n)
+				}
+				return nil
+			})
+			e.publish(body(t, map[string]any{"command_id": "c1", "project_id": proj, "script_name": "s1", "instance_id": "i-1"}), nil)
+			// A worker that pulled would have done so within a pull's
+			// wait: watched that long, nothing may come.
+			for end := time.Now().Add(pullWait + 500*time.Millisecond); time.Now().Before(end); {
+				if info := e.consumerInfo(t); info.Delivered.Consumer != 0 || info.NumWaiting != 0 {
+					t.Fatalf("pulled while the consumer was unfit: %d delivered, %d pulls waiting",
+						info.Delivered.Consumer, info.NumWaiting)
+				}
+				time.Sleep(50 * time.Millisecond) // polling for something that must not happen
+			}
+			e.editConsumer(t, tc.undo)
+			if o := e.single(t); o.CommandID != "c1" || o.Status != StatusStopped {
+				t.Errorf("outcome %+v; want c1 stopped", o)
+			}
+			e.noDeadLetters(t)
+			if ok, why := r.w.Readiness(); !ok {
+				t.Errorf("still not ready: %s", why)
+			}
+		})
+	}
+}
+
+// A delivery whose body a headers-only consumer withheld, before the
+// worker read the edited consumer again, is returned, not decided as an
+// empty command.
+func TestBodyWithheldByAHeadersOnlyConsumerIsReturned(t *testing.T) {
+	e := newEnv(t, nil)
+	e.emu.AddRunning(proj, "", "s1", "i-1")
+	r := e.startWorker(func(c *Config) { c.RetryMax = 200 * time.Millisecond })
+	r.waitStarted(t)
+	e.editConsumer(t, func(c *jetstream.ConsumerConfig) { c.HeadersOnly = true })
+	e.publish(body(t, map[string]any{"command_id": "c1", "project_id": proj, "script_name": "s1", "instance_id": "i-1"}), nil)
+	r.unfitFor(t, "headers only")
+	if n := len(e.out.outcomes(t)); n != 0 {
+		t.Fatalf("%d outcomes for a command whose body was withheld", n)
+	}
+	e.editConsumer(t, func(c *jetstream.ConsumerConfig) { c.HeadersOnly = false })
+	if o := e.single(t); o.CommandID != "c1" || o.Status != StatusStopped {
+		t.Errorf("outcome %+v; want c1 stopped", o)
+	}
+	e.noDeadLetters(t)
+}
