@@ -43,7 +43,7 @@ func Setup(ctx context.Context, js jetstream.JetStream, cfg Config, log *zap.Log
 		{cfg.DeadStream, []string{cfg.DeadSubject}, jetstream.LimitsPolicy, []string{cfg.DeadSubject}},
 	}
 	for _, s := range streams {
-		if err := ensureStream(ctx, js, s.name, s.subjects, s.retention, cfg.Replicas, s.must, log); err != nil {
+		if err := ensureStream(ctx, js, s.name, s.subjects, s.retention, &cfg, s.must, log); err != nil {
 			return nil, err
 		}
 	}
@@ -64,7 +64,7 @@ func outcomeSubjects(prefix string) []string {
 }
 
 func ensureStream(ctx context.Context, js jetstream.JetStream, name string, subjects []string,
-	retention jetstream.RetentionPolicy, replicas int, must []string, log *zap.Logger) error {
+	retention jetstream.RetentionPolicy, cfg *Config, must []string, log *zap.Logger) error {
 	s, err := js.Stream(ctx, name)
 	if errors.Is(err, jetstream.ErrStreamNotFound) {
 		_, err = js.CreateStream(ctx, jetstream.StreamConfig{
@@ -72,7 +72,7 @@ func ensureStream(ctx context.Context, js jetstream.JetStream, name string, subj
 			Subjects:  subjects,
 			Retention: retention,
 			Storage:   jetstream.FileStorage,
-			Replicas:  replicas,
+			Replicas:  cfg.Replicas,
 			// Duplicates left zero: JetStream's default window (2 minutes).
 		})
 		if err == nil {
@@ -87,6 +87,11 @@ func ensureStream(ctx context.Context, js jetstream.JetStream, name string, subj
 	}
 	if err != nil {
 		return fmt.Errorf("look up stream %s: %w", name, err)
+	}
+	// Before the subjects: a mirror has none, and its mismatch is being
+	// a mirror.
+	if err := checkStreamFit(s.CachedInfo().Config, cfg, js.Conn().MaxPayload(), log); err != nil {
+		return err
 	}
 	have := s.CachedInfo().Config.Subjects
 	for _, want := range must {

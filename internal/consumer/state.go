@@ -301,6 +301,9 @@ func ensureState(ctx context.Context, js jetstream.JetStream, cfg *Config, log *
 	}
 	if bs, ok := st.(*jetstream.KeyValueBucketStatus); ok && bs.StreamInfo() != nil {
 		sc := bs.StreamInfo().Config
+		if err := checkBucketFit(sc, cfg, log); err != nil {
+			return nil, err
+		}
 		if !sc.AllowDirect {
 			return nil, fmt.Errorf("%w: state bucket %s does not allow direct gets (allow_direct), which the worker reads it with",
 				ErrMismatch, cfg.StateBucket)
