@@ -6,6 +6,7 @@ import (
 	"fmt"
 	"strings"
 
+	"github.com/nats-io/nats.go"
 	"github.com/nats-io/nats.go/jetstream"
 	"go.uber.org/zap"
 )
@@ -84,6 +85,11 @@ func ensureStream(ctx context.Context, js jetstream.JetStream, name string, subj
 		}
 		// Another replica won the race; use what it made.
 		s, err = js.Stream(ctx, name)
+	}
+	if errors.Is(err, nats.ErrNoResponders) {
+		// Nothing answers the JetStream API (found by review: the bare
+		// "no responders" sent operators looking for a missing stream).
+		return fmt.Errorf("look up stream %s: JetStream is not enabled on the NATS server or for this account, or the JetStream domain differs: %w", name, err)
 	}
 	if err != nil {
 		return fmt.Errorf("look up stream %s: %w", name, err)

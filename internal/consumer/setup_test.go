@@ -8,7 +8,9 @@ import (
 	"testing"
 	"time"
 
+	"github.com/nats-io/nats-server/v2/server"
 	"github.com/nats-io/nats.go/jetstream"
+	"go.uber.org/zap"
 
 	"github.com/dlf-stop/worker/internal/dlf/emulator"
 	"github.com/dlf-stop/worker/internal/testutil"
@@ -31,6 +33,19 @@ func TestSubjectMatches(t *testing.T) {
 		if got := subjectMatches(tc.pattern, tc.subject); got != tc.want {
 			t.Errorf("subjectMatches(%q, %q) = %v", tc.pattern, tc.subject, got)
 		}
+	}
+}
+
+// A server without JetStream is named as such, not as a request nobody
+// answered (found by review).
+func TestSetupNamesAServerWithoutJetStream(t *testing.T) {
+	s := testutil.RunServer(t, &server.Options{Host: "127.0.0.1", Port: -1})
+	_, js := testutil.ConnectJS(t, s.ClientURL())
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+	_, err := Setup(ctx, js, Config{}, zap.NewNop())
+	if err == nil || !strings.Contains(err.Error(), "JetStream is not enabled") {
+		t.Fatalf("Setup: %v; want it to say JetStream is not enabled", err)
 	}
 }
 
