@@ -117,3 +117,31 @@ func TestBodyWithheldByAHeadersOnlyConsumerIsReturned(t *testing.T) {
 	}
 	e.noDeadLetters(t)
 }
+
+// A worker whose consumer cannot be bound again (its stream deleted) is not
+// ready at any moment, not even between the failed bind and the pull that
+// fails after it (found by review: /readyz answered 200 a few times in
+// 20 s of polling).
+func TestWorkerThatCannotBindIsNeverReady(t *testing.T) {
+	e := newEnv(t, nil)
+	r := e.startWorker(nil)
+	r.waitStarted(t)
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+	if err := e.js.DeleteStream(ctx, "DLF_STOP"); err != nil {
+		t.Fatal(err)
+	}
+	testutil.Eventually(t, 10*time.Second, func() error {
+		if !r.w.bindFailed.Load() {
+			return fmt.Errorf("no failed bind yet")
+		}
+		return nil
+	})
+	// Through several rounds of binding and pulling (fetch waits 0.1 s,
+	// growing, between them), as fast as a probe could ask.
+	for end := time.Now().Add(3 * time.Second); time.Now().Before(end); {
+		if ok, _ := r.w.Readiness(); ok {
+			t.Fatal("ready while the consumer cannot be bound")
+		}
+	}
+}

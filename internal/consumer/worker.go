@@ -86,6 +86,12 @@ type Worker struct {
 	unfit atomic.Pointer[string]
 
 	ready atomic.Bool
+	// bindFailed: the last bind of the consumer failed (the stream or
+	// the consumer gone and not made again). The handle bound before may
+	// still pull, but the worker is not ready until a pull is answered
+	// (found by review: /readyz said ready between a failed bind and the
+	// pull that failed after it).
+	bindFailed atomic.Bool
 	// shuttingDown is set as Run's context ends: the pull on the wire
 	// keeps ready set for up to a second after that (see pull).
 	shuttingDown atomic.Bool
@@ -159,6 +165,7 @@ func (w *Worker) Ready() bool {
 // Only the fetching goroutine (and New) calls it.
 func (w *Worker) bind(c jetstream.Consumer) {
 	w.cons = c
+	w.bindFailed.Store(false)
 	w.noteLimits(c.CachedInfo())
 }
 
@@ -411,7 +418,7 @@ func (w *Worker) fetch(ctx context.Context) {
 		if w.waitCircuit(ctx) != nil {
 			return
 		}
-		w.ready.Store(true)
+		w.ready.Store(!w.bindFailed.Load())
 		pulled, err := w.pull(ctx)
 		w.ready.Store(false)
 		if ctx.Err() != nil {
@@ -446,6 +453,7 @@ func (w *Worker) fetch(ctx context.Context) {
 func (w *Worker) rebind(ctx context.Context) {
 	c, err := ensureConsumer(ctx, w.js, w.cfg, w.log)
 	if err != nil {
+		w.bindFailed.Store(true)
 		var ue *unfitError
 		if errors.As(err, &ue) {
 			// Pulling on would lose or strand commands (found by review:
@@ -568,6 +576,9 @@ func (w *Worker) pull(ctx context.Context) (pulled bool, err error) {
 		switch err := batch.Error(); {
 		case ctx.Err() != nil || pullExpired(err):
 			pulled = true
+			if ctx.Err() == nil && w.bindFailed.Swap(false) {
+				w.ready.Store(true) // the consumer answers after all
+			}
 			// The server ends an empty pull at expires with a 408; one
 			// that ended later, by nats.go's own timer a second after,
 			// got no answer at all: a link that lost the server without
