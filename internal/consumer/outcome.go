@@ -3,6 +3,7 @@ package consumer
 import (
 	"context"
 	"encoding/json"
+	"errors"
 	"fmt"
 	"strconv"
 	"time"
@@ -73,6 +74,7 @@ type publisher struct {
 	js            jetstream.JetStream
 	outcomePrefix string
 	deadSubject   string
+	deadStream    string
 }
 
 // publishOutcome stores o. A repeat within the duplicate window (the same
@@ -152,17 +154,41 @@ func (p *publisher) publishDead(ctx context.Context, o *Outcome, original []byte
 	h.Set(HeaderFailedAt, o.FinishedAt)
 	setIf(HeaderDetail, headerSafe(o.Detail))
 	fitPayload(m, p.js.Conn().MaxPayload())
-	if _, err := p.js.PublishMsg(ctx, m); err != nil {
+	_, err := p.js.PublishMsg(ctx, m)
+	var apiErr *jetstream.APIError
+	if errors.As(err, &apiErr) && apiErr.ErrorCode == jetstream.JSErrCodeStreamMessageExceedsMaximum {
+		// The stream's own max_msg_size, below the server's max_payload
+		// (only a command over 64 KiB, so a rejected one, can meet it:
+		// start-up refuses a smaller limit). Cut to fit it too, or the
+		// command would be returned for ever (found by review).
+		if limit := p.deadLimit(ctx); limit > 0 {
+			fitPayload(m, limit)
+			_, err = p.js.PublishMsg(ctx, m)
+		}
+	}
+	if err != nil {
 		return fmt.Errorf("publish dead letter: %w", err)
 	}
 	return nil
+}
+
+// deadLimit is the dead-letter stream's max_msg_size, 0 when it has none
+// or cannot be read. Looked up by its configured name: the worker's NATS
+// user may read that stream's info (deploy/nats), not list streams.
+func (p *publisher) deadLimit(ctx context.Context) int64 {
+	s, err := p.js.Stream(ctx, p.deadStream)
+	if err != nil {
+		return 0
+	}
+	return int64(max(s.CachedInfo().Config.MaxMsgSize, 0))
 }
 
 // HeaderBodyTruncated marks a dead letter whose body had to be cut to fit
 // the server's max payload; its value is the original size in bytes.
 const HeaderBodyTruncated = "Dlf-Body-Truncated"
 
-// fitPayload cuts the body of m when body and headers exceed maxPayload.
+// fitPayload cuts the body of m when body and headers exceed maxPayload
+// (the server's, or the dead-letter stream's max_msg_size when smaller).
 // Only an invalid command within a few hundred bytes of the limit can
 // get there (a valid one is at most 64 KiB). The contract wants the body
 // unchanged, but a dead letter that can never be stored would return its

@@ -92,6 +92,32 @@ func TestOversizedDeadLetterIsTruncatedNotLooped(t *testing.T) {
 	e.stopStreamEmpty(t)
 }
 
+// The same when the dead-letter stream's own max_msg_size is what the dead
+// letter exceeds (start-up accepts any limit that a valid command's dead
+// letter fits; found by review: such a command was returned for ever).
+func TestDeadLetterOverTheStreamsLimitIsTruncatedNotLooped(t *testing.T) {
+	e := newEnv(t, nil)
+	const limit = 80 << 10
+	e.updateStream(t, "DLF_STOP_DEAD", func(c *jetstream.StreamConfig) { c.MaxMsgSize = limit })
+	e.startWorker(nil)
+	big := make([]byte, 100<<10)
+	for i := range big {
+		big[i] = 'x'
+	}
+	e.publish(big, nil)
+	if o := e.single(t); o.Status != StatusRejected {
+		t.Fatalf("outcome = %+v", o)
+	}
+	d := e.dead.wait(t, 1, 10*time.Second)[0]
+	if got := d.Headers().Get(HeaderBodyTruncated); got != strconv.Itoa(len(big)) {
+		t.Errorf("%s = %q, want %d", HeaderBodyTruncated, got, len(big))
+	}
+	if n := len(d.Data()); n == 0 || n >= limit || string(d.Data()) != string(big[:n]) {
+		t.Errorf("dead letter body is not a prefix of the command within the stream's limit (%d bytes)", n)
+	}
+	e.stopStreamEmpty(t)
+}
+
 // DLF answered 204 but the outcome could not be stored: the next delivery
 // must store that same stopped outcome, not call DLF again (which would
 // answer DLF.6205 and turn a stop into a failure).

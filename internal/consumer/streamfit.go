@@ -74,15 +74,9 @@ func checkStreamFit(sc jetstream.StreamConfig, cfg *Config, maxPayload int64, lo
 			fmt.Sprintf("the auditors' %q", cfg.OutcomePrefix+".*"))...)
 	}
 	if r.dead {
+		// Above that, a rejected command's dead letter too large for the
+		// limit is cut to fit it (publishDead), as to max_payload.
 		errs = append(errs, checkMsgSize(sc, minDeadMsgSize, maxPayload, "dead letter")...)
-		// Dead letters are cut to fit the server's max_payload
-		// (fitPayload), not a stream's limit: the dead letter of a
-		// rejected command too large for this limit (over 64 KiB, so
-		// never valid) is still refused. Only such commands: warned.
-		if lim := int64(sc.MaxMsgSize); len(errs) == 0 && lim > 0 && maxPayload > lim {
-			log.Warn("the dead-letter stream's max_msg_size is below the server's max_payload: a rejected command too large for it gets no dead letter and is returned again and again",
-				zap.String("stream", sc.Name), zap.Int64("max_msg_size", lim), zap.Int64("max_payload", maxPayload))
-		}
 	}
 	return errors.Join(errs...)
 }

@@ -94,7 +94,7 @@ func TestSetupRefusesStreamsAndBucketsThatCannotWork(t *testing.T) {
 		{name: "dead letters of valid commands do not fit", stream: dead,
 			change: func(c *jetstream.StreamConfig) { c.MaxMsgSize = minDeadMsgSize - 1 }, want: []string{dead, "max_msg_size", "73727"}},
 		{name: "dead letters of valid commands just fit", stream: dead,
-			change: func(c *jetstream.StreamConfig) { c.MaxMsgSize = minDeadMsgSize }, warn: "max_payload"},
+			change: func(c *jetstream.StreamConfig) { c.MaxMsgSize = minDeadMsgSize }},
 		{name: "outcomes do not fit", stream: outcomes,
 			change: func(c *jetstream.StreamConfig) { c.MaxMsgSize = minOutcomeMsgSize - 1 }, want: []string{outcomes, "max_msg_size", "32767"}},
 		{name: "outcomes just fit", stream: outcomes,

@@ -131,7 +131,7 @@ func New(js jetstream.JetStream, cons jetstream.Consumer, stopper Stopper, cfg C
 		dlf:   stopper,
 		log:   log,
 		m:     m,
-		pub:   publisher{js: js, outcomePrefix: cfg.OutcomePrefix, deadSubject: cfg.DeadSubject},
+		pub:   publisher{js: js, outcomePrefix: cfg.OutcomePrefix, deadSubject: cfg.DeadSubject, deadStream: cfg.DeadStream},
 		now:   time.Now,
 		slots: make(chan struct{}, cfg.Concurrency),
 		held:  make(chan struct{}, cfg.heldLimit()),
