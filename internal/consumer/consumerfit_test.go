@@ -7,7 +7,10 @@ import (
 	"testing"
 	"time"
 
+	"github.com/nats-io/nats-server/v2/server"
+	"github.com/nats-io/nats.go"
 	"github.com/nats-io/nats.go/jetstream"
+	"github.com/prometheus/client_golang/prometheus"
 
 	"github.com/dlf-stop/worker/internal/testutil"
 )
@@ -143,5 +146,47 @@ func TestWorkerThatCannotBindIsNeverReady(t *testing.T) {
 		if ok, _ := r.w.Readiness(); ok {
 			t.Fatal("ready while the consumer cannot be bound")
 		}
+	}
+}
+
+// A stop signal while the worker sets up its state bucket against a
+// JetStream that does not answer ends Run within SHUTDOWN_TIMEOUT, with
+// nil (a requested stop), not after the set-up's own 30 s.
+func TestStopWhileTheBucketSetUpStallsEndsInTime(t *testing.T) {
+	e := newEnv(t, nil)
+	r := e.startWorker(nil)
+	r.waitStarted(t)
+	r.stop(t)
+
+	// A server whose JetStream API is a subscriber that never answers.
+	s := testutil.RunServer(t, &server.Options{Host: "127.0.0.1", Port: -1})
+	nc, js := testutil.ConnectJS(t, s.ClientURL())
+	sub, err := nc.Subscribe("$JS.API.>", func(*nats.Msg) {})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer sub.Unsubscribe()
+	cfg := e.cfg
+	cfg.ShutdownTimeout = 300 * time.Millisecond
+	m, err := NewMetrics(prometheus.NewRegistry())
+	if err != nil {
+		t.Fatal(err)
+	}
+	w, err := New(e.js, r.w.cons, r.client, cfg, e.log, m)
+	if err != nil {
+		t.Fatal(err)
+	}
+	w.js = js // everything Run asks of JetStream now goes unanswered
+	ctx, cancel := context.WithCancel(context.Background())
+	done := make(chan error, 1)
+	go func() { done <- w.Run(ctx) }()
+	time.AfterFunc(200*time.Millisecond, cancel)
+	select {
+	case err := <-done:
+		if err != nil {
+			t.Errorf("Run = %v; want nil for a requested stop", err)
+		}
+	case <-time.After(5 * time.Second):
+		t.Fatal("Run did not return within 5 s of the stop")
 	}
 }

@@ -374,11 +374,17 @@ func (w *Worker) Run(ctx context.Context) error {
 	w.soft = ctx
 	w.stopping = ctx.Done()
 	if !w.cfg.DisableState {
-		// Not bound to ctx: a stop during start-up must still end in a
-		// clean nil return, which fetch gives as soon as it sees ctx done.
-		bctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), 30*time.Second)
+		// Bound by the hard stop, not by ctx: a stop signal alone lets it
+		// finish, and fetch then returns at once; a JetStream that stalls
+		// here keeps the stop no longer than SHUTDOWN_TIMEOUT (found by
+		// review: up to 30 s, and then an error).
+		bctx, cancel := context.WithTimeout(hard, 30*time.Second)
 		st, err := ensureState(bctx, w.js, &w.cfg, w.log)
 		cancel()
+		if err != nil && ctx.Err() != nil {
+			w.log.Info("worker stopped while setting up the state bucket", zap.Error(err))
+			return nil
+		}
 		if err != nil {
 			return err
 		}
