@@ -100,6 +100,36 @@ func TestConsumerEditedToLoseCommandsIsNotPulled(t *testing.T) {
 	}
 }
 
+// An unfit consumer that an operator deletes, as the README says to after a
+// max_deliver, is created again by the worker, which goes on (found by
+// review: it waited for ever for the deleted consumer to fit).
+func TestUnfitConsumerDeletedIsCreatedAgain(t *testing.T) {
+	e := newEnv(t, nil)
+	e.emu.AddRunning(proj, "", "s1", "i-1")
+	r := e.startWorker(func(c *Config) { c.infoEvery = 100 * time.Millisecond })
+	r.waitStarted(t)
+	e.editConsumer(t, func(c *jetstream.ConsumerConfig) { c.MaxDeliver = 2 })
+	r.unfitFor(t, "max_deliver")
+	testutil.Eventually(t, 5*time.Second, func() error {
+		if n := e.consumerInfo(t).NumWaiting; n != 0 {
+			return fmt.Errorf("%d pulls waiting", n)
+		}
+		return nil
+	})
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+	if err := e.js.DeleteConsumer(ctx, "DLF_STOP", "dlf-stop-worker"); err != nil {
+		t.Fatal(err)
+	}
+	e.publish(body(t, map[string]any{"command_id": "c1", "project_id": proj, "script_name": "s1", "instance_id": "i-1"}), nil)
+	if o := e.single(t); o.CommandID != "c1" || o.Status != StatusStopped {
+		t.Errorf("outcome %+v; want c1 stopped", o)
+	}
+	if info := e.consumerInfo(t); info.Config.MaxDeliver != -1 {
+		t.Errorf("consumer created again with max_deliver %d, want -1", info.Config.MaxDeliver)
+	}
+}
+
 // A delivery whose body a headers-only consumer withheld, before the
 // worker read the edited consumer again, is returned, not decided as an
 // empty command.

@@ -274,8 +274,15 @@ func (w *Worker) watchLimits(ctx context.Context) {
 		ictx, cancel := context.WithTimeout(ctx, 2*time.Second)
 		c, err := w.js.Consumer(ictx, w.cfg.StopStream, w.cfg.ConsumerName)
 		cancel()
-		if err == nil {
+		switch {
+		case err == nil:
 			w.noteLimits(c.CachedInfo())
+		case errors.Is(err, jetstream.ErrConsumerNotFound) || errors.Is(err, jetstream.ErrStreamNotFound):
+			// An unfit consumer deleted (as the README tells operators
+			// to do after a max_deliver): the unfit one is gone, and
+			// fetch, no longer waiting, binds again and creates a new
+			// one (found by review: it waited for ever).
+			w.setUnfit(nil)
 		}
 	}
 }

@@ -249,7 +249,7 @@ func Connect(ctx context.Context, c config.NATS, log *zap.Logger, name string) (
 	}
 	opts, r, err := options(c, log, name)
 	if err != nil {
-		return nil, fmt.Errorf("connect nats: %w", err)
+		return nil, fmt.Errorf("connect nats: %w", settingsError{err})
 	}
 	if err := ctx.Err(); err != nil {
 		return nil, fmt.Errorf("connect nats: %w", err)
@@ -279,6 +279,16 @@ func Connect(ctx context.Context, c config.NATS, log *zap.Logger, name string) (
 		zap.String("name", name))
 	return nc, nil
 }
+
+// ErrSettings is wrapped by Connect's errors about settings that no
+// retry can mend (a creds file whose JWT expired, a seed that is not its
+// key, a file that holds no key): `worker stop` reports them as bad usage.
+var ErrSettings = errors.New("unusable NATS settings")
+
+type settingsError struct{ err error }
+
+func (e settingsError) Error() string   { return e.err.Error() }
+func (e settingsError) Unwrap() []error { return []error{e.err, ErrSettings} }
 
 // connectError carries a message safe to show and the original error for
 // errors.Is and errors.As.

@@ -108,6 +108,9 @@ func Run(ctx context.Context, args []string, lookup func(string) (string, bool),
 	res, err := publishAndWait(ctx, cfg, *id, body, *wait)
 	if err != nil {
 		fmt.Fprintf(stderr, "worker stop: %v\n", err)
+		if errors.Is(err, natsconn.ErrSettings) {
+			return ExitUsage // nothing was published, and a rerun would fail the same way
+		}
 		return ExitNoOutcome
 	}
 	var o struct {
@@ -132,12 +135,17 @@ func Run(ctx context.Context, args []string, lookup func(string) (string, bool),
 			wantWorkspace, _ = lookup("DLF_WORKSPACE")
 		}
 		// A rejected outcome leaves out the fields that broke their
-		// rule; only those it names can differ (found by review: the
-		// same line run twice read as another instance).
+		// rule. The flags given were checked before publishing, so only
+		// a default the worker applied (a project or workspace left out)
+		// can be what broke it and still be this command (found by
+		// review: the same line run twice read as another instance).
 		rejected := o.Status == "rejected"
-		same := func(got, want string) bool { return got == want || (rejected && got == "") }
-		if !parsed || !same(o.ScriptName, *script) || !same(o.InstanceID, *instance) ||
-			(wantProject != "" && !same(o.ProjectID, wantProject)) || (wantWorkspace != "" && !same(o.Workspace, wantWorkspace)) {
+		sameDefault := func(got, want string, flagGiven bool) bool {
+			return got == want || (rejected && got == "" && !flagGiven)
+		}
+		if !parsed || o.ScriptName != *script || o.InstanceID != *instance ||
+			(wantProject != "" && !sameDefault(o.ProjectID, wantProject, *project != "")) ||
+			(wantWorkspace != "" && !sameDefault(o.Workspace, wantWorkspace, *workspace != "")) {
 			fmt.Fprintf(stderr, "worker stop: %s, and that command was for another instance (project %q, workspace %q, script %q, instance %q): nothing was sent for this one; leave --id out to send a new command\n",
 				duplicated(*id, res.ack), o.ProjectID, o.Workspace, o.ScriptName, o.InstanceID)
 			return ExitNoOutcome

@@ -9,6 +9,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/nats-io/jwt/v2"
 	"github.com/nats-io/nats-server/v2/server"
 	"github.com/nats-io/nats.go"
 	"go.uber.org/goleak"
@@ -21,6 +22,7 @@ import (
 	"github.com/dlf-stop/worker/internal/service"
 	"github.com/dlf-stop/worker/internal/stopcli"
 	"github.com/dlf-stop/worker/internal/testutil"
+	"github.com/dlf-stop/worker/internal/testutil/natsjwt"
 )
 
 func TestMain(m *testing.M) {
@@ -106,6 +108,21 @@ func TestBadNATSEnvironmentIsUsage(t *testing.T) {
 	}
 	if stdout != "" || !strings.Contains(stderr, "NATS_URL") {
 		t.Errorf("stdout = %q, stderr = %q; want nothing and a message naming NATS_URL", stdout, stderr)
+	}
+}
+
+// A creds file that can never work (its JWT expired) is bad configuration,
+// not a missed outcome: running the line again cannot help (found by
+// review: exit 2).
+func TestExpiredCredsIsUsage(t *testing.T) {
+	op := natsjwt.NewOperator(t)
+	acc := op.Account(t, true, true)
+	path, _ := natsjwt.CredsWith(t, t.TempDir(), "expired.creds", acc, nil,
+		func(c *jwt.UserClaims) { c.Expires = time.Now().Add(-time.Hour).Unix() })
+	code, stdout, stderr := runStop(t, map[string]string{"NATS_URL": "nats://127.0.0.1:1", "NATS_CREDS": path},
+		"--script", "s", "--instance", "i-1")
+	if code != stopcli.ExitUsage || stdout != "" || !strings.Contains(stderr, "expired") {
+		t.Errorf("exit %d, stdout %q, stderr %q; want %d, nothing, and the expiry", code, stdout, stderr, stopcli.ExitUsage)
 	}
 }
 

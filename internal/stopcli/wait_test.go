@@ -173,15 +173,22 @@ func TestDuplicateFollowsTheCommandPublishedBefore(t *testing.T) {
 	// A project left out is the worker's default, named in the same
 	// environment (found by review: another project's outcome read as
 	// this one's).
-	t.Run("earlier command for another project", func(t *testing.T) {
-		const id = "dup-other-project"
-		seq = publishCommand(t, js, id).Sequence
-		storeOutcomeOf(t, js, consumer.Outcome{CommandID: id, ProjectID: "P-OTHER", ScriptName: "s", InstanceID: "i-1", Status: "stopped", Cause: "ok"})
-		env := map[string]string{"NATS_URL": lookup["NATS_URL"], "HUAWEICLOUD_SDK_PROJECT_ID": "P-DEFAULT"}
-		code, stdout, stderr := runStop(t, env, "--script", "s", "--instance", "i-1", "--id", id, "--wait", "10s")
+	// anotherInstance stores o as the outcome of an earlier command with
+	// its id, runs the stop for s/i-1 with that id and project as the
+	// default, and expects to be told the id was another instance's.
+	anotherInstance := func(t *testing.T, o consumer.Outcome, project string) {
+		t.Helper()
+		seq = publishCommand(t, js, o.CommandID).Sequence
+		storeOutcomeOf(t, js, o)
+		env := map[string]string{"NATS_URL": lookup["NATS_URL"], "HUAWEICLOUD_SDK_PROJECT_ID": project}
+		code, stdout, stderr := runStop(t, env, "--script", "s", "--instance", "i-1", "--id", o.CommandID, "--wait", "10s")
 		if code != stopcli.ExitNoOutcome || stdout != "" || !strings.Contains(stderr, "for another instance") {
 			t.Errorf("exit %d, stdout %q, stderr %q; want %d, nothing, and why", code, stdout, stderr, stopcli.ExitNoOutcome)
 		}
+	}
+	t.Run("earlier command for another project", func(t *testing.T) {
+		anotherInstance(t, consumer.Outcome{CommandID: "dup-other-project", ProjectID: "P-OTHER", ScriptName: "s", InstanceID: "i-1",
+			Status: "stopped", Cause: "ok"}, "P-DEFAULT")
 	})
 
 	// A rejected outcome leaves out what broke its rule (here the
@@ -200,6 +207,14 @@ func TestDuplicateFollowsTheCommandPublishedBefore(t *testing.T) {
 			t.Errorf("outcome %+v; want %s's, rejected", o, id)
 		}
 		wantDuplicateNote(t, stderr, id)
+	})
+
+	// A rejected command that left out an instance had an invalid one,
+	// which --instance, checked before publishing, cannot be: another
+	// command (found by review: printed as this one's, exit 1).
+	t.Run("earlier rejected command for an invalid instance", func(t *testing.T) {
+		anotherInstance(t, consumer.Outcome{CommandID: "dup-rejected-other", ProjectID: "P", ScriptName: "s",
+			Status: "rejected", Cause: "invalid_command"}, "P")
 	})
 
 	t.Run("outcome stored while it waits", func(t *testing.T) {
