@@ -26,6 +26,9 @@ type session struct {
 	ctx    context.Context // also ends when --wait runs out or the server refuses a permission
 	nc     *nats.Conn
 	wait   time.Duration
+	// idGiven: the command id came from --id, so it may be one the worker
+	// decided before.
+	idGiven bool
 }
 
 // violation returns the permissions violation the server reported, or nil.
@@ -112,10 +115,19 @@ func (s *session) waitFailed(id string, ack *jetstream.PubAck, since, first time
 		msg = fmt.Sprintf("%s; no outcome for it came within --wait %s (outcomes stored since %s were read): that command may not have been processed yet",
 			published, s.wait, since.Format(time.RFC3339))
 	default:
-		// An id decided before the duplicate window is acked without a
-		// new outcome (contract section 6) for as long as the state
-		// bucket remembers it: say so, as nothing else will.
-		msg = fmt.Sprintf("no outcome for command %s within --wait %s (an id the worker decided before gets no new outcome while its state bucket remembers it, STATE_TTL: leave --id out to send a new command)", id, s.wait)
+		// Most often DLF is failing and the worker retries the command
+		// (for up to RETRY_MAX_ELAPSED), or no worker runs: it is
+		// stored and may still be stopped (found by review: only the
+		// reused-id case below was named, also without --id).
+		msg = fmt.Sprintf("%s; no outcome for it came within --wait %s: it may still be processed (a worker retrying it, or none running)",
+			published, s.wait)
+		if s.idGiven {
+			// An id decided before the duplicate window is acked
+			// without a new outcome (contract section 6) for as long as
+			// the state bucket remembers it: say so, as nothing else
+			// will.
+			msg += "; or the worker decided this id before, and gives it no new outcome while its state bucket remembers it (STATE_TTL): leave --id out to send a new command"
+		}
 	}
 	if err := r.err(); err != nil {
 		msg += fmt.Sprintf("; reading the outcome stream last failed: %v", err)

@@ -65,7 +65,8 @@ func Run(ctx context.Context, args []string, lookup func(string) (string, bool),
 		fmt.Fprintln(stderr, "worker stop: --wait must be positive")
 		return ExitUsage
 	}
-	if *id == "" {
+	idGiven := *id != ""
+	if !idGiven {
 		*id = newID()
 	} else if !command.ValidID(*id) {
 		fmt.Fprintln(stderr, "worker stop: --id must be 1-128 characters of A-Z a-z 0-9 . _ : -")
@@ -105,7 +106,7 @@ func Run(ctx context.Context, args []string, lookup func(string) (string, bool),
 		fmt.Fprintf(stderr, "worker stop: --%s %s\n", flagOf[verr.Field], verr.Rule)
 		return ExitUsage
 	}
-	res, err := publishAndWait(ctx, cfg, *id, body, *wait)
+	res, err := publishAndWait(ctx, cfg, *id, idGiven, body, *wait)
 	if err != nil {
 		fmt.Fprintf(stderr, "worker stop: %v\n", err)
 		if errors.Is(err, natsconn.ErrSettings) {
@@ -189,7 +190,7 @@ var testHookPublished func()
 // outcome is read from the outcome stream, not heard as it is published:
 // one stored while the connection is down (a server restart, a dropped
 // link, lame duck mode) is read once it is back.
-func publishAndWait(parent context.Context, cfg config.Config, id string, body []byte, wait time.Duration) (*result, error) {
+func publishAndWait(parent context.Context, cfg config.Config, id string, idGiven bool, body []byte, wait time.Duration) (*result, error) {
 	tctx, cancelTimeout := context.WithTimeoutCause(parent, wait, waitRanOut(wait))
 	defer cancelTimeout()
 	// The server reports a request or subscription the user may not make
@@ -198,7 +199,7 @@ func publishAndWait(parent context.Context, cfg config.Config, id string, body [
 	// timeout. It ends the wait at once, named.
 	ctx, cancel := context.WithCancelCause(tctx)
 	defer cancel(nil)
-	s := &session{parent: parent, ctx: ctx, wait: wait}
+	s := &session{parent: parent, ctx: ctx, wait: wait, idGiven: idGiven}
 	nc, err := natsconn.Connect(ctx, cfg.NATS, zap.NewNop(), "dlf-stop-worker stop")
 	if err != nil {
 		if parent.Err() != nil {

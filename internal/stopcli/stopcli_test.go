@@ -189,8 +189,11 @@ func TestNoWorkerTimesOut(t *testing.T) {
 	if stdout != "" {
 		t.Errorf("stdout = %q, want nothing", stdout)
 	}
-	if !strings.Contains(stderr, "no outcome for command no-worker-1 within --wait 500ms") {
-		t.Errorf("stderr = %q, want it to name the command id and --wait", stderr)
+	for _, want := range []string{"command no-worker-1 was published (stream DLF_STOP, sequence 1)",
+		"no outcome for it came within --wait 500ms", "may still be processed", "decided this id before"} {
+		if !strings.Contains(stderr, want) {
+			t.Errorf("stderr = %q, want %q", stderr, want)
+		}
 	}
 	if elapsed < 500*time.Millisecond || elapsed > 5*time.Second {
 		t.Errorf("took %s, want about --wait (500ms)", elapsed)
@@ -223,6 +226,14 @@ func TestNoWorkerTimesOut(t *testing.T) {
 	}
 	if got := msg.Header.Get(nats.MsgIdHdr); got != "no-worker-1" {
 		t.Errorf("Nats-Msg-Id = %q, want no-worker-1", got)
+	}
+
+	// Without --id the id is new: nothing about an id decided before
+	// (found by review: the only reason given, also here).
+	_, _, stderr = runStop(t, map[string]string{"NATS_URL": ns.ClientURL()},
+		"--script", "s", "--instance", "i-2", "--wait", "200ms")
+	if !strings.Contains(stderr, "may still be processed") || strings.Contains(stderr, "decided this id before") {
+		t.Errorf("stderr = %q; want it to say the command may still be processed, and nothing of a reused id", stderr)
 	}
 }
 
