@@ -129,6 +129,7 @@ func (w *Worker) prepare(msg jetstream.Msg) (j *job, panicked bool) {
 		w.log.Error("a command arrived without its body (a headers-only consumer); returning it",
 			zap.Uint64("stream_seq", meta.Sequence.Stream))
 		_ = msg.NakWithDelay(w.cfg.RetryMax)
+		w.m.returned.WithLabelValues("consumer_unfit").Inc()
 		return nil, false
 	}
 	hdr := msg.Headers()

@@ -571,9 +571,11 @@ func (w *Worker) pull(ctx context.Context) (pulled bool, err error) {
 		for msg := range batch.Messages() {
 			received++
 			if stopping := ctx.Err() != nil; stopping || w.circ.openNow() {
+				reason := "circuit_open"
 				if stopping {
-					w.m.returned.WithLabelValues("shutdown").Inc()
+					reason = "shutdown"
 				}
+				w.m.returned.WithLabelValues(reason).Inc()
 				handedBack = w.handBack(msg, expires, handedBack)
 				continue
 			}
@@ -884,6 +886,7 @@ func (w *Worker) afterPanic(msg jetstream.Msg, j *job) {
 	if w.soft != nil && w.soft.Err() != nil {
 		w.awaitPullsClosed()
 		_ = msg.Nak() // shutting down: another worker takes it at once
+		w.m.returned.WithLabelValues("shutdown").Inc()
 		return
 	}
 	// The injected clock may be what panicked: this path reads time.Now.
@@ -896,6 +899,7 @@ func (w *Worker) afterPanic(msg jetstream.Msg, j *job) {
 		w.log.Warn("returning the command that panicked", zap.Uint64("delivery", meta.NumDelivered),
 			zap.Duration("delay", delay), zap.Time("given_up_at", giveUpAt))
 		_ = msg.NakWithDelay(delay)
+		w.m.returned.WithLabelValues("panic").Inc()
 		return
 	}
 	w.giveUpAfterPanics(msg, meta, j, now)
