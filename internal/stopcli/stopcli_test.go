@@ -359,17 +359,15 @@ func TestWithWorker(t *testing.T) {
 		}
 	})
 
-	t.Run("rejected command exits 1", func(t *testing.T) {
-		// A script name the command rules refuse: the worker rejects it
-		// without calling DLF.
+	t.Run("a value the worker would reject is bad usage", func(t *testing.T) {
+		// A script name the command rules refuse: refused before it is
+		// published, so no command, outcome or dead letter follows
+		// (found by review: it was published, rejected and
+		// dead-lettered, exit 1).
 		calls := emu.StopCalls()
-		code, stdout, _ := runStop(t, lookup, "--script", "..", "--instance", "i-1", "--id", "cli-rejected-1")
-		if code != stopcli.ExitOther {
-			t.Errorf("exit = %d, want %d", code, stopcli.ExitOther)
-		}
-		o := oneJSONLine(t, stdout)
-		if o.Status != "rejected" || o.Cause != "invalid_command" || o.CommandID != "cli-rejected-1" {
-			t.Errorf("outcome = %+v, want rejected, invalid_command, cli-rejected-1", o)
+		code, stdout, stderr := runStop(t, lookup, "--script", "..", "--instance", "i-1", "--id", "cli-rejected-1")
+		if code != stopcli.ExitUsage || stdout != "" || !strings.Contains(stderr, "--script") {
+			t.Errorf("exit %d, stdout %q, stderr %q; want %d, nothing, and the flag named", code, stdout, stderr, stopcli.ExitUsage)
 		}
 		if got := emu.StopCalls(); got != calls {
 			t.Errorf("DLF stop calls went from %d to %d, want no call", calls, got)
