@@ -121,6 +121,7 @@ func TestSetupRefusesStreamsAndBucketsThatCannotWork(t *testing.T) {
 			change: maxAge(time.Hour), warn: "STATE_TTL"},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
+			t.Parallel() // each on a server of its own, and nothing timed
 			e := newEnv(t, nil)
 			if tc.mirror {
 				e.replaceWithMirror(t, tc.stream)
