@@ -64,6 +64,7 @@ func TestConsumerEditedToLoseCommandsIsNotPulled(t *testing.T) {
 			func(c *jetstream.ConsumerConfig) { c.MaxDeliver = -1 }},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
+			t.Parallel() // each on a server of its own
 			e := newEnv(t, nil)
 			e.emu.AddRunning(proj, "", "s1", "i-1")
 			r := e.startWorker(func(c *Config) { c.infoEvery = 100 * time.Millisecond })
