@@ -1143,6 +1143,7 @@ func (w *Worker) recordDecisionLater(j *job, change func(*stateDoc), err error) 
 	w.checkState()
 	j.log.Warn("outcome stored, decision not recorded yet; holding the command and trying again", zap.Error(err))
 	wait := w.cfg.RetryInitial
+	stopping := w.stopping
 	for {
 		// Jittered: the records of one document that failed together
 		// (their group's write, see saveAsync) must not all try again
@@ -1150,7 +1151,17 @@ func (w *Worker) recordDecisionLater(j *job, change func(*stateDoc), err error) 
 		t := time.NewTimer(wait*3/4 + rand.N(wait/2+1))
 		select {
 		case <-t.C:
-		case <-w.stopping:
+		case <-stopping:
+			// A stop does not end the tries: they go on, closer
+			// together, for as long as SHUTDOWN_TIMEOUT lets the worker
+			// finish what it holds (found by review: one try and a
+			// hand-back, and a redelivery after the bucket recovered,
+			// past the duplicate window, published a second outcome).
+			t.Stop()
+			stopping = nil
+			wait = min(wait, shutdownRecordWait)
+			continue
+		case <-w.hard.Done():
 			t.Stop()
 			// The outcome is stored, and the hand-back writes the
 			// decision, a last try: written, the next delivery acks the
@@ -1177,9 +1188,17 @@ func (w *Worker) recordDecisionLater(j *job, change func(*stateDoc), err error) 
 		w.m.publishFail.WithLabelValues("state").Inc()
 		w.checkState()
 		j.log.Debug("decision still not recorded", zap.Error(err))
-		wait = min(2*wait, w.cfg.RetryMax)
+		if stopping == nil {
+			wait = shutdownRecordWait
+		} else {
+			wait = min(2*wait, w.cfg.RetryMax)
+		}
 	}
 }
+
+// shutdownRecordWait spaces the tries of a decision record once the
+// worker is stopping: SHUTDOWN_TIMEOUT (20 s by default) is short.
+const shutdownRecordWait = 250 * time.Millisecond
 
 // acked acks a command whose outcome (and decision record) is stored.
 func (w *Worker) acked(j *job) {

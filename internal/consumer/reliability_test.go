@@ -215,12 +215,11 @@ func TestIDDroppedForRoomIsIndexedWhenTheWorkerStops(t *testing.T) {
 	}
 }
 
-// The same stop, when the hand-back does not write the decision: the
-// bucket still refuses, or the document changed meanwhile, so the
-// hand-back's re-read writes a pending entry. The next worker then decides
-// the command (its outcome, stored already, is adopted or stored again)
-// and counts it; the first one must not (found by review: both did, in
-// each case).
+// The same stop, when the bucket still refuses, or the document changed
+// meanwhile: the decision is counted once, by whichever worker records it
+// (found by review: both did, in each case). A bucket still refusing when
+// SHUTDOWN_TIMEOUT ends leaves it to the next worker; a changed document
+// is re-read and written within it, by the first.
 func TestDecisionCountedOnceWhenTheStopsHandBackFails(t *testing.T) {
 	for name, before := range map[string]func(t *testing.T, e *env){
 		"bucket still refuses": func(*testing.T, *env) {},
@@ -244,18 +243,57 @@ func TestDecisionCountedOnceWhenTheStopsHandBackFails(t *testing.T) {
 				return testutilCount(r.w.m.commands.WithLabelValues(StatusFailed, CauseDLFError))
 			}
 			testutil.Eventually(t, 10*time.Second, func() error {
-				if n := decided(r2); n != 1 {
-					return fmt.Errorf("counted %v times by the second worker", n)
+				if n1, n2 := decided(r), decided(r2); n1+n2 != 1 {
+					return fmt.Errorf("counted %v times by the first worker and %v by the second, want once", n1, n2)
 				}
 				return nil
 			})
-			if n := decided(r); n != 0 {
-				t.Errorf("counted %v times by the first worker too", n)
+			e.stopStreamEmpty(t)
+			if n1, n2 := decided(r), decided(r2); n1+n2 != 1 {
+				t.Errorf("counted %v times by the first worker and %v by the second, want once", n1, n2)
 			}
 			if n := len(e.out.outcomes(t)); n != 1 {
 				t.Errorf("%d outcomes, want 1", n)
 			}
 		})
+	}
+}
+
+// A worker stopped while the bucket refuses a decision record goes on
+// trying it within SHUTDOWN_TIMEOUT, instead of one try and a hand-back:
+// once the bucket takes it, the command is acked, and no redelivery after
+// the outcome's duplicate window can publish a second outcome (found by
+// review: the redelivery called DLF, got DLF.6205 and published
+// stopped/already_stopped as a second event).
+func TestStopWhileTheBucketRefusesTheRecordKeepsTrying(t *testing.T) {
+	e := newEnv(t, nil)
+	e.emu.AddRunning(proj, "", "s1", "i-404")
+	r := e.startWorker(func(c *Config) { c.RetryInitial, c.RetryMax = time.Minute, time.Minute })
+	e.refuseTheDecision(t, r)
+	stopped := make(chan struct{})
+	go func() {
+		defer close(stopped)
+		r.stop(t)
+	}()
+	testutil.Eventually(t, 5*time.Second, func() error {
+		if !r.w.shuttingDown.Load() {
+			return fmt.Errorf("not stopping yet")
+		}
+		return nil
+	})
+	e.updateStream(t, "KV_dlf_stop_state", func(c *jetstream.StreamConfig) { c.MaxMsgSize = -1 })
+	<-stopped
+	if n := testutilCount(r.w.m.returned.WithLabelValues("shutdown")); n != 0 {
+		t.Errorf("handed back %v times at the stop; want the record written and the command acked", n)
+	}
+	e.stopStreamEmpty(t)
+	rec, err := e.state(t).load(context.Background(),
+		instKey(command.Command{ProjectID: proj, ScriptName: "s1", InstanceID: "i-404"}.InstanceKey()))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if !decidedIn(&rec.doc, "new") {
+		t.Errorf("state = %+v; want new decided", rec.doc)
 	}
 }
 
