@@ -17,6 +17,13 @@ func unfit(format string, args ...any) error {
 	return &unfitError{fmt.Errorf("%w: "+format, append([]any{ErrMismatch}, args...)...)}
 }
 
+// pushConsumer is the error for a consumer under the worker's name that
+// nats.go will not bind for pulls (err says why).
+func pushConsumer(cfg Config, err error) error {
+	return unfit("consumer %s on %s is a push consumer; the worker needs a pull consumer (%v)",
+		cfg.ConsumerName, cfg.StopStream, err)
+}
+
 // consumerUnfit returns why the consumer configured as info would lose,
 // strand or never get commands, nil when it would not: a push consumer,
 // acks other than explicit, a filter that does not deliver STOP_SUBJECT,

@@ -12,6 +12,7 @@ import (
 	"github.com/nats-io/nats.go/jetstream"
 	"github.com/prometheus/client_golang/prometheus"
 
+	"github.com/dlf-stop/worker/internal/dlf/emulator"
 	"github.com/dlf-stop/worker/internal/testutil"
 )
 
@@ -223,4 +224,57 @@ func TestStopWhileTheBucketSetUpStallsEndsInTime(t *testing.T) {
 	case <-time.After(5 * time.Second):
 		t.Fatal("Run did not return within 5 s of the stop")
 	}
+}
+
+// A worker whose held slots are all taken, waiting for room to pull, does
+// not pull once room frees if the consumer was found unfit meanwhile
+// (found by review: the check came only before the wait for room).
+func TestFullWorkerDoesNotPullAfterTheConsumerTurnedUnfit(t *testing.T) {
+	e := newEnv(t, nil)
+	e.emu.SetFaults(emulator.Faults{Latency: 1500 * time.Millisecond})
+	r := e.startWorker(func(c *Config) {
+		c.Concurrency, c.heldFloor, c.CallTimeout, c.infoEvery = 1, 1, time.Minute, 100*time.Millisecond
+	})
+	r.waitStarted(t)
+	e.publishMany(t, 4, "slow") // as many as it holds
+	testutil.Eventually(t, 10*time.Second, func() error {
+		if n := len(r.w.held); n != cap(r.w.held) {
+			return fmt.Errorf("holds %d of %d", n, cap(r.w.held))
+		}
+		return nil
+	})
+	e.editConsumer(t, func(c *jetstream.ConsumerConfig) { c.MaxDeliver = 2 })
+	r.unfitFor(t, "max_deliver")
+	e.publish(body(t, map[string]any{"command_id": "fifth", "project_id": proj, "script_name": "s1", "instance_id": "i-5"}), nil)
+	// The slow calls end one after another (one slot, 1.5 s each); the
+	// room each leaves must not be pulled into.
+	testutil.Eventually(t, 30*time.Second, func() error {
+		if n := len(e.out.outcomes(t)); n < 4 {
+			return fmt.Errorf("%d of the 4 held decided", n)
+		}
+		return nil
+	})
+	if n := e.consumerInfo(t).Delivered.Consumer; n != 4 {
+		t.Errorf("%d deliveries; want the 4 held before the consumer turned unfit", n)
+	}
+}
+
+// An unfit consumer made again under the worker's name as a push consumer
+// is as unfit as one at start: said on /readyz, nothing pulled (found by
+// review: "consumer not bound", and the worker kept pulling and binding).
+func TestConsumerMadeAgainAsPushIsUnfit(t *testing.T) {
+	e := newEnv(t, nil)
+	r := e.startWorker(func(c *Config) { c.infoEvery = 100 * time.Millisecond })
+	r.waitStarted(t)
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+	if err := e.js.DeleteConsumer(ctx, "DLF_STOP", "dlf-stop-worker"); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := e.js.CreateOrUpdatePushConsumer(ctx, "DLF_STOP", jetstream.ConsumerConfig{
+		Durable: "dlf-stop-worker", DeliverSubject: "push.deliver", AckPolicy: jetstream.AckExplicitPolicy,
+	}); err != nil {
+		t.Fatal(err)
+	}
+	r.unfitFor(t, "push consumer")
 }

@@ -123,6 +123,7 @@ func (w *Worker) prepare(msg jetstream.Msg) (j *job, panicked bool) {
 		// without metadata nothing can be decided safely. Return it.
 		w.log.Error("message without JetStream metadata; returning it", zap.Error(err))
 		_ = msg.NakWithDelay(w.cfg.RetryInitial)
+		w.m.returned.WithLabelValues("no_metadata").Inc()
 		return nil, false
 	}
 	if w.bodyWithheld(msg) {

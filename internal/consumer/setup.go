@@ -132,8 +132,7 @@ func ensureConsumer(ctx context.Context, js jetstream.JetStream, cfg Config, log
 		}
 	}
 	if errors.Is(err, jetstream.ErrNotPullConsumer) {
-		return nil, fmt.Errorf("%w: consumer %s on %s is a push consumer; the worker needs a pull consumer (%v)",
-			ErrMismatch, cfg.ConsumerName, cfg.StopStream, err)
+		return nil, pushConsumer(cfg, err)
 	}
 	if err != nil {
 		return nil, fmt.Errorf("bind consumer %s on %s: %w", cfg.ConsumerName, cfg.StopStream, err)

@@ -277,6 +277,9 @@ func (w *Worker) watchLimits(ctx context.Context) {
 		switch {
 		case err == nil:
 			w.noteLimits(c.CachedInfo())
+		case errors.Is(err, jetstream.ErrNotPullConsumer):
+			// Made again as a push consumer: as unfit as at start.
+			w.setUnfit(pushConsumer(w.cfg, err))
 		case errors.Is(err, jetstream.ErrConsumerNotFound) || errors.Is(err, jetstream.ErrStreamNotFound):
 			// An unfit consumer deleted (as the README tells operators
 			// to do after a max_deliver): the unfit one is gone, and
@@ -559,6 +562,10 @@ func (w *Worker) pull(ctx context.Context) (pulled bool, err error) {
 		if w.circ.Open() { // it opened while reserve waited for room
 			w.unreserve(n)
 			return pulled, errCircuitOpen
+		}
+		if w.unfit.Load() != nil { // the consumer was found unfit meanwhile (found by review)
+			w.unreserve(n)
+			return pulled, errUnfit
 		}
 		expires := time.Now().Add(pullWait)
 		batch, err := w.cons.Fetch(n, jetstream.FetchMaxWait(pullWait))
@@ -881,6 +888,7 @@ func (w *Worker) afterPanic(msg jetstream.Msg, j *job) {
 	meta, err := msg.Metadata()
 	if err != nil {
 		_ = msg.NakWithDelay(w.cfg.RetryInitial)
+		w.m.returned.WithLabelValues("panic").Inc()
 		return
 	}
 	if w.soft != nil && w.soft.Err() != nil {
@@ -920,6 +928,7 @@ func (w *Worker) giveUpAfterPanics(msg jetstream.Msg, meta *jetstream.MsgMetadat
 			w.m.panics.Inc()
 			w.log.Error("panic while giving up a command that panicked; returning it", zap.Any("panic", r))
 			_ = msg.NakWithDelay(w.cfg.RetryMax)
+			w.m.returned.WithLabelValues("panic").Inc()
 		}
 	}()
 	if j == nil {
