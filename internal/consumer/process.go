@@ -771,10 +771,10 @@ func (w *Worker) store(j *job) {
 	// Published once only: a republish is dropped as a duplicate for just
 	// two minutes, and a dead-letter stream that stays broken for longer
 	// would otherwise store a copy of the outcome every two minutes.
-	if !j.outcomeStored {
-		if w.decidedMeanwhile(ctx, j) {
-			return
-		}
+	if !j.outcomeStored && w.decidedMeanwhile(ctx, j) {
+		return
+	}
+	if !j.outcomeStored { // decidedMeanwhile may have adopted a stored one
 		ack, err := w.pub.publishOutcome(ctx, o)
 		if err != nil {
 			w.publishFailed(j, "outcome", err)
@@ -879,6 +879,19 @@ func (w *Worker) decidedMeanwhile(ctx context.Context, j *job) bool {
 	}
 	decision, here := w.decidedIn(ctx, j, recs, w.state.lookupWait)
 	if decision == nil {
+		// Another delivery decided and stored its outcome, but not what
+		// follows it (a dead letter, the record): its pending entry says
+		// so. That outcome stands; this delivery stores what is missing
+		// (found by review: past the duplicate window it published a
+		// second outcome event, of its own decision).
+		if e := recs[0].doc.Cmds[j.sid]; e != nil && e.Phase == phasePending && e.OutcomeStored {
+			var o Outcome
+			if err := json.Unmarshal(e.Outcome, &o); err == nil {
+				j.out, j.attempts, j.decided, j.outcomeStored = o, e.Attempts, true, true
+				j.state = recs[0]
+				j.log.Info("another delivery decided this command meanwhile and stored its outcome; storing what it could not")
+			}
+		}
 		return false
 	}
 	if !here && j.valid && j.out.Status == StatusStopped {
