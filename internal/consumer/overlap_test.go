@@ -44,15 +44,10 @@ func (c *fetchOnce) Fetch(n int, opts ...jetstream.FetchOpt) (jetstream.MessageB
 	if err != nil {
 		return nil, err
 	}
-	out := &slowBatch{MessageBatch: b, msgs: make(chan jetstream.Msg)}
-	go func() {
-		for m := range b.Messages() {
-			c.got.Store(true)
-			out.msgs <- m
-		}
-		close(out.msgs)
-	}()
-	return out, nil
+	return relay(b, func(m jetstream.Msg) jetstream.Msg {
+		c.got.Store(true)
+		return m
+	}), nil
 }
 
 // emptyBatch is a pull that ended with nothing.

@@ -930,14 +930,19 @@ func (c deafConsumer) Fetch(n int, opts ...jetstream.FetchOpt) (jetstream.Messag
 	if err != nil {
 		return nil, err
 	}
+	return relay(b, func(m jetstream.Msg) jetstream.Msg { return deafMsg{m} }), nil
+}
+
+// relay hands b's messages on, each as wrap makes it.
+func relay(b jetstream.MessageBatch, wrap func(jetstream.Msg) jetstream.Msg) *slowBatch {
 	out := &slowBatch{MessageBatch: b, msgs: make(chan jetstream.Msg)}
 	go func() {
 		for m := range b.Messages() {
-			out.msgs <- deafMsg{m}
+			out.msgs <- wrap(m)
 		}
 		close(out.msgs)
 	}()
-	return out, nil
+	return out
 }
 
 type deafMsg struct{ jetstream.Msg }
