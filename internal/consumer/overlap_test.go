@@ -6,6 +6,8 @@ import (
 	"fmt"
 	"net/http"
 	"net/http/httptest"
+	"net/http/httputil"
+	"net/url"
 	"sync/atomic"
 	"testing"
 	"time"
@@ -133,5 +135,49 @@ func TestOverlappingDeliveryFollowsAStoredPendingOutcome(t *testing.T) {
 	}
 	if n != 1 {
 		t.Errorf("%d outcome events for command new, want 1", n)
+	}
+}
+
+// A command waiting in the worker to retry (a 503 with Retry-After) whose
+// instance another command stops meanwhile ends already_stopped without a
+// second call (contract section 6; found by review: the retry called DLF
+// and got DLF.6205, which then read as that stop, with attempts 2).
+func TestRetryAfterAnotherCommandStoppedTheInstanceMakesNoCall(t *testing.T) {
+	e := newEnv(t, nil)
+	e.emu.AddRunning(proj, "", "s1", "i-1")
+	var calls atomic.Int32
+	target, err := url.Parse(e.emuURL)
+	if err != nil {
+		t.Fatal(err)
+	}
+	proxy := httputil.NewSingleHostReverseProxy(target)
+	flaky := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		if calls.Add(1) == 1 { // the first command's first call
+			w.Header().Set("Retry-After", "2")
+			w.WriteHeader(http.StatusServiceUnavailable)
+			return
+		}
+		proxy.ServeHTTP(w, r)
+	}))
+	t.Cleanup(flaky.Close)
+	e.startWorkerAt(flaky.URL, nil)
+	e.publish(body(t, map[string]any{"command_id": "y", "project_id": proj, "script_name": "s1", "instance_id": "i-1"}), nil)
+	testutil.Eventually(t, 10*time.Second, func() error {
+		if calls.Load() == 0 {
+			return errors.New("y has not called yet")
+		}
+		return nil
+	})
+	e.publish(body(t, map[string]any{"command_id": "x", "project_id": proj, "script_name": "s1", "instance_id": "i-1"}), nil)
+	e.out.wait(t, 2, 15*time.Second)
+	got := byID(t, e.out.outcomes(t))
+	if o := got["x"]; o.Status != StatusStopped || o.Cause != CauseOK {
+		t.Errorf("x: %+v; want its own stop", o)
+	}
+	if o := got["y"]; o.Status != StatusStopped || o.Cause != CauseAlreadyStopped || o.Attempts != 1 || o.HTTPStatus != 503 {
+		t.Errorf("y: %+v; want already_stopped after its one call (503)", o)
+	}
+	if n := e.emu.StopCallsFor(proj, "s1", "i-1"); n != 1 {
+		t.Errorf("DLF calls for i-1 = %d, want 1 (x's)", n)
 	}
 }

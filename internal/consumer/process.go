@@ -292,7 +292,36 @@ func (w *Worker) process(j *job, recs []*stateRecord, lerr error) {
 		if !w.waitInProcess(j, wait) {
 			return
 		}
+		if why := w.stoppedWhileWaiting(j); why != "" {
+			w.finish(j, StatusStopped, CauseAlreadyStopped, why)
+			return
+		}
 	}
+}
+
+// stoppedWhileWaiting reads the instance's document again after a wait in
+// the worker before the next attempt, and says why the instance counts as
+// stopped when another command's stop was recorded meanwhile: it is
+// already_stopped, with no call (contract section 6; found by review: the
+// retry called DLF and read the DLF.6205 as that stop, attempts and
+// http_status telling of a call the contract says is not made). Only a
+// command that waits to retry pays the read; a failed read leaves the
+// call to go ahead, as before.
+func (w *Worker) stoppedWhileWaiting(j *job) string {
+	if w.state == nil || !j.valid {
+		return ""
+	}
+	recs, err := w.state.lookupWait(w.soft, []string{instKey(j.inst)})
+	if err != nil {
+		return ""
+	}
+	d := &recs[0].doc
+	d.forgetOldStop(time.Now().Unix(), w.cfg.StateTTL)
+	if d.StoppedBy == "" || d.StoppedBy == j.sid {
+		return ""
+	}
+	j.state = recs[0] // the decision record goes on from what is there now
+	return fmt.Sprintf("instance already stopped by command %s at %s, while this command waited to retry", shownID(d.StoppedBy), d.StoppedAt)
 }
 
 // lastAttemptGrace is how late after its give-up time a delivery of a
