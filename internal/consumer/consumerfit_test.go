@@ -106,6 +106,7 @@ func TestConsumerEditedToLoseCommandsIsNotPulled(t *testing.T) {
 // max_deliver, is created again by the worker, which goes on (found by
 // review: it waited for ever for the deleted consumer to fit).
 func TestUnfitConsumerDeletedIsCreatedAgain(t *testing.T) {
+	t.Parallel() // a server of its own, nothing timed against other tests
 	e := newEnv(t, nil)
 	e.emu.AddRunning(proj, "", "s1", "i-1")
 	r := e.startWorker(func(c *Config) { c.infoEvery = 100 * time.Millisecond })
@@ -188,6 +189,7 @@ func TestWorkerThatCannotBindIsNeverReady(t *testing.T) {
 // JetStream that does not answer ends Run within SHUTDOWN_TIMEOUT, with
 // nil (a requested stop), not after the set-up's own 30 s.
 func TestStopWhileTheBucketSetUpStallsEndsInTime(t *testing.T) {
+	t.Parallel() // a server of its own, nothing timed against other tests
 	e := newEnv(t, nil)
 	r := e.startWorker(nil)
 	r.waitStarted(t)
@@ -230,6 +232,7 @@ func TestStopWhileTheBucketSetUpStallsEndsInTime(t *testing.T) {
 // not pull once room frees if the consumer was found unfit meanwhile
 // (found by review: the check came only before the wait for room).
 func TestFullWorkerDoesNotPullAfterTheConsumerTurnedUnfit(t *testing.T) {
+	t.Parallel() // a server of its own, nothing timed against other tests
 	e := newEnv(t, nil)
 	e.emu.SetFaults(emulator.Faults{Latency: 1500 * time.Millisecond})
 	r := e.startWorker(func(c *Config) {
@@ -263,6 +266,7 @@ func TestFullWorkerDoesNotPullAfterTheConsumerTurnedUnfit(t *testing.T) {
 // is as unfit as one at start: said on /readyz, nothing pulled (found by
 // review: "consumer not bound", and the worker kept pulling and binding).
 func TestConsumerMadeAgainAsPushIsUnfit(t *testing.T) {
+	t.Parallel() // a server of its own, nothing timed against other tests
 	e := newEnv(t, nil)
 	r := e.startWorker(func(c *Config) { c.infoEvery = 100 * time.Millisecond })
 	r.waitStarted(t)

@@ -143,6 +143,7 @@ func TestOverlappingDeliveryFollowsAStoredPendingOutcome(t *testing.T) {
 // second call (contract section 6; found by review: the retry called DLF
 // and got DLF.6205, which then read as that stop, with attempts 2).
 func TestRetryAfterAnotherCommandStoppedTheInstanceMakesNoCall(t *testing.T) {
+	t.Parallel() // a server of its own, nothing timed against other tests
 	e := newEnv(t, nil)
 	e.emu.AddRunning(proj, "", "s1", "i-1")
 	var calls atomic.Int32

@@ -233,7 +233,11 @@ func TestDecisionCountedOnceWhenTheStopsHandBackFails(t *testing.T) {
 	} {
 		t.Run(name, func(t *testing.T) {
 			e := newEnv(t, nil)
-			r := e.startWorker(func(c *Config) { c.RetryInitial, c.RetryMax = time.Minute, time.Minute })
+			// The stop tries the record for SHUTDOWN_TIMEOUT; a short one
+			// keeps the case that still refuses quick.
+			r := e.startWorker(func(c *Config) {
+				c.RetryInitial, c.RetryMax, c.ShutdownTimeout = time.Minute, time.Minute, time.Second
+			})
 			e.refuseTheDecision(t, r)
 			before(t, e)
 			r.stop(t) // the hand-back writes no decision

@@ -39,6 +39,7 @@ func TestSubjectMatches(t *testing.T) {
 // A server without JetStream is named as such, not as a request nobody
 // answered (found by review).
 func TestSetupNamesAServerWithoutJetStream(t *testing.T) {
+	t.Parallel() // a server of its own, nothing timed against other tests
 	s := testutil.RunServer(t, &server.Options{Host: "127.0.0.1", Port: -1})
 	_, js := testutil.ConnectJS(t, s.ClientURL())
 	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
