@@ -220,17 +220,7 @@ func (e *env) replaceConsumer(t *testing.T, c jetstream.ConsumerConfig) {
 // `nats consumer edit --ack-wait` does.
 func (e *env) editAckWait(t *testing.T, d time.Duration) {
 	t.Helper()
-	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
-	defer cancel()
-	c, err := e.js.Consumer(ctx, "DLF_STOP", "dlf-stop-worker")
-	if err != nil {
-		t.Fatal(err)
-	}
-	cfg := c.CachedInfo().Config
-	cfg.AckWait = d
-	if _, err := e.js.UpdateConsumer(ctx, "DLF_STOP", cfg); err != nil {
-		t.Fatal(err)
-	}
+	e.editConsumer(t, func(c *jetstream.ConsumerConfig) { c.AckWait = d })
 }
 
 // A worker that does not pull follows an edited ack wait too: one whose

@@ -140,19 +140,26 @@ func TestDuplicateFollowsTheCommandPublishedBefore(t *testing.T) {
 		}
 	}
 
+	// sameCommand runs the stop for s/i-1 under id, in env, and expects
+	// the earlier command's outcome, of status, printed with the note.
+	sameCommand := func(t *testing.T, env map[string]string, id, status string, code int) {
+		t.Helper()
+		got, stdout, stderr := runStop(t, env, "--script", "s", "--instance", "i-1", "--id", id, "--wait", "10s")
+		if got != code {
+			t.Errorf("exit %d; want %d", got, code)
+		}
+		if o := oneJSONLine(t, stdout); o.CommandID != id || o.Status != status {
+			t.Errorf("outcome %+v; want %s's, %s", o, id, status)
+		}
+		wantDuplicateNote(t, stderr, id)
+	}
+
 	t.Run("outcome stored before this run", func(t *testing.T) {
 		const id = "dup-before"
 		seq = publishCommand(t, js, id).Sequence
 		storeOutcome(t, js, id, "stopped")
 		storeOutcome(t, js, "dup-other", "failed") // stored later, another command's
-		code, stdout, stderr := runStop(t, lookup, "--script", "s", "--instance", "i-1", "--id", id, "--wait", "10s")
-		if code != stopcli.ExitStopped {
-			t.Errorf("exit %d; want %d", code, stopcli.ExitStopped)
-		}
-		if o := oneJSONLine(t, stdout); o.CommandID != id || o.Status != "stopped" {
-			t.Errorf("outcome %+v; want %s's, stopped", o, id)
-		}
-		wantDuplicateNote(t, stderr, id)
+		sameCommand(t, lookup, id, "stopped", stopcli.ExitStopped)
 	})
 
 	// The earlier command named another instance: its outcome says
@@ -198,15 +205,8 @@ func TestDuplicateFollowsTheCommandPublishedBefore(t *testing.T) {
 		const id = "dup-rejected"
 		seq = publishCommand(t, js, id).Sequence
 		storeOutcomeOf(t, js, consumer.Outcome{CommandID: id, ScriptName: "s", InstanceID: "i-1", Status: "rejected", Cause: "invalid_command"})
-		env := map[string]string{"NATS_URL": lookup["NATS_URL"], "HUAWEICLOUD_SDK_PROJECT_ID": "P-DEFAULT"}
-		code, stdout, stderr := runStop(t, env, "--script", "s", "--instance", "i-1", "--id", id, "--wait", "10s")
-		if code != stopcli.ExitOther {
-			t.Errorf("exit %d; want %d", code, stopcli.ExitOther)
-		}
-		if o := oneJSONLine(t, stdout); o.CommandID != id || o.Status != "rejected" {
-			t.Errorf("outcome %+v; want %s's, rejected", o, id)
-		}
-		wantDuplicateNote(t, stderr, id)
+		sameCommand(t, map[string]string{"NATS_URL": lookup["NATS_URL"], "HUAWEICLOUD_SDK_PROJECT_ID": "P-DEFAULT"},
+			id, "rejected", stopcli.ExitOther)
 	})
 
 	// A rejected command that left out an instance had an invalid one,
