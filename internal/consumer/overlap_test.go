@@ -14,6 +14,7 @@ import (
 
 	"github.com/nats-io/nats.go/jetstream"
 
+	"github.com/dlf-stop/worker/internal/command"
 	"github.com/dlf-stop/worker/internal/dlf/emulator"
 	"github.com/dlf-stop/worker/internal/testutil"
 )
@@ -63,6 +64,36 @@ func (emptyBatch) Messages() <-chan jetstream.Msg {
 
 func (emptyBatch) Error() error { return nil }
 
+// overlapWithAPendingOutcome starts worker B, which calls DLF at slowURL
+// and whose heartbeats are lost, and worker A, held back until B's call
+// has begun (bCalls); with the dead-letter stream deleted, it publishes
+// command "new" for i-1 and returns once A, which took the command after
+// B's lease ran out, decided it and could not store its dead letter.
+func (e *env) overlapWithAPendingOutcome(ctx context.Context, t *testing.T, slowURL string, bCalls *atomic.Int32) (a, b *running) {
+	t.Helper()
+	gate := make(chan struct{})
+	b = e.startWorkerAt(slowURL, nil, func(w *Worker) { w.cons = deafConsumer{&fetchOnce{Consumer: w.cons}} })
+	a = e.startWorker(nil, func(w *Worker) { w.cons = gatedConsumer{w.cons, gate} })
+	if err := e.js.DeleteStream(ctx, "DLF_STOP_DEAD"); err != nil {
+		t.Fatal(err)
+	}
+	e.publish(body(t, map[string]any{"command_id": "new", "project_id": proj, "script_name": "s1", "instance_id": "i-1"}), nil)
+	testutil.Eventually(t, 10*time.Second, func() error {
+		if bCalls.Load() == 0 {
+			return errors.New("B has not called yet")
+		}
+		return nil
+	})
+	close(gate) // A takes the command once B's lease ran out
+	testutil.Eventually(t, 10*time.Second, func() error {
+		if n := testutilCount(a.w.m.publishFail.WithLabelValues("dead_letter")); n < 1 {
+			return fmt.Errorf("A's dead letter not refused yet")
+		}
+		return nil
+	})
+	return a, b
+}
+
 // Two deliveries of one command at once: worker B (its heartbeats lost)
 // has a slow call, worker A gets the command after the ack wait, decides
 // it failed and stores the outcome, but cannot store the dead letter (the
@@ -89,28 +120,9 @@ func TestOverlappingDeliveryFollowsAStoredPendingOutcome(t *testing.T) {
 		_, _ = w.Write([]byte(`{"error_code":"DLF.6201","error_msg":"refused"}`))
 	}))
 	t.Cleanup(slow.Close)
-	gate := make(chan struct{})
-	b := e.startWorkerAt(slow.URL, nil, func(w *Worker) { w.cons = deafConsumer{&fetchOnce{Consumer: w.cons}} })
-	a := e.startWorker(nil, func(w *Worker) { w.cons = gatedConsumer{w.cons, gate} })
 	ctx, cancel := context.WithTimeout(context.Background(), 20*time.Second)
 	defer cancel()
-	if err := e.js.DeleteStream(ctx, "DLF_STOP_DEAD"); err != nil {
-		t.Fatal(err)
-	}
-	e.publish(body(t, map[string]any{"command_id": "new", "project_id": proj, "script_name": "s1", "instance_id": "i-1"}), nil)
-	testutil.Eventually(t, 10*time.Second, func() error {
-		if bCalls.Load() == 0 {
-			return errors.New("B has not called yet")
-		}
-		return nil
-	})
-	close(gate) // A takes the command once B's lease ran out
-	testutil.Eventually(t, 10*time.Second, func() error {
-		if n := testutilCount(a.w.m.publishFail.WithLabelValues("dead_letter")); n < 1 {
-			return fmt.Errorf("A's dead letter not refused yet")
-		}
-		return nil
-	})
+	_, b := e.overlapWithAPendingOutcome(ctx, t, slow.URL, &bCalls)
 	// B's only delivery, its call answered, ends as a failed dead-letter
 	// publish (or, were A done, an ack without an outcome).
 	testutil.Eventually(t, 15*time.Second, func() error {
@@ -180,5 +192,124 @@ func TestRetryAfterAnotherCommandStoppedTheInstanceMakesNoCall(t *testing.T) {
 	}
 	if n := e.emu.StopCallsFor(proj, "s1", "i-1"); n != 1 {
 		t.Errorf("DLF calls for i-1 = %d, want 1 (x's)", n)
+	}
+}
+
+// As TestOverlappingDeliveryFollowsAStoredPendingOutcome, but B's slow
+// call is the one that stops the instance (204). B adopts A's stored
+// failed outcome, and still records that its call stopped the instance, as
+// ackReused does (found by review: it did not, and a later command for the
+// instance called DLF and failed on DLF.6205).
+func TestAdoptingAnotherOutcomeRecordsTheOwnStop(t *testing.T) {
+	e := newEnv(t, func(c *Config) {
+		c.AckWait, c.CallTimeout = time.Second, 15*time.Second
+		c.RetryInitial, c.RetryMax = 100*time.Millisecond, 300*time.Millisecond
+	})
+	e.updateStream(t, "DLF_STOP_OUTCOMES", func(c *jetstream.StreamConfig) { c.Duplicates = time.Second })
+	e.emu.AddRunning(proj, "", "s1", "i-1")
+	e.emu.SetFaultsFor(proj, "s1", "i-1", emulator.Faults{ErrorRate: 1, ErrorStatus: 400})
+	target, _ := url.Parse(e.emuURL)
+	proxy := httputil.NewSingleHostReverseProxy(target)
+	var bCalls, bAnswered atomic.Int32
+	release := make(chan struct{})
+	slow := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		bCalls.Add(1)
+		defer bAnswered.Add(1)
+		<-release
+		e.emu.ClearFaultsFor(proj, "s1", "i-1")
+		proxy.ServeHTTP(w, r) // 204: B's call stops the instance
+	}))
+	t.Cleanup(slow.Close)
+	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+	defer cancel()
+	a, b := e.overlapWithAPendingOutcome(ctx, t, slow.URL, &bCalls)
+	a.stop(t)                                                 // A's pending entry is written; A takes no more part
+	if _, err := Setup(ctx, e.js, e.cfg, e.log); err != nil { // the dead-letter stream back
+		t.Fatal(err)
+	}
+	time.Sleep(1500 * time.Millisecond) // the thing under test: past the outcome's 1 s window
+	close(release)
+	e.stopStreamEmpty(t)
+	b.stop(t)
+	if !e.emu.Stopped(proj, "s1", "i-1") {
+		t.Fatal("premise: B's call did not stop i-1")
+	}
+	for _, o := range e.out.outcomes(t) {
+		t.Logf("outcome %s %s/%s attempts=%d", o.CommandID, o.Status, o.Cause, o.Attempts)
+	}
+	t.Logf("dead letters: %d", e.dead.len())
+	key := instKey(command.Command{ProjectID: proj, ScriptName: "s1", InstanceID: "i-1"}.InstanceKey())
+	rec, err := e.state(t).load(ctx, key)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Logf("state of i-1: stopped_by=%q cmds[new]=%+v", rec.doc.StoppedBy, rec.doc.Cmds["new"])
+	// A later command for the stopped instance.
+	e.startWorker(nil)
+	e.publish(body(t, map[string]any{"command_id": "z", "project_id": proj, "script_name": "s1", "instance_id": "i-1"}), nil)
+	testutil.Eventually(t, 10*time.Second, func() error {
+		if _, ok := byID(t, e.out.outcomes(t))["z"]; !ok {
+			return errors.New("no outcome for z yet")
+		}
+		return nil
+	})
+	z := byID(t, e.out.outcomes(t))["z"]
+	t.Logf("z: %s/%s http=%d %s attempts=%d", z.Status, z.Cause, z.HTTPStatus, z.ErrorCode, z.Attempts)
+	if rec.doc.StoppedBy != "new" {
+		t.Errorf("i-1's stop by B's call is not recorded (stopped_by=%q)", rec.doc.StoppedBy)
+	}
+	if z.Status != StatusStopped || z.Cause != CauseAlreadyStopped {
+		t.Errorf("z = %s/%s, want stopped/already_stopped (instance stopped by new)", z.Status, z.Cause)
+	}
+}
+
+// y waits in the worker to retry (503, Retry-After 2); meanwhile another
+// delivery of y records y as the instance's stopper (y decided). The
+// re-read after the wait acks y without a call (found by review: it went
+// on to call DLF).
+func TestCommandDecidedWhileWaitingToRetryMakesNoCall(t *testing.T) {
+	e := newEnv(t, nil)
+	e.emu.AddRunning(proj, "", "s1", "i-1")
+	var calls atomic.Int32
+	target, _ := url.Parse(e.emuURL)
+	proxy := httputil.NewSingleHostReverseProxy(target)
+	flaky := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		if calls.Add(1) == 1 {
+			w.Header().Set("Retry-After", "2")
+			w.WriteHeader(http.StatusServiceUnavailable)
+			return
+		}
+		proxy.ServeHTTP(w, r)
+	}))
+	t.Cleanup(flaky.Close)
+	r := e.startWorkerAt(flaky.URL, nil)
+	e.publish(body(t, map[string]any{"command_id": "y", "project_id": proj, "script_name": "s1", "instance_id": "i-1"}), nil)
+	testutil.Eventually(t, 10*time.Second, func() error {
+		if calls.Load() == 0 {
+			return errors.New("y has not called yet")
+		}
+		return nil
+	})
+	testutil.Eventually(t, 5*time.Second, func() error {
+		if r.w.waiting.Load() == 0 {
+			return errors.New("y is not waiting in the worker yet")
+		}
+		return nil
+	})
+	st := e.state(t)
+	key := instKey(command.Command{ProjectID: proj, ScriptName: "s1", InstanceID: "i-1"}.InstanceKey())
+	rec, err := st.load(context.Background(), key)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := st.save(context.Background(), rec, func(d *stateDoc) {
+		d.StoppedBy, d.StoppedAt, d.StoppedT = "y", FormatTime(time.Now()), time.Now().Unix()
+	}); err != nil {
+		t.Fatal(err)
+	}
+	e.stopStreamEmpty(t)
+	t.Logf("DLF calls=%d outcomes=%d skipped=%v", calls.Load(), e.out.len(), testutilCount(r.w.m.skipped))
+	if n := calls.Load(); n != 1 {
+		t.Errorf("%d DLF calls; the bucket recorded y decided before the retry, want 1", n)
 	}
 }

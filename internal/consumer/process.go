@@ -63,7 +63,11 @@ type job struct {
 	// as the instance's stopper (set by the record's change, read once
 	// it is stored), so the bucket explains a sibling's DLF.6205.
 	stopRecorded bool
-	decided      bool // j.out holds a decision not yet stored
+	// ownStop: this delivery's call stopped the instance, though the
+	// outcome stored for the command is another delivery's (adopted in
+	// decidedMeanwhile): the record names the stop all the same.
+	ownStop bool
+	decided bool // j.out holds a decision not yet stored
 	// outcomeStored: j.out is in the outcome stream (only the dead
 	// letter or the decision record is missing), by this delivery or an
 	// earlier one per the state bucket; it must not be published again.
@@ -292,7 +296,9 @@ func (w *Worker) process(j *job, recs []*stateRecord, lerr error) {
 		if !w.waitInProcess(j, wait) {
 			return
 		}
-		if why := w.stoppedWhileWaiting(j); why != "" {
+		if why, handled := w.stoppedWhileWaiting(j); handled {
+			return
+		} else if why != "" {
 			w.finish(j, StatusStopped, CauseAlreadyStopped, why)
 			return
 		}
@@ -307,21 +313,39 @@ func (w *Worker) process(j *job, recs []*stateRecord, lerr error) {
 // http_status telling of a call the contract says is not made). Only a
 // command that waits to retry pays the read; a failed read leaves the
 // call to go ahead, as before.
-func (w *Worker) stoppedWhileWaiting(j *job) string {
+//
+// The same read shows whether another delivery of this command decided it
+// meanwhile (acked without a call or an outcome) or stored a decision it
+// could not finish (stored now): handled says so (found by review: the
+// retry called DLF for a command the bucket recorded as decided).
+func (w *Worker) stoppedWhileWaiting(j *job) (why string, handled bool) {
 	if w.state == nil || !j.valid {
-		return ""
+		return "", false
 	}
-	recs, err := w.state.lookupWait(w.soft, []string{instKey(j.inst)})
+	recs, err := w.state.lookupWait(w.soft, j.stateKeys())
 	if err != nil {
-		return ""
+		return "", false
 	}
-	d := &recs[0].doc
-	d.forgetOldStop(time.Now().Unix(), w.cfg.StateTTL)
-	if d.StoppedBy == "" || d.StoppedBy == j.sid {
-		return ""
+	if decision, _ := w.decidedIn(w.soft, j, recs, w.state.lookupWait); decision != nil {
+		w.ackDecidedElsewhere(j)
+		return "", true
+	}
+	d := &recs[0].doc // its old stop forgotten by decidedIn
+	if e := d.Cmds[j.sid]; e != nil && e.Phase == phasePending {
+		var o Outcome
+		if err := json.Unmarshal(e.Outcome, &o); err == nil {
+			j.state = recs[0]
+			j.out, j.attempts, j.decided, j.outcomeStored = o, e.Attempts, true, e.OutcomeStored
+			j.log.Info("another delivery decided this command while it waited to retry; storing its outcome")
+			w.store(j)
+			return "", true
+		}
+	}
+	if d.StoppedBy == "" {
+		return "", false
 	}
 	j.state = recs[0] // the decision record goes on from what is there now
-	return fmt.Sprintf("instance already stopped by command %s at %s, while this command waited to retry", shownID(d.StoppedBy), d.StoppedAt)
+	return fmt.Sprintf("instance already stopped by command %s at %s, while this command waited to retry", shownID(d.StoppedBy), d.StoppedAt), false
 }
 
 // lastAttemptGrace is how late after its give-up time a delivery of a
@@ -854,7 +878,7 @@ func (w *Worker) store(j *job) {
 		// applies it to a document already pruned, which drops nothing.
 		var dropped map[string]cmdEntry
 		entry := cmdEntry{Phase: phaseDecided, Attempts: j.attempts, Status: status, Cause: cause, At: now}
-		stopped := status == StatusStopped && j.valid
+		stopped := (status == StatusStopped || j.ownStop) && j.valid
 		change := func(d *stateDoc) {
 			collect(&dropped, d.setDecided(j.sid, entry, stopped, o.FinishedAt, w.cfg.StateTTL))
 			j.stopRecorded = d.StoppedBy == j.sid
@@ -916,6 +940,10 @@ func (w *Worker) decidedMeanwhile(ctx context.Context, j *job) bool {
 		if e := recs[0].doc.Cmds[j.sid]; e != nil && e.Phase == phasePending && e.OutcomeStored {
 			var o Outcome
 			if err := json.Unmarshal(e.Outcome, &o); err == nil {
+				// A stop this delivery's own call made is recorded too,
+				// as ackReused does (found by review: a later command
+				// for the instance called DLF and failed on DLF.6205).
+				j.ownStop = j.valid && j.out.Status == StatusStopped
 				j.out, j.attempts, j.decided, j.outcomeStored = o, e.Attempts, true, true
 				j.state = recs[0]
 				j.log.Info("another delivery decided this command meanwhile and stored its outcome; storing what it could not")
