@@ -147,9 +147,14 @@ func TestBodyWithheldByAHeadersOnlyConsumerIsReturned(t *testing.T) {
 	if n := len(e.out.outcomes(t)); n != 0 {
 		t.Fatalf("%d outcomes for a command whose body was withheld", n)
 	}
-	if n := testutilCount(r.w.m.returned.WithLabelValues("consumer_unfit")); n < 1 {
-		t.Errorf("returned for an unfit consumer counted %v, want at least 1", n)
-	}
+	// Counted once the delivery is returned, just after the worker
+	// learned the consumer is unfit.
+	testutil.Eventually(t, 5*time.Second, func() error {
+		if n := testutilCount(r.w.m.returned.WithLabelValues("consumer_unfit")); n < 1 {
+			return fmt.Errorf("returned for an unfit consumer counted %v, want at least 1", n)
+		}
+		return nil
+	})
 	e.editConsumer(t, func(c *jetstream.ConsumerConfig) { c.HeadersOnly = false })
 	if o := e.single(t); o.CommandID != "c1" || o.Status != StatusStopped {
 		t.Errorf("outcome %+v; want c1 stopped", o)

@@ -388,9 +388,12 @@ func TestPanicReturnsTheCommand(t *testing.T) {
 	if got := testutilCount(r.w.m.panics); got != 1 {
 		t.Errorf("panics counted: %v, want 1", got)
 	}
-	if got := testutilCount(r.w.m.returned.WithLabelValues("panic")); got != 1 {
-		t.Errorf("returned for a panic counted %v, want 1", got)
-	}
+	testutil.Eventually(t, 5*time.Second, func() error { // counted just after the return
+		if got := testutilCount(r.w.m.returned.WithLabelValues("panic")); got != 1 {
+			return fmt.Errorf("returned for a panic counted %v, want 1", got)
+		}
+		return nil
+	})
 	stopStart := time.Now()
 	r.stop(t)
 	if took := time.Since(stopStart); took > 3*time.Second {
