@@ -158,21 +158,7 @@ func TestRetryAfterAnotherCommandStoppedTheInstanceMakesNoCall(t *testing.T) {
 	t.Parallel() // a server of its own, nothing timed against other tests
 	e := newEnv(t, nil)
 	e.emu.AddRunning(proj, "", "s1", "i-1")
-	var calls atomic.Int32
-	target, err := url.Parse(e.emuURL)
-	if err != nil {
-		t.Fatal(err)
-	}
-	proxy := httputil.NewSingleHostReverseProxy(target)
-	flaky := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
-		if calls.Add(1) == 1 { // the first command's first call
-			w.Header().Set("Retry-After", "2")
-			w.WriteHeader(http.StatusServiceUnavailable)
-			return
-		}
-		proxy.ServeHTTP(w, r)
-	}))
-	t.Cleanup(flaky.Close)
+	flaky, calls := e.firstCallWaits(t)
 	e.startWorkerAt(flaky.URL, nil)
 	e.publish(body(t, map[string]any{"command_id": "y", "project_id": proj, "script_name": "s1", "instance_id": "i-1"}), nil)
 	testutil.Eventually(t, 10*time.Second, func() error {
@@ -201,28 +187,10 @@ func TestRetryAfterAnotherCommandStoppedTheInstanceMakesNoCall(t *testing.T) {
 // ackReused does (found by review: it did not, and a later command for the
 // instance called DLF and failed on DLF.6205).
 func TestAdoptingAnotherOutcomeRecordsTheOwnStop(t *testing.T) {
-	e := newEnv(t, func(c *Config) {
-		c.AckWait, c.CallTimeout = time.Second, 15*time.Second
-		c.RetryInitial, c.RetryMax = 100*time.Millisecond, 300*time.Millisecond
-	})
-	e.updateStream(t, "DLF_STOP_OUTCOMES", func(c *jetstream.StreamConfig) { c.Duplicates = time.Second })
-	e.emu.AddRunning(proj, "", "s1", "i-1")
-	e.emu.SetFaultsFor(proj, "s1", "i-1", emulator.Faults{ErrorRate: 1, ErrorStatus: 400})
-	target, _ := url.Parse(e.emuURL)
-	proxy := httputil.NewSingleHostReverseProxy(target)
-	var bCalls, bAnswered atomic.Int32
-	release := make(chan struct{})
-	slow := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
-		bCalls.Add(1)
-		defer bAnswered.Add(1)
-		<-release
-		e.emu.ClearFaultsFor(proj, "s1", "i-1")
-		proxy.ServeHTTP(w, r) // 204: B's call stops the instance
-	}))
-	t.Cleanup(slow.Close)
+	e, slow, bCalls, release := newOwnStopEnv(t)
 	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
 	defer cancel()
-	a, b := e.overlapWithAPendingOutcome(ctx, t, slow.URL, &bCalls)
+	a, b := e.overlapWithAPendingOutcome(ctx, t, slow.URL, bCalls)
 	a.stop(t)                                                 // A's pending entry is written; A takes no more part
 	if _, err := Setup(ctx, e.js, e.cfg, e.log); err != nil { // the dead-letter stream back
 		t.Fatal(err)
@@ -269,11 +237,58 @@ func TestAdoptingAnotherOutcomeRecordsTheOwnStop(t *testing.T) {
 // on to call DLF).
 func TestCommandDecidedWhileWaitingToRetryMakesNoCall(t *testing.T) {
 	e := newEnv(t, nil)
+	r, calls := e.yWaitsWhileStateChanges(t, func(d *stateDoc) {
+		d.StoppedBy, d.StoppedAt, d.StoppedT = "y", FormatTime(time.Now()), time.Now().Unix()
+	})
+	e.stopStreamEmpty(t)
+	t.Logf("DLF calls=%d outcomes=%d skipped=%v", calls.Load(), e.out.len(), testutilCount(r.w.m.skipped))
+	if n := calls.Load(); n != 1 {
+		t.Errorf("%d DLF calls; the bucket recorded y decided before the retry, want 1", n)
+	}
+}
+
+// newOwnStopEnv is the set-up of the tests where worker B's slow call stops
+// i-1 (204) once release is closed, while A's calls are refused (400): an
+// outcome window of 1 s, an ack wait of 1 s, short retries. It returns
+// B's DLF endpoint and the count of calls made to it.
+func newOwnStopEnv(t *testing.T) (e *env, slow *httptest.Server, bCalls *atomic.Int32, release chan struct{}) {
+	t.Helper()
+	e = newEnv(t, func(c *Config) {
+		c.AckWait, c.CallTimeout = time.Second, 15*time.Second
+		c.RetryInitial, c.RetryMax = 100*time.Millisecond, 300*time.Millisecond
+	})
+	e.updateStream(t, "DLF_STOP_OUTCOMES", func(c *jetstream.StreamConfig) { c.Duplicates = time.Second })
 	e.emu.AddRunning(proj, "", "s1", "i-1")
-	var calls atomic.Int32
-	target, _ := url.Parse(e.emuURL)
+	e.emu.SetFaultsFor(proj, "s1", "i-1", emulator.Faults{ErrorRate: 1, ErrorStatus: 400})
+	target, err := url.Parse(e.emuURL)
+	if err != nil {
+		t.Fatal(err)
+	}
 	proxy := httputil.NewSingleHostReverseProxy(target)
-	flaky := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+	bCalls = new(atomic.Int32)
+	release = make(chan struct{})
+	slow = httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		bCalls.Add(1)
+		<-release
+		e.emu.ClearFaultsFor(proj, "s1", "i-1")
+		proxy.ServeHTTP(w, r) // 204: B's call stops the instance
+	}))
+	t.Cleanup(slow.Close)
+	return e, slow, bCalls, release
+}
+
+// firstCallWaits is a DLF endpoint in front of the emulator whose first
+// call is answered 503 with Retry-After: 2, so that its command waits in
+// the worker to retry; calls counts the calls it got.
+func (e *env) firstCallWaits(t *testing.T) (flaky *httptest.Server, calls *atomic.Int32) {
+	t.Helper()
+	target, err := url.Parse(e.emuURL)
+	if err != nil {
+		t.Fatal(err)
+	}
+	proxy := httputil.NewSingleHostReverseProxy(target)
+	calls = new(atomic.Int32)
+	flaky = httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
 		if calls.Add(1) == 1 {
 			w.Header().Set("Retry-After", "2")
 			w.WriteHeader(http.StatusServiceUnavailable)
@@ -282,34 +297,32 @@ func TestCommandDecidedWhileWaitingToRetryMakesNoCall(t *testing.T) {
 		proxy.ServeHTTP(w, r)
 	}))
 	t.Cleanup(flaky.Close)
-	r := e.startWorkerAt(flaky.URL, nil)
+	return flaky, calls
+}
+
+// yWaitsWhileStateChanges starts a worker whose first call for command y
+// (instance i-1) is answered 503 with Retry-After: 2, and, while y waits
+// in the worker to retry, changes i-1's document as another delivery
+// would.
+func (e *env) yWaitsWhileStateChanges(t *testing.T, change func(*stateDoc)) (r *running, calls *atomic.Int32) {
+	t.Helper()
+	e.emu.AddRunning(proj, "", "s1", "i-1")
+	flaky, calls := e.firstCallWaits(t)
+	r = e.startWorkerAt(flaky.URL, nil)
 	e.publish(body(t, map[string]any{"command_id": "y", "project_id": proj, "script_name": "s1", "instance_id": "i-1"}), nil)
 	testutil.Eventually(t, 10*time.Second, func() error {
-		if calls.Load() == 0 {
-			return errors.New("y has not called yet")
-		}
-		return nil
-	})
-	testutil.Eventually(t, 5*time.Second, func() error {
 		if r.w.waiting.Load() == 0 {
 			return errors.New("y is not waiting in the worker yet")
 		}
 		return nil
 	})
 	st := e.state(t)
-	key := instKey(command.Command{ProjectID: proj, ScriptName: "s1", InstanceID: "i-1"}.InstanceKey())
-	rec, err := st.load(context.Background(), key)
+	rec, err := st.load(context.Background(), instKey(command.Command{ProjectID: proj, ScriptName: "s1", InstanceID: "i-1"}.InstanceKey()))
 	if err != nil {
 		t.Fatal(err)
 	}
-	if err := st.save(context.Background(), rec, func(d *stateDoc) {
-		d.StoppedBy, d.StoppedAt, d.StoppedT = "y", FormatTime(time.Now()), time.Now().Unix()
-	}); err != nil {
+	if err := st.save(context.Background(), rec, change); err != nil {
 		t.Fatal(err)
 	}
-	e.stopStreamEmpty(t)
-	t.Logf("DLF calls=%d outcomes=%d skipped=%v", calls.Load(), e.out.len(), testutilCount(r.w.m.skipped))
-	if n := calls.Load(); n != 1 {
-		t.Errorf("%d DLF calls; the bucket recorded y decided before the retry, want 1", n)
-	}
+	return r, calls
 }

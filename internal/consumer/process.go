@@ -336,6 +336,7 @@ func (w *Worker) stoppedWhileWaiting(j *job) (why string, handled bool) {
 		if err := json.Unmarshal(e.Outcome, &o); err == nil {
 			j.state = recs[0]
 			j.out, j.attempts, j.decided, j.outcomeStored = o, e.Attempts, true, e.OutcomeStored
+			j.ownStop = e.OwnStop
 			j.log.Info("another delivery decided this command while it waited to retry; storing its outcome")
 			w.store(j)
 			return "", true
@@ -742,6 +743,7 @@ func (w *Worker) giveBack(j *job, delay time.Duration, reason string) (decisionS
 		if j.decided {
 			if b, err := json.Marshal(&j.out); err == nil {
 				entry.Phase, entry.Outcome, entry.OutcomeStored = phasePending, b, j.outcomeStored
+				entry.OwnStop = j.ownStop
 			}
 		}
 		// What this delivery knew of the id's marks, so that a mark an
@@ -842,7 +844,7 @@ func (w *Worker) store(j *job) {
 				return
 			}
 			if first != nil {
-				w.ackReused(j, first)
+				w.ackReused(j, first, true)
 				return
 			}
 		}
@@ -943,7 +945,7 @@ func (w *Worker) decidedMeanwhile(ctx context.Context, j *job) bool {
 				// A stop this delivery's own call made is recorded too,
 				// as ackReused does (found by review: a later command
 				// for the instance called DLF and failed on DLF.6205).
-				j.ownStop = j.valid && j.out.Status == StatusStopped
+				j.ownStop = (j.valid && j.out.Status == StatusStopped) || e.OwnStop
 				j.out, j.attempts, j.decided, j.outcomeStored = o, e.Attempts, true, true
 				j.state = recs[0]
 				j.log.Info("another delivery decided this command meanwhile and stored its outcome; storing what it could not")
@@ -951,13 +953,15 @@ func (w *Worker) decidedMeanwhile(ctx context.Context, j *job) bool {
 		}
 		return false
 	}
-	if !here && j.valid && j.out.Status == StatusStopped {
-		// The id was decided for another instance (a message reusing it),
-		// and this delivery's call stopped its own: that stop is recorded,
-		// without an outcome, as it is when the duplicate window drops
-		// the outcome (ackReused), so that a later command for this
-		// instance is already_stopped rather than a DLF.6205 failure.
-		w.ackReused(j, &Outcome{Status: decision.Status, Cause: decision.Cause})
+	if j.valid && j.out.Status == StatusStopped {
+		// This delivery's call stopped the instance, while the command
+		// was decided elsewhere: for another instance (a message reusing
+		// the id) or, by another delivery, otherwise. The stop is
+		// recorded without an outcome, as it is when the duplicate window
+		// drops the outcome (ackReused), so that a later command for this
+		// instance is already_stopped rather than a DLF.6205 failure
+		// (found by review: with the decision here, it was not).
+		w.ackReused(j, &Outcome{Status: decision.Status, Cause: decision.Cause}, !here)
 		return true
 	}
 	w.ackDecidedElsewhere(j)
@@ -1064,6 +1068,7 @@ func (w *Worker) stoppedMeanwhile(j *job) (why string, handled bool) {
 		var o Outcome
 		if err := json.Unmarshal(e.Outcome, &o); err == nil {
 			j.out, j.attempts, j.decided, j.outcomeStored = o, e.Attempts, true, e.OutcomeStored
+			j.ownStop = e.OwnStop
 			j.log.Info("another delivery decided this command during the call; storing its outcome")
 			w.store(j)
 			return "", true
@@ -1159,7 +1164,11 @@ func (w *Worker) adoptStored(ctx context.Context, j *job, ack *jetstream.PubAck)
 // command's mark had replaced the first one's. If that record cannot be
 // written the command is returned, as any unrecorded decision: acked, a
 // later use of the id could go unrecognised.
-func (w *Worker) ackReused(j *job, first *Outcome) {
+//
+// Not reused: the same command, decided by another delivery while this
+// one's call stopped the instance (decidedMeanwhile); recorded the same
+// way, and counted as decided elsewhere.
+func (w *Worker) ackReused(j *job, first *Outcome, reused bool) {
 	if j.state != nil {
 		ctx, cancel := context.WithTimeout(w.hard, publishTimeout)
 		var dropped map[string]cmdEntry
@@ -1189,6 +1198,12 @@ func (w *Worker) ackReused(j *job, first *Outcome) {
 	}
 	if err := j.msg.Ack(); err != nil {
 		j.log.Warn("ack of a reused id failed", zap.Error(err))
+	}
+	if !reused {
+		w.m.skipped.Inc()
+		j.log.Warn("another delivery decided this command while this one was held; its stop is recorded, acked without a second outcome",
+			zap.String("decided_status", first.Status), zap.String("own_status", j.out.Status))
+		return
 	}
 	w.m.reusedIDs.Inc()
 	j.log.Warn("this command id was published again while its first command was undecided; the first one's outcome stands",
@@ -1481,6 +1496,7 @@ func (w *Worker) recall(j *job, recs []*stateRecord, err error) bool {
 			j.attempts = entry.Attempts
 			j.decided = true
 			j.outcomeStored = entry.OutcomeStored
+			j.ownStop = entry.OwnStop // a stop the adopting delivery's call made (see decidedMeanwhile)
 			j.log.Info("storing the outcome an earlier delivery decided")
 			w.store(j)
 			return false

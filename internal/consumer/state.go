@@ -74,6 +74,10 @@ type cmdEntry struct {
 	// OutcomeStored: the pending entry's outcome is already in the
 	// outcome stream; only its dead letter (or the decision) is missing.
 	OutcomeStored bool `json:"os,omitempty"`
+	// OwnStop: a pending entry's outcome is another delivery's (adopted),
+	// while the call of the delivery that wrote it stopped the instance;
+	// whoever records the decision names the stop too.
+	OwnStop bool `json:"ow,omitempty"`
 	// At is when the entry was written, in Unix seconds (0: by a version
 	// that did not say), so that old entries can be dropped (prune).
 	At int64 `json:"t,omitempty"`
