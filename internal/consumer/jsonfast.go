@@ -30,7 +30,7 @@ func appendJSONString(b []byte, s string) []byte {
 func decidedIndexDoc(id string, e cmdEntry) []byte {
 	// Every field but the four written by hand sends it to encoding/json
 	// (TestDecidedIndexDocIsEncodingJSON sets each field of cmdEntry).
-	if e.Unanswered || e.Delivery != 0 || e.Outcome != nil || e.OutcomeStored || e.At != 0 || e.MarkRev != nil ||
+	if e.Unanswered || e.Delivery != 0 || e.Outcome != nil || e.OutcomeStored || e.OwnStop || e.At != 0 || e.MarkRev != nil ||
 		e.LastHTTPStatus != 0 || e.LastErrorCode != "" || e.LastErrorMsg != "" || e.LastRequestID != "" ||
 		e.Seq != 0 || e.Inst != "" || e.Held {
 		b, _ := json.Marshal(&stateDoc{Cmds: map[string]*cmdEntry{id: &e}})
