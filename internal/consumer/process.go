@@ -305,6 +305,23 @@ func (w *Worker) process(j *job, recs []*stateRecord, lerr error) {
 	}
 }
 
+// storePending stores the outcome of pending entry e, decided by an
+// earlier or another delivery that could not finish it (the outcome, its
+// dead letter or the record not stored), without calling DLF: its
+// attempts, whether the outcome is stored already, and a stop the writing
+// delivery's own call made (see decidedMeanwhile) come with it. False when
+// the entry's outcome cannot be read.
+func (w *Worker) storePending(j *job, e *cmdEntry, why string) bool {
+	var o Outcome
+	if err := json.Unmarshal(e.Outcome, &o); err != nil {
+		return false
+	}
+	j.out, j.attempts, j.decided, j.outcomeStored, j.ownStop = o, e.Attempts, true, e.OutcomeStored, e.OwnStop
+	j.log.Info(why)
+	w.store(j)
+	return true
+}
+
 // stoppedWhileWaiting reads the instance's document again after a wait in
 // the worker before the next attempt, and says why the instance counts as
 // stopped when another command's stop was recorded meanwhile: it is
@@ -332,13 +349,8 @@ func (w *Worker) stoppedWhileWaiting(j *job) (why string, handled bool) {
 	}
 	d := &recs[0].doc // its old stop forgotten by decidedIn
 	if e := d.Cmds[j.sid]; e != nil && e.Phase == phasePending {
-		var o Outcome
-		if err := json.Unmarshal(e.Outcome, &o); err == nil {
-			j.state = recs[0]
-			j.out, j.attempts, j.decided, j.outcomeStored = o, e.Attempts, true, e.OutcomeStored
-			j.ownStop = e.OwnStop
-			j.log.Info("another delivery decided this command while it waited to retry; storing its outcome")
-			w.store(j)
+		j.state = recs[0]
+		if w.storePending(j, e, "another delivery decided this command while it waited to retry; storing its outcome") {
 			return "", true
 		}
 	}
@@ -1064,15 +1076,8 @@ func (w *Worker) stoppedMeanwhile(j *job) (why string, handled bool) {
 	// outcome may be in the outcome stream already. An unanswered call of
 	// its own explains the DLF.6205.
 	e := d.Cmds[j.sid]
-	if e != nil && e.Phase == phasePending {
-		var o Outcome
-		if err := json.Unmarshal(e.Outcome, &o); err == nil {
-			j.out, j.attempts, j.decided, j.outcomeStored = o, e.Attempts, true, e.OutcomeStored
-			j.ownStop = e.OwnStop
-			j.log.Info("another delivery decided this command during the call; storing its outcome")
-			w.store(j)
-			return "", true
-		}
+	if e != nil && e.Phase == phasePending && w.storePending(j, e, "another delivery decided this command during the call; storing its outcome") {
+		return "", true
 	}
 	if d.StoppedBy != "" {
 		return fmt.Sprintf("DLF.6205, and meanwhile the instance was recorded as stopped by command %s at %s",
@@ -1492,13 +1497,7 @@ func (w *Worker) recall(j *job, recs []*stateRecord, err error) bool {
 	if entry != nil && entry.Phase == phasePending {
 		// An earlier delivery decided but could not store the outcome:
 		// store that same outcome now, without calling DLF again.
-		if err := json.Unmarshal(entry.Outcome, &j.out); err == nil {
-			j.attempts = entry.Attempts
-			j.decided = true
-			j.outcomeStored = entry.OutcomeStored
-			j.ownStop = entry.OwnStop // a stop the adopting delivery's call made (see decidedMeanwhile)
-			j.log.Info("storing the outcome an earlier delivery decided")
-			w.store(j)
+		if w.storePending(j, entry, "storing the outcome an earlier delivery decided") {
 			return false
 		}
 	}
