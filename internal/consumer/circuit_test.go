@@ -18,6 +18,7 @@ import (
 // published after it opened wait in the stream, where a healthy replica
 // may take them, instead of on a worker that will not call.
 func TestOpenCircuitFetchesNothingNew(t *testing.T) {
+	t.Parallel()
 	e := newEnv(t, func(c *Config) { c.RetryInitial, c.RetryMax = 3*time.Second, 6*time.Second }) // no probe meanwhile
 	e.emu.SetFaults(emulator.Faults{AuthFail: true})
 	r := e.startWorker(nil)
@@ -40,6 +41,7 @@ func TestOpenCircuitFetchesNothingNew(t *testing.T) {
 // handed back, each to come again after a short delay; none lands where
 // nothing holds it, to come back only after the ack wait.
 func TestCommandsArrivingAsTheCircuitOpensAreHandedBack(t *testing.T) {
+	t.Parallel()
 	e := newEnv(t, func(c *Config) {
 		c.AckWait = 30 * time.Second
 		c.RetryInitial, c.RetryMax = 500*time.Millisecond, time.Second
@@ -59,6 +61,7 @@ func TestCommandsArrivingAsTheCircuitOpensAreHandedBack(t *testing.T) {
 // fetch. A consumer deleted then must be bound again, or no probe ever
 // comes and the worker stays paused after DLF recovered.
 func TestConsumerDeletedWhileOpenAndIdleIsBoundAgain(t *testing.T) {
+	t.Parallel()
 	e := newEnv(t, func(c *Config) {
 		c.RetryMaxElapsed = 1500 * time.Millisecond
 		c.RetryInitial, c.RetryMax = 100*time.Millisecond, 300*time.Millisecond
@@ -104,6 +107,7 @@ func TestConsumerDeletedWhileOpenAndIdleIsBoundAgain(t *testing.T) {
 // a 408 from the gateway, or a failure before any answer, shows nothing
 // of the sort: the circuit stays open and the next probe follows.
 func TestOnlyAnAnswerFromDLFClosesTheCircuit(t *testing.T) {
+	t.Parallel()
 	cfg := Config{CircuitThreshold: 5, RetryInitial: time.Millisecond, RetryMax: time.Millisecond}
 	c := newCircuit(&cfg, zap.NewNop(), nil)
 	c.release(false, c.generation(), dlf.Verdict{HTTPStatus: 401, Systemic: true}, false)
@@ -150,6 +154,7 @@ func TestOnlyAnAnswerFromDLFClosesTheCircuit(t *testing.T) {
 // that still failed, and /readyz flapped). A command's last attempt, made
 // while the circuit is open, is as fresh as a probe and closes it.
 func TestACallSentBeforeTheOpeningDoesNotCloseIt(t *testing.T) {
+	t.Parallel()
 	for _, tc := range []struct {
 		name    string
 		opening []dlf.Verdict
@@ -198,6 +203,7 @@ func TestACallSentBeforeTheOpeningDoesNotCloseIt(t *testing.T) {
 // and a 401 to a call sent before a probe's 204 closed the circuit does
 // not open it again. A probe whose answer is stale is followed by another.
 func TestStaleAnswersDoNotChangeTheCircuit(t *testing.T) {
+	t.Parallel()
 	cfg := Config{CircuitThreshold: 5, RetryInitial: time.Millisecond, RetryMax: time.Millisecond}
 	c := newCircuit(&cfg, zap.NewNop(), nil)
 	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
@@ -242,6 +248,7 @@ func TestStaleAnswersDoNotChangeTheCircuit(t *testing.T) {
 // stays open (no probe is due for a minute). The opener's last attempt,
 // made with the circuit open when its 5 s are up, gets a 204 and closes it.
 func TestWorkerKeepsTheCircuitOpenAfterALateAnswer(t *testing.T) {
+	t.Parallel()
 	e := newEnv(t, func(c *Config) {
 		c.RetryInitial, c.RetryMax = time.Minute, time.Minute
 		c.RetryMaxElapsed = 5 * time.Second
@@ -273,6 +280,7 @@ func TestWorkerKeepsTheCircuitOpenAfterALateAnswer(t *testing.T) {
 // once, however far the probe backoff has grown. A probe on the wire is
 // still waited for, and a closed circuit is left as it is.
 func TestCredentialsChangedLetTheProbeGoAtOnce(t *testing.T) {
+	t.Parallel()
 	cfg := Config{CircuitThreshold: 5, RetryInitial: time.Hour, RetryMax: time.Hour}
 	c := newCircuit(&cfg, zap.NewNop(), nil)
 	c.credentialsChanged() // closed: nothing to do

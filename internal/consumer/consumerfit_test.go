@@ -52,6 +52,7 @@ func (r *running) unfitFor(t *testing.T, want string) {
 // acked and dead-lettered without its body; with a max_deliver, a command
 // returned for a retry that many times was never delivered again.
 func TestConsumerEditedToLoseCommandsIsNotPulled(t *testing.T) {
+	t.Parallel()
 	for _, tc := range []struct {
 		name       string
 		why        string
@@ -137,6 +138,7 @@ func TestUnfitConsumerDeletedIsCreatedAgain(t *testing.T) {
 // worker read the edited consumer again, is returned, not decided as an
 // empty command.
 func TestBodyWithheldByAHeadersOnlyConsumerIsReturned(t *testing.T) {
+	t.Parallel()
 	e := newEnv(t, nil)
 	e.emu.AddRunning(proj, "", "s1", "i-1")
 	r := e.startWorker(func(c *Config) { c.RetryMax = 200 * time.Millisecond })
@@ -167,6 +169,7 @@ func TestBodyWithheldByAHeadersOnlyConsumerIsReturned(t *testing.T) {
 // fails after it (found by review: /readyz answered 200 a few times in
 // 20 s of polling).
 func TestWorkerThatCannotBindIsNeverReady(t *testing.T) {
+	t.Parallel()
 	e := newEnv(t, nil)
 	r := e.startWorker(nil)
 	r.waitStarted(t)

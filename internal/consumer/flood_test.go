@@ -19,6 +19,7 @@ import (
 // stopped the instance ends already_stopped, also those whose DLF.6205
 // came before that stop was recorded (see siblings).
 func TestFloodOfOneInstanceDrains(t *testing.T) {
+	t.Parallel()
 	e := newEnv(t, nil)
 	e.emu.AddRunning(proj, "", "s1", "i-flood")
 	const n = 300
@@ -57,6 +58,7 @@ func TestFloodOfOneInstanceDrains(t *testing.T) {
 // loser reads the document again and merges all its records into it. None
 // may be lost: every command's decision is in the document.
 func TestFloodOfOneInstanceSharedByTwoWorkers(t *testing.T) {
+	t.Parallel()
 	e := newEnv(t, nil)
 	e.emu.AddRunning(proj, "", "s1", "i-flood")
 	const n = 200 // below maxCmdEntries: no entry is dropped for room
@@ -89,6 +91,7 @@ func TestFloodOfOneInstanceSharedByTwoWorkers(t *testing.T) {
 // document's next record is still written: the key must not stay busy for
 // good, holding every later command for its instance.
 func TestPanickingRecordLeavesTheDocumentFree(t *testing.T) {
+	t.Parallel()
 	e := newEnv(t, nil)
 	st, _ := e.stateWithWriter(t)
 	result := func() (func(), func(error), chan error) {
@@ -122,6 +125,7 @@ func TestPanickingRecordLeavesTheDocumentFree(t *testing.T) {
 // another program) is read without it: deciding commands for its instance
 // goes on.
 func TestNullEntryInADocumentIsIgnored(t *testing.T) {
+	t.Parallel()
 	e := newEnv(t, nil)
 	e.emu.AddRunning(proj, "", "s1", "i-null")
 	key := instKey(command.Command{ProjectID: proj, ScriptName: "s1", InstanceID: "i-null"}.InstanceKey())

@@ -9,6 +9,7 @@ import (
 // The hand-written documents must be exactly what encoding/json writes,
 // and the hand-read answers exactly what it reads.
 func TestHandWrittenJSONMatchesEncodingJSON(t *testing.T) {
+	t.Parallel()
 	ids := []string{"c-1", "job:42.cancel_x", "DLF_STOP-12", `quote"back\slash`, "<tag>&", "ünï", "nul\x00", ""}
 	entries := []cmdEntry{
 		{Phase: phaseDecided, Attempts: 1, Status: StatusStopped, Cause: CauseOK},
@@ -76,6 +77,7 @@ func TestHandWrittenJSONMatchesEncodingJSON(t *testing.T) {
 // decidedIndexDoc's guard would otherwise be dropped silently (found by
 // review: Seq, Inst, Held and the last answer's fields were).
 func TestDecidedIndexDocIsEncodingJSON(t *testing.T) {
+	t.Parallel()
 	typ := reflect.TypeFor[cmdEntry]()
 	for i := range typ.NumField() {
 		e := cmdEntry{Phase: phaseDecided, Attempts: 1}
@@ -107,6 +109,7 @@ func TestDecidedIndexDocIsEncodingJSON(t *testing.T) {
 }
 
 func TestParsePubAck(t *testing.T) {
+	t.Parallel()
 	for _, in := range []string{
 		`{"stream":"KV_dlf_stop_state","seq":42}`,
 		`{"stream":"KV_dlf_stop_state","domain":"hub","seq":7,"duplicate":true}`,

@@ -46,6 +46,7 @@ func byID(t *testing.T, outs []Outcome) map[string]Outcome {
 }
 
 func TestSlowCommandsDoNotDelayHealthyOnes(t *testing.T) {
+	t.Parallel()
 	e := newEnv(t, func(c *Config) {
 		c.Concurrency = 4
 		c.CallTimeout = 10 * time.Second
@@ -79,6 +80,7 @@ func TestSlowCommandsDoNotDelayHealthyOnes(t *testing.T) {
 }
 
 func TestGracefulShutdownFinishesInFlightAndReturnsTheRest(t *testing.T) {
+	// Not parallel: the goroutine check below must see this test's alone.
 	e := newEnv(t, func(c *Config) { c.Concurrency = 4; c.ShutdownTimeout = 10 * time.Second })
 	e.emu.SetFaults(emulator.Faults{Latency: 700 * time.Millisecond})
 	const n = 40
@@ -139,6 +141,7 @@ func startHung(t *testing.T, concurrency, n int, prefix string, shutdown time.Du
 }
 
 func TestShutdownTimeoutReturnsHungCalls(t *testing.T) {
+	t.Parallel()
 	e, r := startHung(t, 4, 6, "h", 500*time.Millisecond)
 	stopStart := time.Now()
 	r.stop(t)
@@ -161,6 +164,7 @@ func TestShutdownTimeoutReturnsHungCalls(t *testing.T) {
 // the server, which counts them delivered, would offer them again only
 // after the 30 s ack wait.
 func TestStopHandsBackWhatThePullOnTheWireBrings(t *testing.T) {
+	t.Parallel()
 	e := newEnv(t, func(c *Config) { c.AckWait = 30 * time.Second })
 	r, p := e.startWorkerBehindProxy(t)
 	info := func() *jetstream.ConsumerInfo { return e.consumerInfo(t) }
@@ -260,6 +264,7 @@ func (c *slowPulls) nak() {
 // command was redelivered into the dead pull and came back only after the
 // 30s ack wait (TestShutdownTimeoutReturnsHungCalls timed out on it).
 func TestShutdownReturnsCommandsOnlyAfterThePullsClosed(t *testing.T) {
+	t.Parallel()
 	pulls := &slowPulls{}
 	e, r := startHung(t, 2, 6, "p", 200*time.Millisecond, func(w *Worker) { pulls.Consumer, w.cons = w.cons, pulls })
 	// Every command in the worker's hands first: one still on its way in
@@ -289,6 +294,7 @@ func TestShutdownReturnsCommandsOnlyAfterThePullsClosed(t *testing.T) {
 // replica on the same durable consumer then decide every one of them and
 // share the load.
 func TestCrashedWorkerLosesNothingAndReplicasShare(t *testing.T) {
+	t.Parallel()
 	e := newEnv(t, func(c *Config) { c.AckWait = 2 * time.Second; c.Concurrency = 8 })
 	e.emu.SetFaults(emulator.Faults{Latency: 20 * time.Millisecond})
 	const n = 300
@@ -323,6 +329,7 @@ func TestCrashedWorkerLosesNothingAndReplicasShare(t *testing.T) {
 }
 
 func TestNATSServerRestartMidBatch(t *testing.T) {
+	t.Parallel()
 	e := newEnv(t, func(c *Config) { c.AckWait = 3 * time.Second; c.Concurrency = 8 })
 	e.emu.SetFaults(emulator.Faults{Latency: 10 * time.Millisecond})
 	const n = 300
@@ -366,6 +373,7 @@ func portOf(t *testing.T, url string) int {
 // killing the worker or leaking its slot: the redelivery decides it, and
 // the worker still shuts down cleanly.
 func TestPanicReturnsTheCommand(t *testing.T) {
+	// Not parallel: the goroutine check below must see this test's alone.
 	e := newEnv(t, func(c *Config) { c.RetryInitial = 100 * time.Millisecond })
 	e.emu.AddRunning(proj, "", "s1", "i-panic")
 	var panicked atomic.Bool
@@ -415,6 +423,7 @@ func TestPanicReturnsTheCommand(t *testing.T) {
 // stay paused after DLF recovered; the slot kept, one call fewer for good
 // (here the only one).
 func TestPanicBeforeTheProbeCallGivesTheTurnBack(t *testing.T) {
+	t.Parallel()
 	var panicked atomic.Bool
 	e := newEnv(t, func(c *Config) {
 		c.Concurrency = 1
@@ -443,6 +452,7 @@ func TestPanicBeforeTheProbeCallGivesTheTurnBack(t *testing.T) {
 }
 
 func TestPanicOnEveryDeliveryIsGivenUp(t *testing.T) {
+	t.Parallel()
 	e := newEnv(t, quickGiveUp)
 	e.emu.AddRunning(proj, "", "s1", "i-poison")
 	broken := WithClock(func() time.Time { panic("test: clock broke") })
@@ -465,6 +475,7 @@ func TestPanicOnEveryDeliveryIsGivenUp(t *testing.T) {
 // review: they had stopped with the panic, so the ack wait handed the
 // command to another delivery, which panicked again).
 func TestPanicGivenUpWhileTheBucketRefusesKeepsItsLease(t *testing.T) {
+	t.Parallel()
 	e := newEnv(t, func(c *Config) { quickGiveUp(c); c.AckWait = 2 * time.Second })
 	broken := WithClock(func() time.Time { panic("test: clock broke") })
 	r := e.startWorker(nil, broken)
@@ -501,6 +512,7 @@ func TestPanicGivenUpWhileTheBucketRefusesKeepsItsLease(t *testing.T) {
 // The same when the panic comes before the command is even read (here: a
 // logger that breaks on its script name): it is named by its envelope.
 func TestPanicBeforeTheCommandIsReadIsGivenUp(t *testing.T) {
+	t.Parallel()
 	e := newEnv(t, quickGiveUp)
 	e.log = zap.New(panicOnField{Core: e.log.Core(), key: "script_name", val: "poison"})
 	r := e.startWorker(nil)
@@ -518,6 +530,7 @@ func TestPanicBeforeTheCommandIsReadIsGivenUp(t *testing.T) {
 // at shutdown waits for them to close) must run elsewhere, or the worker
 // never stops.
 func TestPanicBeforeTheCommandIsReadAtShutdownStillStops(t *testing.T) {
+	t.Parallel()
 	e := newEnv(t, nil)
 	// The worker is told to stop while it handles the command, right
 	// before the panic: a command fetched after the stop is handed back
@@ -598,6 +611,7 @@ func (c panicOnField) With(fs []zapcore.Field) zapcore.Core {
 // with "no responders"; the worker must back off and create the consumer
 // again, not pull in a tight loop for ever while the commands wait.
 func TestConsumerDeletedWhileSlotsAreFullIsBoundAgain(t *testing.T) {
+	t.Parallel()
 	e := newEnv(t, func(c *Config) { c.Concurrency, c.heldFloor = 1, 1 })
 	e.emu.SetFaults(emulator.Faults{Latency: 500 * time.Millisecond})
 	const n = 7 // the four held (4 × WORKER_CONCURRENCY) and three more
@@ -624,6 +638,7 @@ func TestConsumerDeletedWhileSlotsAreFullIsBoundAgain(t *testing.T) {
 // A worker told to stop is not ready from then on, and says why, although
 // the pull on the wire runs out for up to a second after (see pull).
 func TestStoppingWorkerIsNotReady(t *testing.T) {
+	t.Parallel()
 	e := newEnv(t, nil)
 	r := e.startWorker(nil)
 	r.waitStarted(t)
@@ -642,6 +657,7 @@ func TestStoppingWorkerIsNotReady(t *testing.T) {
 // notice, 20 to 30 s later. The pulls that get no answer at all say so
 // on /readyz meanwhile, and readiness comes back with the answers.
 func TestSilentLinkMakesTheWorkerUnready(t *testing.T) {
+	t.Parallel()
 	e := newEnv(t, nil)
 	r, p := e.startWorkerBehindProxy(t)
 	ready := func() error {

@@ -24,6 +24,7 @@ import (
 // an instance DLF does not know is then a failure with a dead letter, not
 // taken for the answer to a lost call (contract section 6).
 func TestDeliveryDyingBeforeItsTokenLeavesNoMark(t *testing.T) {
+	t.Parallel()
 	e := newEnv(t, func(c *Config) { c.AckWait = 2 * time.Second })
 	e.emu.AddRunning(proj, "", "s1", "a")
 	r := e.startWorker(func(c *Config) { c.RateLimit, c.RateBurst = 0.05, 1 }) // a token every 20s
@@ -67,6 +68,7 @@ func TestDeliveryDyingBeforeItsTokenLeavesNoMark(t *testing.T) {
 // instance DLF does not know fails as usual. With and without a rate
 // limit, as the mark goes before or after the wait for a slot.
 func TestDeliveryHeldByTheCircuitTakesItsMarkBack(t *testing.T) {
+	t.Parallel()
 	for _, limited := range []bool{false, true} {
 		t.Run(fmt.Sprintf("rate_limit=%v", limited), func(t *testing.T) {
 			e := newEnv(t, func(c *Config) { c.AckWait = 2 * time.Second })
@@ -122,6 +124,7 @@ func TestDeliveryHeldByTheCircuitTakesItsMarkBack(t *testing.T) {
 // made again by every delivery. (A mark confirmed by a flush let the call
 // go out unmarked.)
 func TestMarkTheBucketRefusesHoldsTheCall(t *testing.T) {
+	t.Parallel()
 	e := newEnv(t, func(c *Config) {
 		c.RetryInitial, c.RetryMax, c.RetryMaxElapsed = 100*time.Millisecond, 400*time.Millisecond, time.Second
 	})
@@ -180,6 +183,7 @@ func TestMarkTheBucketRefusesHoldsTheCall(t *testing.T) {
 // revision read afresh it goes through. Both ways of writing: through the
 // worker's writer and without one.
 func TestMarkDoesNotOverwriteAMarkItDidNotRead(t *testing.T) {
+	t.Parallel()
 	for _, withWriter := range []bool{true, false} {
 		t.Run(fmt.Sprintf("writer=%v", withWriter), func(t *testing.T) {
 			e := newEnv(t, nil)
@@ -226,6 +230,7 @@ func TestMarkDoesNotOverwriteAMarkItDidNotRead(t *testing.T) {
 // instance.) A mark the entry did account for, its delivery's answer
 // recorded, explains nothing.
 func TestMarkNewerThanTheProgressOfALaterDelivery(t *testing.T) {
+	t.Parallel()
 	inst := command.Command{ProjectID: proj, ScriptName: "s1", InstanceID: "i-1"}.InstanceKey()
 	zero := uint64(0)
 	seenNone := cmdEntry{Phase: phaseAnswered, Delivery: 8, MarkRev: &zero}
@@ -312,6 +317,7 @@ func TestMarkNewerThanTheProgressOfALaterDelivery(t *testing.T) {
 // failure. Here the bucket refuses the take-back (it is a few bytes
 // larger than the mark) and the call goes out on a new mark.
 func TestTakeBackThatFailedIsMarkedAgain(t *testing.T) {
+	t.Parallel()
 	e := newEnv(t, nil)
 	st := e.state(t)
 	// a's first call is answered 429 once the test lets it go, pausing
@@ -455,6 +461,7 @@ func keepHeld(t *testing.T, m jetstream.Msg) {
 // DLF.6205 was dead-lettered. Y's entry written by its delivery 2 never
 // collided, and is the control.
 func TestAnotherMessagesEntryDoesNotHideThisMessagesCall(t *testing.T) {
+	t.Parallel()
 	for _, yDelivery := range []uint64{1, 2} {
 		t.Run(fmt.Sprintf("y_delivery=%d", yDelivery), func(t *testing.T) {
 			e := newEnv(t, func(c *Config) { c.AckWait = 2 * time.Second })
@@ -495,6 +502,7 @@ func TestAnotherMessagesEntryDoesNotHideThisMessagesCall(t *testing.T) {
 // DLF.6205 with no call of ours before it (found by review: it counted,
 // and the outcome said already_stopped).
 func TestAnotherMessagesOwnEntryAccountsForItsMark(t *testing.T) {
+	t.Parallel()
 	e := newEnv(t, func(c *Config) { c.AckWait = 2 * time.Second })
 	st := e.state(t)
 	ctx := context.Background()
@@ -541,6 +549,7 @@ func (e *env) deliveredAndDied(t *testing.T, st *stateStore, id string, seq uint
 // call, and when delivery 2 dies too, delivery 3's DLF.6205 is the answer
 // to that call (contract section 6), not a failure to dead-letter.
 func TestHeldDeliveryKeepsTheMarkOfAnEarlierUnansweredCall(t *testing.T) {
+	t.Parallel()
 	// Delivery 2 comes after the ack wait, 3 s after delivery 1: by then
 	// the worker has started and "slow" holds the only slot, for 5 s.
 	e := newEnv(t, func(c *Config) { c.AckWait, c.CallTimeout = 3*time.Second, 10*time.Second })
@@ -589,6 +598,7 @@ func TestHeldDeliveryKeepsTheMarkOfAnEarlierUnansweredCall(t *testing.T) {
 // attempt for the same command), not a failure, and the first message's
 // redelivery is then acked without an outcome of its own.
 func TestSameCommandPublishedAgainCountsTheFirstMessagesCall(t *testing.T) {
+	t.Parallel()
 	e := newEnv(t, func(c *Config) { c.AckWait = 4 * time.Second })
 	st := e.state(t)
 	b := body(t, map[string]any{"command_id": "again", "project_id": proj, "script_name": "s1", "instance_id": "i-1"})
@@ -630,6 +640,7 @@ func (e *env) outcomesStored(t *testing.T) uint64 {
 // a second outcome event, the second message's mark leading to where A's
 // decision is.
 func TestHeldDeliveryFindsItsIdDecidedForAnotherInstance(t *testing.T) {
+	t.Parallel()
 	e := newEnv(t, func(c *Config) { c.AckWait, c.CallTimeout = 2*time.Second, 10*time.Second })
 	e.updateStream(t, "DLF_STOP_OUTCOMES", func(c *jetstream.StreamConfig) { c.Duplicates = time.Second })
 	e.emu.AddRunning(proj, "", "s1", "i-1")
@@ -668,6 +679,7 @@ func TestHeldDeliveryFindsItsIdDecidedForAnotherInstance(t *testing.T) {
 // again, the worker is ready again: an idle worker has no mark to store
 // that would say so, and stayed unready for good.
 func TestRefusedMarkDoesNotKeepAnIdleWorkerUnready(t *testing.T) {
+	t.Parallel()
 	e := newEnv(t, func(c *Config) { c.RetryInitial, c.RetryMax = 100*time.Millisecond, 400*time.Millisecond })
 	e.emu.AddRunning(proj, "", "s1", "a")
 	r := e.startWorker(nil)

@@ -104,6 +104,7 @@ func (e *env) overlapWithAPendingOutcome(ctx context.Context, t *testing.T, slow
 // missing, not publish one of its own (found by review: two outcome
 // events, the later dead letter following B's).
 func TestOverlappingDeliveryFollowsAStoredPendingOutcome(t *testing.T) {
+	t.Parallel()
 	e := newEnv(t, func(c *Config) {
 		c.AckWait, c.CallTimeout = time.Second, 10*time.Second
 		c.RetryInitial, c.RetryMax = 100*time.Millisecond, 300*time.Millisecond
@@ -188,6 +189,7 @@ func TestRetryAfterAnotherCommandStoppedTheInstanceMakesNoCall(t *testing.T) {
 // ackReused does (found by review: it did not, and a later command for the
 // instance called DLF and failed on DLF.6205).
 func TestAdoptingAnotherOutcomeRecordsTheOwnStop(t *testing.T) {
+	t.Parallel()
 	e, slow, bCalls, release := newOwnStopEnv(t)
 	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
 	defer cancel()
@@ -237,6 +239,7 @@ func TestAdoptingAnotherOutcomeRecordsTheOwnStop(t *testing.T) {
 // re-read after the wait acks y without a call (found by review: it went
 // on to call DLF).
 func TestCommandDecidedWhileWaitingToRetryMakesNoCall(t *testing.T) {
+	t.Parallel()
 	e := newEnv(t, nil)
 	r, calls := e.yWaitsWhileStateChanges(t, func(d *stateDoc) {
 		d.StoppedBy, d.StoppedAt, d.StoppedT = "y", FormatTime(time.Now()), time.Now().Unix()
@@ -334,6 +337,7 @@ func (e *env) yWaitsWhileStateChanges(t *testing.T, change func(*stateDoc)) (r *
 // stop, and the delivery that finishes the command records it (found by
 // review: it did not).
 func TestAdoptedOwnStopSurvivesAHandBack(t *testing.T) {
+	t.Parallel()
 	e, slow, bCalls, release := newOwnStopEnv(t)
 	ctx, cancel := context.WithTimeout(context.Background(), 40*time.Second)
 	defer cancel()
@@ -373,6 +377,7 @@ func TestAdoptedOwnStopSurvivesAHandBack(t *testing.T) {
 // delivery wrote meanwhile (stored already, or not) stores that outcome,
 // without a call of its own and without a second outcome event.
 func TestPendingOutcomeFoundWhileWaitingToRetryIsStored(t *testing.T) {
+	t.Parallel()
 	for _, stored := range []bool{false, true} {
 		t.Run(map[bool]string{false: "unstored", true: "stored"}[stored], func(t *testing.T) {
 			t.Parallel() // each on a server of its own
@@ -409,6 +414,7 @@ func TestPendingOutcomeFoundWhileWaitingToRetryIsStored(t *testing.T) {
 // stop is recorded (found by review: it was not, and a later command for
 // the instance failed on DLF.6205).
 func TestOwnStopRecordedWhenAnotherDeliveryDecided(t *testing.T) {
+	t.Parallel()
 	e := newEnv(t, func(c *Config) {
 		c.AckWait, c.CallTimeout = time.Second, 15*time.Second
 		c.RetryInitial, c.RetryMax = 100*time.Millisecond, 300*time.Millisecond

@@ -17,6 +17,7 @@ import (
 // returned (nak with delay) until the dead letter is stored, and only then
 // acked. The outcome is stored once.
 func TestDeadLetterFailureKeepsTheCommand(t *testing.T) {
+	t.Parallel()
 	e := newEnv(t, func(c *Config) { c.RetryInitial = 100 * time.Millisecond })
 	r := e.startWorker(nil)
 	if err := e.js.DeleteStream(context.Background(), "DLF_STOP_DEAD"); err != nil {
@@ -70,6 +71,7 @@ func TestDeadLetterFailureKeepsTheCommand(t *testing.T) {
 // unchanged is dead-lettered with the body cut and marked, not returned
 // forever.
 func TestOversizedDeadLetterIsTruncatedNotLooped(t *testing.T) {
+	t.Parallel()
 	e := newEnv(t, nil)
 	e.startWorker(nil)
 	max := int(e.nc.MaxPayload())
@@ -96,6 +98,7 @@ func TestOversizedDeadLetterIsTruncatedNotLooped(t *testing.T) {
 // letter exceeds (start-up accepts any limit that a valid command's dead
 // letter fits; found by review: such a command was returned for ever).
 func TestDeadLetterOverTheStreamsLimitIsTruncatedNotLooped(t *testing.T) {
+	t.Parallel()
 	e := newEnv(t, nil)
 	const limit = 80 << 10
 	e.updateStream(t, "DLF_STOP_DEAD", func(c *jetstream.StreamConfig) { c.MaxMsgSize = limit })
@@ -122,6 +125,7 @@ func TestDeadLetterOverTheStreamsLimitIsTruncatedNotLooped(t *testing.T) {
 // must store that same stopped outcome, not call DLF again (which would
 // answer DLF.6205 and turn a stop into a failure).
 func TestDecisionSurvivesAFailedOutcomePublish(t *testing.T) {
+	t.Parallel()
 	e := newEnv(t, func(c *Config) { c.RetryInitial = 100 * time.Millisecond })
 	e.emu.AddRunning(proj, "", "s1", "i-1")
 	r := e.startWorker(nil)
@@ -159,6 +163,7 @@ func TestDecisionSurvivesAFailedOutcomePublish(t *testing.T) {
 // duplicate window must not make the outcome be stored again with every
 // redelivery: the state bucket remembers it is stored.
 func TestBrokenDeadLetterStreamStoresTheOutcomeOnce(t *testing.T) {
+	t.Parallel()
 	e := newEnv(t, func(c *Config) {
 		c.RetryInitial = 100 * time.Millisecond
 		c.RetryMax = 300 * time.Millisecond

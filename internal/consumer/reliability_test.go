@@ -25,6 +25,7 @@ import (
 // window (here: with another Nats-Msg-Id, which the stream does not
 // deduplicate) is acked without a call and without a second outcome.
 func TestDecidedCommandIsNotRepeated(t *testing.T) {
+	t.Parallel()
 	e := newEnv(t, nil)
 	e.emu.AddRunning(proj, "", "s1", "i-1")
 	r := e.startWorker(nil)
@@ -46,6 +47,7 @@ func TestDecidedCommandIsNotRepeated(t *testing.T) {
 // still the same command (contract section 6): acked without a call and
 // without a second outcome. The id index recognises it.
 func TestDecidedIDReusedForAnotherInstance(t *testing.T) {
+	t.Parallel()
 	e := newEnv(t, nil)
 	e.emu.AddRunning(proj, "", "s1", "i-1")
 	e.emu.AddRunning(proj, "", "s1", "i-2")
@@ -78,6 +80,7 @@ func TestDecidedIDReusedForAnotherInstance(t *testing.T) {
 // repeat is acked without an outcome or a dead letter (contract section 6:
 // a decided id, "however late"; found by review).
 func TestDecidedIDPublishedAgainAsAnInvalidCommand(t *testing.T) {
+	t.Parallel()
 	for _, tc := range []struct {
 		name string
 		body []byte
@@ -108,6 +111,7 @@ func TestDecidedIDPublishedAgainAsAnInvalidCommand(t *testing.T) {
 // without an outcome, and not counted as a reused id, which it is not
 // (found by review). The first worker's mark and decision are written here.
 func TestSameMessageDecidedWhereItWasValid(t *testing.T) {
+	t.Parallel()
 	e := newEnv(t, nil)
 	seq := e.publish([]byte(`{"script_name":"s1","instance_id":"i-1"}`), nats.Header{nats.MsgIdHdr: []string{"same"}})
 	st := e.state(t)
@@ -150,6 +154,7 @@ func (e *env) stopRecorded(t *testing.T, st *stateStore, id, instance string) st
 // points to that document: it is indexed as decided when dropped, so its
 // id published again for another instance is still recognised.
 func TestIDDroppedForRoomIsStillDecided(t *testing.T) {
+	t.Parallel()
 	// One call at a time: 260 decisions for one document at once would
 	// mostly collide in compare-and-set.
 	e := newEnv(t, func(c *Config) { c.Concurrency = 1 })
@@ -185,6 +190,7 @@ func TestIDDroppedForRoomIsStillDecided(t *testing.T) {
 // pruned, which drops nothing more, and the entry dropped the first time
 // must still be indexed.
 func TestIDDroppedForRoomIsIndexedWhenTheRecordIsRetried(t *testing.T) {
+	t.Parallel()
 	e := newEnv(t, nil)
 	key404 := e.fullDocument(t)
 	r := e.startWorker(nil)
@@ -197,6 +203,7 @@ func TestIDDroppedForRoomIsIndexedWhenTheRecordIsRetried(t *testing.T) {
 // while it waits to write it again: the document goes back with the pending
 // outcome (already pruned), and old-0 must still be indexed as decided.
 func TestIDDroppedForRoomIsIndexedWhenTheWorkerStops(t *testing.T) {
+	t.Parallel()
 	e := newEnv(t, nil)
 	key404 := e.fullDocument(t)
 	r := e.startWorker(func(c *Config) { c.RetryInitial, c.RetryMax = time.Minute, time.Minute })
@@ -221,6 +228,7 @@ func TestIDDroppedForRoomIsIndexedWhenTheWorkerStops(t *testing.T) {
 // SHUTDOWN_TIMEOUT ends leaves it to the next worker; a changed document
 // is re-read and written within it, by the first.
 func TestDecisionCountedOnceWhenTheStopsHandBackFails(t *testing.T) {
+	t.Parallel()
 	for name, before := range map[string]func(t *testing.T, e *env){
 		"bucket still refuses": func(*testing.T, *env) {},
 		"document changed meanwhile": func(t *testing.T, e *env) {
@@ -270,6 +278,7 @@ func TestDecisionCountedOnceWhenTheStopsHandBackFails(t *testing.T) {
 // review: the redelivery called DLF, got DLF.6205 and published
 // stopped/already_stopped as a second event).
 func TestStopWhileTheBucketRefusesTheRecordKeepsTrying(t *testing.T) {
+	t.Parallel()
 	e := newEnv(t, nil)
 	e.emu.AddRunning(proj, "", "s1", "i-404")
 	r := e.startWorker(func(c *Config) { c.RetryInitial, c.RetryMax = time.Minute, time.Minute })
@@ -396,6 +405,7 @@ func (e *env) reusedForI2IsSkipped(t *testing.T, r *running, id string) {
 // stopped with its own call and outcome, not taken for the decided
 // command of the old stream and acked without a stop.
 func TestSeqIDAfterStreamRecreated(t *testing.T) {
+	t.Parallel()
 	e := newEnv(t, nil)
 	ctx, cancel := context.WithTimeout(context.Background(), 20*time.Second)
 	defer cancel()
@@ -447,6 +457,7 @@ func TestSeqIDAfterStreamRecreated(t *testing.T) {
 // own outcome is dropped as a duplicate. It must still get one, once the
 // window is over, and only one.
 func TestSeqIDWithinTheDuplicateWindowGetsItsOwnOutcome(t *testing.T) {
+	t.Parallel()
 	e := newEnv(t, nil)
 	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
 	defer cancel()
@@ -485,6 +496,7 @@ func TestSeqIDWithinTheDuplicateWindowGetsItsOwnOutcome(t *testing.T) {
 // not expire first (the redelivery would call DLF again, get DLF.6205 and
 // fail a command that stopped its instance).
 func TestSeqIDWaitingForAWindowLongerThanStateTTL(t *testing.T) {
+	t.Parallel()
 	e := newEnv(t, func(c *Config) { c.StateTTL = 2 * time.Second })
 	ctx, cancel := context.WithTimeout(context.Background(), 40*time.Second)
 	defer cancel()
@@ -516,6 +528,7 @@ func TestSeqIDWaitingForAWindowLongerThanStateTTL(t *testing.T) {
 // delivery: no earlier delivery of it can have stored that outcome, so it
 // waits out the window and publishes its own.
 func TestSeqIDWhoseSlotHolderIsUnreadableGetsItsOwnOutcome(t *testing.T) {
+	t.Parallel()
 	e := newEnv(t, nil)
 	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
 	defer cancel()
@@ -549,6 +562,7 @@ func TestSeqIDWhoseSlotHolderIsUnreadableGetsItsOwnOutcome(t *testing.T) {
 }
 
 func TestStateID(t *testing.T) {
+	t.Parallel()
 	at := time.Unix(1764201600, 123456789)
 	tests := []struct {
 		c     command.Command
@@ -574,6 +588,7 @@ func TestStateID(t *testing.T) {
 // same command: the stored time that completes its identity is the same
 // on every delivery.
 func TestSeqIDDecidedIsNotRepeated(t *testing.T) {
+	t.Parallel()
 	e := newEnv(t, nil)
 	e.emu.AddRunning(proj, "", "s1", "i-1")
 	seq := e.publish(body(t, map[string]any{"project_id": proj, "script_name": "s1", "instance_id": "i-1"}), nil)
@@ -596,6 +611,7 @@ func TestSeqIDDecidedIsNotRepeated(t *testing.T) {
 // and its instance's document knows nothing of it. The index of its id
 // still says it is decided: no call, no second outcome.
 func TestDerivedIDDecidedUnderOtherDefaultsIsNotRepeated(t *testing.T) {
+	t.Parallel()
 	e := newEnv(t, func(c *Config) { c.Defaults = command.Defaults{ProjectID: proj} })
 	e.emu.AddRunning(proj, "", "s1", "i-1")
 	seq := e.publish(body(t, map[string]any{"script_name": "s1", "instance_id": "i-1"}), nil)
@@ -675,6 +691,7 @@ func (e *env) repeatSkipped(t *testing.T, r *running) {
 // The lost 204: DLF stops the instance but the answer never arrives; the
 // retry gets DLF.6205, which now means "already stopped".
 func TestLostResponseIsAlreadyStopped(t *testing.T) {
+	t.Parallel()
 	e := newEnv(t, nil)
 	e.emu.AddRunning(proj, "", "s1", "i-1")
 	e.emu.SetFaultsFor(proj, "s1", "i-1", emulator.Faults{DropAfterStop: true})
@@ -717,6 +734,7 @@ func TestLostResponseIsAlreadyStopped(t *testing.T) {
 // dead-lettered). The front here lets the stop through to the emulator
 // and answers 504 instead of its 204.
 func TestGatewayTimeoutThenDLF6205IsAlreadyStopped(t *testing.T) {
+	t.Parallel()
 	for _, status := range []int{http.StatusGatewayTimeout, http.StatusBadGateway} {
 		t.Run(strconv.Itoa(status), func(t *testing.T) {
 			e := newEnv(t, func(c *Config) { c.RetryInitial, c.RetryMax = 50*time.Millisecond, 100*time.Millisecond })
@@ -745,6 +763,7 @@ func TestGatewayTimeoutThenDLF6205IsAlreadyStopped(t *testing.T) {
 // An earlier delivery recorded a call that went unanswered: a DLF.6205
 // now means that call stopped the instance.
 func TestRecordedUnansweredCallCounts(t *testing.T) {
+	t.Parallel()
 	e := newEnv(t, nil)
 	e.emu.AddRunning(proj, "", "s1", "i-1")
 	e.emu.SetStatus(proj, "s1", "i-1", "FINISHED") // what DLF shows after the stop we never heard of
@@ -766,6 +785,7 @@ func TestRecordedUnansweredCallCounts(t *testing.T) {
 // connection gone before the answer came) left its "sent" mark: the
 // redelivery's DLF.6205 is taken as that call's stop.
 func TestCallOfACrashedDeliveryCounts(t *testing.T) {
+	t.Parallel()
 	e := newEnv(t, func(c *Config) { c.AckWait = time.Second })
 	e.crashWithTheCallOnTheWire(t, body(t, map[string]any{"command_id": "crashed", "project_id": proj, "script_name": "s1", "instance_id": "i-1"}))
 	e.startWorker(nil)
@@ -784,6 +804,7 @@ func TestCallOfACrashedDeliveryCounts(t *testing.T) {
 // The same call counts when the redelivery finds the deadline passed: the
 // outcome does not say that no call was made (found by review).
 func TestCallOfACrashedDeliveryCountsWhenTheDeadlinePassed(t *testing.T) {
+	t.Parallel()
 	e := newEnv(t, func(c *Config) { c.AckWait = time.Second })
 	b := body(t, map[string]any{"command_id": "crashed", "project_id": proj, "script_name": "s1", "instance_id": "i-1",
 		"deadline": time.Now().Add(30 * time.Minute).Format(time.RFC3339)})
@@ -803,6 +824,7 @@ func TestCallOfACrashedDeliveryCountsWhenTheDeadlinePassed(t *testing.T) {
 // detail must not say the last request was sent (found by review: any
 // unanswered call made it say so).
 func TestExpiredAfterARefusedLastCallDoesNotSayItWasSent(t *testing.T) {
+	t.Parallel()
 	e := newEnv(t, nil)
 	st := e.state(t)
 	ctx := context.Background()
@@ -856,6 +878,7 @@ func (e *env) crashWithTheCallOnTheWire(t *testing.T, b []byte) (seq uint64) {
 // instance does not exist, and the command fails and is dead-lettered
 // (contract section 6: already_stopped only after a call that was sent).
 func TestDeliveryThatNeverCalledCountsForNothing(t *testing.T) {
+	t.Parallel()
 	e := newEnv(t, func(c *Config) { c.AckWait = time.Second })
 	b := body(t, map[string]any{"command_id": "typo", "project_id": proj, "script_name": "s1", "instance_id": "i-404"})
 	seq := e.publish(b, nil)
@@ -874,6 +897,7 @@ func TestDeliveryThatNeverCalledCountsForNothing(t *testing.T) {
 // duplicate: the dead letter and the state must follow the outcome that
 // was stored, not the dropped one.
 func TestDuplicateOutcomeFollowsTheStoredOne(t *testing.T) {
+	t.Parallel()
 	e := newEnv(t, nil)
 	e.emu.AddRunning(proj, "", "s1", "i-1")
 	b := body(t, map[string]any{"command_id": "dup", "project_id": proj, "script_name": "s1", "instance_id": "i-1"})
@@ -907,6 +931,7 @@ func TestDuplicateOutcomeFollowsTheStoredOne(t *testing.T) {
 // says, even when its document lived on (other commands wrote to it): a
 // new command for the instance is sent to DLF.
 func TestStopOlderThanStateTTLIsForgotten(t *testing.T) {
+	t.Parallel()
 	e := newEnv(t, func(c *Config) { c.StateTTL = time.Hour })
 	e.emu.AddRunning(proj, "", "s1", "i-1")
 	st := e.state(t)
@@ -960,6 +985,7 @@ func (deafMsg) InProgress() error { return nil }
 // must not publish a second outcome: past the duplicate window that would
 // be a second event for one command.
 func TestOverlappingDeliveryDoesNotDecideAgain(t *testing.T) {
+	t.Parallel()
 	overlapDeliveries(t, nil)
 }
 
@@ -968,6 +994,7 @@ func TestOverlappingDeliveryDoesNotDecideAgain(t *testing.T) {
 // document of another instance key than B's, and B finds it by following
 // the id's "sent" mark that A's delivery wrote.
 func TestOverlappingDeliveryUnderOtherDefaultsFollowsTheMark(t *testing.T) {
+	t.Parallel()
 	overlapDeliveries(t, func(c *Config) { c.Defaults.Workspace = "other" })
 }
 
@@ -1017,6 +1044,7 @@ func overlapDeliveries(t *testing.T, mutateB func(*Config)) {
 // The worker holds the command and records the decision then; it does not
 // hand the command back to be called and decided again.
 func TestDecisionRecordedOnceTheBucketRecovers(t *testing.T) {
+	t.Parallel()
 	e := newEnv(t, nil)
 	e.emu.AddRunning(proj, "", "s1", "i-1")
 	r := e.startWorker(nil)
@@ -1056,6 +1084,7 @@ func TestDecisionRecordedOnceTheBucketRecovers(t *testing.T) {
 // the second instance is not recorded as stopped (a later command for it
 // must still be sent to DLF).
 func TestIDPublishedAgainWhileUndecidedFollowsTheFirst(t *testing.T) {
+	t.Parallel()
 	e := newEnv(t, nil)
 	e.storeOutcome(t, firstDupOutcome())
 	r := e.startWorker(nil)
@@ -1084,6 +1113,7 @@ func TestIDPublishedAgainWhileUndecidedFollowsTheFirst(t *testing.T) {
 // without a call), and the id, now indexed as decided, is recognised when
 // a third message uses it for yet another instance.
 func TestIDPublishedAgainWhoseCallStoppedItsInstance(t *testing.T) {
+	t.Parallel()
 	e := newEnv(t, nil)
 	e.emu.AddRunning(proj, "", "s1", "i-2")
 	e.emu.AddRunning(proj, "", "s1", "i-3")
@@ -1122,6 +1152,7 @@ func TestIDPublishedAgainWhoseCallStoppedItsInstance(t *testing.T) {
 // send an operator to the outcome stream, which took everything (found by
 // review), and it ends once the bucket takes writes again.
 func TestReusedIDWhoseRecordIsRefusedWaitsForTheBucket(t *testing.T) {
+	t.Parallel()
 	e := newEnv(t, nil)
 	e.emu.AddRunning(proj, "", "s1", "i-2")
 	e.storeOutcome(t, firstDupOutcome())
@@ -1181,6 +1212,7 @@ func firstDupOutcome() Outcome {
 
 // Without such a record a DLF.6205 still fails and is dead-lettered.
 func TestDLF6205WithoutRecordFails(t *testing.T) {
+	t.Parallel()
 	e := newEnv(t, nil)
 	e.startWorker(nil)
 	b := body(t, map[string]any{"command_id": "nope", "project_id": proj, "script_name": "s1", "instance_id": "i-404"})
@@ -1194,6 +1226,7 @@ func TestDLF6205WithoutRecordFails(t *testing.T) {
 
 // Another command already stopped the same instance: no call, stopped.
 func TestInstanceStoppedByAnotherCommand(t *testing.T) {
+	t.Parallel()
 	e := newEnv(t, func(c *Config) { c.Defaults.Workspace = "ws" })
 	e.emu.AddRunning(proj, "ws", "脚本", "i-1")
 	e.startWorker(nil)
@@ -1252,6 +1285,7 @@ func answer6205(t *testing.T, calls *atomic.Int32, during func(ctx context.Conte
 // gets DLF.6205. The record explains it: stopped, already_stopped, no
 // dead letter; and the instance stays recorded as stopped by the other.
 func TestStopRecordedDuringTheCallExplainsDLF6205(t *testing.T) {
+	t.Parallel()
 	e := newEnv(t, nil)
 	st := e.state(t)
 	var calls atomic.Int32
@@ -1270,6 +1304,7 @@ func TestStopRecordedDuringTheCallExplainsDLF6205(t *testing.T) {
 // explains it (the other call stopped the instance): stopped,
 // already_stopped, no dead letter.
 func TestMarkOfAnotherDeliveryDuringTheCallExplainsDLF6205(t *testing.T) {
+	t.Parallel()
 	e := newEnv(t, nil)
 	st := e.state(t)
 	inst := command.Command{ProjectID: proj, ScriptName: "s1", InstanceID: "i-1"}.InstanceKey()
@@ -1298,6 +1333,7 @@ func TestMarkOfAnotherDeliveryDuringTheCallExplainsDLF6205(t *testing.T) {
 // the very mark this delivery saw at its lookup (its own mark lost). Each
 // fails as usual.
 func TestMarksThatDoNotExplainDLF6205(t *testing.T) {
+	t.Parallel()
 	inst := command.Command{ProjectID: proj, ScriptName: "s1", InstanceID: "i-1"}.InstanceKey()
 	other := command.Command{ProjectID: proj, Workspace: "other", ScriptName: "s1", InstanceID: "i-1"}.InstanceKey()
 	for _, tc := range []struct {
@@ -1387,6 +1423,7 @@ func run6205(t *testing.T, before, during stateStep) (e *env, calls *atomic.Int3
 // is published by this delivery instead of its own, even when a stop of
 // another command is recorded beside it.
 func TestProgressDuringTheCallExplainsDLF6205(t *testing.T) {
+	t.Parallel()
 	inst := command.Command{ProjectID: proj, ScriptName: "s1", InstanceID: "i-1"}.InstanceKey()
 	pendingOf := func(status, cause string, httpStatus int) json.RawMessage {
 		b, err := json.Marshal(&Outcome{CommandID: "both", ProjectID: proj, ScriptName: "s1", InstanceID: "i-1",
@@ -1458,6 +1495,7 @@ func TestProgressDuringTheCallExplainsDLF6205(t *testing.T) {
 // after its DLF.6205 forgets that stop too, instead of taking the command
 // for decided and acking it without an outcome.
 func TestOwnStopOlderThanStateTTLIsForgottenAfterDLF6205(t *testing.T) {
+	t.Parallel()
 	e := newEnv(t, nil)
 	st := e.state(t)
 	key := instKey(command.Command{ProjectID: proj, ScriptName: "s1", InstanceID: "i-1"}.InstanceKey())
@@ -1519,6 +1557,7 @@ func stopRecordedBy(st *stateStore, id string) func(context.Context) error {
 // Another delivery decided the command while this one's call was on the
 // wire: this one's DLF.6205 ends without an outcome of its own.
 func TestDecisionDuringTheCallAcksWithoutAnOutcome(t *testing.T) {
+	t.Parallel()
 	e := newEnv(t, nil)
 	st := e.state(t)
 	var calls atomic.Int32
@@ -1538,6 +1577,7 @@ func TestDecisionDuringTheCallAcksWithoutAnOutcome(t *testing.T) {
 
 // Attempts count across deliveries when long waits hand the command back.
 func TestAttemptsSurviveRedelivery(t *testing.T) {
+	t.Parallel()
 	e := newEnv(t, func(c *Config) {
 		c.ShortWaitMax = time.Millisecond // every wait goes through NakWithDelay
 		c.RetryInitial = 20 * time.Millisecond
@@ -1578,6 +1618,7 @@ func (e *env) state(t *testing.T) *stateStore {
 // circuit, stops fetching, reports not ready, probes one call at a time,
 // and once DLF recovers every command is stopped; none is dead-lettered.
 func TestCircuitOpensOnAuthFailureAndRecovers(t *testing.T) {
+	t.Parallel()
 	e := newEnv(t, func(c *Config) { c.RetryInitial = 100 * time.Millisecond; c.RetryMax = 300 * time.Millisecond })
 	e.emu.SetFaults(emulator.Faults{AuthFail: true})
 	r := e.startWorker(nil)
@@ -1630,6 +1671,7 @@ func TestCircuitOpensOnAuthFailureAndRecovers(t *testing.T) {
 // for a rate token is not sent once the circuit has opened meanwhile: it
 // waits for its turn as a probe like every other command.
 func TestCircuitOpeningHoldsCallsAlreadyAdmitted(t *testing.T) {
+	t.Parallel()
 	e := newEnv(t, func(c *Config) {
 		c.RateLimit, c.RateBurst = 1, 1
 		c.RetryInitial, c.RetryMax = 4*time.Second, 8*time.Second
@@ -1662,6 +1704,7 @@ func TestCircuitOpeningHoldsCallsAlreadyAdmitted(t *testing.T) {
 // tokens back: the first probe does not queue behind a token for each of
 // them.
 func TestCircuitOpeningReturnsRateTokens(t *testing.T) {
+	t.Parallel()
 	e := newEnv(t, func(c *Config) {
 		c.RateLimit, c.RateBurst, c.Concurrency = 1, 1, 4
 		c.RetryInitial, c.RetryMax = 200*time.Millisecond, 400*time.Millisecond
@@ -1699,6 +1742,7 @@ func TestCircuitOpeningReturnsRateTokens(t *testing.T) {
 }
 
 func TestCircuitOpensWhenDLFIsDown(t *testing.T) {
+	t.Parallel()
 	e := newEnv(t, func(c *Config) { c.RetryInitial = 50 * time.Millisecond; c.RetryMax = 200 * time.Millisecond })
 	e.emu.SetFaults(emulator.Faults{Down: true})
 	r := e.startWorker(nil)
@@ -1713,6 +1757,7 @@ func TestCircuitOpensWhenDLFIsDown(t *testing.T) {
 // A 429 pauses every call of the worker for Retry-After, not just the
 // one that got it.
 func TestThrottlePausesEveryCall(t *testing.T) {
+	t.Parallel()
 	e := newEnv(t, func(c *Config) { c.Concurrency = 8 })
 	e.emu.SetFaults(emulator.Faults{Throttle: true, RetryAfter: time.Second})
 	e.startWorker(nil)
@@ -1753,6 +1798,7 @@ func TestThrottlePausesEveryCall(t *testing.T) {
 }
 
 func TestRateLimit(t *testing.T) {
+	t.Parallel()
 	e := newEnv(t, func(c *Config) { c.RateLimit = 20; c.RateBurst = 1; c.Concurrency = 16 })
 	e.startWorker(nil)
 	const n = 30
@@ -1779,6 +1825,7 @@ var _ = command.MaxBodySize
 // worker must still probe (with a fetched command) and recover once DLF
 // does, instead of staying paused.
 func TestCircuitRecoversWhenNothingIsHeld(t *testing.T) {
+	t.Parallel()
 	e := newEnv(t, func(c *Config) {
 		c.RetryMaxElapsed = 1500 * time.Millisecond
 		c.RetryInitial = 100 * time.Millisecond
@@ -1809,6 +1856,7 @@ func TestCircuitRecoversWhenNothingIsHeld(t *testing.T) {
 // creates it again, as at start-up, and commands go on being decided
 // instead of being returned for ever.
 func TestStateBucketDeletedWhileRunning(t *testing.T) {
+	t.Parallel()
 	e := newEnv(t, func(c *Config) { c.RetryInitial = 100 * time.Millisecond })
 	r := e.startWorker(nil)
 	e.emu.AddRunning(proj, "", "s1", "before")

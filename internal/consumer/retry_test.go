@@ -6,6 +6,7 @@ import (
 )
 
 func TestScheduleBoundsAndRetryAfter(t *testing.T) {
+	t.Parallel()
 	cfg := &Config{RetryInitial: 500 * time.Millisecond, RetryMax: 30 * time.Second, RetryMaxElapsed: 10 * time.Minute}
 	stored := time.Date(2026, 1, 1, 0, 0, 0, 0, time.UTC)
 	s := newSchedule(cfg, stored, 0)
@@ -41,6 +42,7 @@ func TestScheduleBoundsAndRetryAfter(t *testing.T) {
 }
 
 func TestScheduleGiveUpRule(t *testing.T) {
+	t.Parallel()
 	cfg := &Config{RetryInitial: 10 * time.Second, RetryMax: 30 * time.Second, RetryMaxElapsed: time.Minute}
 	stored := time.Date(2026, 1, 1, 0, 0, 0, 0, time.UTC)
 	s := newSchedule(cfg, stored, 0)
@@ -66,6 +68,7 @@ func TestScheduleGiveUpRule(t *testing.T) {
 }
 
 func TestScheduleContinuesAcrossDeliveries(t *testing.T) {
+	t.Parallel()
 	cfg := &Config{RetryInitial: time.Second, RetryMax: time.Hour, RetryMaxElapsed: 24 * time.Hour}
 	stored := time.Now()
 	first, _ := newSchedule(cfg, stored, 0).next(stored, 0)
@@ -81,6 +84,7 @@ func TestScheduleContinuesAcrossDeliveries(t *testing.T) {
 // continues from there rather than from the second interval (found by
 // review).
 func TestScheduleContinuesAfterAHandedBackWait(t *testing.T) {
+	t.Parallel()
 	cfg := &Config{RetryInitial: 500 * time.Millisecond, RetryMax: 30 * time.Second, RetryMaxElapsed: 10 * time.Minute, ShortWaitMax: 5 * time.Second}
 	stored := time.Now()
 	s := newSchedule(cfg, stored, 0)

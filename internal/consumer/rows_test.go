@@ -168,6 +168,7 @@ func (e *env) noDeadLetters(t *testing.T) {
 }
 
 func TestRowStopped(t *testing.T) {
+	t.Parallel()
 	e := newEnv(t, nil)
 	e.emu.AddRunning(proj, "ws-1", "etl_脚本.v2", "inst-1")
 	e.startWorker(nil)
@@ -210,6 +211,7 @@ func TestRowStopped(t *testing.T) {
 }
 
 func TestRowDLF400(t *testing.T) {
+	t.Parallel()
 	cases := []struct {
 		name     string
 		seed     func(*emulator.Emulator)
@@ -245,6 +247,7 @@ func TestRowDLF400(t *testing.T) {
 }
 
 func TestRowOther4xxFailsWithoutRetry(t *testing.T) {
+	t.Parallel()
 	for _, status := range []int{404, 405, 409, 413, 422} {
 		t.Run(strconv.Itoa(status), func(t *testing.T) {
 			e := newEnv(t, nil)
@@ -271,6 +274,7 @@ func TestRowOther4xxFailsWithoutRetry(t *testing.T) {
 // A 3xx is an answer, not something to follow: the emulator cannot send
 // one, so a plain HTTP server does.
 func TestRowRedirectNotFollowed(t *testing.T) {
+	t.Parallel()
 	var calls, followed int
 	srv := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
 		if strings.HasPrefix(r.URL.Path, "/elsewhere") {
@@ -301,6 +305,7 @@ func TestRowRedirectNotFollowed(t *testing.T) {
 // attempt: when the last attempts got no answer at all, the status is 0
 // but what DLF said before is still reported.
 func TestLastAnswerOutlivesUnansweredAttempts(t *testing.T) {
+	t.Parallel()
 	var calls atomic.Int32
 	srv := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
 		if calls.Add(1) == 1 {
@@ -364,6 +369,7 @@ func retryThenHeal(t *testing.T, f emulator.Faults, mutate func(*Config)) (*env,
 }
 
 func TestRowRetriedThenStopped(t *testing.T) {
+	t.Parallel()
 	cases := []struct {
 		name string
 		f    emulator.Faults
@@ -383,6 +389,7 @@ func TestRowRetriedThenStopped(t *testing.T) {
 }
 
 func TestRowConnectionRefusedRetried(t *testing.T) {
+	t.Parallel()
 	e := newEnv(t, nil)
 	e.emu.AddRunning(proj, "", "s1", "i-1")
 	e.emu.SetFaults(emulator.Faults{Down: true})
@@ -405,6 +412,7 @@ func TestRowConnectionRefusedRetried(t *testing.T) {
 }
 
 func TestRow429HonoursRetryAfter(t *testing.T) {
+	t.Parallel()
 	e := newEnv(t, nil) // backoff at most 200ms: any wait of ~1s comes from Retry-After
 	e.emu.AddRunning(proj, "", "s1", "i-1")
 	e.emu.SetFaultsFor(proj, "s1", "i-1", emulator.Faults{Throttle: true, RetryAfter: time.Second})
@@ -436,6 +444,7 @@ func TestRow429HonoursRetryAfter(t *testing.T) {
 }
 
 func TestRowRetriesExhausted(t *testing.T) {
+	t.Parallel()
 	const maxElapsed = 1500 * time.Millisecond
 	const callTimeout = 500 * time.Millisecond
 	e := newEnv(t, func(c *Config) { c.RetryMaxElapsed = maxElapsed; c.CallTimeout = callTimeout })
@@ -463,6 +472,7 @@ func TestRowRetriesExhausted(t *testing.T) {
 // A command already older than RETRY_MAX_ELAPSED when first seen gets
 // exactly one call.
 func TestRowOldCommandGetsOneCall(t *testing.T) {
+	t.Parallel()
 	e := newEnv(t, func(c *Config) { c.RetryMaxElapsed = time.Minute })
 	e.emu.AddRunning(proj, "", "s1", "i-1")
 	e.emu.SetFaultsFor(proj, "s1", "i-1", emulator.Faults{ErrorRate: 1, ErrorStatus: 500})
@@ -480,6 +490,7 @@ func TestRowOldCommandGetsOneCall(t *testing.T) {
 }
 
 func TestRowRejected(t *testing.T) {
+	t.Parallel()
 	big := bytes.Repeat([]byte("a"), 64<<10+1)
 	cases := []struct {
 		name, body, field string
@@ -521,6 +532,7 @@ func TestRowRejected(t *testing.T) {
 // The zero instant is a valid deadline too, and Go's zero time: it must
 // not read as "no deadline".
 func TestRowExpiredBeforeFirstCall(t *testing.T) {
+	t.Parallel()
 	for name, deadline := range map[string]string{
 		"a second ago":     time.Now().Add(-time.Second).Format(time.RFC3339),
 		"the zero instant": "0001-01-01T01:00:00+01:00",
@@ -548,6 +560,7 @@ func TestRowExpiredBeforeFirstCall(t *testing.T) {
 }
 
 func TestRowExpiredWhileRetrying(t *testing.T) {
+	t.Parallel()
 	e := newEnv(t, nil)
 	e.emu.AddRunning(proj, "", "s1", "i-1")
 	e.emu.SetFaultsFor(proj, "s1", "i-1", emulator.Faults{ErrorRate: 1, ErrorStatus: 503})
@@ -568,6 +581,7 @@ func TestRowExpiredWhileRetrying(t *testing.T) {
 }
 
 func TestCommandIDAndDefaults(t *testing.T) {
+	t.Parallel()
 	e := newEnv(t, func(c *Config) { c.Defaults.ProjectID = "defproj"; c.Defaults.Workspace = "defws" })
 	e.emu.AddRunning("defproj", "defws", "s1", "i-1")
 	e.emu.AddRunning("defproj", "defws", "s1", "i-2")

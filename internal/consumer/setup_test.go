@@ -17,6 +17,7 @@ import (
 )
 
 func TestSubjectMatches(t *testing.T) {
+	t.Parallel()
 	for _, tc := range []struct {
 		pattern, subject string
 		want             bool
@@ -53,6 +54,7 @@ func TestSetupNamesAServerWithoutJetStream(t *testing.T) {
 // Existing resources are used as they are; ones that cannot work stop the
 // worker at start with an error naming the mismatch.
 func TestSetupChecksExistingResources(t *testing.T) {
+	t.Parallel()
 	e := newEnv(t, nil)
 	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
 	defer cancel()
@@ -106,6 +108,7 @@ func TestSetupChecksExistingResources(t *testing.T) {
 // A consumer that lets pulls wait less than the worker's is refused at
 // start, naming the limit: every pull would be refused, for ever.
 func TestSetupRefusesAConsumerWhosePullsCannotWait(t *testing.T) {
+	t.Parallel()
 	e := newEnv(t, nil)
 	e.replaceConsumer(t, jetstream.ConsumerConfig{MaxRequestExpires: 500 * time.Millisecond})
 	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
@@ -123,6 +126,7 @@ func TestSetupRefusesAConsumerWhosePullsCannotWait(t *testing.T) {
 // delayed nak) or never consume (priority groups: every pull without one
 // refused) are refused at start, naming the setting (found by review).
 func TestSetupRefusesConsumersThatWouldLoseOrStrandCommands(t *testing.T) {
+	t.Parallel()
 	for _, tc := range []struct {
 		name string
 		c    jetstream.ConsumerConfig
@@ -150,6 +154,7 @@ func TestSetupRefusesConsumersThatWouldLoseOrStrandCommands(t *testing.T) {
 // worker's pull is used with smaller pulls: a larger one is refused every
 // time, and the worker would never consume.
 func TestConsumerWithSmallMaxBatchIsConsumed(t *testing.T) {
+	t.Parallel()
 	e := newEnv(t, nil)
 	e.replaceConsumer(t, jetstream.ConsumerConfig{MaxRequestBatch: 4})
 	e.startWorker(nil)
@@ -164,6 +169,7 @@ func TestConsumerWithSmallMaxBatchIsConsumed(t *testing.T) {
 // fail). Heartbeats must follow, or a command held longer than the new ack
 // wait (here a slow call) is handed to another delivery and called twice.
 func TestHeartbeatsFollowTheConsumersAckWait(t *testing.T) {
+	t.Parallel()
 	for _, tc := range []struct {
 		name   string
 		change func(t *testing.T, e *env)
@@ -229,6 +235,7 @@ func (e *env) editAckWait(t *testing.T, d time.Duration) {
 // the old heartbeat spacing let JetStream hand held commands to another
 // replica).
 func TestAWorkerThatDoesNotPullFollowsAnEditedAckWait(t *testing.T) {
+	t.Parallel()
 	for _, tc := range []struct {
 		name  string
 		setup func(t *testing.T, e *env) *running

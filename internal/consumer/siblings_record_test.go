@@ -22,6 +22,7 @@ import (
 // was on the wire with it and gets DLF.6205 after it was acked is still
 // explained by the note: stopped, already_stopped, not a dead letter.
 func TestSiblingStopNotRecordedOutlivesItsCommand(t *testing.T) {
+	t.Parallel()
 	e := newEnv(t, nil)
 	c := e.cfg
 	c.setDefaults()

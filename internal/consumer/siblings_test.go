@@ -11,6 +11,7 @@ import (
 // the instance; once the stopper's decision is recorded the stop is
 // forgotten (the bucket answers then).
 func TestSiblingStopExplainsADLF6205(t *testing.T) {
+	t.Parallel()
 	s := newSiblings(time.Hour)
 	a := s.begin("k")
 	b := s.begin("k")
@@ -49,6 +50,7 @@ func TestSiblingStopExplainsADLF6205(t *testing.T) {
 // A sibling that met DLF.6205 too explains nothing, and calls that began
 // after this one's answer are not waited for.
 func TestSiblingWithoutAStopExplainsNothing(t *testing.T) {
+	t.Parallel()
 	s := newSiblings(time.Hour)
 	a := s.begin("k")
 	b := s.begin("k")
@@ -69,6 +71,7 @@ func TestSiblingWithoutAStopExplainsNothing(t *testing.T) {
 // DLF.6205 (the instance may have started meanwhile), even while an older
 // call is still awaited.
 func TestSiblingStopAfterTheAnswerExplainsNothing(t *testing.T) {
+	t.Parallel()
 	s := newSiblings(time.Hour)
 	slow := s.begin("k")
 	b := s.begin("k")
@@ -83,6 +86,7 @@ func TestSiblingStopAfterTheAnswerExplainsNothing(t *testing.T) {
 // A stop is not remembered longer than STATE_TTL, which bounds the
 // bucket's memory of it too.
 func TestSiblingStopLastsNoLongerThanTheStateTTL(t *testing.T) {
+	t.Parallel()
 	s := newSiblings(10 * time.Millisecond)
 	a := s.begin("k")
 	b := s.begin("k")
@@ -97,6 +101,7 @@ func TestSiblingStopLastsNoLongerThanTheStateTTL(t *testing.T) {
 // names again, is dropped by the sweep once its note runs out: the
 // bookkeeping must not grow with every instance ever stopped.
 func TestSiblingStopNeverRecordedIsSweptAway(t *testing.T) {
+	t.Parallel()
 	s := newSiblings(time.Hour)
 	now := time.Now()
 	s.end("k", s.begin("k"), "a", true, now)

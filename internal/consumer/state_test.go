@@ -10,6 +10,7 @@ import (
 )
 
 func TestPruneDropsOldEntries(t *testing.T) {
+	t.Parallel()
 	const now = 1_800_000_000
 	d := stateDoc{Cmds: map[string]*cmdEntry{
 		"old":      {Phase: phaseDecided, At: now - 3601},
@@ -34,6 +35,7 @@ func TestPruneDropsOldEntries(t *testing.T) {
 // command; the document keeps the newest decided ones and every command
 // still in progress.
 func TestPruneBoundsTheDocument(t *testing.T) {
+	t.Parallel()
 	const now = 1_800_000_000
 	d := stateDoc{Cmds: map[string]*cmdEntry{}}
 	for i := 0; i < 10; i++ {
@@ -76,6 +78,7 @@ func TestPruneBoundsTheDocument(t *testing.T) {
 // (and handed back, to be indexed) for room, every pending one kept
 // (found by review: the document outgrew what a message may hold).
 func TestPruneBoundsTheDocumentByBytes(t *testing.T) {
+	t.Parallel()
 	const now = 1_800_000_000
 	d := stateDoc{Cmds: map[string]*cmdEntry{}}
 	big := strings.Repeat("x", 5000)
@@ -112,6 +115,7 @@ func TestPruneBoundsTheDocumentByBytes(t *testing.T) {
 // sizeBound is a bound: a document with every text field full of
 // characters JSON escapes takes no more.
 func TestSizeBoundIsABound(t *testing.T) {
+	t.Parallel()
 	worst := strings.Repeat("<", 1000)
 	out, err := json.Marshal(map[string]string{"reason": worst, "error_msg": worst, "detail": worst})
 	if err != nil {
@@ -135,6 +139,7 @@ func TestSizeBoundIsABound(t *testing.T) {
 
 // Progress of one delivery never overwrites the decision of another.
 func TestProgressDoesNotUndoADecision(t *testing.T) {
+	t.Parallel()
 	d := stateDoc{StoppedBy: "s", Cmds: map[string]*cmdEntry{
 		"f": {Phase: phaseDecided, Status: StatusFailed},
 		"p": {Phase: phasePending, Attempts: 2},
@@ -165,6 +170,7 @@ func TestProgressDoesNotUndoADecision(t *testing.T) {
 // A stop is remembered for STATE_TTL, however often the document is
 // written for other commands since.
 func TestPruneForgetsAnOldStop(t *testing.T) {
+	t.Parallel()
 	const now = 1_800_000_000
 	old := stateDoc{StoppedBy: "first", StoppedAt: "then", StoppedT: now - 3601}
 	old.setCmd("later", cmdEntry{Phase: phaseDecided, At: now}, time.Hour)

@@ -14,6 +14,7 @@ import (
 // Many concurrent lookups, some of keys that exist, some not, some of the
 // same key, all answered right through shared batches.
 func TestBatchedLookups(t *testing.T) {
+	t.Parallel()
 	e := newEnv(t, nil)
 	st := e.state(t)
 	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
@@ -67,6 +68,7 @@ func TestBatchedLookups(t *testing.T) {
 // lookups, which are returned and read again, rather than let a decided
 // command look new. A fake server answers here, as JetStream would.
 func TestBatchedLookupsTrustOnlyACompleteAnswer(t *testing.T) {
+	t.Parallel()
 	e := newEnv(t, nil)
 	data := func(key string, seq int) *nats.Msg {
 		m := nats.NewMsg("")
@@ -138,6 +140,7 @@ func TestBatchedLookupsTrustOnlyACompleteAnswer(t *testing.T) {
 // the end of the batch comes once the channel is drained, so only the
 // drop check can tell the batch is incomplete.
 func TestBatchedLookupsFailWhenAnswersWereDropped(t *testing.T) {
+	t.Parallel()
 	e := newEnv(t, nil)
 	br, err := newBatchReader(e.nc, "fake")
 	if err != nil {

@@ -12,6 +12,7 @@ import (
 // delete marker (what a compare-and-set write must name), in the order
 // asked; a bucket that does not exist is an error, not an empty document.
 func TestLeaderRead(t *testing.T) {
+	t.Parallel()
 	e := newEnv(t, nil)
 	st := e.state(t)
 	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
@@ -57,6 +58,7 @@ func TestLeaderRead(t *testing.T) {
 // leave the re-read after a DLF.6205 without an answer: it falls back to
 // the reading every lookup uses.
 func TestLeaderReadFallsBack(t *testing.T) {
+	t.Parallel()
 	e := newEnv(t, nil)
 	st := e.state(t)
 	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)

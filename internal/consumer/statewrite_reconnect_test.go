@@ -164,6 +164,7 @@ func newProxied(t *testing.T) *proxied {
 // mark put after the reconnect is stored. (A flush sent after the break
 // would have been answered on the new connection.)
 func TestMarkLostInAReconnectFails(t *testing.T) {
+	t.Parallel()
 	r := newProxied(t)
 	st, p, nc, w, ctx := r.st, r.p, r.nc, r.w, r.ctx
 
@@ -226,6 +227,7 @@ func waitDropped(t *testing.T, p *cuttingProxy, needle string) {
 // never goes out: the caller may write the key next, and a late mark
 // would overwrite that.
 func TestMarkGivenUpIsNeverPublished(t *testing.T) {
+	t.Parallel()
 	r := newProxied(t)
 	st, w, ctx := r.st, r.w, r.ctx
 
@@ -272,6 +274,7 @@ func TestMarkGivenUpIsNeverPublished(t *testing.T) {
 // goroutine stalled) is never sent: its caller was told it failed and may
 // write the key next, which a late write would overwrite.
 func TestWriteFailedWhileQueuedIsNeverPublished(t *testing.T) {
+	t.Parallel()
 	r := newProxied(t)
 	st, w, ctx := r.st, r.w, r.ctx
 
@@ -300,6 +303,7 @@ func TestWriteFailedWhileQueuedIsNeverPublished(t *testing.T) {
 // not reading) is not failed by the sweeper while it stalls: it would be
 // sent once the socket drains, after its caller was told it failed.
 func TestWriteStalledInItsPublishIsNotFailed(t *testing.T) {
+	t.Parallel()
 	r := newProxied(t)
 	p, nc, w := r.p, r.nc, r.w
 	p.hold.Lock()

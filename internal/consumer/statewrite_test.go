@@ -46,6 +46,7 @@ func writeAndWait(t *testing.T, w *stateWriter, key, value string, rev uint64, t
 // The writer's answers say what JetStream did: stored at a revision,
 // refused because the key moved (compare-and-set), or refused otherwise.
 func TestStateWriterAnswers(t *testing.T) {
+	t.Parallel()
 	e := newEnv(t, nil)
 	st, w := e.stateWithWriter(t)
 
@@ -82,6 +83,7 @@ func TestStateWriterAnswers(t *testing.T) {
 // the answer is lost with a connection) fails after its timeout instead
 // of holding the command for ever; close fails what is still pending.
 func TestStateWriterUnanswered(t *testing.T) {
+	t.Parallel()
 	e := newEnv(t, nil)
 	sink, err := e.nc.Subscribe("$KV.nowhere.>", func(*nats.Msg) {})
 	if err != nil {
@@ -128,6 +130,7 @@ func TestStateWriterUnanswered(t *testing.T) {
 // merged write is the only one after the refusal (a retry at the refused
 // revision could only be refused again).
 func TestSaveAsyncMergesAfterConflict(t *testing.T) {
+	t.Parallel()
 	e := newEnv(t, nil)
 	st, _ := e.stateWithWriter(t)
 	ctx := context.Background()
@@ -198,6 +201,7 @@ func (s *stateStore) markSent(ctx context.Context, sid string, n, seq uint64, in
 // answers 10071, and taken as any other failure a refused mark would
 // count as the bucket refusing marks.
 func TestWrongRevisionCodes(t *testing.T) {
+	t.Parallel()
 	for code, want := range map[int]bool{10071: true, 10164: true, 10077: false, 0: false} {
 		if got := wrongRevision(code); got != want {
 			t.Errorf("wrongRevision(%d) = %v, want %v", code, got, want)

@@ -28,6 +28,7 @@ import (
 // warning. newEnv's worker gives up after 30s (RETRY_MAX_ELAPSED) with
 // calls of at most 2s (DLF_TIMEOUT).
 func TestSetupRefusesStreamsAndBucketsThatCannotWork(t *testing.T) {
+	t.Parallel()
 	const (
 		stop, outcomes, dead, bucket = "DLF_STOP", "DLF_STOP_OUTCOMES", "DLF_STOP_DEAD", "KV_dlf_stop_state"
 		bound                        = 32 * time.Second // RETRY_MAX_ELAPSED + DLF_TIMEOUT
@@ -189,6 +190,7 @@ func (e *env) replaceWithMirror(t *testing.T, stream string) {
 // minOutcomeMsgSize is a bound: an outcome with every field at its limit
 // and full of characters JSON escapes, with its header, takes no more.
 func TestOutcomeBoundCoversTheWorstOutcome(t *testing.T) {
+	t.Parallel()
 	esc := func(n int) string { return strings.Repeat("<", n) } // written as \u003c
 	code, msg := esc(128), esc(1024)                            // as much as the DLF client keeps
 	deadline := time.Date(2030, 12, 31, 23, 59, 59, 999999999, time.FixedZone("", -(23*3600+59*60)))
@@ -229,6 +231,7 @@ func TestOutcomeBoundCoversTheWorstOutcome(t *testing.T) {
 // server that takes less than a dead letter of a 64 KiB command, a dead
 // stream limited to max_payload stores every one; below it, not.
 func TestDeadStreamLimitFollowsTheServersMaxPayload(t *testing.T) {
+	t.Parallel()
 	const maxPayload = 48 << 10
 	for _, tc := range []struct {
 		name  string

@@ -15,6 +15,7 @@ import (
 // backoff would be much shorter (contract section 6). Only the command's
 // schedule honours it: unlike a 429's, it pauses no other call.
 func TestRetryAfterOfA503SetsTheNextAttempt(t *testing.T) {
+	t.Parallel()
 	e := newEnv(t, nil)
 	e.emu.AddRunning(proj, "", "s1", "a")
 	e.emu.SetFaultsFor(proj, "s1", "a", emulator.Faults{ErrorRate: 1, ErrorStatus: 503, RetryAfter: 2 * time.Second})
@@ -49,6 +50,7 @@ func TestRetryAfterOfA503SetsTheNextAttempt(t *testing.T) {
 // through, a refusal of the command (DLF.6205) as much as a 204: either
 // shows the limit is no longer hit.
 func TestRateGrowsBackOnARefusalToo(t *testing.T) {
+	t.Parallel()
 	e := newEnv(t, nil)
 	e.emu.AddRunning(proj, "", "s1", "a")
 	e.emu.SetFaultsFor(proj, "s1", "a", emulator.Faults{Throttle: true}) // Retry-After: 1

@@ -32,6 +32,7 @@ import (
 // after their time is up (fetched one at a time while the circuit is
 // open): none ends without a call.
 func TestCircuitOpenAtGiveUpStillMakesTheLastAttempt(t *testing.T) {
+	t.Parallel()
 	e := newEnv(t, func(c *Config) {
 		c.Concurrency = 1 // the first 401 opens the circuit before any other call
 		c.heldFloor = 1   // the worker holds 4 x WORKER_CONCURRENCY
@@ -59,6 +60,7 @@ func TestCircuitOpenAtGiveUpStillMakesTheLastAttempt(t *testing.T) {
 // sign) is not a DLF call: attempts counts calls made (contract section
 // 4), so a command whose every try failed so ends with none.
 func TestUnsignableCallsAreNotAttempts(t *testing.T) {
+	t.Parallel()
 	e := newEnv(t, func(c *Config) {
 		c.RetryMaxElapsed = time.Second
 		c.RetryInitial, c.RetryMax = 100*time.Millisecond, 200*time.Millisecond
@@ -84,6 +86,7 @@ func TestUnsignableCallsAreNotAttempts(t *testing.T) {
 // reports the last answer DLF gave (contract section 4: http_status is the
 // last attempt's), not "no call was made".
 func TestExpiredAfterRedeliveryKeepsLastAnswer(t *testing.T) {
+	t.Parallel()
 	e := newEnv(t, func(c *Config) {
 		c.RetryInitial, c.RetryMax, c.ShortWaitMax = time.Second, time.Second, 100*time.Millisecond
 	})
@@ -114,6 +117,7 @@ func TestExpiredAfterRedeliveryKeepsLastAnswer(t *testing.T) {
 // A 429 pauses every call of the worker; a command whose deadline passes
 // during the pause is expired, never sent.
 func TestDeadlinePassingInA429PauseIsNotSent(t *testing.T) {
+	t.Parallel()
 	e := newEnv(t, func(c *Config) { c.Concurrency = 4 })
 	e.emu.AddRunning(proj, "", "s1", "slow")
 	e.emu.AddRunning(proj, "", "s1", "urgent")
@@ -156,6 +160,7 @@ func (r *running) waitFor429(t *testing.T) {
 // command's last attempt back: it ends within DLF_TIMEOUT of
 // RETRY_MAX_ELAPSED, not when the pause is over.
 func TestLongRetryAfterDoesNotOutlastTheGiveUp(t *testing.T) {
+	t.Parallel()
 	for name, shortWaitMax := range map[string]time.Duration{
 		"last wait in-process": 0, // the default, longer than RETRY_MAX_ELAPSED here
 		// Handed back to JetStream to end at the give-up time, the wait
@@ -188,6 +193,7 @@ func TestLongRetryAfterDoesNotOutlastTheGiveUp(t *testing.T) {
 // At a soft stop, commands waiting for a call slot are returned at once;
 // only the call already on the wire goes on.
 func TestShutdownSendsNoCallForCommandsWaitingForASlot(t *testing.T) {
+	t.Parallel()
 	e := newEnv(t, func(c *Config) { c.Concurrency = 1 })
 	e.emu.SetFaults(emulator.Faults{Latency: time.Second})
 	e.publishMany(t, 3, "q")
@@ -228,6 +234,7 @@ func withPanicky(p *panicky) Option {
 // A panic inside the DLF client gives its call slot back: with one slot,
 // a lost one would stop every later call.
 func TestPanicInTheClientKeepsNoSlot(t *testing.T) {
+	t.Parallel()
 	e := newEnv(t, func(c *Config) { c.Concurrency = 1; c.RetryInitial = 50 * time.Millisecond })
 	p := &panicky{panicAt: func(n int64) bool { return n == 1 }}
 	e.publishMany(t, 2, "p")
@@ -239,6 +246,7 @@ func TestPanicInTheClientKeepsNoSlot(t *testing.T) {
 // A panic in the circuit's probe call gives the probe turn back: an open
 // circuit that never probed again would pause the worker for good.
 func TestPanicInTheProbeLetsTheCircuitProbeAgain(t *testing.T) {
+	t.Parallel()
 	e := newEnv(t, func(c *Config) {
 		c.Concurrency = 1
 		c.RetryInitial = 50 * time.Millisecond
@@ -271,6 +279,7 @@ func TestPanicInTheProbeLetsTheCircuitProbeAgain(t *testing.T) {
 // A state bucket that refuses direct gets cannot be read by the worker:
 // it says so at start rather than returning every command for ever.
 func TestStateBucketWithoutDirectGetsStopsTheStart(t *testing.T) {
+	t.Parallel()
 	e := newEnv(t, nil)
 	// The environment's set-up created the bucket as the worker would.
 	e.updateStream(t, "KV_dlf_stop_state", func(c *jetstream.StreamConfig) { c.AllowDirect = false })
@@ -286,6 +295,7 @@ func TestStateBucketWithoutDirectGetsStopsTheStart(t *testing.T) {
 // turned off here) returns every command: /readyz says so until a read
 // goes through again (found by review: it said ready meanwhile).
 func TestUnreadableStateBucketMakesTheWorkerUnready(t *testing.T) {
+	t.Parallel()
 	e := newEnv(t, func(c *Config) { c.ShortWaitMax = 200 * time.Millisecond })
 	e.emu.AddRunning(proj, "", "s1", "i-1")
 	r := e.startWorker(nil)
@@ -313,6 +323,7 @@ func TestUnreadableStateBucketMakesTheWorkerUnready(t *testing.T) {
 // A server whose max_payload is below what a document may grow to would
 // refuse some commands' records for good: the worker says so at start.
 func TestSmallMaxPayloadStopsTheStart(t *testing.T) {
+	t.Parallel()
 	ns := testutil.RunServer(t, &server.Options{Host: "127.0.0.1", Port: -1, JetStream: true, StoreDir: t.TempDir(),
 		MaxPayload: 512 << 10})
 	_, js := testutil.ConnectJS(t, ns.ClientURL())
@@ -328,6 +339,7 @@ func TestSmallMaxPayloadStopsTheStart(t *testing.T) {
 // records can take would refuse some of them for good, and such a command
 // would wait for its call for ever: the worker says so at start.
 func TestStateBucketWithSmallMessagesStopsTheStart(t *testing.T) {
+	t.Parallel()
 	e := newEnv(t, nil)
 	e.updateStream(t, "KV_dlf_stop_state", func(c *jetstream.StreamConfig) { c.MaxMsgSize = 400 })
 	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
@@ -342,6 +354,7 @@ func TestStateBucketWithSmallMessagesStopsTheStart(t *testing.T) {
 // attempt even while open and long before the next probe, and still
 // lets a cancelled wait go without a call.
 func TestCircuitLetsTheLastAttemptThrough(t *testing.T) {
+	t.Parallel()
 	cfg := Config{CircuitThreshold: 5, RetryInitial: time.Hour, RetryMax: time.Hour}
 	c := newCircuit(&cfg, zap.NewNop(), nil)
 	c.release(false, c.generation(), dlf.Verdict{HTTPStatus: 401}, false)
@@ -370,6 +383,7 @@ func TestCircuitLetsTheLastAttemptThrough(t *testing.T) {
 // stream) get their one call, but after a 429's pause like every other
 // call, not all at once into the throttled gateway.
 func TestLateCommandsWaitOutA429Pause(t *testing.T) {
+	t.Parallel()
 	e := newEnv(t, func(c *Config) {
 		c.Concurrency = 1
 		c.RetryMaxElapsed = time.Millisecond // every command is older when it is fetched
@@ -415,6 +429,7 @@ func TestLateCommandsWaitOutA429Pause(t *testing.T) {
 // handing the command back, which alone give the last attempt its pass
 // just after the give-up time (found by review).
 func TestRedeliveredLateCommandsWaitForTheProbe(t *testing.T) {
+	t.Parallel()
 	for _, marked := range []bool{false, true} {
 		t.Run(fmt.Sprintf("marked=%v", marked), func(t *testing.T) { redeliveredLateCommandWaitsForTheProbe(t, marked) })
 	}
@@ -480,6 +495,7 @@ func redeliveredLateCommandWaitsForTheProbe(t *testing.T, marked bool) {
 // A command waiting for the rate limiter's next token is expired when its
 // deadline passes, not before.
 func TestRateLimitWaitExpiresAtTheDeadline(t *testing.T) {
+	t.Parallel()
 	e := newEnv(t, func(c *Config) { c.RateLimit = 0.5; c.RateBurst = 1; c.Concurrency = 4 })
 	e.emu.AddRunning(proj, "", "s1", "first")
 	e.emu.AddRunning(proj, "", "s1", "second")
@@ -546,6 +562,7 @@ func (e *env) secondWhileFirstIsHeld(t *testing.T, first, second string, hold fu
 // A 429 that arrives while a command waits for the rate limiter's token
 // holds that command back too: its pause wins over the token.
 func TestA429WhileWaitingForARateTokenHoldsTheCall(t *testing.T) {
+	t.Parallel()
 	e := newEnv(t, func(c *Config) { c.RateLimit = 1; c.RateBurst = 1; c.Concurrency = 4 })
 	// first takes the one token at t0; its 429 (Retry-After 2s) reaches
 	// the worker while second waits for the next token, due at t0+1s.
@@ -572,6 +589,7 @@ func TestA429WhileWaitingForARateTokenHoldsTheCall(t *testing.T) {
 // A command whose call panics after SIGTERM goes back at once, like every
 // other undecided command at shutdown, not after the panic's backoff.
 func TestPanicAfterSoftStopReturnsTheCommandAtOnce(t *testing.T) {
+	t.Parallel()
 	e := newEnv(t, func(c *Config) { c.RetryInitial = 30 * time.Second; c.RetryMax = time.Minute })
 	inFlight, release := make(chan struct{}), make(chan struct{})
 	p := &panicky{panicAt: func(n int64) bool {
