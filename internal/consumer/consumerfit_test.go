@@ -4,6 +4,7 @@ import (
 	"context"
 	"fmt"
 	"strings"
+	"sync"
 	"testing"
 	"time"
 
@@ -158,6 +159,68 @@ func TestBodyWithheldByAHeadersOnlyConsumerIsReturned(t *testing.T) {
 		return nil
 	})
 	e.editConsumer(t, func(c *jetstream.ConsumerConfig) { c.HeadersOnly = false })
+	if o := e.single(t); o.CommandID != "c1" || o.Status != StatusStopped {
+		t.Errorf("outcome %+v; want c1 stopped", o)
+	}
+	e.noDeadLetters(t)
+}
+
+// relayConsumer hands each fetched message to see before the worker gets
+// it.
+type relayConsumer struct {
+	jetstream.Consumer
+	see func(jetstream.Msg)
+}
+
+func (c relayConsumer) Fetch(n int, opts ...jetstream.FetchOpt) (jetstream.MessageBatch, error) {
+	b, err := c.Consumer.Fetch(n, opts...)
+	if err != nil {
+		return nil, err
+	}
+	return relay(b, func(m jetstream.Msg) jetstream.Msg { c.see(m); return m }), nil
+}
+
+// A delivery whose body a headers-only consumer withheld is returned even
+// when the consumer no longer withholds bodies by the time the worker
+// looks (found by review: it read the consumer, found it fit, and decided
+// the delivery as an empty command; the command was acked and
+// dead-lettered without its body, and its instance never stopped).
+func TestBodyWithheldUnderASettingUndoneSinceIsReturned(t *testing.T) {
+	t.Parallel()
+	e := newEnv(t, nil)
+	e.emu.AddRunning(proj, "", "s1", "i-1")
+	undone := make(chan error, 1)
+	var once sync.Once
+	undo := func(m jetstream.Msg) {
+		if len(m.Data()) != 0 {
+			return
+		}
+		once.Do(func() {
+			// Put right before the worker sees the delivery.
+			ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+			defer cancel()
+			c, err := e.js.Consumer(ctx, "DLF_STOP", "dlf-stop-worker")
+			if err == nil {
+				cfg := c.CachedInfo().Config
+				cfg.HeadersOnly = false
+				_, err = e.js.UpdateConsumer(ctx, "DLF_STOP", cfg)
+			}
+			undone <- err
+		})
+	}
+	r := e.startWorker(func(c *Config) { c.RetryMax = 200 * time.Millisecond },
+		func(w *Worker) { w.cons = relayConsumer{w.cons, undo} })
+	r.waitStarted(t)
+	e.editConsumer(t, func(c *jetstream.ConsumerConfig) { c.HeadersOnly = true })
+	e.publish(body(t, map[string]any{"command_id": "c1", "project_id": proj, "script_name": "s1", "instance_id": "i-1"}), nil)
+	select {
+	case err := <-undone:
+		if err != nil {
+			t.Fatal(err)
+		}
+	case <-time.After(10 * time.Second):
+		t.Fatal("no delivery without its body")
+	}
 	if o := e.single(t); o.CommandID != "c1" || o.Status != StatusStopped {
 		t.Errorf("outcome %+v; want c1 stopped", o)
 	}

@@ -209,24 +209,34 @@ func (w *Worker) setUnfit(err error) {
 }
 
 // bodyWithheld says whether a delivery without a body but with the size
-// header of a headers-only consumer had its body withheld: read from the
-// consumer itself, as a publisher may set any header. Until watchLimits
-// notices an edited consumer, such deliveries would otherwise be decided
-// as empty commands and acked, their bodies gone. A consumer that cannot
-// be read counts as withholding: the delivery is only returned.
-func (w *Worker) bodyWithheld(msg jetstream.Msg) bool {
+// header of a headers-only consumer had its body withheld. The stored
+// message says so, not the header alone (a publisher may set any header)
+// nor the consumer's settings, which may have changed since the delivery
+// (found by review: a headers_only switched off again before the worker
+// read the consumer let such deliveries be decided as empty commands,
+// acked and dead-lettered without their bodies). The consumer is read
+// too, so that an unfit one stops the pulls at once rather than when
+// watchLimits notices. A message that cannot be read counts as withheld:
+// the delivery is only returned.
+func (w *Worker) bodyWithheld(msg jetstream.Msg, seq uint64) bool {
 	size := msg.Headers().Get(nats.MsgSize)
 	if size == "" || size == "0" || len(msg.Data()) != 0 {
 		return false
 	}
 	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Second)
 	defer cancel()
-	c, err := w.js.Consumer(ctx, w.cfg.StopStream, w.cfg.ConsumerName)
+	if c, err := w.js.Consumer(ctx, w.cfg.StopStream, w.cfg.ConsumerName); err == nil {
+		w.noteLimits(c.CachedInfo())
+	}
+	s, err := w.js.Stream(ctx, w.cfg.StopStream)
 	if err != nil {
 		return true
 	}
-	w.noteLimits(c.CachedInfo())
-	return c.CachedInfo().Config.HeadersOnly
+	stored, err := s.GetMsg(ctx, seq)
+	if err != nil {
+		return true
+	}
+	return len(stored.Data) != 0
 }
 
 // errUnfit ends a pull while the consumer would lose commands.
