@@ -491,3 +491,35 @@ func (e *env) laterCommandIsAlreadyStopped(t *testing.T) {
 		t.Errorf("z = %s/%s, want stopped/already_stopped (instance stopped by new's call)", z.Status, z.Cause)
 	}
 }
+
+// A command waiting in the worker to retry whose id, the re-read shows,
+// another message decided for another instance meanwhile is acked as a
+// reused id, and counted as one (found by review: it was counted only as
+// decided elsewhere, and the log said another delivery of it decided it).
+func TestReusedIDFoundWhileWaitingToRetryIsCounted(t *testing.T) {
+	t.Parallel()
+	e := newEnv(t, nil)
+	e.emu.AddRunning(proj, "", "s1", "i-1")
+	e.emu.AddRunning(proj, "", "s1", "i-2")
+	flaky, calls := e.firstCallWaits(t) // the first call: 503, Retry-After 2
+	r := e.startWorkerAt(flaky.URL, nil)
+	e.publish(body(t, map[string]any{"command_id": "y", "project_id": proj, "script_name": "s1", "instance_id": "i-1"}), nil)
+	testutil.Eventually(t, 10*time.Second, func() error {
+		if r.w.waiting.Load() == 0 {
+			return errors.New("y for i-1 is not waiting in the worker yet")
+		}
+		return nil
+	})
+	e.publish(body(t, map[string]any{"command_id": "y", "project_id": proj, "script_name": "s1", "instance_id": "i-2"}), nil)
+	e.stopStreamEmpty(t)
+	outs := e.out.outcomes(t)
+	if len(outs) != 1 || outs[0].InstanceID != "i-2" {
+		t.Fatalf("outcomes %+v; want y for i-2's alone", outs)
+	}
+	if n := testutilCount(r.w.m.reusedIDs); n != 1 {
+		t.Errorf("dlf_stop_command_ids_reused_total = %v, want 1", n)
+	}
+	if n := calls.Load(); n != 2 {
+		t.Errorf("%d DLF calls, want 2: y for i-1's first, y for i-2's", n)
+	}
+}

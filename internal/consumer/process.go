@@ -343,8 +343,8 @@ func (w *Worker) stoppedWhileWaiting(j *job) (why string, handled bool) {
 	if err != nil {
 		return "", false
 	}
-	if decision, _ := w.decidedIn(w.soft, j, recs, w.state.lookupWait); decision != nil {
-		w.ackDecidedElsewhere(j)
+	if decision, here := w.decidedIn(w.soft, j, recs, w.state.lookupWait); decision != nil {
+		w.ackDecidedElsewhere(j, here)
 		return "", true
 	}
 	d := &recs[0].doc // its old stop forgotten by decidedIn
@@ -976,7 +976,7 @@ func (w *Worker) decidedMeanwhile(ctx context.Context, j *job) bool {
 		w.ackReused(j, &Outcome{Status: decision.Status, Cause: decision.Cause}, !here)
 		return true
 	}
-	w.ackDecidedElsewhere(j)
+	w.ackDecidedElsewhere(j, here)
 	return true
 }
 
@@ -1022,12 +1022,21 @@ func (w *Worker) decidedIn(ctx context.Context, j *job, recs []*stateRecord,
 }
 
 // ackDecidedElsewhere acks a delivery whose command another delivery
-// decided, without an outcome of its own.
-func (w *Worker) ackDecidedElsewhere(j *job) {
+// decided, without an outcome of its own. here says the decision is in
+// the document of this delivery's own instance; elsewhere, the id was
+// decided for another instance: a message reusing the id, counted as
+// recall counts it (found by review: after a re-read it was not).
+func (w *Worker) ackDecidedElsewhere(j *job, here bool) {
 	if err := j.msg.Ack(); err != nil {
 		j.log.Warn("ack of a command another delivery decided failed", zap.Error(err))
 	}
 	w.m.skipped.Inc()
+	if !here {
+		w.m.reusedIDs.Inc()
+		j.log.Warn("command id decided for another instance while this command was held; acked without a stop or an outcome",
+			zap.String("dropped_status", j.out.Status), zap.String("dropped_cause", j.out.Cause))
+		return
+	}
 	j.log.Warn("another delivery decided this command while this one was held; acked without a second outcome",
 		zap.String("dropped_status", j.out.Status), zap.String("dropped_cause", j.out.Cause))
 }
@@ -1062,8 +1071,8 @@ func (w *Worker) stoppedMeanwhile(j *job) (why string, handled bool) {
 		}
 		return "", false // a DLF.6205 without a record: it fails
 	}
-	if decision, _ := w.decidedIn(ctx, j, recs, w.state.lookupLeader); decision != nil {
-		w.ackDecidedElsewhere(j)
+	if decision, here := w.decidedIn(ctx, j, recs, w.state.lookupLeader); decision != nil {
+		w.ackDecidedElsewhere(j, here)
 		return "", true
 	}
 	d := &recs[0].doc // its old stop forgotten by decidedIn
