@@ -450,7 +450,13 @@ func (s *stateStore) save(ctx context.Context, r *stateRecord, change func(*stat
 			r.rev = rev
 			return nil
 		}
-		if ctx.Err() != nil || i >= maxCASRetries {
+		// Only a lost compare-and-set is worth another try: a refusal
+		// of another kind (a message over the bucket's limit, no
+		// leader) would be refused again, and retried for the whole
+		// deadline it held the command from being handed back (found
+		// by review, with the pause below).
+		conflict := errors.Is(err, jetstream.ErrKeyExists) || errors.Is(err, jetstream.ErrKeyRevisionMismatch)
+		if !conflict || ctx.Err() != nil || i >= maxCASRetries {
 			return fmt.Errorf("write state %s: %w", r.key, err)
 		}
 		if bo == nil {
