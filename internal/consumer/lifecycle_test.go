@@ -329,7 +329,8 @@ func TestCrashedWorkerLosesNothingAndReplicasShare(t *testing.T) {
 }
 
 func TestNATSServerRestartMidBatch(t *testing.T) {
-	t.Parallel()
+	// Not parallel: a port this test frees and listens on again could be
+	// taken meanwhile by a listener of a test running beside it.
 	e := newEnv(t, func(c *Config) { c.AckWait = 3 * time.Second; c.Concurrency = 8 })
 	e.emu.SetFaults(emulator.Faults{Latency: 10 * time.Millisecond})
 	const n = 300

@@ -1742,7 +1742,8 @@ func TestCircuitOpeningReturnsRateTokens(t *testing.T) {
 }
 
 func TestCircuitOpensWhenDLFIsDown(t *testing.T) {
-	t.Parallel()
+	// Not parallel: a port this test frees and listens on again could be
+	// taken meanwhile by a listener of a test running beside it.
 	e := newEnv(t, func(c *Config) { c.RetryInitial = 50 * time.Millisecond; c.RetryMax = 200 * time.Millisecond })
 	e.emu.SetFaults(emulator.Faults{Down: true})
 	r := e.startWorker(nil)

@@ -369,7 +369,8 @@ func retryThenHeal(t *testing.T, f emulator.Faults, mutate func(*Config)) (*env,
 }
 
 func TestRowRetriedThenStopped(t *testing.T) {
-	t.Parallel()
+	// Not parallel: a port this test frees and listens on again could be
+	// taken meanwhile by a listener of a test running beside it.
 	cases := []struct {
 		name string
 		f    emulator.Faults
@@ -389,7 +390,8 @@ func TestRowRetriedThenStopped(t *testing.T) {
 }
 
 func TestRowConnectionRefusedRetried(t *testing.T) {
-	t.Parallel()
+	// Not parallel: a port this test frees and listens on again could be
+	// taken meanwhile by a listener of a test running beside it.
 	e := newEnv(t, nil)
 	e.emu.AddRunning(proj, "", "s1", "i-1")
 	e.emu.SetFaults(emulator.Faults{Down: true})
