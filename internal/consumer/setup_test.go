@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"slices"
 	"strings"
 	"testing"
 	"time"
@@ -271,5 +272,54 @@ func TestAWorkerThatDoesNotPullFollowsAnEditedAckWait(t *testing.T) {
 				return nil
 			})
 		})
+	}
+}
+
+// On a server without them, Setup creates the streams, the bucket and the
+// consumer as contract section 2 says, with every setting left at its
+// default (found by review: the consumer's ack wait and its durable name
+// could change with every test passing).
+func TestSetupCreatesWhatTheContractNames(t *testing.T) {
+	t.Parallel()
+	s := testutil.StartNATS(t)
+	_, js := testutil.ConnectJS(t, s.ClientURL())
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+	c, err := Setup(ctx, js, Config{}, zap.NewNop())
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, want := range []struct {
+		name, subject string
+		retention     jetstream.RetentionPolicy
+	}{
+		{"DLF_STOP", "dlf.stop.request", jetstream.WorkQueuePolicy},
+		{"DLF_STOP_OUTCOMES", "dlf.stop.outcome.*", jetstream.LimitsPolicy},
+		{"DLF_STOP_DEAD", "dlf.stop.dead", jetstream.LimitsPolicy},
+	} {
+		st, err := js.Stream(ctx, want.name)
+		if err != nil {
+			t.Fatalf("stream %s: %v", want.name, err)
+		}
+		got := st.CachedInfo().Config
+		if !slices.Equal(got.Subjects, []string{want.subject}) || got.Retention != want.retention ||
+			got.Storage != jetstream.FileStorage || got.Replicas != 1 || got.Duplicates != 2*time.Minute {
+			t.Errorf("stream %s: subjects %v, %s, %s, %d replicas, duplicate window %s; want [%s], %s, file, 1, 2m0s",
+				want.name, got.Subjects, got.Retention, got.Storage, got.Replicas, got.Duplicates, want.subject, want.retention)
+		}
+	}
+	if _, err := js.KeyValue(ctx, "dlf_stop_state"); err != nil {
+		t.Errorf("state bucket: %v", err)
+	}
+	info, err := c.Info(ctx) // from the server, not what Setup asked for
+	if err != nil {
+		t.Fatal(err)
+	}
+	got := info.Config
+	if info.Name != "dlf-stop-worker" || got.Durable != "dlf-stop-worker" || got.AckPolicy != jetstream.AckExplicitPolicy ||
+		got.AckWait != 30*time.Second || got.MaxDeliver != -1 || got.MaxAckPending < 16*32 ||
+		got.FilterSubject != "dlf.stop.request" || got.DeliverSubject != "" {
+		t.Errorf("consumer %s: %+v; want durable dlf-stop-worker, explicit ack, ack wait 30s, no max_deliver, "+
+			"max-ack-pending well above the default 32 slots, pull, on dlf.stop.request", info.Name, got)
 	}
 }
