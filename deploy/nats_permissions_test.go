@@ -1,6 +1,7 @@
 package deploy
 
 import (
+	"bytes"
 	"context"
 	"encoding/json"
 	"errors"
@@ -366,6 +367,20 @@ func TestNATSPermissions(t *testing.T) {
 				t.Fatal(err)
 			}
 			id := m.Headers().Get(nats.MsgIdHdr)
+			// A command that arrives without its body is read back by
+			// its sequence, in whichever form the client chooses.
+			meta, err := m.Metadata()
+			if err != nil {
+				t.Fatal(err)
+			}
+			apiRequest(t, worker, "$JS.API.STREAM.MSG.GET."+stopStream, map[string]uint64{"seq": meta.Sequence.Stream})
+			stop, err := worker.js.Stream(ctx, stopStream)
+			if err != nil {
+				t.Fatal(err)
+			}
+			if got, err := stop.GetMsg(ctx, meta.Sequence.Stream); err != nil || !bytes.Equal(got.Data, m.Data()) {
+				t.Fatalf("read the command back: %v %v", got, err)
+			}
 			worker.storeFailedOutcome(ctx, t, id)
 			dead := nats.NewMsg(deadSubject)
 			dead.Header.Set(nats.MsgIdHdr, id)

@@ -227,6 +227,27 @@ func TestBodyWithheldUnderASettingUndoneSinceIsReturned(t *testing.T) {
 	e.noDeadLetters(t)
 }
 
+// An empty command whose publisher set the size header itself is decided
+// as the empty command it is (rejected, dead-lettered as it was stored),
+// not returned for ever as a body withheld: the stored message has no
+// body either.
+func TestEmptyCommandWithASizeHeaderIsRejected(t *testing.T) {
+	t.Parallel()
+	e := newEnv(t, nil)
+	r := e.startWorker(nil)
+	r.waitStarted(t)
+	e.publish(nil, nats.Header{nats.MsgSize: []string{"120"}, nats.MsgIdHdr: []string{"empty-1"}})
+	if o := e.single(t); o.CommandID != "empty-1" || o.Status != StatusRejected || o.Cause != CauseInvalidCommand {
+		t.Errorf("outcome %+v; want empty-1 rejected as an invalid command", o)
+	}
+	if d := e.dead.wait(t, 1, 10*time.Second)[0]; len(d.Data()) != 0 {
+		t.Errorf("dead letter body %q; want the empty command", d.Data())
+	}
+	if n := testutilCount(r.w.m.returned.WithLabelValues("consumer_unfit")); n != 0 {
+		t.Errorf("returned %v times as withheld", n)
+	}
+}
+
 // A worker whose consumer cannot be bound again (its stream deleted) is not
 // ready at any moment, not even between the failed bind and the pull that
 // fails after it (found by review: /readyz answered 200 a few times in

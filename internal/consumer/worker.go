@@ -216,8 +216,9 @@ func (w *Worker) setUnfit(err error) {
 // read the consumer let such deliveries be decided as empty commands,
 // acked and dead-lettered without their bodies). The consumer is read
 // too, so that an unfit one stops the pulls at once rather than when
-// watchLimits notices. A message that cannot be read counts as withheld:
-// the delivery is only returned.
+// watchLimits notices, and it answers when the message cannot be read (a
+// user not allowed to read the stream); when neither can be read, the
+// delivery counts as withheld and is only returned.
 func (w *Worker) bodyWithheld(msg jetstream.Msg, seq uint64) bool {
 	size := msg.Headers().Get(nats.MsgSize)
 	if size == "" || size == "0" || len(msg.Data()) != 0 {
@@ -225,16 +226,20 @@ func (w *Worker) bodyWithheld(msg jetstream.Msg, seq uint64) bool {
 	}
 	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Second)
 	defer cancel()
+	headersOnly := true
 	if c, err := w.js.Consumer(ctx, w.cfg.StopStream, w.cfg.ConsumerName); err == nil {
 		w.noteLimits(c.CachedInfo())
+		headersOnly = c.CachedInfo().Config.HeadersOnly
 	}
 	s, err := w.js.Stream(ctx, w.cfg.StopStream)
 	if err != nil {
-		return true
+		return headersOnly
 	}
 	stored, err := s.GetMsg(ctx, seq)
 	if err != nil {
-		return true
+		w.log.Warn("could not read a command that arrived without its body; going by the consumer's settings",
+			zap.Uint64("stream_seq", seq), zap.Error(err))
+		return headersOnly
 	}
 	return len(stored.Data) != 0
 }
