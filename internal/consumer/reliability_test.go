@@ -715,6 +715,9 @@ func TestLostResponseIsAlreadyStopped(t *testing.T) {
 		t.Error("instance not stopped")
 	}
 	e.noDeadLetters(t)
+	// Acked: the checks above cannot see a command left unacked, whose
+	// redelivery comes only after the ack wait (found by review).
+	e.stopStreamEmpty(t)
 	testutil.Consistently(t, 300*time.Millisecond, func() error {
 		if n := e.out.len(); n != 1 {
 			return fmt.Errorf("%d outcomes", n)
@@ -756,6 +759,7 @@ func TestGatewayTimeoutThenDLF6205IsAlreadyStopped(t *testing.T) {
 				t.Fatalf("outcome = %+v; want stopped/already_stopped after two calls", o)
 			}
 			e.noDeadLetters(t)
+			e.stopStreamEmpty(t) // acked
 		})
 	}
 }

@@ -139,6 +139,10 @@ func TestBadInputAtVolume(t *testing.T) {
 		good[i] = sent{id: fmt.Sprintf("good-%04d", i), body: body}
 	}
 
+	// Every publish, as the duplicate window would hide a repeat from the
+	// stored count (found by review: a worker that published each outcome
+	// twice passed).
+	outcomePubs := countPublished(t, nc, "dlf.stop.outcome.*")
 	w := startWorker(t, guard.workerEnv(map[string]string{
 		"NATS_URL":                   srv.ClientURL(),
 		"DLF_ENDPOINT":               emuURL,
@@ -302,6 +306,9 @@ func TestBadInputAtVolume(t *testing.T) {
 	}
 	if calls != n {
 		t.Errorf("DLF stop calls: %d, want %d (one per valid command, none for invalid input)", calls, n)
+	}
+	if r := outcomePubs.republished(); r != 0 {
+		t.Errorf("%d outcome publishes beyond one per command, without a fault to explain them", r)
 	}
 	if redeliveries != 0 {
 		t.Errorf("consumer delivered %d times beyond one per command", redeliveries)

@@ -3,7 +3,6 @@ package e2e
 import (
 	"bufio"
 	"fmt"
-	"io"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -103,20 +102,21 @@ func startWorkerBin(t testing.TB, bin string, env map[string]string) *child {
 	}
 	c := &child{cmd: cmd, done: make(chan error, 1)}
 	go func() {
-		sc := bufio.NewScanner(output)
-		sc.Buffer(make([]byte, 0, 64<<10), 1<<20)
-		for sc.Scan() {
-			c.mu.Lock()
-			c.logs = append(c.logs, sc.Text())
-			c.mu.Unlock()
-		}
-		if err := sc.Err(); err != nil {
-			// A line over the buffer ends the capture: later lines would
-			// escape the searches tests make, so say so in the logs.
-			c.mu.Lock()
-			c.logs = append(c.logs, "E2E: worker log capture stopped: "+err.Error())
-			c.mu.Unlock()
-			_, _ = io.Copy(io.Discard, output) // never block the worker on a full pipe
+		// Lines of any length: a scanner's limit ended the capture at the
+		// first long line, and every later line escaped the secrets and
+		// panic searches (found by review: a leak logged after a debug
+		// line holding a 1 MB body went unseen).
+		rd := bufio.NewReaderSize(output, 64<<10)
+		for {
+			line, err := rd.ReadString('\n')
+			if line != "" {
+				c.mu.Lock()
+				c.logs = append(c.logs, strings.TrimSuffix(line, "\n"))
+				c.mu.Unlock()
+			}
+			if err != nil {
+				break
+			}
 		}
 		c.done <- cmd.Wait()
 		output.Close()
