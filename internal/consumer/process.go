@@ -982,8 +982,11 @@ func (w *Worker) decidedMeanwhile(ctx context.Context, j *job) bool {
 
 // decidedIn returns the decision of j's command that the state read in
 // recs (j.stateKeys) holds, nil when none, following the id's "sent" mark
-// to the document of another instance key; here says it was found in the
-// document of j's own instance. A stop older than STATE_TTL is forgotten
+// to the document of another instance key; here says it is this
+// message's own decision: found in the document of j's own instance, or
+// through the mark of this same message (its stream sequence) read under
+// other defaults, as recall tells them apart (found by review: that case
+// was counted as a reused id). A stop older than STATE_TTL is forgotten
 // first, as recall forgets it.
 // read reads the other instance's document (lookupWait, or lookupLeader
 // where a stale answer costs a wrong outcome).
@@ -1015,17 +1018,17 @@ func (w *Worker) decidedIn(ctx context.Context, j *job, recs []*stateRecord,
 		// decision, there, makes the id final (contract section 6), as
 		// recall finds.
 		if other, err := read(ctx, []string{instKey(e.Inst)}); err == nil {
-			return decidedIn(&other[0].doc), false
+			return decidedIn(&other[0].doc), e.Seq == j.meta.Sequence.Stream
 		}
 	}
 	return nil, false
 }
 
 // ackDecidedElsewhere acks a delivery whose command another delivery
-// decided, without an outcome of its own. here says the decision is in
-// the document of this delivery's own instance; elsewhere, the id was
-// decided for another instance: a message reusing the id, counted as
-// recall counts it (found by review: after a re-read it was not).
+// decided, without an outcome of its own. here says the decision is this
+// message's own (see decidedIn); otherwise the id was decided for another
+// message naming another instance: a reused id, counted as recall counts
+// it (found by review: after a re-read it was not).
 func (w *Worker) ackDecidedElsewhere(j *job, here bool) {
 	if err := j.msg.Ack(); err != nil {
 		j.log.Warn("ack of a command another delivery decided failed", zap.Error(err))

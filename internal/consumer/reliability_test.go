@@ -1021,7 +1021,7 @@ func overlapDeliveries(t *testing.T, mutateB func(*Config)) {
 		}
 		return nil
 	})
-	e.startWorker(nil) // A takes the redelivery once the ack wait is over
+	a := e.startWorker(nil) // A takes the redelivery once the ack wait is over
 	if o := e.single(t); o.Status != StatusStopped || o.Cause != CauseOK || o.Workspace != "" {
 		t.Fatalf("outcome = %+v; want A's stop", o)
 	}
@@ -1038,6 +1038,11 @@ func overlapDeliveries(t *testing.T, mutateB func(*Config)) {
 	})
 	if n := e.pubs.count(); n != 1 {
 		t.Errorf("%d outcome events published, want A's only", n)
+	}
+	// One message delivered twice is no reused id, under other defaults
+	// either (found by review: B's re-read counted it as one).
+	if n := testutilCount(a.w.m.reusedIDs) + testutilCount(b.w.m.reusedIDs); n != 0 {
+		t.Errorf("dlf_stop_command_ids_reused_total = %v for one message delivered twice", n)
 	}
 	e.noDeadLetters(t)
 }
