@@ -270,7 +270,7 @@ func TestNATSPermissions(t *testing.T) {
 		ctx := stepCtx(t)
 		s3 := startConfServer(t)
 		w3, a3 := connectAs(t, s3, "dlf-worker"), connectAs(t, s3, "auditor")
-		for _, name := range []string{outcomeStream, deadStream} {
+		for _, name := range []string{stopStream, outcomeStream, deadStream} {
 			def := definition(t, files, name+".json", 1)
 			def["allow_direct"] = true
 			apiRequest(t, w3, "$JS.API.STREAM.CREATE."+name, def)
@@ -280,10 +280,17 @@ func TestNATSPermissions(t *testing.T) {
 				t.Fatalf("publish to %s: %v", subj, err)
 			}
 		}
+		// A stop command, which the worker reads back by its sequence
+		// when it arrived without its body (found by review: that grant
+		// was not tested).
+		sc3 := connectAs(t, s3, "scheduler")
+		if _, err := sc3.js.Publish(ctx, stopSubject, []byte(`{}`)); err != nil {
+			t.Fatalf("publish to %s: %v", stopSubject, err)
+		}
 		for _, r := range []struct {
 			u      *natsUser
 			stream string
-		}{{w3, outcomeStream}, {a3, outcomeStream}, {a3, deadStream}} {
+		}{{w3, stopStream}, {w3, outcomeStream}, {a3, outcomeStream}, {a3, deadStream}} {
 			st, err := r.u.js.Stream(ctx, r.stream)
 			if err != nil {
 				t.Fatalf("%s: look up %s: %v", r.u.name, r.stream, err)
@@ -297,6 +304,7 @@ func TestNATSPermissions(t *testing.T) {
 		}
 		w3.noViolations(t)
 		a3.noViolations(t)
+		sc3.noViolations(t)
 	})
 
 	t.Run("worker keeps per-command state", func(t *testing.T) {

@@ -184,47 +184,77 @@ func (c relayConsumer) Fetch(n int, opts ...jetstream.FetchOpt) (jetstream.Messa
 // when the consumer no longer withholds bodies by the time the worker
 // looks (found by review: it read the consumer, found it fit, and decided
 // the delivery as an empty command; the command was acked and
-// dead-lettered without its body, and its instance never stopped).
+// dead-lettered without its body, and its instance never stopped). So it
+// is when the worker may not read the stored message (found by review of
+// that fix: it then went by the consumer's settings, and lost the command
+// the same way).
 func TestBodyWithheldUnderASettingUndoneSinceIsReturned(t *testing.T) {
 	t.Parallel()
-	e := newEnv(t, nil)
-	e.emu.AddRunning(proj, "", "s1", "i-1")
-	undone := make(chan error, 1)
-	var once sync.Once
-	undo := func(m jetstream.Msg) {
-		if len(m.Data()) != 0 {
-			return
-		}
-		once.Do(func() {
-			// Put right before the worker sees the delivery.
-			ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
-			defer cancel()
-			c, err := e.js.Consumer(ctx, "DLF_STOP", "dlf-stop-worker")
-			if err == nil {
-				cfg := c.CachedInfo().Config
-				cfg.HeadersOnly = false
-				_, err = e.js.UpdateConsumer(ctx, "DLF_STOP", cfg)
+	for _, readsRefused := range []bool{false, true} {
+		t.Run(fmt.Sprintf("reads_refused=%v", readsRefused), func(t *testing.T) {
+			t.Parallel()
+			e := newEnv(t, nil)
+			e.emu.AddRunning(proj, "", "s1", "i-1")
+			undone := make(chan error, 1)
+			var once sync.Once
+			undo := func(m jetstream.Msg) {
+				if len(m.Data()) != 0 {
+					return
+				}
+				once.Do(func() {
+					// Put right before the worker sees the delivery.
+					ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+					defer cancel()
+					c, err := e.js.Consumer(ctx, "DLF_STOP", "dlf-stop-worker")
+					if err == nil {
+						cfg := c.CachedInfo().Config
+						cfg.HeadersOnly = false
+						_, err = e.js.UpdateConsumer(ctx, "DLF_STOP", cfg)
+					}
+					undone <- err
+				})
 			}
-			undone <- err
+			r := e.startWorker(func(c *Config) { c.RetryMax = 200 * time.Millisecond }, func(w *Worker) {
+				w.cons = relayConsumer{w.cons, undo}
+				if readsRefused {
+					w.js = refusedStopReads{w.js}
+				}
+			})
+			r.waitStarted(t)
+			e.editConsumer(t, func(c *jetstream.ConsumerConfig) { c.HeadersOnly = true })
+			e.publish(body(t, map[string]any{"command_id": "c1", "project_id": proj, "script_name": "s1", "instance_id": "i-1"}), nil)
+			select {
+			case err := <-undone:
+				if err != nil {
+					t.Fatal(err)
+				}
+			case <-time.After(10 * time.Second):
+				t.Fatal("no delivery without its body")
+			}
+			if o := e.single(t); o.CommandID != "c1" || o.Status != StatusStopped {
+				t.Errorf("outcome %+v; want c1 stopped", o)
+			}
+			e.noDeadLetters(t)
 		})
 	}
-	r := e.startWorker(func(c *Config) { c.RetryMax = 200 * time.Millisecond },
-		func(w *Worker) { w.cons = relayConsumer{w.cons, undo} })
-	r.waitStarted(t)
-	e.editConsumer(t, func(c *jetstream.ConsumerConfig) { c.HeadersOnly = true })
-	e.publish(body(t, map[string]any{"command_id": "c1", "project_id": proj, "script_name": "s1", "instance_id": "i-1"}), nil)
-	select {
-	case err := <-undone:
-		if err != nil {
-			t.Fatal(err)
-		}
-	case <-time.After(10 * time.Second):
-		t.Fatal("no delivery without its body")
+}
+
+// refusedStopReads is a JetStream whose reads of stop commands by their
+// sequence fail, as for a NATS user without the right to them.
+type refusedStopReads struct{ jetstream.JetStream }
+
+func (r refusedStopReads) Stream(ctx context.Context, name string) (jetstream.Stream, error) {
+	s, err := r.JetStream.Stream(ctx, name)
+	if err != nil || name != "DLF_STOP" {
+		return s, err
 	}
-	if o := e.single(t); o.CommandID != "c1" || o.Status != StatusStopped {
-		t.Errorf("outcome %+v; want c1 stopped", o)
-	}
-	e.noDeadLetters(t)
+	return refusedGets{s}, nil
+}
+
+type refusedGets struct{ jetstream.Stream }
+
+func (refusedGets) GetMsg(context.Context, uint64, ...jetstream.GetMsgOpt) (*jetstream.RawStreamMsg, error) {
+	return nil, context.DeadlineExceeded // what a refused request meets
 }
 
 // An empty command whose publisher set the size header itself is decided

@@ -84,6 +84,10 @@ type Worker struct {
 	// commands (consumerUnfit); nil while it fits. Nothing is pulled
 	// meanwhile.
 	unfit atomic.Pointer[string]
+	// storedUnread (unix nanoseconds): the last read of a stop command by
+	// its sequence failed (see bodyWithheld); reads are not tried again
+	// for a while, as each failed one may wait out its timeout.
+	storedUnread atomic.Int64
 
 	ready atomic.Bool
 	// bindFailed: the last bind of the consumer failed (the stream or
@@ -216,9 +220,19 @@ func (w *Worker) setUnfit(err error) {
 // read the consumer let such deliveries be decided as empty commands,
 // acked and dead-lettered without their bodies). The consumer is read
 // too, so that an unfit one stops the pulls at once rather than when
-// watchLimits notices, and it answers when the message cannot be read (a
-// user not allowed to read the stream); when neither can be read, the
-// delivery counts as withheld and is only returned.
+// watchLimits notices.
+//
+// A message that cannot be read counts as withheld: the delivery is only
+// returned. Going by the consumer's settings instead lost commands when
+// they had been put right meanwhile (found by review, for a user without
+// the right to read the stream: each refused read waited out its
+// timeout, a batch of such deliveries took seconds each, and the
+// operator's fix landed in the middle). The price: an empty command
+// whose publisher set the size header itself is returned, not rejected,
+// for as long as the worker may not read the stream; the error log says
+// which right it lacks. After a failed read none is tried for
+// storedUnreadPause, so that a batch does not wait out one timeout per
+// delivery.
 func (w *Worker) bodyWithheld(msg jetstream.Msg, seq uint64) bool {
 	size := msg.Headers().Get(nats.MsgSize)
 	if size == "" || size == "0" || len(msg.Data()) != 0 {
@@ -226,23 +240,33 @@ func (w *Worker) bodyWithheld(msg jetstream.Msg, seq uint64) bool {
 	}
 	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Second)
 	defer cancel()
-	headersOnly := true
 	if c, err := w.js.Consumer(ctx, w.cfg.StopStream, w.cfg.ConsumerName); err == nil {
 		w.noteLimits(c.CachedInfo())
-		headersOnly = c.CachedInfo().Config.HeadersOnly
 	}
+	if last := w.storedUnread.Load(); last != 0 && time.Since(time.Unix(0, last)) < storedUnreadPause {
+		return true
+	}
+	var stored *jetstream.RawStreamMsg
 	s, err := w.js.Stream(ctx, w.cfg.StopStream)
-	if err != nil {
-		return headersOnly
+	if err == nil {
+		stored, err = s.GetMsg(ctx, seq)
 	}
-	stored, err := s.GetMsg(ctx, seq)
-	if err != nil {
-		w.log.Warn("could not read a command that arrived without its body; going by the consumer's settings",
-			zap.Uint64("stream_seq", seq), zap.Error(err))
-		return headersOnly
+	switch {
+	case errors.Is(err, jetstream.ErrMsgNotFound):
+		return true // gone meanwhile (acked by another delivery): nothing to decide
+	case err != nil:
+		w.storedUnread.Store(time.Now().UnixNano())
+		w.log.Error("a command arrived without its body and could not be read by its sequence to tell a withheld body "+
+			"from an empty command; returning it (the worker needs $JS.API.STREAM.MSG.GET and $JS.API.DIRECT.GET on the stop stream)",
+			zap.String("stream", w.cfg.StopStream), zap.Uint64("stream_seq", seq), zap.Error(err))
+		return true
 	}
 	return len(stored.Data) != 0
 }
+
+// storedUnreadPause is how long bodyWithheld does not read the stop stream
+// again after a read failed.
+const storedUnreadPause = 30 * time.Second
 
 // errUnfit ends a pull while the consumer would lose commands.
 var errUnfit = errors.New("the consumer no longer fits")
