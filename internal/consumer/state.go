@@ -450,11 +450,13 @@ func (s *stateStore) save(ctx context.Context, r *stateRecord, change func(*stat
 			r.rev = rev
 			return nil
 		}
-		// Only a lost compare-and-set is worth another try: a refusal
-		// of another kind (a message over the bucket's limit, no
-		// leader) would be refused again, and retried for the whole
-		// deadline it held the command from being handed back (found
-		// by review, with the pause below).
+		// Only a lost compare-and-set is worth another try here: a
+		// refusal of another kind (a message over the bucket's limit)
+		// would be refused again, and retried for the whole deadline it
+		// held the command from being handed back (found by review, with
+		// the pause below). A bucket without a leader for a moment is
+		// tried again by nats.go itself; a longer election fails the
+		// write, and every caller copes with a failed write.
 		conflict := errors.Is(err, jetstream.ErrKeyExists) || errors.Is(err, jetstream.ErrKeyRevisionMismatch)
 		if !conflict || ctx.Err() != nil || i >= maxCASRetries {
 			return fmt.Errorf("write state %s: %w", r.key, err)
