@@ -339,13 +339,13 @@ func (c *Client) Stop(ctx context.Context, r StopRequest) (*Response, error) {
 		return nil, err
 	}
 
+	red := newRedactor(creds, req.Header.Get(HeaderAuthorization))
 	resp, err := c.hc.Do(req)
 	if err != nil {
-		return nil, transportError(ctx, err, st.sent())
+		return nil, transportError(ctx, err, st.sent(), red)
 	}
 	defer resp.Body.Close()
 
-	red := newRedactor(creds, req.Header.Get(HeaderAuthorization))
 	out := &Response{StatusCode: resp.StatusCode, RequestID: red.text(resp.Header.Get(headerRequestID), maxErrorCode)}
 	if resp.StatusCode >= 200 && resp.StatusCode < 300 {
 		if resp.Body != http.NoBody {
@@ -501,14 +501,31 @@ func escapedBytes(s string) int {
 
 // transportError wraps a failed Do. parent is the caller's context: when it
 // was cancelled the error matches context.Canceled.
-func transportError(parent context.Context, err error, sent bool) error {
+func transportError(parent context.Context, err error, sent bool, red *redactor) error {
 	if pe := parent.Err(); pe != nil && !errors.Is(err, pe) {
 		err = fmt.Errorf("%w: %w", pe, err)
 	}
 	var ne net.Error
 	timeout := errors.Is(err, context.DeadlineExceeded) || (errors.As(err, &ne) && ne.Timeout())
-	return &TransportError{Err: err, Sent: sent, Timeout: timeout}
+	return &TransportError{Err: &redactedError{err: err, msg: red.text(err.Error(), maxTransportErrorText)}, Sent: sent, Timeout: timeout}
 }
+
+// maxTransportErrorText bounds the text of a transport error: net/http
+// quotes what a peer sent in some of them.
+const maxTransportErrorText = 2048
+
+// redactedError is err with its text redacted: net/http quotes a malformed
+// answer's line in its error, and a peer (a gateway, a proxy) may echo the
+// request's Authorization or token there (found by review: the token, the
+// AK and the signature reached the error string, and the debug log).
+// Unwrap keeps errors.Is and errors.As working on err.
+type redactedError struct {
+	err error
+	msg string
+}
+
+func (e *redactedError) Error() string { return e.msg }
+func (e *redactedError) Unwrap() error { return e.err }
 
 // errorBody is the DLF / API gateway error body. Fields are raw so a code
 // sent as a number does not spoil the rest.

@@ -340,3 +340,50 @@ func TestStopErrorsHoldNoSecrets(t *testing.T) {
 		}
 	}
 }
+
+// A peer that echoes the request's credentials into a malformed answer:
+// net/http quotes the bad line in its transport error, which must not carry
+// them either (found by review: the token, the AK and the signature reached
+// the error string, and the worker's debug log).
+func TestTransportErrorsHoldNoSecrets(t *testing.T) {
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { ln.Close() })
+	go func() {
+		for {
+			conn, err := ln.Accept()
+			if err != nil {
+				return
+			}
+			go func() {
+				defer conn.Close()
+				req, err := http.ReadRequest(bufio.NewReader(conn))
+				if err != nil {
+					return
+				}
+				echo := req.Header.Get("Authorization") + req.Header.Get("X-Auth-Token") + req.Header.Get("X-Security-Token")
+				// No colon: a malformed header line, which net/http quotes.
+				io.WriteString(conn, "HTTP/1.1 401 Unauthorized\r\nInvalid credential "+echo+"\r\n\r\n")
+			}()
+		}
+	}()
+	const authToken = "MIIZ-iam-token/abcdefghijklmnopqrstuvwxyz+0123=="
+	for _, cr := range []Credentials{{AK: testAK, SK: testSK, SecurityToken: testToken}, {AuthToken: authToken}} {
+		c := newTestClient(t, Config{Endpoint: "http://" + ln.Addr().String(), Timeout: 2 * time.Second, Credentials: staticCreds(cr)})
+		_, err := c.Stop(context.Background(), testStop)
+		var te *TransportError
+		if !errors.As(err, &te) || !te.Sent {
+			t.Fatalf("err = %v; want a transport error after sending", err)
+		}
+		if !strings.Contains(err.Error(), "malformed") || !strings.Contains(err.Error(), "[REDACTED]") {
+			t.Errorf("err = %q; want net/http's words with the echo redacted", err)
+		}
+		for _, secret := range []string{testAK, testSK, testToken[:24], authToken[:24], "Signature="} {
+			if strings.Contains(err.Error(), secret) {
+				t.Errorf("err = %q holds a secret", err)
+			}
+		}
+	}
+}
