@@ -5,6 +5,7 @@ import (
 	"fmt"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"testing"
 	"time"
 
@@ -217,7 +218,7 @@ func TestBodyWithheldUnderASettingUndoneSinceIsReturned(t *testing.T) {
 			r := e.startWorker(func(c *Config) { c.RetryMax = 200 * time.Millisecond }, func(w *Worker) {
 				w.cons = relayConsumer{w.cons, undo}
 				if readsRefused {
-					w.js = refusedStopReads{w.js}
+					w.js = refusedStopReads{w.js, nil}
 				}
 			})
 			r.waitStarted(t)
@@ -240,21 +241,59 @@ func TestBodyWithheldUnderASettingUndoneSinceIsReturned(t *testing.T) {
 }
 
 // refusedStopReads is a JetStream whose reads of stop commands by their
-// sequence fail, as for a NATS user without the right to them.
-type refusedStopReads struct{ jetstream.JetStream }
+// sequence fail, as for a NATS user without the right to them: every one,
+// or while left, when set, counts down above zero.
+type refusedStopReads struct {
+	jetstream.JetStream
+	left *atomic.Int32
+}
 
 func (r refusedStopReads) Stream(ctx context.Context, name string) (jetstream.Stream, error) {
 	s, err := r.JetStream.Stream(ctx, name)
 	if err != nil || name != "DLF_STOP" {
 		return s, err
 	}
-	return refusedGets{s}, nil
+	return refusedGets{s, r.left}, nil
 }
 
-type refusedGets struct{ jetstream.Stream }
+type refusedGets struct {
+	jetstream.Stream
+	left *atomic.Int32
+}
 
-func (refusedGets) GetMsg(context.Context, uint64, ...jetstream.GetMsgOpt) (*jetstream.RawStreamMsg, error) {
-	return nil, context.DeadlineExceeded // what a refused request meets
+func (g refusedGets) GetMsg(ctx context.Context, seq uint64, opts ...jetstream.GetMsgOpt) (*jetstream.RawStreamMsg, error) {
+	if g.left == nil || g.left.Add(-1) >= 0 {
+		return nil, context.DeadlineExceeded // what a refused request meets
+	}
+	return g.Stream.GetMsg(ctx, seq, opts...)
+}
+
+// One read of the stop stream that timed out holds an empty command with a
+// publisher-set size header back for a moment only, and is counted as an
+// unreadable body, not as an unfit consumer (found by review: one timeout
+// held it for 30 s, logged as a headers-only consumer).
+func TestOneFailedReadBackHoldsLittleBack(t *testing.T) {
+	t.Parallel()
+	e := newEnv(t, nil)
+	var left atomic.Int32
+	left.Store(1)
+	r := e.startWorker(nil, func(w *Worker) { w.js = refusedStopReads{w.js, &left} })
+	r.waitStarted(t)
+	start := time.Now()
+	e.publish(nil, nats.Header{nats.MsgSize: []string{"120"}, nats.MsgIdHdr: []string{"empty-1"}})
+	if o := e.single(t); o.CommandID != "empty-1" || o.Status != StatusRejected {
+		t.Errorf("outcome %+v; want empty-1 rejected", o)
+	}
+	if took := time.Since(start); took > 5*time.Second {
+		t.Errorf("decided %s after one failed read; want about the first pause, 1 s", took.Round(time.Millisecond))
+	}
+	if n := testutilCount(r.w.m.returned.WithLabelValues("body_unreadable")); n < 1 {
+		t.Errorf("returned as unreadable %v times, want at least 1", n)
+	}
+	if n := testutilCount(r.w.m.returned.WithLabelValues("consumer_unfit")); n != 0 {
+		t.Errorf("returned as from an unfit consumer %v times", n)
+	}
+	e.stopStreamEmpty(t)
 }
 
 // An empty command whose publisher set the size header itself is decided

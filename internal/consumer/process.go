@@ -130,11 +130,13 @@ func (w *Worker) prepare(msg jetstream.Msg) (j *job, panicked bool) {
 		w.m.returned.WithLabelValues("no_metadata").Inc()
 		return nil, false
 	}
-	if w.bodyWithheld(msg, meta.Sequence.Stream) {
-		w.log.Error("a command arrived without its body (a headers-only consumer); returning it",
-			zap.Uint64("stream_seq", meta.Sequence.Stream))
+	if why := w.bodyWithheld(msg, meta.Sequence.Stream); why != bodyKept {
+		if why == bodyHeadersOff {
+			w.log.Error("a command arrived without its body (a headers-only consumer); returning it",
+				zap.Uint64("stream_seq", meta.Sequence.Stream))
+		}
 		_ = msg.NakWithDelay(w.cfg.RetryMax)
-		w.m.returned.WithLabelValues("consumer_unfit").Inc()
+		w.m.returned.WithLabelValues(why).Inc()
 		return nil, false
 	}
 	hdr := msg.Headers()

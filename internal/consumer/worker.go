@@ -84,10 +84,10 @@ type Worker struct {
 	// commands (consumerUnfit); nil while it fits. Nothing is pulled
 	// meanwhile.
 	unfit atomic.Pointer[string]
-	// storedUnread (unix nanoseconds): the last read of a stop command by
-	// its sequence failed (see bodyWithheld); reads are not tried again
-	// for a while, as each failed one may wait out its timeout.
-	storedUnread atomic.Int64
+	// storedUnread: reads of stop commands by their sequence failed (see
+	// bodyWithheld); none is tried again until it says, as each failed one
+	// may wait out its timeout.
+	storedUnread unreadPause
 
 	ready atomic.Bool
 	// bindFailed: the last bind of the consumer failed (the stream or
@@ -212,39 +212,45 @@ func (w *Worker) setUnfit(err error) {
 	}
 }
 
-// bodyWithheld says whether a delivery without a body but with the size
-// header of a headers-only consumer had its body withheld. The stored
-// message says so, not the header alone (a publisher may set any header)
-// nor the consumer's settings, which may have changed since the delivery
-// (found by review: a headers_only switched off again before the worker
-// read the consumer let such deliveries be decided as empty commands,
-// acked and dead-lettered without their bodies). The consumer is read
-// too, so that an unfit one stops the pulls at once rather than when
-// watchLimits notices.
+// Why bodyWithheld returns a delivery.
+const (
+	bodyKept       = ""
+	bodyHeadersOff = "consumer_unfit"  // the stored message has a body the delivery lacks
+	bodyUnreadable = "body_unreadable" // the stored message could not be read
+)
+
+// bodyWithheld says whether, and why, a delivery without a body but with
+// the size header of a headers-only consumer is to be returned rather than
+// decided. The stored message says whether its body was withheld, not the
+// header alone (a publisher may set any header) nor the consumer's
+// settings, which may have changed since the delivery (found by review: a
+// headers_only switched off again before the worker read the consumer let
+// such deliveries be decided as empty commands, acked and dead-lettered
+// without their bodies). The consumer is read too, so that an unfit one
+// stops the pulls at once rather than when watchLimits notices.
 //
-// A message that cannot be read counts as withheld: the delivery is only
-// returned. Going by the consumer's settings instead lost commands when
-// they had been put right meanwhile (found by review, for a user without
-// the right to read the stream: each refused read waited out its
-// timeout, a batch of such deliveries took seconds each, and the
-// operator's fix landed in the middle). The price: an empty command
-// whose publisher set the size header itself is returned, not rejected,
-// for as long as the worker may not read the stream; the error log says
-// which right it lacks. After a failed read none is tried for
-// storedUnreadPause, so that a batch does not wait out one timeout per
-// delivery.
-func (w *Worker) bodyWithheld(msg jetstream.Msg, seq uint64) bool {
+// A message that cannot be read is returned too (bodyUnreadable): going by
+// the consumer's settings instead lost commands when they had been put
+// right meanwhile (found by review, for a user without the right to read
+// the stream). So an empty command whose publisher set the size header
+// itself waits while reads fail: for good if the worker lacks the right.
+// After a failed read none is tried for a pause that doubles from 1 s to
+// 30 s while they keep failing, so that a batch does not wait out one
+// timeout per delivery, and one timeout holds little back (found by
+// review: a fixed 30 s pause held such a command for 30 s after one
+// timeout).
+func (w *Worker) bodyWithheld(msg jetstream.Msg, seq uint64) string {
 	size := msg.Headers().Get(nats.MsgSize)
 	if size == "" || size == "0" || len(msg.Data()) != 0 {
-		return false
+		return bodyKept
 	}
 	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Second)
 	defer cancel()
 	if c, err := w.js.Consumer(ctx, w.cfg.StopStream, w.cfg.ConsumerName); err == nil {
 		w.noteLimits(c.CachedInfo())
 	}
-	if last := w.storedUnread.Load(); last != 0 && time.Since(time.Unix(0, last)) < storedUnreadPause {
-		return true
+	if w.storedUnread.pausing(time.Now()) {
+		return bodyUnreadable
 	}
 	var stored *jetstream.RawStreamMsg
 	s, err := w.js.Stream(ctx, w.cfg.StopStream)
@@ -253,20 +259,50 @@ func (w *Worker) bodyWithheld(msg jetstream.Msg, seq uint64) bool {
 	}
 	switch {
 	case errors.Is(err, jetstream.ErrMsgNotFound):
-		return true // gone meanwhile (acked by another delivery): nothing to decide
+		// Gone meanwhile (acked by another delivery), or a replica not
+		// caught up yet: the return settles it either way.
+		return bodyUnreadable
 	case err != nil:
-		w.storedUnread.Store(time.Now().UnixNano())
-		w.log.Error("a command arrived without its body and could not be read by its sequence to tell a withheld body "+
-			"from an empty command; returning it (the worker needs $JS.API.STREAM.MSG.GET and $JS.API.DIRECT.GET on the stop stream)",
-			zap.String("stream", w.cfg.StopStream), zap.Uint64("stream_seq", seq), zap.Error(err))
-		return true
+		pause := w.storedUnread.failed(time.Now())
+		w.log.Warn("a command arrived without its body and could not be read by its sequence to tell a withheld body "+
+			"from an empty command; returning it (the read timed out, or the worker lacks $JS.API.STREAM.MSG.GET and "+
+			"$JS.API.DIRECT.GET on the stop stream)",
+			zap.String("stream", w.cfg.StopStream), zap.Uint64("stream_seq", seq), zap.Duration("next_read_in", pause), zap.Error(err))
+		return bodyUnreadable
 	}
-	return len(stored.Data) != 0
+	w.storedUnread.succeeded()
+	if len(stored.Data) != 0 {
+		return bodyHeadersOff
+	}
+	return bodyKept
 }
 
-// storedUnreadPause is how long bodyWithheld does not read the stop stream
-// again after a read failed.
-const storedUnreadPause = 30 * time.Second
+// unreadPause spaces reads after failed ones (see bodyWithheld).
+type unreadPause struct {
+	mu    sync.Mutex
+	until time.Time
+	last  time.Duration
+}
+
+func (p *unreadPause) pausing(now time.Time) bool {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	return now.Before(p.until)
+}
+
+func (p *unreadPause) failed(now time.Time) time.Duration {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	p.last = min(max(2*p.last, time.Second), 30*time.Second)
+	p.until = now.Add(p.last)
+	return p.last
+}
+
+func (p *unreadPause) succeeded() {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	p.last, p.until = 0, time.Time{}
+}
 
 // errUnfit ends a pull while the consumer would lose commands.
 var errUnfit = errors.New("the consumer no longer fits")
