@@ -306,7 +306,7 @@ func TestEmptyCommandWithASizeHeaderIsRejected(t *testing.T) {
 	r := e.startWorker(nil)
 	r.waitStarted(t)
 	e.publish(nil, nats.Header{nats.MsgSize: []string{"120"}, nats.MsgIdHdr: []string{"empty-1"}})
-	if o := e.single(t); o.CommandID != "empty-1" || o.Status != StatusRejected || o.Cause != CauseInvalidCommand {
+	if o := e.settled(t); o.CommandID != "empty-1" || o.Status != StatusRejected || o.Cause != CauseInvalidCommand {
 		t.Errorf("outcome %+v; want empty-1 rejected as an invalid command", o)
 	}
 	if d := e.dead.wait(t, 1, 10*time.Second)[0]; len(d.Data()) != 0 {

@@ -326,6 +326,13 @@ func TestCrashedWorkerLosesNothingAndReplicasShare(t *testing.T) {
 	if perWorker["b"] == 0 || perWorker["c"] == 0 {
 		t.Errorf("replicas did not share the load: %v", perWorker)
 	}
+	// And they are right: the commands cut off in the crash with their
+	// stop done end already_stopped by the crashed delivery's mark, not
+	// failed and dead-lettered (found by review: only their presence was
+	// checked).
+	allStopped(t, got)
+	e.noDeadLetters(t)
+	e.stopStreamEmpty(t)
 }
 
 func TestNATSServerRestartMidBatch(t *testing.T) {

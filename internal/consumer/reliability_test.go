@@ -1632,15 +1632,15 @@ func TestCircuitOpensOnAuthFailureAndRecovers(t *testing.T) {
 	e.emu.SetFaults(emulator.Faults{AuthFail: true})
 	r := e.startWorker(nil)
 	e.publishMany(t, 50, "a")
+	// Not ready for the circuit's reason: while it is open the pulls are
+	// parked too, and "consumer not bound" alone would not tell an
+	// operator why (found by review: any reason passed).
 	testutil.Eventually(t, 10*time.Second, func() error {
-		if ok, _ := r.w.Readiness(); ok {
-			return fmt.Errorf("still ready")
+		if ok, why := r.w.Readiness(); ok || !strings.Contains(why, "DLF circuit open") {
+			return fmt.Errorf("readiness %v %q", ok, why)
 		}
 		return nil
 	})
-	if ok, why := r.w.Readiness(); ok || why == "" {
-		t.Fatalf("readiness = %v %q", ok, why)
-	}
 	// While open, calls are single probes spaced by backoff, not one per
 	// command: over 1.5s at most ~1.5s/100ms probes. Calls already on the
 	// wire when it opened (on a loaded machine some are still dialling)
@@ -1671,6 +1671,11 @@ func TestCircuitOpensOnAuthFailureAndRecovers(t *testing.T) {
 	testutil.Eventually(t, 5*time.Second, func() error {
 		if ok, why := r.w.Readiness(); !ok {
 			return fmt.Errorf("not ready: %s", why)
+		}
+		// Alerting follows the gauge (found by review: nothing checked
+		// it went back to 0).
+		if got := gaugeValue(r.w.m.circuitOpen); got != 0 {
+			return fmt.Errorf("circuit gauge %v after recovery", got)
 		}
 		return nil
 	})

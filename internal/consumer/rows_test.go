@@ -35,6 +35,22 @@ func body(t testing.TB, fields map[string]any) []byte {
 	return b
 }
 
+// settled is single for a command that must be finished with it: acked,
+// and its outcome published once. The stored count alone cannot see a
+// second publish, which the duplicate window drops (found by review: a
+// worker publishing every outcome twice passed the row tests).
+func (e *env) settled(t *testing.T) Outcome {
+	t.Helper()
+	o := e.single(t)
+	e.stopStreamEmpty(t)
+	// The publishes went out before the ack, on the same connection, so
+	// they are counted by now.
+	if n := e.pubs.count(); n != 1 {
+		t.Errorf("%d outcome events published, want 1", n)
+	}
+	return o
+}
+
 // single waits for exactly one outcome and returns it.
 func (e *env) single(t *testing.T) Outcome {
 	t.Helper()
@@ -175,7 +191,7 @@ func TestRowStopped(t *testing.T) {
 	e.publish(body(t, map[string]any{"command_id": "c-1", "project_id": proj, "workspace": "ws-1",
 		"script_name": "etl_脚本.v2", "instance_id": "inst-1", "reason": "user cancel"}), nil)
 
-	o := e.single(t)
+	o := e.settled(t)
 	if o.Status != StatusStopped || o.Cause != CauseOK || o.HTTPStatus != 204 || o.Attempts != 1 {
 		t.Fatalf("outcome = %+v", o)
 	}
@@ -231,7 +247,7 @@ func TestRowDLF400(t *testing.T) {
 			e.startWorker(nil)
 			b := body(t, map[string]any{"command_id": "c-400", "project_id": proj, "script_name": "s1", "instance_id": "i-1"})
 			seq := e.publish(b, nil)
-			o := e.single(t)
+			o := e.settled(t)
 			if o.Status != StatusFailed || o.Cause != CauseDLFError || o.HTTPStatus != 400 ||
 				o.ErrorCode != tc.wantCode || o.ErrorMsg == "" || o.Attempts != 1 || o.Detail == "" || o.DLFRequestID == "" {
 				t.Fatalf("outcome = %+v", o)
@@ -256,7 +272,7 @@ func TestRowOther4xxFailsWithoutRetry(t *testing.T) {
 			e.startWorker(nil)
 			b := body(t, map[string]any{"project_id": proj, "script_name": "s1", "instance_id": "i-1"})
 			seq := e.publish(b, nil)
-			o := e.single(t)
+			o := e.settled(t)
 			if o.Status != StatusFailed || o.Cause != CauseDLFError || o.HTTPStatus != status || o.Attempts != 1 {
 				t.Fatalf("outcome = %+v", o)
 			}
@@ -290,7 +306,7 @@ func TestRowRedirectNotFollowed(t *testing.T) {
 	e.startWorkerAt(srv.URL, nil)
 	b := body(t, map[string]any{"project_id": proj, "script_name": "s1", "instance_id": "i-1"})
 	seq := e.publish(b, nil)
-	o := e.single(t)
+	o := e.settled(t)
 	if o.Status != StatusFailed || o.Cause != CauseDLFError || o.HTTPStatus != 302 || o.Attempts != 1 {
 		t.Fatalf("outcome = %+v", o)
 	}
@@ -331,7 +347,7 @@ func TestLastAnswerOutlivesUnansweredAttempts(t *testing.T) {
 	})
 	e.startWorkerAt(srv.URL, nil)
 	e.publish(body(t, map[string]any{"project_id": proj, "script_name": "s1", "instance_id": "i-1"}), nil)
-	o := e.single(t)
+	o := e.settled(t)
 	if o.Status != StatusFailed || o.Cause != CauseRetriesExhausted || o.Attempts < 2 {
 		t.Fatalf("outcome = %+v; want failed/retries_exhausted after several attempts", o)
 	}
@@ -360,7 +376,7 @@ func retryThenHeal(t *testing.T, f emulator.Faults, mutate func(*Config)) (*env,
 		t.Fatalf("an outcome was published while the fault lasted: %+v", e.out.outcomes(t))
 	}
 	e.emu.ClearFaultsFor(proj, "s1", "i-1")
-	o := e.single(t)
+	o := e.settled(t)
 	if o.Status != StatusStopped || o.Cause != CauseOK || o.HTTPStatus != 204 || o.Attempts < 3 {
 		t.Fatalf("outcome = %+v", o)
 	}
@@ -407,7 +423,7 @@ func TestRowConnectionRefusedRetried(t *testing.T) {
 		t.Fatal("outcome published while DLF was down")
 	}
 	e.emu.SetFaults(emulator.Faults{})
-	o := e.single(t)
+	o := e.settled(t)
 	if o.Status != StatusStopped || o.Attempts < 3 {
 		t.Fatalf("outcome = %+v", o)
 	}
@@ -427,7 +443,7 @@ func TestRow429HonoursRetryAfter(t *testing.T) {
 		return nil
 	})
 	e.emu.ClearFaultsFor(proj, "s1", "i-1")
-	o := e.single(t)
+	o := e.settled(t)
 	if o.Status != StatusStopped {
 		t.Fatalf("outcome = %+v", o)
 	}
@@ -455,7 +471,7 @@ func TestRowRetriesExhausted(t *testing.T) {
 	e.startWorker(nil)
 	b := body(t, map[string]any{"command_id": "c-x", "project_id": proj, "script_name": "s1", "instance_id": "i-1"})
 	seq := e.publish(b, nil)
-	o := e.single(t)
+	o := e.settled(t)
 	if o.Status != StatusFailed || o.Cause != CauseRetriesExhausted || o.HTTPStatus != 503 || o.Attempts < 2 {
 		t.Fatalf("outcome = %+v", o)
 	}
@@ -481,7 +497,7 @@ func TestRowOldCommandGetsOneCall(t *testing.T) {
 	e.startWorker(nil, WithClock(func() time.Time { return time.Now().Add(time.Hour) }))
 	b := body(t, map[string]any{"project_id": proj, "script_name": "s1", "instance_id": "i-1"})
 	seq := e.publish(b, nil)
-	o := e.single(t)
+	o := e.settled(t)
 	if o.Status != StatusFailed || o.Cause != CauseRetriesExhausted || o.Attempts != 1 {
 		t.Fatalf("outcome = %+v", o)
 	}
@@ -512,7 +528,7 @@ func TestRowRejected(t *testing.T) {
 			e := newEnv(t, nil)
 			e.startWorker(nil)
 			seq := e.publish([]byte(tc.body), nats.Header{nats.MsgIdHdr: []string{"bad-1"}})
-			o := e.single(t)
+			o := e.settled(t)
 			if o.Status != StatusRejected || o.Cause != CauseInvalidCommand || o.HTTPStatus != 0 || o.Attempts != 0 {
 				t.Fatalf("outcome = %+v", o)
 			}
@@ -546,7 +562,7 @@ func TestRowExpiredBeforeFirstCall(t *testing.T) {
 			b := body(t, map[string]any{"project_id": proj, "script_name": "s1", "instance_id": "i-1",
 				"deadline": deadline})
 			seq := e.publish(b, nil)
-			o := e.single(t)
+			o := e.settled(t)
 			if o.Status != StatusExpired || o.Cause != CauseDeadlinePassed || o.Attempts != 0 || o.HTTPStatus != 0 || o.Detail == "" {
 				t.Fatalf("outcome = %+v", o)
 			}
@@ -571,7 +587,7 @@ func TestRowExpiredWhileRetrying(t *testing.T) {
 	b := body(t, map[string]any{"project_id": proj, "script_name": "s1", "instance_id": "i-1",
 		"deadline": deadline.Format(time.RFC3339Nano)})
 	seq := e.publish(b, nil)
-	o := e.single(t)
+	o := e.settled(t)
 	if o.Status != StatusExpired || o.Cause != CauseDeadlinePassed || o.Attempts < 1 || o.HTTPStatus != 503 {
 		t.Fatalf("outcome = %+v", o)
 	}
