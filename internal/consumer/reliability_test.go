@@ -1850,6 +1850,11 @@ func TestCircuitRecoversWhenNothingIsHeld(t *testing.T) {
 	r := e.startWorker(nil)
 	e.publishMany(t, 3, "old")
 	e.out.wait(t, 3, 20*time.Second) // all retries_exhausted while open
+	// Open, with nothing held (found by review: the test passed with a
+	// circuit that never opened).
+	if got := gaugeValue(r.w.m.circuitOpen); got != 1 {
+		t.Fatalf("circuit gauge %v after every command met 401; want open", got)
+	}
 	e.emu.SetFaults(emulator.Faults{})
 	e.publishMany(t, 3, "new")
 	e.out.wait(t, 6, 20*time.Second)
