@@ -17,8 +17,11 @@ import (
 // revoked credentials park commands in the stream instead of burning their
 // retry budget and dead-lettering them en masse.
 //
-// It opens on a 401 or 403, or after threshold calls in a row, across
-// commands, that got no answer or a 5xx. While open: the fetch loop takes
+// It opens on a 401 or 403, or after calls for threshold different
+// instances in a row got no answer or a 5xx. A run counts each instance
+// once: one instance whose stop DLF keeps failing (a hang, a 500 for that
+// script) is that command's trouble, not DLF's, and opening on its retries
+// alone paused every healthy command until it gave up (found by review). While open: the fetch loop takes
 // nothing new, commands already held wait (heartbeating, no calls), and one
 // probe call at a time is let through, spaced by a backoff. The first probe
 // that gets a non-systemic answer closes it, and so does a command's last
@@ -40,7 +43,10 @@ type circuit struct {
 	mu       sync.Mutex
 	open     bool
 	isOpen   atomic.Bool // open, for holdsBack on every call without the lock
-	failures int         // consecutive systemic failures
+	failures int         // consecutive systemic failures, one per instance
+	// failedFor holds the instances behind failures (at most threshold):
+	// a retry for one already counted does not count again.
+	failedFor map[dlf.StopRequest]struct{}
 	// clean: closed with no failure counted, so that a call that gets a
 	// non-systemic answer changes nothing; read on every call without the
 	// lock, which 32 calls at a time would otherwise queue on.
@@ -190,8 +196,9 @@ func answeredByDLF(v dlf.Verdict) bool {
 }
 
 // release records a call's verdict; sentIn is the generation the call
-// noted before it was sent (any value for a call that was not sent).
-func (c *circuit) release(probe bool, sentIn uint64, v dlf.Verdict, cancelled bool) {
+// noted before it was sent (any value for a call that was not sent), and
+// target what it asked DLF to stop.
+func (c *circuit) release(probe bool, sentIn uint64, v dlf.Verdict, cancelled bool, target dlf.StopRequest) {
 	if c.disabled {
 		return
 	}
@@ -239,6 +246,7 @@ func (c *circuit) release(probe bool, sentIn uint64, v dlf.Verdict, cancelled bo
 	}
 	if !counts {
 		c.failures = 0
+		clear(c.failedFor)
 		if c.open {
 			c.open = false
 			c.isOpen.Store(false)
@@ -253,7 +261,13 @@ func (c *circuit) release(probe bool, sentIn uint64, v dlf.Verdict, cancelled bo
 		}
 		return
 	}
-	c.failures++
+	if _, again := c.failedFor[target]; !again && len(c.failedFor) < c.threshold {
+		if c.failedFor == nil {
+			c.failedFor = make(map[dlf.StopRequest]struct{}, c.threshold)
+		}
+		c.failedFor[target] = struct{}{}
+		c.failures++
+	}
 	if c.open {
 		if probe {
 			c.nextProbeLocked()

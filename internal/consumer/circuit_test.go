@@ -110,7 +110,7 @@ func TestOnlyAnAnswerFromDLFClosesTheCircuit(t *testing.T) {
 	t.Parallel()
 	cfg := Config{CircuitThreshold: 5, RetryInitial: time.Millisecond, RetryMax: time.Millisecond}
 	c := newCircuit(&cfg, zap.NewNop(), nil)
-	c.release(false, c.generation(), dlf.Verdict{HTTPStatus: 401, Systemic: true}, false)
+	c.release(false, c.generation(), dlf.Verdict{HTTPStatus: 401, Systemic: true}, false, dlf.StopRequest{})
 	if !c.Open() {
 		t.Fatal("a 401 did not open the circuit")
 	}
@@ -122,7 +122,7 @@ func TestOnlyAnAnswerFromDLFClosesTheCircuit(t *testing.T) {
 		if !probe || !ok {
 			t.Fatalf("acquire = probe %v, ok %v; want the probe turn", probe, ok)
 		}
-		c.release(true, c.generation(), v, false)
+		c.release(true, c.generation(), v, false, dlf.StopRequest{})
 	}
 	for _, v := range []dlf.Verdict{
 		{HTTPStatus: 429, ErrorCode: "APIG.0308"},
@@ -140,8 +140,8 @@ func TestOnlyAnAnswerFromDLFClosesTheCircuit(t *testing.T) {
 	}
 	// Closed, a 429 neither counts towards opening nor clears the count.
 	for i := 0; i < 5; i++ {
-		c.release(false, c.generation(), dlf.Verdict{HTTPStatus: 503}, false)
-		c.release(false, c.generation(), dlf.Verdict{HTTPStatus: 429}, false)
+		c.release(false, c.generation(), dlf.Verdict{HTTPStatus: 503}, false, target(i))
+		c.release(false, c.generation(), dlf.Verdict{HTTPStatus: 429}, false, target(i))
 	}
 	if !c.Open() {
 		t.Error("five 503s in a row but for 429s between them did not open the circuit")
@@ -171,14 +171,14 @@ func TestACallSentBeforeTheOpeningDoesNotCloseIt(t *testing.T) {
 				t.Fatal("a call on a closed circuit was not let through as a plain call")
 			}
 			slowGen := c.generation() // noted as it is sent
-			for _, v := range tc.opening {
-				c.release(false, c.generation(), v, false)
+			for i, v := range tc.opening {
+				c.release(false, c.generation(), v, false, target(i))
 			}
 			if !c.Open() {
 				t.Fatal("the circuit did not open")
 			}
 			for _, v := range []dlf.Verdict{{HTTPStatus: 204, Class: dlf.ClassStopped}, {HTTPStatus: 400, ErrorCode: "DLF.6205"}} {
-				c.release(false, slowGen, v, false)
+				c.release(false, slowGen, v, false, dlf.StopRequest{})
 				if !c.Open() {
 					t.Fatalf("a call sent before the opening, answered %d %s, closed the circuit", v.HTTPStatus, v.ErrorCode)
 				}
@@ -188,7 +188,7 @@ func TestACallSentBeforeTheOpeningDoesNotCloseIt(t *testing.T) {
 			if last || !ok {
 				t.Fatalf("acquire = probe %v, ok %v for a last attempt; want a plain call", last, ok)
 			}
-			c.release(false, c.generation(), dlf.Verdict{HTTPStatus: 204, Class: dlf.ClassStopped}, false)
+			c.release(false, c.generation(), dlf.Verdict{HTTPStatus: 204, Class: dlf.ClassStopped}, false, dlf.StopRequest{})
 			if c.Open() {
 				t.Fatal("a last attempt made while the circuit was open got a 204, yet it stays open")
 			}
@@ -218,26 +218,26 @@ func TestStaleAnswersDoNotChangeTheCircuit(t *testing.T) {
 		return c.generation()
 	}
 
-	c.release(false, c.generation(), unauthorized, false)
+	c.release(false, c.generation(), unauthorized, false, dlf.StopRequest{})
 	oldProbe := probe() // on the wire while what follows happens
 	lastAttempt := c.generation()
-	c.release(false, lastAttempt, ok, false) // a command's last attempt closes it
+	c.release(false, lastAttempt, ok, false, dlf.StopRequest{}) // a command's last attempt closes it
 	if c.Open() {
 		t.Fatal("a last attempt's 204 did not close the circuit")
 	}
-	c.release(false, c.generation(), unauthorized, false) // a new call's 401 opens it again
+	c.release(false, c.generation(), unauthorized, false, dlf.StopRequest{}) // a new call's 401 opens it again
 	if !c.Open() {
 		t.Fatal("a 401 did not open the circuit again")
 	}
-	c.release(true, oldProbe, ok, false)
+	c.release(true, oldProbe, ok, false, dlf.StopRequest{})
 	if !c.Open() {
 		t.Fatal("a probe sent before the circuit closed and opened again closed the new opening with its 204")
 	}
-	c.release(true, probe(), ok, false) // a probe of this opening, taken at once
+	c.release(true, probe(), ok, false, dlf.StopRequest{}) // a probe of this opening, taken at once
 	if c.Open() {
 		t.Fatal("a probe of the current opening got a 204, yet the circuit stays open")
 	}
-	c.release(false, lastAttempt, unauthorized, false) // sent before that probe's 204
+	c.release(false, lastAttempt, unauthorized, false, dlf.StopRequest{}) // sent before that probe's 204
 	if c.Open() {
 		t.Fatal("a 401 to a call sent before the probe's 204 opened the circuit again")
 	}
@@ -287,7 +287,7 @@ func TestCredentialsChangedLetTheProbeGoAtOnce(t *testing.T) {
 	if c.Open() {
 		t.Fatal("a credentials change opened the circuit")
 	}
-	c.release(false, c.generation(), dlf.Verdict{HTTPStatus: 401, Systemic: true}, false)
+	c.release(false, c.generation(), dlf.Verdict{HTTPStatus: 401, Systemic: true}, false, dlf.StopRequest{})
 	acquire := func(within time.Duration) (probe, ok bool) {
 		ctx, cancel := context.WithTimeout(context.Background(), within)
 		defer cancel()
@@ -313,12 +313,12 @@ func TestCredentialsChangedLetTheProbeGoAtOnce(t *testing.T) {
 	if probe, ok := acquire(100 * time.Millisecond); probe || ok {
 		t.Fatalf("acquire = probe %v, ok %v while a probe is on the wire; want to wait", probe, ok)
 	}
-	c.release(true, c.generation(), dlf.Verdict{HTTPStatus: 401, Systemic: true}, false)
+	c.release(true, c.generation(), dlf.Verdict{HTTPStatus: 401, Systemic: true}, false, dlf.StopRequest{})
 	if probe, ok := acquire(time.Second); !probe || !ok {
 		t.Fatalf("acquire = probe %v, ok %v after a probe that was on the wire when the credentials changed; want the probe turn", probe, ok)
 	}
 	// Without a change, a failed probe is followed after the backoff.
-	c.release(true, c.generation(), dlf.Verdict{HTTPStatus: 401, Systemic: true}, false)
+	c.release(true, c.generation(), dlf.Verdict{HTTPStatus: 401, Systemic: true}, false, dlf.StopRequest{})
 	if probe, ok := acquire(100 * time.Millisecond); probe || ok {
 		t.Fatalf("acquire = probe %v, ok %v right after a failed probe; want to wait for the backoff", probe, ok)
 	}
@@ -333,4 +333,85 @@ func (r *running) waitCircuitOpen(t *testing.T) {
 		}
 		return nil
 	})
+}
+
+// target names the i-th of several instances a test's calls are for.
+func target(i int) dlf.StopRequest {
+	return dlf.StopRequest{ProjectID: proj, ScriptName: "s1", InstanceID: fmt.Sprintf("i-%d", i)}
+}
+
+// A run of failures counts each instance once (contract section 6: calls
+// failing the same way "across commands"). One instance's retries, however
+// many, do not open the circuit; five instances do, and an answer from DLF
+// between them starts the count again.
+func TestRetriesForOneInstanceDoNotOpenTheCircuit(t *testing.T) {
+	t.Parallel()
+	cfg := Config{CircuitThreshold: 5, RetryInitial: time.Hour, RetryMax: time.Hour}
+	c := newCircuit(&cfg, zap.NewNop(), nil)
+	for i := 0; i < 20; i++ {
+		c.release(false, c.generation(), dlf.Verdict{HTTPStatus: 503}, false, target(0))
+		c.release(false, c.generation(), dlf.Verdict{Systemic: true}, false, target(0)) // no answer
+	}
+	if c.Open() {
+		t.Fatal("forty failures of one instance's stop opened the circuit")
+	}
+	for i := 1; i < 4; i++ {
+		c.release(false, c.generation(), dlf.Verdict{HTTPStatus: 500}, false, target(i))
+	}
+	c.release(false, c.generation(), dlf.Verdict{HTTPStatus: 204, Class: dlf.ClassStopped}, false, target(9))
+	for i := 4; i < 8; i++ {
+		c.release(false, c.generation(), dlf.Verdict{HTTPStatus: 502}, false, target(i))
+	}
+	if c.Open() {
+		t.Fatal("four instances failing, an answer, then four more opened the circuit: the answer did not start the count again")
+	}
+	c.release(false, c.generation(), dlf.Verdict{HTTPStatus: 503}, false, target(8))
+	if !c.Open() {
+		t.Fatal("five instances failing in a row did not open the circuit")
+	}
+}
+
+// The same through the worker: an instance whose stop DLF keeps failing
+// (a 503 for it alone, or a stop that hangs) is retried on its own, while
+// the circuit stays closed, the worker ready, and a healthy command
+// published meanwhile stops at once (found by review: the fifth retry
+// opened the circuit, and every other command waited until the failing
+// one gave up, ten minutes by default).
+func TestOneFailingInstanceLeavesTheOthersAlone(t *testing.T) {
+	t.Parallel()
+	for _, tc := range []struct {
+		name  string
+		fault emulator.Faults
+	}{
+		{"503", emulator.Faults{ErrorRate: 1, ErrorStatus: 503}},
+		{"hang", emulator.Faults{Hang: true}},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			t.Parallel()
+			e := newEnv(t, func(c *Config) { c.CallTimeout = 200 * time.Millisecond })
+			e.emu.AddRunning(proj, "", "s1", "bad")
+			e.emu.SetFaultsFor(proj, "s1", "bad", tc.fault)
+			r := e.startWorker(nil)
+			e.publish(body(t, map[string]any{"command_id": "bad", "project_id": proj, "script_name": "s1", "instance_id": "bad"}), nil)
+			testutil.Eventually(t, 15*time.Second, func() error {
+				if n := e.emu.StopCallsFor(proj, "s1", "bad"); n < 8 {
+					return fmt.Errorf("%d calls for the failing instance, want 8", n)
+				}
+				return nil
+			})
+			if r.w.circ.Open() || gaugeValue(r.w.m.circuitOpen) != 0 {
+				t.Fatal("one instance's failing stop opened the circuit")
+			}
+			if ready, why := r.w.Readiness(); !ready {
+				t.Fatalf("not ready while one instance's stop fails: %s", why)
+			}
+			published := time.Now()
+			e.publishMany(t, 3, "healthy")
+			e.out.wait(t, 3, 5*time.Second)
+			allStopped(t, byID(t, e.out.outcomes(t)))
+			if d := time.Since(published); d > 3*time.Second {
+				t.Errorf("healthy commands took %s behind one failing instance", d.Round(time.Millisecond))
+			}
+		})
+	}
 }

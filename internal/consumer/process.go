@@ -450,7 +450,7 @@ func (w *Worker) call(j *job, req dlf.StopRequest, lastAt time.Time) (v dlf.Verd
 				<-w.slots
 			}
 			if ownProbe {
-				w.circ.release(true, 0, v, true)
+				w.circ.release(true, 0, v, true, dlf.StopRequest{})
 			}
 			panic(r)
 		}
@@ -462,7 +462,7 @@ func (w *Worker) call(j *job, req dlf.StopRequest, lastAt time.Time) (v dlf.Verd
 	}
 	notSent := func(probe bool) (dlf.Verdict, callResult) {
 		ownProbe = false
-		w.circ.release(probe, 0, v, true)
+		w.circ.release(probe, 0, v, true, dlf.StopRequest{})
 		if w.soft.Err() != nil {
 			return v, callStopped
 		}
@@ -646,7 +646,7 @@ func (w *Worker) unmarked(ctx context.Context, j *job, probe bool, v dlf.Verdict
 	if ctx.Err() != nil {
 		return notSent(probe)
 	}
-	w.circ.release(probe, 0, v, true)
+	w.circ.release(probe, 0, v, true, dlf.StopRequest{})
 	if errors.Is(err, errWrongRevision) {
 		// Not a bucket refusing writes: another delivery marked this
 		// command since this one read its key, or the read came from a
@@ -689,7 +689,7 @@ func (w *Worker) attempt(req dlf.StopRequest, probe bool, gen uint64) (v dlf.Ver
 		// a 429's pause is set (below): a command waiting for this slot
 		// checks the circuit once it has the slot, and must not slip a
 		// call past the 401 that is opening it.
-		w.circ.release(probe, gen, v, !answered || w.hard.Err() != nil)
+		w.circ.release(probe, gen, v, !answered || w.hard.Err() != nil, req)
 		<-w.slots
 	}()
 	w.m.inFlight.Inc()

@@ -357,7 +357,7 @@ func TestCircuitLetsTheLastAttemptThrough(t *testing.T) {
 	t.Parallel()
 	cfg := Config{CircuitThreshold: 5, RetryInitial: time.Hour, RetryMax: time.Hour}
 	c := newCircuit(&cfg, zap.NewNop(), nil)
-	c.release(false, c.generation(), dlf.Verdict{HTTPStatus: 401}, false)
+	c.release(false, c.generation(), dlf.Verdict{HTTPStatus: 401}, false, dlf.StopRequest{})
 	if !c.Open() {
 		t.Fatal("a 401 did not open the circuit")
 	}
