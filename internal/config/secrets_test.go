@@ -208,14 +208,18 @@ func TestURLPasswordWithSeparatorsNeverLeaks(t *testing.T) {
 		invalid bool // FromEnv must refuse it
 	}{
 		{"nats://worker:ab/cd@h:4222", "ab/cd", true},
-		{"nats://u:12/34@h", "12/34", false},
+		{"nats://u:12/34@h", "12/34", true}, // would dial host u, port 12
+		{"nats://u:12/34@h", "12", true},
+		{"nats://xq7/Tok3nSecretRest@127.0.0.1:4222", "xq7", true}, // a token
+		{"nats://xq,Tok3nSecretRest@127.0.0.1:1", "xq", true},
+		{"nats://t?k3n@h:4222", "t?k3n", true},
 		{"nats://u:p,q@h", "p,q", true},
 		{"nats://u:p,q@h", "u:p", true}, // nats.go's first entry, "nats://u:p"
 		{"nats://u:s3cr#et@h", "s3cr#et", true},
 		{"u:ab/cd@h:4222", "ab/cd", true},
 		{"nats://ok:1, u:s3cr#et@h", "s3cr#et", true},
 		{"nats://u:p,q@h, nats://u:12/34@h2", "p,q", true},
-		{"tls://ok:1,nats://u:12/34@h", "12/34", false},
+		{"tls://ok:1,nats://u:12/34@h", "12/34", true},
 		{"nats://worker:Sekr1t,ws://Zq9@127.0.0.1:4222", "Sekr1t", true},
 		{"nats://worker:Sekr1t,ws://Zq9@127.0.0.1:4222", "Zq9", true},
 	}

@@ -135,7 +135,8 @@ func (p *problems) natsURLs(urls string) {
 	for part := range strings.SplitSeq(urls, ",") {
 		lead := len(part) - len(strings.TrimLeftFunc(part, unicode.IsSpace))
 		s := strings.TrimSpace(part)
-		shown := redactRange(urls, spans, start+lead, start+lead+len(s))
+		lo, hi := start+lead, start+lead+len(s)
+		shown := redactRange(urls, spans, lo, hi)
 		start += len(part) + len(",")
 		if s == "" {
 			p.add(name, "empty entry in the list %q", RedactURL(urls))
@@ -158,8 +159,28 @@ func (p *problems) natsURLs(urls string) {
 		}
 		if u.Hostname() == "" {
 			p.add(name, "%q has no host%s", shown, hint)
+			continue
+		}
+		// What could be user information but does not parse as such is
+		// read by nats.go as a host, port or path: "nats://u:12/34@h"
+		// dials host u, port 12. The worker would send a piece of the
+		// secret to the resolver and quote it in the connect error, whose
+		// redaction cannot hide a piece too short to look for (found by
+		// review).
+		if u.User == nil && overlaps(spans, lo, hi) {
+			p.add(name, "%q: the user information would be read as a host%s", shown, hint)
 		}
 	}
+}
+
+// overlaps tells whether any of spans covers a byte of [lo, hi).
+func overlaps(spans []span, lo, hi int) bool {
+	for _, sp := range spans {
+		if sp.start < hi && sp.end > lo {
+			return true
+		}
+	}
+	return false
 }
 
 func (s Subjects) problems() []error {
