@@ -122,35 +122,53 @@ func Run(ctx context.Context, args []string, lookup func(string) (string, bool),
 		InstanceID string `json:"instance_id"`
 	}
 	parsed := json.Unmarshal(res.outcome, &o) == nil
+	// The outcome found under the id may be another command's, for
+	// another instance: a command published again within the duplicate
+	// window is dropped in favour of the earlier one, and one published
+	// after that window, or by a scheduler that left Nats-Msg-Id out,
+	// while the earlier one was still being retried is stored, then acked
+	// by the worker as a reused id, without a call and without an outcome
+	// of its own (contract section 6). Its outcome says nothing of the
+	// instance asked for (found by review: exit 0 for an instance that was
+	// never stopped).
+	//
+	// A project or workspace left out is the worker's default. For a
+	// duplicate, which sent nothing, this environment's default is
+	// compared when it names one; for a command that was stored, only
+	// what the flags name is, so that a default this environment names
+	// differently from the worker's cannot make its own outcome look like
+	// another's.
+	wantProject, wantWorkspace := *project, *workspace
 	if res.ack.Duplicate {
-		// The earlier command may name another instance: its outcome
-		// says nothing of the one asked for (found by review: a stopped
-		// one read as exit 0). A project or workspace left out is the
-		// worker's default, which this environment names when it shares
-		// the worker's; when it does not, that part is not compared.
-		wantProject, wantWorkspace := *project, *workspace
 		if wantProject == "" {
 			wantProject, _ = lookup("HUAWEICLOUD_SDK_PROJECT_ID")
 		}
 		if wantWorkspace == "" {
 			wantWorkspace, _ = lookup("DLF_WORKSPACE")
 		}
-		// A rejected outcome leaves out the fields that broke their
-		// rule. The flags given were checked before publishing, so only
-		// a default the worker applied (a project or workspace left out)
-		// can be what broke it and still be this command (found by
-		// review: the same line run twice read as another instance).
-		rejected := o.Status == "rejected"
-		sameDefault := func(got, want string, flagGiven bool) bool {
-			return got == want || (rejected && got == "" && !flagGiven)
-		}
-		if !parsed || o.ScriptName != *script || o.InstanceID != *instance ||
-			(wantProject != "" && !sameDefault(o.ProjectID, wantProject, *project != "")) ||
-			(wantWorkspace != "" && !sameDefault(o.Workspace, wantWorkspace, *workspace != "")) {
+	}
+	// A rejected outcome leaves out the fields that broke their rule. The
+	// flags given were checked before publishing, so only a default the
+	// worker applied (a project or workspace left out) can be what broke
+	// it and still be this command (found by review: the same line run
+	// twice read as another instance).
+	rejected := o.Status == "rejected"
+	sameDefault := func(got, want string, flagGiven bool) bool {
+		return got == want || (rejected && got == "" && !flagGiven)
+	}
+	if !parsed || o.ScriptName != *script || o.InstanceID != *instance ||
+		(wantProject != "" && !sameDefault(o.ProjectID, wantProject, *project != "")) ||
+		(wantWorkspace != "" && !sameDefault(o.Workspace, wantWorkspace, *workspace != "")) {
+		if res.ack.Duplicate {
 			fmt.Fprintf(stderr, "worker stop: %s, and that command was for another instance (project %q, workspace %q, script %q, instance %q): nothing was sent for this one; leave --id out to send a new command\n",
 				duplicated(*id, res.ack), o.ProjectID, o.Workspace, o.ScriptName, o.InstanceID)
-			return ExitNoOutcome
+		} else {
+			fmt.Fprintf(stderr, "worker stop: command id %s is another command's, for another instance (project %q, workspace %q, script %q, instance %q), whose outcome this was; the worker takes the id as reused and stops nothing for this one; leave --id out to send a new command\n",
+				*id, o.ProjectID, o.Workspace, o.ScriptName, o.InstanceID)
 		}
+		return ExitNoOutcome
+	}
+	if res.ack.Duplicate {
 		fmt.Fprintf(stderr, "worker stop: %s; the outcome printed is that command's\n", duplicated(*id, res.ack))
 	}
 	fmt.Fprintln(stdout, string(res.outcome))

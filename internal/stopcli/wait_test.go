@@ -429,3 +429,29 @@ func TestDuplicateWhoseOutcomeWasDropped(t *testing.T) {
 		t.Errorf("exit %d, stdout %q, stderr %q; want %d, nothing, and that outcomes were dropped", code, stdout, stderr, stopcli.ExitNoOutcome)
 	}
 }
+
+// A command with the same id, for another instance, that JetStream did not
+// drop as a duplicate (published without Nats-Msg-Id, as the README's
+// `nats pub` line is, or longer ago than the duplicate window) and that
+// the worker was still retrying: its outcome, stored after this run
+// published, carries the id, but the worker takes this run's command as a
+// reused id and stops nothing for it. worker stop printed that outcome and
+// exited 0 (found by review).
+func TestReusedIDOfACommandForAnotherInstance(t *testing.T) {
+	ns, js := startStreams(t)
+	const id = "reused-3"
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+	if _, err := js.Publish(ctx, config.DefaultStopSubject, []byte(`{"command_id":"`+id+`","script_name":"s","instance_id":"i-1"}`)); err != nil {
+		t.Fatal(err)
+	}
+	stopcli.SetPublishedHook(t, func() { storeOutcome(t, js, id, "stopped") }) // the earlier command ends
+	code, stdout, stderr := runStop(t, map[string]string{"NATS_URL": ns.ClientURL()},
+		"--script", "s", "--instance", "i-OTHER", "--id", id, "--wait", "10s")
+	if code != stopcli.ExitNoOutcome || stdout != "" {
+		t.Errorf("exit %d, stdout %q; want %d and nothing: i-OTHER was not stopped", code, stdout, stopcli.ExitNoOutcome)
+	}
+	if !strings.Contains(stderr, "another command's, for another instance") || !strings.Contains(stderr, `instance "i-1"`) {
+		t.Errorf("stderr %q; want it to say the id was another instance's command", stderr)
+	}
+}
