@@ -6,6 +6,8 @@ import (
 	"regexp"
 	"strings"
 	"testing"
+	"unicode"
+	"unicode/utf8"
 
 	"github.com/nats-io/nats-server/v2/server"
 )
@@ -203,4 +205,58 @@ func TestNATSConfLoads(t *testing.T) {
 	if u := users["dlf-worker"]; u != nil && u.Password != envSentinel("DLF_WORKER_PASSWORD") {
 		t.Errorf("dlf-worker's password is not $DLF_WORKER_PASSWORD")
 	}
+}
+
+// The file and the README tell operators which plain passwords the server
+// reads as given: a letter first, then letters, digits and "+/=", and not
+// a word the parser takes for a boolean. Others are read as numbers,
+// sizes or booleans, and the server refuses to start or sees another
+// password (found by review: "10MB", "true" and "no" followed the rule as
+// written before).
+func TestNATSConfPasswordShapes(t *testing.T) {
+	for _, tc := range []struct {
+		pw   string
+		read bool
+	}{
+		{"abcDEF123", true}, {"Yesterday", true}, {"off1", true}, {"k10MB", true},
+		{"a+/=b9", true}, {"Z9", true}, {"nope", true},
+		{"10MB", false}, {"12345", false}, {"true", false}, {"no", false}, {"Yes", false}, {"OFF", false},
+	} {
+		t.Run(tc.pw, func(t *testing.T) {
+			for _, name := range confEnvRefs(readNATSConf(t)) {
+				t.Setenv(name, envSentinel(name))
+			}
+			t.Setenv("DLF_WORKER_PASSWORD", tc.pw)
+			opts, err := server.ProcessConfigFile(natsConfPath)
+			got := ""
+			if err == nil {
+				for _, u := range opts.Users {
+					if u.Username == "dlf-worker" {
+						got = u.Password
+					}
+				}
+			}
+			if follows := passwordFollowsTheRule(tc.pw); follows != tc.read {
+				t.Fatalf("the documented rule says %v for %q, the case says %v", follows, tc.pw, tc.read)
+			}
+			if ok := err == nil && got == tc.pw; ok != tc.read {
+				t.Errorf("password %q read as given: %v, want %v (err %v)", tc.pw, ok, tc.read, err)
+			}
+		})
+	}
+}
+
+// passwordFollowsTheRule is the rule nats-server.conf states for plain
+// passwords.
+func passwordFollowsTheRule(pw string) bool {
+	if pw == "" || !unicode.IsLetter(rune(pw[0])) {
+		return false
+	}
+	switch strings.ToLower(pw) {
+	case "true", "false", "yes", "no", "on", "off":
+		return false
+	}
+	return strings.IndexFunc(pw, func(r rune) bool {
+		return !(r < utf8.RuneSelf && (unicode.IsLetter(r) || unicode.IsDigit(r) || strings.ContainsRune("+/=", r)))
+	}) < 0
 }
