@@ -483,8 +483,9 @@ func (w *Worker) call(j *job, req dlf.StopRequest, lastAt time.Time) (v dlf.Verd
 	// early when the circuit changes, handing its token back, so calls held
 	// back spend no tokens and the probe does not queue behind them.
 	var gen uint64 // the circuit's generation at the last check; see generation
+	var pauseGen uint64 // the throttle's, likewise
 	held := func() bool {
-		gen = w.circ.generation()
+		gen, pauseGen = w.circ.generation(), w.thr.generation()
 		return w.thr.pausedFor(lastAt) || w.circ.holdsBack(probe, lastAt)
 	}
 	mark := func() error {
@@ -617,7 +618,7 @@ func (w *Worker) call(j *job, req dlf.StopRequest, lastAt time.Time) (v dlf.Verd
 	}
 	j.attempts++
 	if answeredByDLF(v) { // a refusal (DLF.6205, say) got past the gateway's limit as well
-		w.thr.succeeded()
+		w.thr.succeeded(pauseGen)
 	}
 	if v.NotAnswered {
 		j.unanswered = true

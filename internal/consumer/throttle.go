@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	"golang.org/x/time/rate"
@@ -14,7 +15,9 @@ import (
 // this worker, not only the one that got it, until its Retry-After (or the
 // backoff) has passed, and halves the configured rate, which then recovers
 // step by step with successful calls: the API gateway's quota is shared by
-// all of them.
+// all of them. A call sent after the latest 429 (a command's last attempt,
+// which the pause lets through) that DLF answers ends the pause: the quota
+// is back, whatever the Retry-After said (a day, for a daily quota).
 type throttle struct {
 	limiter *rate.Limiter // nil: no configured limit
 	max     rate.Limit
@@ -27,10 +30,15 @@ type throttle struct {
 
 	mu         sync.Mutex
 	pauseUntil time.Time
+	// pauses counts the 429s; a call notes it before it is sent (see
+	// generation), so that only an answer to a call sent after the
+	// latest 429 ends the pause.
+	pauses atomic.Uint64
+	lifted chan struct{} // closed and replaced when a pause ends early
 }
 
 func newThrottle(cfg *Config) *throttle {
-	t := &throttle{}
+	t := &throttle{lifted: make(chan struct{})}
 	if cfg.RateLimit > 0 {
 		t.max = rate.Limit(cfg.RateLimit)
 		t.limiter = rate.NewLimiter(t.max, cfg.RateBurst)
@@ -46,23 +54,32 @@ func (t *throttle) waitPause(ctx context.Context, lastAt time.Time) error {
 	if err := ctx.Err(); err != nil {
 		return err
 	}
-	t.mu.Lock()
-	until := t.pauseUntil
-	t.mu.Unlock()
-	if !lastAt.IsZero() && lastAt.Before(until) {
-		until = lastAt
-	}
-	if d := time.Until(until); d > 0 {
+	for {
+		t.mu.Lock()
+		until, lifted := t.pauseUntil, t.lifted
+		t.mu.Unlock()
+		if !lastAt.IsZero() && lastAt.Before(until) {
+			until = lastAt
+		}
+		d := time.Until(until)
+		if d <= 0 {
+			return nil
+		}
 		tm := time.NewTimer(d)
-		defer tm.Stop()
 		select {
 		case <-tm.C:
+		case <-lifted: // look again: another 429 may have come since
 		case <-ctx.Done():
+			tm.Stop()
 			return ctx.Err()
 		}
+		tm.Stop()
 	}
-	return nil
 }
+
+// generation is what a call notes right before it is sent, and gives
+// succeeded with its answer.
+func (t *throttle) generation() uint64 { return t.pauses.Load() }
 
 // limited says whether a rate limit is configured.
 func (t *throttle) limited() bool { return t.limiter != nil }
@@ -130,6 +147,7 @@ func (t *throttle) pausedFor(lastAt time.Time) bool {
 func (t *throttle) throttled(d time.Duration) {
 	t.mu.Lock()
 	defer t.mu.Unlock()
+	t.pauses.Add(1)
 	if until := time.Now().Add(d); until.After(t.pauseUntil) {
 		t.pauseUntil = until
 	}
@@ -145,13 +163,22 @@ func (t *throttle) throttled(d time.Duration) {
 
 // succeeded lets a halved rate grow back by a twentieth of the configured
 // one per call that DLF answered (a 2xx, or a refusal of the command that
-// the gateway let through).
-func (t *throttle) succeeded() {
-	if t.limiter == nil {
-		return
+// the gateway let through), and ends a pause that such a call, sent in
+// generation sentIn, outlived.
+func (t *throttle) succeeded(sentIn uint64) {
+	if t.limiter == nil && t.pauses.Load() == 0 {
+		return // never throttled: the common case, without the lock
 	}
 	t.mu.Lock()
 	defer t.mu.Unlock()
+	if sentIn == t.pauses.Load() && time.Now().Before(t.pauseUntil) {
+		t.pauseUntil = time.Time{}
+		close(t.lifted)
+		t.lifted = make(chan struct{})
+	}
+	if t.limiter == nil {
+		return
+	}
 	if l := t.limiter.Limit(); l < t.max {
 		l += t.max / 20
 		if l > t.max {

@@ -75,3 +75,67 @@ func TestRateGrowsBackOnARefusalToo(t *testing.T) {
 		t.Errorf("rate %v after two calls DLF answered, want 60 (50 and a twentieth of 100 for each)", l)
 	}
 }
+
+// A 429's pause ends early when a call sent after it (a last attempt,
+// which the pause lets through) is answered by DLF: the quota is back,
+// whatever the Retry-After said. A call sent before the 429 does not end
+// it: its answer may predate the limit.
+func TestAnsweredCallAfterA429EndsThePause(t *testing.T) {
+	t.Parallel()
+	thr := newThrottle(&Config{})
+	before := thr.generation()
+	thr.throttled(time.Hour)
+	thr.succeeded(before)
+	if !thr.pausedFor(time.Time{}) {
+		t.Fatal("an answer to a call sent before the 429 ended the pause")
+	}
+	waited := make(chan error, 1)
+	go func() { waited <- thr.waitPause(t.Context(), time.Time{}) }()
+	thr.succeeded(thr.generation())
+	if thr.pausedFor(time.Time{}) {
+		t.Fatal("an answer to a call sent after the 429 left the pause on")
+	}
+	select {
+	case err := <-waited:
+		if err != nil {
+			t.Fatal(err)
+		}
+	case <-time.After(5 * time.Second):
+		t.Fatal("a call waiting out the pause was not woken when it ended")
+	}
+}
+
+// The same through the worker: a daily quota's 429 (Retry-After an hour
+// here) holds every command until its last attempt; once one last attempt
+// is answered, a command published after it stops at once instead of
+// waiting for its own give-up time (found by review).
+func TestQuotaBackEndsTheWaitOfLaterCommands(t *testing.T) {
+	t.Parallel()
+	e := newEnv(t, func(c *Config) {
+		c.RetryMaxElapsed = 3 * time.Second
+		c.RetryInitial = 100 * time.Millisecond
+	})
+	e.emu.AddRunning(proj, "", "s1", "a")
+	e.emu.AddRunning(proj, "", "s1", "b")
+	e.emu.SetFaults(emulator.Faults{Throttle: true, RetryAfter: time.Hour})
+	e.startWorker(nil)
+	e.publish(body(t, map[string]any{"command_id": "a", "project_id": proj, "script_name": "s1", "instance_id": "a"}), nil)
+	testutil.Eventually(t, 10*time.Second, func() error {
+		if n := e.emu.StopCalls(); n < 1 {
+			return fmt.Errorf("no call yet")
+		}
+		return nil
+	})
+	e.emu.SetFaults(emulator.Faults{}) // the quota is back; only a call can tell
+	e.out.wait(t, 1, 10*time.Second)   // a's last attempt, at its give-up time
+	published := time.Now()
+	e.publish(body(t, map[string]any{"command_id": "b", "project_id": proj, "script_name": "s1", "instance_id": "b"}), nil)
+	e.out.wait(t, 2, 10*time.Second)
+	took := time.Since(published)
+	outs := byID(t, e.out.outcomes(t))
+	allStopped(t, outs)
+	if took > 1500*time.Millisecond || outs["b"].Attempts != 1 {
+		t.Errorf("b stopped %s after it was published, in %d attempts; want at once: a's answered last attempt showed the quota back",
+			took.Round(time.Millisecond), outs["b"].Attempts)
+	}
+}
