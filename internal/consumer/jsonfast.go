@@ -10,7 +10,9 @@ import (
 // written and read by hand when their content allows; the reflection of
 // encoding/json cost a visible share of the reliability budget. Anything
 // unusual takes encoding/json, so the output is always what it would
-// produce and the input is always read as it would read it.
+// produce, and the answers JetStream sends are read as it would read them
+// (parsePubAck is lenient with shapes JetStream never sends: a repeated
+// key, leading zeros, text after the object; found by review).
 
 // appendJSONString appends s as a JSON string.
 func appendJSONString(b []byte, s string) []byte {

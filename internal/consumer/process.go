@@ -736,8 +736,10 @@ func describe(v dlf.Verdict) string {
 			return "the request could not be built or signed, so no call was made"
 		}
 		return "DLF could not be reached"
-	case v.ErrorCode != "":
+	case v.ErrorCode != "" && v.ErrorMsg != "":
 		return fmt.Sprintf("HTTP %d %s: %s", v.HTTPStatus, v.ErrorCode, v.ErrorMsg)
+	case v.ErrorCode != "":
+		return fmt.Sprintf("HTTP %d %s", v.HTTPStatus, v.ErrorCode)
 	default:
 		return fmt.Sprintf("HTTP %d", v.HTTPStatus)
 	}
@@ -754,7 +756,7 @@ func (w *Worker) giveBack(j *job, delay time.Duration, reason string) (decisionS
 		ctx, cancel := context.WithTimeout(context.WithoutCancel(w.hard), publishTimeout)
 		entry := cmdEntry{Phase: phaseAnswered, Attempts: j.attempts, Unanswered: j.unanswered, Delivery: j.meta.NumDelivered,
 			Seq: j.meta.Sequence.Stream, LastHTTPStatus: j.out.HTTPStatus, LastErrorCode: j.out.ErrorCode,
-			LastErrorMsg: truncateUTF8(j.out.ErrorMsg, maxStoredErrorMsg), LastRequestID: j.out.DLFRequestID}
+			LastErrorMsg: strings.TrimRight(truncateUTF8(j.out.ErrorMsg, maxStoredErrorMsg), " "), LastRequestID: j.out.DLFRequestID}
 		if j.decided {
 			if b, err := json.Marshal(&j.out); err == nil {
 				entry.Phase, entry.Outcome, entry.OutcomeStored = phasePending, b, j.outcomeStored

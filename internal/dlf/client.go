@@ -532,11 +532,13 @@ func (e *redactedError) Unwrap() error { return e.err }
 type errorBody struct {
 	ErrorCode json.RawMessage `json:"error_code"`
 	ErrorMsg  json.RawMessage `json:"error_msg"`
-	RequestID json.RawMessage `json:"request_id"`
 }
 
-// decodeErrorBody fills code, message and (when the header had none) the
-// request id from body; a body that is not that JSON object leaves them.
+// decodeErrorBody fills code and message from body; a body that is not
+// that JSON object leaves them. A "request_id" in the body is not taken:
+// the outcome's dlf_request_id is the X-Request-Id header's, when present
+// (contract section 4), and an id from elsewhere could not be told apart
+// from it (found by review).
 func decodeErrorBody(body []byte, e *APIError, red *redactor) {
 	var eb errorBody
 	if len(body) == 0 || json.Unmarshal(body, &eb) != nil {
@@ -544,9 +546,6 @@ func decodeErrorBody(body []byte, e *APIError, red *redactor) {
 	}
 	e.ErrorCode = red.text(rawString(eb.ErrorCode), maxErrorCode)
 	e.ErrorMsg = red.text(rawString(eb.ErrorMsg), maxErrorMsg)
-	if e.RequestID == "" {
-		e.RequestID = red.text(rawString(eb.RequestID), maxErrorCode)
-	}
 }
 
 func rawString(m json.RawMessage) string {
@@ -602,7 +601,10 @@ func cleanText(s string, max int) string {
 		for cut > 0 && !utf8.RuneStart(s[cut]) {
 			cut--
 		}
-		s = s[:cut]
+		// Trimmed again after the cut: NATS headers cannot end in white
+		// space, and a dead letter's Dlf-Error-Msg must equal the outcome's
+		// error_msg (found by review).
+		s = strings.TrimSpace(s[:cut])
 	}
 	return s
 }

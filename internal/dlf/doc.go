@@ -36,8 +36,9 @@
 //
 // # Our assumptions (not documented by Huawei)
 //
-//   - The request id is read from the X-Request-Id response header, else from
-//     a "request_id" field of the error body (the gateway sends one).
+//   - The request id is read from the X-Request-Id response header only, as
+//     the contract defines dlf_request_id; a "request_id" field of an error
+//     body is not taken.
 //   - APIG.* and APIGW.* name the same gateway errors (APIError.Is).
 //   - Retry-After may come with 408, 429 or 5xx answers; it is honoured when
 //     present (seconds or HTTP date, capped at 24h).

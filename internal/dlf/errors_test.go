@@ -34,10 +34,12 @@ func TestStopErrorBodies(t *testing.T) {
 			want: APIError{StatusCode: 503},
 		},
 		{
-			name: "gateway throttling with request id in body", status: 429,
+			// The contract's dlf_request_id is X-Request-Id's, when
+			// present: the body's is not taken (found by review).
+			name: "gateway throttling with request id in body only", status: 429,
 			headers: map[string]string{"Retry-After": "Wed, 21 Oct 2037 07:28:00 GMT"},
 			body:    `{"error_msg":"The throttling threshold has been reached: policy user over ratelimit,limit:10,time:1 minute","error_code":"APIG.0308","request_id":"a1b2c3"}`,
-			want:    APIError{StatusCode: 429, ErrorCode: "APIG.0308", ErrorMsg: "The throttling threshold has been reached: policy user over ratelimit,limit:10,time:1 minute", RequestID: "a1b2c3", RetryAfter: maxRetryAfter},
+			want:    APIError{StatusCode: 429, ErrorCode: "APIG.0308", ErrorMsg: "The throttling threshold has been reached: policy user over ratelimit,limit:10,time:1 minute", RetryAfter: maxRetryAfter},
 		},
 		{
 			name: "numeric code, control characters", status: 400,
@@ -334,8 +336,8 @@ func TestStopErrorsHoldNoSecrets(t *testing.T) {
 			if v.Class != ClassRetry || !v.Systemic {
 				t.Errorf("%s: 403 classified %+v", name, v)
 			}
-			if name == "escaped object" && (!strings.Contains(v.ErrorMsg, `"detail":"bad credentials"`) || v.RequestID != "7") {
-				t.Errorf("error_msg %q, request_id %q: the rest of the answer should stay", v.ErrorMsg, v.RequestID)
+			if name == "escaped object" && !strings.Contains(v.ErrorMsg, `"detail":"bad credentials"`) {
+				t.Errorf("error_msg %q: the rest of the answer should stay", v.ErrorMsg)
 			}
 		}
 	}
