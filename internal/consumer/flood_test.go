@@ -69,6 +69,11 @@ func TestFloodOfOneInstanceSharedByTwoWorkers(t *testing.T) {
 	a, b := e.startWorker(nil), e.startWorker(nil)
 	e.out.wait(t, n, 30*time.Second)
 	e.stopStreamEmpty(t)
+	// One stopped it; every other command's DLF.6205 is explained, by
+	// the other worker's record too (found by review: this test checked
+	// only the records, and passed with a command dead-lettered).
+	allStopped(t, byID(t, e.out.outcomes(t)))
+	e.noDeadLetters(t)
 	rec, err := e.state(t).load(context.Background(),
 		instKey(command.Command{ProjectID: proj, ScriptName: "s1", InstanceID: "i-flood"}.InstanceKey()))
 	if err != nil {

@@ -258,10 +258,19 @@ func (w *Worker) process(j *job, recs []*stateRecord, lerr error) {
 					"DLF.6205 after an earlier call that was sent and got no answer: that call stopped the instance")
 				return
 			}
-			if why, handled := w.stoppedMeanwhile(j); handled {
+			why, handled, undecided := w.stoppedMeanwhile(j)
+			switch {
+			case handled:
 				return
-			} else if why != "" {
+			case why != "":
 				w.finish(j, StatusStopped, CauseAlreadyStopped, why)
+				return
+			case undecided && w.hard.Err() != nil:
+				w.giveBack(j, 0, "shutdown")
+				return
+			case undecided:
+				w.checkState()
+				w.giveBack(j, w.redeliveryDelay(meta.NumDelivered), "state_unavailable")
 				return
 			}
 		}
@@ -1058,10 +1067,21 @@ func (w *Worker) ackDecidedElsewhere(j *job, here bool) {
 // (contract section 6). It returns why the instance counts as stopped, or
 // "" when it does not; handled says another delivery decided the command
 // already, and this one has been acked without an outcome or is storing
-// the outcome that delivery could not.
-func (w *Worker) stoppedMeanwhile(j *job) (why string, handled bool) {
+// the outcome that delivery could not; undecided says the state could not
+// be read again (a shutdown, a bucket without a leader), and the command
+// goes back undecided rather than failing on a DLF.6205 a record may
+// explain.
+//
+// Another replica's stop races the same way, and this worker does not
+// see its call: DLF answered that call before this one (it stopped the
+// instance first), but its record comes only after its outcome is
+// stored. So a DLF.6205 nothing explains is looked at again for
+// stopRecordWait before it fails (found by review: with two or three
+// replicas, one of the commands for an instance stopped at once was
+// often dead-lettered).
+func (w *Worker) stoppedMeanwhile(j *job) (why string, handled, undecided bool) {
 	if w.state == nil || !j.valid {
-		return "", false
+		return "", false, false
 	}
 	// Before the bucket: a stop of this worker is forgotten once the
 	// bucket's leader acknowledged a record naming it, so the read below,
@@ -1069,19 +1089,55 @@ func (w *Worker) stoppedMeanwhile(j *job) (why string, handled bool) {
 	// a follower that has not applied it yet. The calls waited for end
 	// within DLF_TIMEOUT; the read has its own time after that.
 	sibling, siblingAt, bySibling := w.sib.stoppedBy(w.hard, j.inst, j.sid, j.sibLimit, w.cfg.CallTimeout)
+	deadline := time.Now().Add(stopRecordWait)
+	pause := 100 * time.Millisecond
+	for {
+		why, handled, err := w.stopRecorded(j)
+		switch {
+		case err != nil:
+			j.log.Debug("state not read again after DLF.6205", zap.Error(err))
+			if bySibling {
+				return siblingStop(sibling, siblingAt), false, false
+			}
+			return "", false, true
+		case handled || why != "":
+			return why, handled, false
+		case bySibling:
+			return siblingStop(sibling, siblingAt), false, false
+		}
+		left := time.Until(deadline)
+		if left <= 0 {
+			return "", false, false // a DLF.6205 without a record: it fails
+		}
+		t := time.NewTimer(min(pause, left))
+		select {
+		case <-t.C:
+		case <-w.hard.Done():
+			t.Stop()
+			return "", false, true
+		}
+		pause *= 2
+	}
+}
+
+// stopRecordWait is how long a DLF.6205 that nothing explains waits for
+// the record of a stop another replica's call made just before this
+// one's: that call has its answer already, and needs only to store its
+// outcome and its decision record.
+const stopRecordWait = 3 * time.Second
+
+// stopRecorded reads the state from the bucket's leader once, for
+// stoppedMeanwhile.
+func (w *Worker) stopRecorded(j *job) (why string, handled bool, err error) {
 	ctx, cancel := context.WithTimeout(w.hard, publishTimeout)
 	defer cancel()
 	recs, err := w.state.lookupLeader(ctx, j.stateKeys())
 	if err != nil {
-		j.log.Debug("state not read again after DLF.6205", zap.Error(err))
-		if bySibling {
-			return siblingStop(sibling, siblingAt), false
-		}
-		return "", false // a DLF.6205 without a record: it fails
+		return "", false, err
 	}
 	if decision, here := w.decidedIn(ctx, j, recs, w.state.lookupLeader); decision != nil {
 		w.ackDecidedElsewhere(j, here)
-		return "", true
+		return "", true, nil
 	}
 	d := &recs[0].doc // its old stop forgotten by decidedIn
 	j.state = recs[0] // the decision record goes on from what is there now
@@ -1094,14 +1150,14 @@ func (w *Worker) stoppedMeanwhile(j *job) (why string, handled bool) {
 	// its own explains the DLF.6205.
 	e := d.Cmds[j.sid]
 	if e != nil && e.Phase == phasePending && w.storePending(j, e, "another delivery decided this command during the call; storing its outcome") {
-		return "", true
+		return "", true, nil
 	}
 	if d.StoppedBy != "" {
 		return fmt.Sprintf("DLF.6205, and meanwhile the instance was recorded as stopped by command %s at %s",
-			shownID(d.StoppedBy), d.StoppedAt), false
+			shownID(d.StoppedBy), d.StoppedAt), false, nil
 	}
 	if e != nil && e.Unanswered {
-		return fmt.Sprintf("DLF.6205 after delivery %d of this command sent a call that got no answer", e.Delivery), false
+		return fmt.Sprintf("DLF.6205 after delivery %d of this command sent a call that got no answer", e.Delivery), false, nil
 	}
 	// This delivery's own mark went out before its call, so a mark of
 	// another delivery came after it, or is the one the lookup saw (its
@@ -1111,12 +1167,9 @@ func (w *Worker) stoppedMeanwhile(j *job) (why string, handled bool) {
 	// recorded no answer since, as recall counts marks.
 	if m := recs[1].doc.Cmds[j.sid]; j.markCounts(m, recs[1].rev, e) {
 		j.attempts++ // that delivery's call, as recall counts one
-		return fmt.Sprintf("DLF.6205, and meanwhile delivery %d of this command marked its call", m.Delivery), false
+		return fmt.Sprintf("DLF.6205, and meanwhile delivery %d of this command marked its call", m.Delivery), false, nil
 	}
-	if bySibling {
-		return siblingStop(sibling, siblingAt), false
-	}
-	return "", false
+	return "", false, nil
 }
 
 // siblingStop explains a DLF.6205 by the stop another command of this
