@@ -491,7 +491,7 @@ func (w *Worker) call(j *job, req dlf.StopRequest, lastAt time.Time) (v dlf.Verd
 	// circuit sends the command back for a probe turn. A rate wait ends
 	// early when the circuit changes, handing its token back, so calls held
 	// back spend no tokens and the probe does not queue behind them.
-	var gen uint64 // the circuit's generation at the last check; see generation
+	var gen uint64      // the circuit's generation at the last check; see generation
 	var pauseGen uint64 // the throttle's, likewise
 	held := func() bool {
 		gen, pauseGen = w.circ.generation(), w.thr.generation()

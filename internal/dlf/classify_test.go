@@ -159,6 +159,8 @@ func TestParseRetryAfter(t *testing.T) {
 		{" 7 ", 7 * time.Second},
 		{"86399", 86399 * time.Second},
 		{"86400", maxRetryAfter},
+		{"86401", maxRetryAfter},
+		{"10000000000", maxRetryAfter}, // would overflow a Duration
 		{"999999999999999999999999", maxRetryAfter},
 		{"-1", 0},
 		{"-120", 0},

@@ -67,6 +67,13 @@ func TestStopErrorBodies(t *testing.T) {
 			body: `{"error_code":"DLF.0802","error_msg":"` + strings.Repeat("é", 1000) + `"}`,
 			want: APIError{StatusCode: 400, ErrorCode: "DLF.0802", ErrorMsg: strings.Repeat("é", 512)},
 		},
+		{
+			// The 1,024th byte is inside a character: the cut falls before
+			// it, so the message stays valid UTF-8 (found by review).
+			name: "long message is cut between characters", status: 400,
+			body: `{"error_code":"DLF.0802","error_msg":"ab` + strings.Repeat("停", 400) + `"}`,
+			want: APIError{StatusCode: 400, ErrorCode: "DLF.0802", ErrorMsg: "ab" + strings.Repeat("停", 340)},
+		},
 	}
 	now := time.Date(2037, 10, 20, 0, 0, 0, 0, time.UTC)
 	for _, tc := range tests {
@@ -386,6 +393,34 @@ func TestTransportErrorsHoldNoSecrets(t *testing.T) {
 			if strings.Contains(err.Error(), secret) {
 				t.Errorf("err = %q holds a secret", err)
 			}
+		}
+	}
+}
+
+// A peer that echoes only the signature (the hex after "Signature="), not
+// the whole Authorization value: the signature is a secret of the call
+// too, and is redacted on its own (found by review: no test echoed it
+// alone).
+func TestEchoedSignatureAloneIsRedacted(t *testing.T) {
+	var sig atomic.Value
+	c, _ := setup(t, func(w http.ResponseWriter, r *http.Request) {
+		_, s, _ := strings.Cut(r.Header.Get("Authorization"), "Signature=")
+		sig.Store(s)
+		w.WriteHeader(http.StatusForbidden)
+		io.WriteString(w, `{"error_code":"APIG.0301","error_msg":"signature `+s+` does not match"}`)
+	}, Config{Credentials: staticCreds(Credentials{AK: testAK, SK: testSK})})
+	resp, err := c.Stop(context.Background(), testStop)
+	if err == nil {
+		t.Fatal("no error")
+	}
+	s, _ := sig.Load().(string)
+	if len(s) != 64 {
+		t.Fatalf("signature %q; want 64 hex digits", s)
+	}
+	v := Classify(resp, err)
+	for _, text := range []string{err.Error(), v.ErrorMsg} {
+		if strings.Contains(text, s) {
+			t.Errorf("%q holds the signature", text)
 		}
 	}
 }

@@ -98,7 +98,31 @@ func TestStartServesAndShutsDown(t *testing.T) {
 		t.Fatalf("dial the started server: %v", err)
 	}
 	_ = c.Close()
+	// A zero port is a random one, as Options says, not nats-server's
+	// 4222 (outside the ephemeral range a random port comes from; found
+	// by review: nothing checked it).
+	if port := s.Addr().(*net.TCPAddr).Port; port == 4222 {
+		t.Errorf("a zero Port gave the server 4222, not a random port")
+	}
 	s.Shutdown()
 	s.WaitForShutdown()
 	goleak.VerifyNone(t, ignore)
+}
+
+// worker dev prefers 4222 but takes a free port when that one is taken
+// (contract section 8): PortOrFree gives the port wanted while it can be
+// bound, and -1 (a random port) while something listens on it.
+func TestPortOrFree(t *testing.T) {
+	l, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	port := l.Addr().(*net.TCPAddr).Port
+	if got := embedded.PortOrFree("127.0.0.1", port); got != -1 {
+		t.Errorf("PortOrFree(%d) = %d while the port is taken; want -1", port, got)
+	}
+	_ = l.Close()
+	if got := embedded.PortOrFree("127.0.0.1", port); got != port {
+		t.Errorf("PortOrFree(%d) = %d once the port is free; want it", port, got)
+	}
 }

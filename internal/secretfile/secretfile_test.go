@@ -321,6 +321,21 @@ func TestValueDoesNotPrintSecret(t *testing.T) {
 	assertNoSecretInLogs(t, logs, []string{"printed-secret"})
 }
 
+// The same for an AK/SK pair, which holds both (found by review: only
+// Value's printing was checked).
+func TestPairDoesNotPrintSecrets(t *testing.T) {
+	p := StaticPair("printed-ak-1234", "printed-sk-5678")
+	for _, format := range []string{"%v", "%+v", "%s", "%#v", "%q"} {
+		got := fmt.Sprintf(format, p)
+		if strings.Contains(got, "printed-ak") || strings.Contains(got, "printed-sk") {
+			t.Errorf("Sprintf(%q) = %q leaks a key", format, got)
+		}
+	}
+	core, logs := observer.New(zapcore.DebugLevel)
+	zap.New(core).Info("config", zap.Any("pair", p), zap.Stringer("pair2", p))
+	assertNoSecretInLogs(t, logs, []string{"printed-ak", "printed-sk"})
+}
+
 // An AK and an SK in one Kubernetes Secret are swapped together; the pair
 // follows every swap, and no Get ever returns keys of two generations.
 func TestPairFollowsKubernetesSwaps(t *testing.T) {
