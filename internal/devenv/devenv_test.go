@@ -237,3 +237,15 @@ func TestRunWithInstances(t *testing.T) {
 		t.Errorf("listed %d instances, want 1:\n%s", n, text)
 	}
 }
+
+// Ctrl-C while the worker is still starting, before the banner, is a
+// requested stop like any other: worker dev exits 0 (contract section 8;
+// found by review: no test stopped it that early).
+func TestStopBeforeTheWorkerStartedIsNoError(t *testing.T) {
+	ctx, cancel := context.WithCancel(context.Background())
+	cancel()
+	var out testutil.SyncBuffer
+	if err := devenv.RunWith(ctx, &out, devenv.Options{NATSPort: -1, HTTPAddr: "127.0.0.1:0", Logger: zap.NewNop()}); err != nil {
+		t.Errorf("RunWith stopped before the worker started = %v; want nil", err)
+	}
+}
