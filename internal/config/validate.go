@@ -167,16 +167,22 @@ func (p *problems) natsURLs(urls string) {
 		// secret to the resolver and quote it in the connect error, whose
 		// redaction cannot hide a piece too short to look for (found by
 		// review).
-		if u.User == nil && overlaps(spans, lo, hi) {
+		if u.User == nil && atInside(spans, lo, hi) {
 			p.add(name, "%q: the user information would be read as a host%s", shown, hint)
 		}
 	}
 }
 
-// overlaps tells whether any of spans covers a byte of [lo, hi).
-func overlaps(spans []span, lo, hi int) bool {
+// atInside tells whether one of spans covers a byte of [lo, hi) and ends
+// there, at the '@' that closes it: this entry itself holds what could be
+// user information. A span that ends in a later entry may be a password
+// holding ',' ("nats://xq,Tok3n@h") or an entry without user information
+// before one with it ("nats://h1:4222,u:p@h2"); nobody can tell them
+// apart, and the second is a list that works, so it is not refused (found
+// by review).
+func atInside(spans []span, lo, hi int) bool {
 	for _, sp := range spans {
-		if sp.start < hi && sp.end > lo {
+		if sp.start < hi && sp.end > lo && sp.end < hi {
 			return true
 		}
 	}
