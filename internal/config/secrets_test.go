@@ -210,7 +210,7 @@ func TestURLPasswordWithSeparatorsNeverLeaks(t *testing.T) {
 		{"nats://worker:ab/cd@h:4222", "ab/cd", true},
 		{"nats://u:12/34@h", "12/34", true}, // would dial host u, port 12
 		{"nats://u:12/34@h", "12", true},
-		{"nats://xq7/Tok3nSecretRest@127.0.0.1:4222", "xq7", true}, // a token
+		{"nats://xq7/Tok3nSecretRest@127.0.0.1:4222", "xq7", true},          // a token
 		{"nats://xq,Tok3nSecretRest@127.0.0.1:1", "Tok3nSecretRest", false}, // reads as a list (see atInside)
 		{"nats://t?k3n@h:4222", "t?k3n", true},
 		{"nats://u:p,q@h", "p,q", true},

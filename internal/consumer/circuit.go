@@ -17,11 +17,13 @@ import (
 // revoked credentials park commands in the stream instead of burning their
 // retry budget and dead-lettering them en masse.
 //
-// It opens on a 401 or 403, or after calls for threshold different
-// instances in a row got no answer or a 5xx. A run counts each instance
-// once: one instance whose stop DLF keeps failing (a hang, a 500 for that
-// script) is that command's trouble, not DLF's, and opening on its retries
-// alone paused every healthy command until it gave up (found by review). While open: the fetch loop takes
+// It opens on a 401 or 403, or after threshold calls in a row that got no
+// answer or a 5xx, for two instances at least: one instance whose stop
+// DLF keeps failing (a hang, a 500 for that script) is that command's
+// trouble, not DLF's, and opening on its retries alone paused every
+// healthy command until it gave up (found by review). Counting each
+// instance once instead kept the circuit closed through an outage with
+// fewer than threshold instances in flight (found by review of that). While open: the fetch loop takes
 // nothing new, commands already held wait (heartbeating, no calls), and one
 // probe call at a time is let through, spaced by a backoff. The first probe
 // that gets a non-systemic answer closes it, and so does a command's last
@@ -43,10 +45,11 @@ type circuit struct {
 	mu       sync.Mutex
 	open     bool
 	isOpen   atomic.Bool // open, for holdsBack on every call without the lock
-	failures int         // consecutive systemic failures, one per instance
-	// failedFor holds the instances behind failures (at most threshold):
-	// a retry for one already counted does not count again.
-	failedFor map[dlf.StopRequest]struct{}
+	failures int         // consecutive systemic failures
+	// firstFailed is the instance of the first of them, and spread says
+	// that another instance failed since.
+	firstFailed dlf.StopRequest
+	spread      bool
 	// clean: closed with no failure counted, so that a call that gets a
 	// non-systemic answer changes nothing; read on every call without the
 	// lock, which 32 calls at a time would otherwise queue on.
@@ -245,8 +248,7 @@ func (c *circuit) release(probe bool, sentIn uint64, v dlf.Verdict, cancelled bo
 		return
 	}
 	if !counts {
-		c.failures = 0
-		clear(c.failedFor)
+		c.failures, c.spread = 0, false
 		if c.open {
 			c.open = false
 			c.isOpen.Store(false)
@@ -261,13 +263,12 @@ func (c *circuit) release(probe bool, sentIn uint64, v dlf.Verdict, cancelled bo
 		}
 		return
 	}
-	if _, again := c.failedFor[target]; !again && len(c.failedFor) < c.threshold {
-		if c.failedFor == nil {
-			c.failedFor = make(map[dlf.StopRequest]struct{}, c.threshold)
-		}
-		c.failedFor[target] = struct{}{}
-		c.failures++
+	if c.failures == 0 {
+		c.firstFailed = target
+	} else if target != c.firstFailed {
+		c.spread = true
 	}
+	c.failures++
 	if c.open {
 		if probe {
 			c.nextProbeLocked()
@@ -275,7 +276,7 @@ func (c *circuit) release(probe bool, sentIn uint64, v dlf.Verdict, cancelled bo
 		}
 		return
 	}
-	if immediate || c.failures >= c.threshold {
+	if immediate || (c.failures >= c.threshold && c.spread) {
 		c.open = true
 		c.isOpen.Store(true)
 		c.gen.Add(1) // after isOpen; see generation

@@ -340,9 +340,10 @@ func target(i int) dlf.StopRequest {
 	return dlf.StopRequest{ProjectID: proj, ScriptName: "s1", InstanceID: fmt.Sprintf("i-%d", i)}
 }
 
-// A run of failures counts each instance once (contract section 6: calls
-// failing the same way "across commands"). One instance's retries, however
-// many, do not open the circuit; five instances do, and an answer from DLF
+// A run of failures opens the circuit only when it spans two instances
+// at least (contract section 6: calls failing the same way "across
+// commands"). One instance's retries, however many, do not open it; a
+// second instance failing in the same run does, and an answer from DLF
 // between them starts the count again.
 func TestRetriesForOneInstanceDoNotOpenTheCircuit(t *testing.T) {
 	t.Parallel()
@@ -355,20 +356,43 @@ func TestRetriesForOneInstanceDoNotOpenTheCircuit(t *testing.T) {
 	if c.Open() {
 		t.Fatal("forty failures of one instance's stop opened the circuit")
 	}
-	for i := 1; i < 4; i++ {
+	c.release(false, c.generation(), dlf.Verdict{HTTPStatus: 204, Class: dlf.ClassStopped}, false, target(9))
+	for i := 1; i < 5; i++ {
 		c.release(false, c.generation(), dlf.Verdict{HTTPStatus: 500}, false, target(i))
 	}
-	c.release(false, c.generation(), dlf.Verdict{HTTPStatus: 204, Class: dlf.ClassStopped}, false, target(9))
-	for i := 4; i < 8; i++ {
-		c.release(false, c.generation(), dlf.Verdict{HTTPStatus: 502}, false, target(i))
-	}
 	if c.Open() {
-		t.Fatal("four instances failing, an answer, then four more opened the circuit: the answer did not start the count again")
+		t.Fatal("four failures after an answer opened the circuit: the answer did not start the count again")
 	}
-	c.release(false, c.generation(), dlf.Verdict{HTTPStatus: 503}, false, target(8))
+	c.release(false, c.generation(), dlf.Verdict{HTTPStatus: 502}, false, target(1))
 	if !c.Open() {
-		t.Fatal("five instances failing in a row did not open the circuit")
+		t.Fatal("five failures in a row across four instances did not open the circuit")
 	}
+	// Two instances are enough: an outage with few commands in flight
+	// opens it too (found by review of a rule that wanted five).
+	c2 := newCircuit(&cfg, zap.NewNop(), nil)
+	for i := 0; i < 5; i++ {
+		c2.release(false, c2.generation(), dlf.Verdict{HTTPStatus: 503}, false, target(i%2))
+	}
+	if !c2.Open() {
+		t.Fatal("five failures in a row across two instances did not open the circuit")
+	}
+}
+
+// The same through the worker, in an outage with three commands in
+// flight: they retry, every call fails, and the circuit opens.
+func TestOutageWithFewCommandsOpensTheCircuit(t *testing.T) {
+	t.Parallel()
+	e := newEnv(t, nil)
+	e.emu.SetFaults(emulator.Faults{ErrorRate: 1, ErrorStatus: 503})
+	r := e.startWorker(nil)
+	e.publishMany(t, 3, "few")
+	r.waitCircuitOpen(t)
+	if ready, _ := r.w.Readiness(); ready {
+		t.Error("ready with the circuit open")
+	}
+	e.emu.SetFaults(emulator.Faults{})
+	e.out.wait(t, 3, 30*time.Second)
+	allStopped(t, byID(t, e.out.outcomes(t)))
 }
 
 // The same through the worker: an instance whose stop DLF keeps failing

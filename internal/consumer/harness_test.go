@@ -45,6 +45,9 @@ type env struct {
 	// workerNATS, when set, is the URL workers started from now on
 	// connect to instead of the server's own (a proxy in front of it).
 	workerNATS string
+	// workerOpts are added to the NATS options of workers started from
+	// now on (a dialer that loses some of their publishes).
+	workerOpts []nats.Option
 	// creds, when set, signs the calls of workers started from now on.
 	creds func() dlf.Credentials
 }
@@ -226,7 +229,7 @@ func (e *env) startWorkerAt(endpoint string, mutate func(*Config), opts ...Optio
 	if e.workerNATS != "" {
 		url = e.workerNATS
 	}
-	nc, err := nats.Connect(url, nats.MaxReconnects(-1), nats.ReconnectWait(50*time.Millisecond))
+	nc, err := nats.Connect(url, append([]nats.Option{nats.MaxReconnects(-1), nats.ReconnectWait(50 * time.Millisecond)}, e.workerOpts...)...)
 	if err != nil {
 		e.t.Fatal(err)
 	}

@@ -1067,10 +1067,9 @@ func (w *Worker) ackDecidedElsewhere(j *job, here bool) {
 // (contract section 6). It returns why the instance counts as stopped, or
 // "" when it does not; handled says another delivery decided the command
 // already, and this one has been acked without an outcome or is storing
-// the outcome that delivery could not; undecided says the state could not
-// be read again (a shutdown, a bucket without a leader), and the command
-// goes back undecided rather than failing on a DLF.6205 a record may
-// explain.
+// the outcome that delivery could not; undecided says the worker is
+// shutting down and could not read the state again, and the command goes
+// back undecided rather than failing on a DLF.6205 a record may explain.
 //
 // Another replica's stop races the same way, and this worker does not
 // see its call: DLF answered that call before this one (it stopped the
@@ -1078,7 +1077,9 @@ func (w *Worker) ackDecidedElsewhere(j *job, here bool) {
 // stored. So a DLF.6205 nothing explains is looked at again for
 // stopRecordWait before it fails (found by review: with two or three
 // replicas, one of the commands for an instance stopped at once was
-// often dead-lettered).
+// often dead-lettered). The wait holds no call slot, token or probe turn,
+// but the command stays held: a flood of stops for instances that ended
+// long ago is decided at most held-limit commands per stopRecordWait.
 func (w *Worker) stoppedMeanwhile(j *job) (why string, handled, undecided bool) {
 	if w.state == nil || !j.valid {
 		return "", false, false
@@ -1099,7 +1100,12 @@ func (w *Worker) stoppedMeanwhile(j *job) (why string, handled, undecided bool) 
 			if bySibling {
 				return siblingStop(sibling, siblingAt), false, false
 			}
-			return "", false, true
+			// Only a shutdown returns the command: a bucket that fails
+			// to answer fails the hand-back's record too, and the next
+			// delivery would take this answered call for one that got no
+			// answer (found by review: stopped, already_stopped, after a
+			// second call, for an instance nothing had stopped).
+			return "", false, w.hard.Err() != nil
 		case handled || why != "":
 			return why, handled, false
 		case bySibling:
@@ -1123,8 +1129,9 @@ func (w *Worker) stoppedMeanwhile(j *job) (why string, handled, undecided bool) 
 // stopRecordWait is how long a DLF.6205 that nothing explains waits for
 // the record of a stop another replica's call made just before this
 // one's: that call has its answer already, and needs only to store its
-// outcome and its decision record.
-const stopRecordWait = 3 * time.Second
+// outcome and its decision record, milliseconds as a rule. The leader is
+// read at once, then 100, 300 and 700 ms later, and at its end.
+const stopRecordWait = time.Second
 
 // stopRecorded reads the state from the bucket's leader once, for
 // stoppedMeanwhile.
