@@ -146,11 +146,23 @@ func (u *natsUser) noViolations(t *testing.T) {
 // `nats stream add --config` and fails on an error answer.
 // storeFailedOutcome stores a failed outcome for command id as u, the way
 // the worker does, and returns it.
-func (u *natsUser) storeFailedOutcome(ctx context.Context, t *testing.T, id string) *nats.Msg {
+func (u *natsUser) storeFailedOutcome(ctx context.Context, t *testing.T, id string, command []byte) *nats.Msg {
 	t.Helper()
+	// What the command names, as the worker's outcome echoes it: worker
+	// stop checks that the outcome is this command's.
+	var o map[string]any
+	if err := json.Unmarshal(command, &o); err != nil {
+		t.Fatalf("command %s: %v", id, err)
+	}
+	o["command_id"], o["status"] = id, "failed"
+	delete(o, "reason")
+	data, err := json.Marshal(o)
+	if err != nil {
+		t.Fatal(err)
+	}
 	out := nats.NewMsg(outcomePrefix + ".failed")
 	out.Header.Set(nats.MsgIdHdr, id)
-	out.Data = []byte(`{"command_id":"` + id + `","status":"failed"}`)
+	out.Data = data
 	if _, err := u.js.PublishMsg(ctx, out); err != nil {
 		t.Fatalf("publish outcome: %v", err)
 	}
@@ -389,7 +401,7 @@ func TestNATSPermissions(t *testing.T) {
 			if got, err := stop.GetMsg(ctx, meta.Sequence.Stream); err != nil || !bytes.Equal(got.Data, m.Data()) {
 				t.Fatalf("read the command back: %v %v", got, err)
 			}
-			worker.storeFailedOutcome(ctx, t, id)
+			worker.storeFailedOutcome(ctx, t, id, m.Data())
 			dead := nats.NewMsg(deadSubject)
 			dead.Header.Set(nats.MsgIdHdr, id)
 			dead.Header.Set("Dlf-Status", "failed")
@@ -457,7 +469,7 @@ func TestNATSPermissions(t *testing.T) {
 			}
 		}
 		id := m.Headers().Get(nats.MsgIdHdr)
-		out := worker.storeFailedOutcome(ctx, t, id)
+		out := worker.storeFailedOutcome(ctx, t, id, m.Data())
 		if err := m.DoubleAck(ctx); err != nil {
 			t.Fatalf("ack: %v", err)
 		}
