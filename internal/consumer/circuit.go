@@ -17,13 +17,17 @@ import (
 // revoked credentials park commands in the stream instead of burning their
 // retry budget and dead-lettering them en masse.
 //
-// It opens on a 401 or 403, or after threshold calls in a row that got no
-// answer or a 5xx, for two instances at least: one instance whose stop
-// DLF keeps failing (a hang, a 500 for that script) is that command's
-// trouble, not DLF's, and opening on its retries alone paused every
-// healthy command until it gave up (found by review). Counting each
-// instance once instead kept the circuit closed through an outage with
-// fewer than threshold instances in flight (found by review of that). While open: the fetch loop takes
+// It opens on a 401 or 403 (or credentials it cannot use), or after
+// threshold failures in a row (no answer, a 5xx), of which one instance
+// may add threshold-2 at most: one instance whose stop DLF keeps failing
+// (a hang, a 500 for that script) is that command's trouble, not DLF's,
+// and opening on its retries alone paused every healthy command until it
+// gave up (found by review). Neither may it open on that instance's
+// retries and one stray failure elsewhere; but two instances failing
+// again and again do open it, however few commands are in flight. A call
+// refused before anything was sent (connection refused, no such host)
+// cannot be one instance's trouble, and always counts (found by reviews
+// of the first two versions of this rule). While open: the fetch loop takes
 // nothing new, commands already held wait (heartbeating, no calls), and one
 // probe call at a time is let through, spaced by a backoff. The first probe
 // that gets a non-systemic answer closes it, and so does a command's last
@@ -45,11 +49,10 @@ type circuit struct {
 	mu       sync.Mutex
 	open     bool
 	isOpen   atomic.Bool // open, for holdsBack on every call without the lock
-	failures int         // consecutive systemic failures
-	// firstFailed is the instance of the first of them, and spread says
-	// that another instance failed since.
-	firstFailed dlf.StopRequest
-	spread      bool
+	failures int         // consecutive systemic failures, as counted
+	// perInst counts them per instance, for the cap on what one instance
+	// may add; cleared when a run ends.
+	perInst map[dlf.StopRequest]int
 	// clean: closed with no failure counted, so that a call that gets a
 	// non-systemic answer changes nothing; read on every call without the
 	// lock, which 32 calls at a time would otherwise queue on.
@@ -176,6 +179,8 @@ func systemic(v dlf.Verdict) (counts, immediate bool) {
 		return true, true
 	case v.HTTPStatus >= 500:
 		return true, false
+	case v.HTTPStatus == 0 && v.Systemic && v.NotSent:
+		return true, true // credentials it cannot use: like a 401
 	case v.HTTPStatus == 0 && v.Systemic:
 		return true, false
 	}
@@ -248,7 +253,8 @@ func (c *circuit) release(probe bool, sentIn uint64, v dlf.Verdict, cancelled bo
 		return
 	}
 	if !counts {
-		c.failures, c.spread = 0, false
+		c.failures = 0
+		clear(c.perInst)
 		if c.open {
 			c.open = false
 			c.isOpen.Store(false)
@@ -263,12 +269,15 @@ func (c *circuit) release(probe bool, sentIn uint64, v dlf.Verdict, cancelled bo
 		}
 		return
 	}
-	if c.failures == 0 {
-		c.firstFailed = target
-	} else if target != c.firstFailed {
-		c.spread = true
+	if v.HTTPStatus == 0 && !v.NotAnswered {
+		c.failures++ // refused before it was sent: DLF or the way to it
+	} else if n := c.perInst[target]; n < max(1, c.threshold-2) {
+		if c.perInst == nil {
+			c.perInst = make(map[dlf.StopRequest]int, c.threshold)
+		}
+		c.perInst[target] = n + 1
+		c.failures++
 	}
-	c.failures++
 	if c.open {
 		if probe {
 			c.nextProbeLocked()
@@ -276,7 +285,7 @@ func (c *circuit) release(probe bool, sentIn uint64, v dlf.Verdict, cancelled bo
 		}
 		return
 	}
-	if immediate || (c.failures >= c.threshold && c.spread) {
+	if immediate || c.failures >= c.threshold {
 		c.open = true
 		c.isOpen.Store(true)
 		c.gen.Add(1) // after isOpen; see generation

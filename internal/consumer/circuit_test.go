@@ -340,41 +340,72 @@ func target(i int) dlf.StopRequest {
 	return dlf.StopRequest{ProjectID: proj, ScriptName: "s1", InstanceID: fmt.Sprintf("i-%d", i)}
 }
 
-// A run of failures opens the circuit only when it spans two instances
-// at least (contract section 6: calls failing the same way "across
-// commands"). One instance's retries, however many, do not open it; a
-// second instance failing in the same run does, and an answer from DLF
-// between them starts the count again.
+// One instance adds threshold-2 failures at most to a run (contract
+// section 6: calls failing the same way "across commands"). Its retries,
+// however many, do not open the circuit, nor do they with one stray
+// failure elsewhere; two instances failing again and again do, and an
+// answer from DLF between failures starts the count again. A call refused
+// before anything was sent cannot be one instance's trouble and always
+// counts; credentials that cannot be used open it at once, as a 401 does.
 func TestRetriesForOneInstanceDoNotOpenTheCircuit(t *testing.T) {
 	t.Parallel()
 	cfg := Config{CircuitThreshold: 5, RetryInitial: time.Hour, RetryMax: time.Hour}
+	hang := dlf.Verdict{Systemic: true, NotAnswered: true}
 	c := newCircuit(&cfg, zap.NewNop(), nil)
 	for i := 0; i < 20; i++ {
 		c.release(false, c.generation(), dlf.Verdict{HTTPStatus: 503}, false, target(0))
-		c.release(false, c.generation(), dlf.Verdict{Systemic: true}, false, target(0)) // no answer
+		c.release(false, c.generation(), hang, false, target(0))
 	}
 	if c.Open() {
 		t.Fatal("forty failures of one instance's stop opened the circuit")
 	}
+	c.release(false, c.generation(), dlf.Verdict{HTTPStatus: 502, NotAnswered: true}, false, target(1))
+	if c.Open() {
+		t.Fatal("one instance's failures and one stray failure elsewhere opened the circuit")
+	}
+	c.release(false, c.generation(), dlf.Verdict{HTTPStatus: 503}, false, target(1))
+	if !c.Open() {
+		t.Fatal("a second instance failing again did not open the circuit")
+	}
+
+	c = newCircuit(&cfg, zap.NewNop(), nil)
+	for i := 0; i < 4; i++ {
+		c.release(false, c.generation(), dlf.Verdict{HTTPStatus: 500}, false, target(i))
+	}
 	c.release(false, c.generation(), dlf.Verdict{HTTPStatus: 204, Class: dlf.ClassStopped}, false, target(9))
-	for i := 1; i < 5; i++ {
+	for i := 4; i < 8; i++ {
 		c.release(false, c.generation(), dlf.Verdict{HTTPStatus: 500}, false, target(i))
 	}
 	if c.Open() {
-		t.Fatal("four failures after an answer opened the circuit: the answer did not start the count again")
+		t.Fatal("four failures, an answer, then four more opened the circuit: the answer did not start the count again")
 	}
-	c.release(false, c.generation(), dlf.Verdict{HTTPStatus: 502}, false, target(1))
+	c.release(false, c.generation(), dlf.Verdict{HTTPStatus: 500}, false, target(4))
 	if !c.Open() {
 		t.Fatal("five failures in a row across four instances did not open the circuit")
 	}
-	// Two instances are enough: an outage with few commands in flight
-	// opens it too (found by review of a rule that wanted five).
-	c2 := newCircuit(&cfg, zap.NewNop(), nil)
+
+	// An outage with two commands in flight opens it (found by review of
+	// a rule that wanted five instances).
+	c = newCircuit(&cfg, zap.NewNop(), nil)
 	for i := 0; i < 5; i++ {
-		c2.release(false, c2.generation(), dlf.Verdict{HTTPStatus: 503}, false, target(i%2))
+		c.release(false, c.generation(), dlf.Verdict{HTTPStatus: 503}, false, target(i%2))
 	}
-	if !c2.Open() {
+	if !c.Open() {
 		t.Fatal("five failures in a row across two instances did not open the circuit")
+	}
+	// Refused before it was sent, and unusable credentials: one instance
+	// is enough (found by review).
+	c = newCircuit(&cfg, zap.NewNop(), nil)
+	for i := 0; i < 5; i++ {
+		c.release(false, c.generation(), dlf.Verdict{Systemic: true}, false, target(0))
+	}
+	if !c.Open() {
+		t.Fatal("five connections refused for one instance did not open the circuit")
+	}
+	c = newCircuit(&cfg, zap.NewNop(), nil)
+	c.release(false, c.generation(), dlf.Verdict{Systemic: true, NotSent: true}, false, target(0))
+	if !c.Open() {
+		t.Fatal("credentials that cannot be used did not open the circuit")
 	}
 }
 

@@ -56,9 +56,10 @@ type Config struct {
 	StateTTL     time.Duration
 	DisableState bool
 
-	// CircuitThreshold is how many calls in a row, for two instances at
-	// least, must fail the same systemic way (no answer, 5xx) before the
-	// circuit opens; a 401 or 403 opens it at once. DisableCircuit turns it off (benchmark
+	// CircuitThreshold is how many calls in a row must fail the same
+	// systemic way (no answer, 5xx) before the circuit opens, one instance
+	// adding CircuitThreshold-2 at most (see circuit); a 401 or 403 opens
+	// it at once. DisableCircuit turns it off (benchmark
 	// comparison only).
 	CircuitThreshold int
 	DisableCircuit   bool

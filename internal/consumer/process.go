@@ -265,12 +265,8 @@ func (w *Worker) process(j *job, recs []*stateRecord, lerr error) {
 			case why != "":
 				w.finish(j, StatusStopped, CauseAlreadyStopped, why)
 				return
-			case undecided && w.hard.Err() != nil:
+			case undecided: // only at a shutdown
 				w.giveBack(j, 0, "shutdown")
-				return
-			case undecided:
-				w.checkState()
-				w.giveBack(j, w.redeliveryDelay(meta.NumDelivered), "state_unavailable")
 				return
 			}
 		}
