@@ -113,14 +113,14 @@ func TestPanickingRecordLeavesTheDocumentFree(t *testing.T) {
 		}
 	}
 	ok, failed, first := result()
-	st.saveAsync(context.Background(), &stateRecord{key: "inst.p"}, func(*stateDoc) { panic("test: broken change") }, ok, failed)
+	st.saveAsync(context.Background(), &stateRecord{key: "inst.p"}, funcSave{func(*stateDoc) { panic("test: broken change") }, ok, failed})
 	if err := wait(first); err == nil || !strings.Contains(err.Error(), "panic") {
 		t.Fatalf("panicking record: %v, want a failure naming the panic", err)
 	}
 	ok, failed, second := result()
-	st.saveAsync(context.Background(), &stateRecord{key: "inst.p"}, func(d *stateDoc) {
+	st.saveAsync(context.Background(), &stateRecord{key: "inst.p"}, funcSave{func(d *stateDoc) {
 		d.setCmd("next", cmdEntry{Phase: phaseDecided, Status: StatusStopped}, time.Hour)
-	}, ok, failed)
+	}, ok, failed})
 	if err := wait(second); err != nil {
 		t.Fatalf("the next record: %v", err)
 	}

@@ -81,7 +81,9 @@ func stateDocJSON(d *stateDoc) ([]byte, error) {
 	if len(d.Cmds) != 0 {
 		return json.Marshal(d)
 	}
-	b := make([]byte, 0, 48+len(d.StoppedBy)+len(d.StoppedAt))
+	// Room for all three fields, quotes, separators and the longest
+	// number: 48 was one byte short of it, and every record grew once.
+	b := make([]byte, 0, 64+len(d.StoppedBy)+len(d.StoppedAt))
 	b = append(b, '{')
 	if d.StoppedBy != "" {
 		b = append(b, `"stopped_by":`...)

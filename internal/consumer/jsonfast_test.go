@@ -2,8 +2,11 @@ package consumer
 
 import (
 	"encoding/json"
+	"math"
 	"reflect"
+	"strings"
 	"testing"
+	"time"
 )
 
 // The hand-written documents must be exactly what encoding/json writes,
@@ -125,6 +128,22 @@ func TestParsePubAck(t *testing.T) {
 		got, gerr := parsePubAck([]byte(in))
 		if (werr == nil) != (gerr == nil) || !reflect.DeepEqual(got, want) {
 			t.Errorf("%s: got %+v, %v; encoding/json %+v, %v", in, got, gerr, want, werr)
+		}
+	}
+}
+
+// The record every stopped command writes is built in one allocation,
+// whatever the length of its fields: its buffer was once a byte short and
+// grew for every command.
+func TestStopRecordIsOneAllocation(t *testing.T) {
+	for _, d := range []stateDoc{
+		{StoppedBy: "c", StoppedAt: "2026-11-28T10:00:00Z", StoppedT: 1},
+		{StoppedBy: "b-123", StoppedAt: FormatTime(time.Unix(1764324000, 123456789)), StoppedT: 1764324000}, // as the benchmark's
+		{StoppedBy: strings.Repeat("x", 128) + "@1764324000123456789", StoppedAt: "2026-11-28T10:00:00.123456789+14:00", StoppedT: math.MaxInt64},
+		{StoppedBy: "DLF_STOP-18446744073709551615@1764324000123456789", StoppedAt: "2026-11-28T10:00:00.123Z", StoppedT: -1},
+	} {
+		if n := testing.AllocsPerRun(100, func() { _, _ = stateDocJSON(&d) }); n != 1 {
+			t.Errorf("stateDocJSON(%+v): %v allocations, want 1", d, n)
 		}
 	}
 }

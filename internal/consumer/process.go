@@ -73,6 +73,8 @@ type job struct {
 	// earlier one per the state bucket; it must not be published again.
 	outcomeStored bool
 	state         *stateRecord // as read by recall; nil without the state bucket
+	keys          [2]string    // stateKeys, once built
+	nkeys         int
 	log           *zap.Logger
 	// release lets go of the message (see handle); handedOff says the
 	// state writer will call it once the decision is recorded.
@@ -83,10 +85,20 @@ type job struct {
 // stateKeys are where the command's state lives (see state.go): first its
 // document, then, for a valid command, the index of its id.
 func (j *job) stateKeys() []string {
-	if j.valid {
-		return []string{instKey(j.inst), cmdKey(j.sid)}
+	if j.nkeys == 0 { // built once: the common path reads them twice
+		if j.valid {
+			j.keys, j.nkeys = [2]string{instKey(j.inst), cmdKey(j.sid)}, 2
+		} else {
+			j.keys, j.nkeys = [2]string{cmdKey(j.sid)}, 1
+		}
 	}
-	return []string{cmdKey(j.sid)}
+	return j.keys[:j.nkeys:j.nkeys]
+}
+
+// idKey is the key of the command's id, cmdKey(j.sid).
+func (j *job) idKey() string {
+	keys := j.stateKeys()
+	return keys[len(keys)-1]
 }
 
 // stateID is the identity under which the state bucket knows a command.
@@ -494,7 +506,7 @@ func (w *Worker) call(j *job, req dlf.StopRequest, lastAt time.Time) (v dlf.Verd
 		return w.thr.pausedFor(lastAt) || w.circ.holdsBack(probe, lastAt)
 	}
 	mark := func() error {
-		rev, err := w.state.markSentAt(ctx, j.sid, j.meta.NumDelivered, j.meta.Sequence.Stream, j.inst, j.markRev)
+		rev, err := w.state.markSentKey(ctx, j.idKey(), j.sid, j.meta.NumDelivered, j.meta.Sequence.Stream, j.inst, j.markRev)
 		if err == nil {
 			j.markRev = rev
 			w.marksRefused.clear()
@@ -897,43 +909,63 @@ func (w *Worker) store(j *job) {
 		if j.valid && !j.marked {
 			w.state.markDecided(j.sid, cmdEntry{Phase: phaseDecided, Attempts: j.attempts, Status: status, Cause: cause})
 		}
-		now := time.Now().Unix() // the real clock: this only ages entries out
-		// Entries dropped for room by any application of change: a retry
-		// applies it to a document already pruned, which drops nothing.
-		var dropped map[string]cmdEntry
-		entry := cmdEntry{Phase: phaseDecided, Attempts: j.attempts, Status: status, Cause: cause, At: now}
-		stopped := (status == StatusStopped || j.ownStop) && j.valid
-		change := func(d *stateDoc) {
-			collect(&dropped, d.setDecided(j.sid, entry, stopped, o.FinishedAt, w.cfg.StateTTL))
-			j.stopRecorded = d.StoppedBy == j.sid
+		ds := &decisionSave{w: w, j: j,
+			entry:   cmdEntry{Phase: phaseDecided, Attempts: j.attempts, Status: status, Cause: cause, At: time.Now().Unix()}, // the real clock: this only ages entries out
+			stopped: (status == StatusStopped || j.ownStop) && j.valid,
 		}
-		w.state.saveAsync(w.hard, j.state, change, func() {
-			w.state.indexDropped(dropped)
-			w.acked(j)
-			j.release()
-		}, func(err error) {
-			defer j.release()
-			defer func() {
-				// A change that panicked in the write (see applyGroup)
-				// panics again here: the command is returned, as a panic
-				// on its own goroutine returns it.
-				if r := recover(); r != nil {
-					w.recovered(j.msg, j, r)
-				}
-			}()
-			w.recordDecisionLater(j, change, err)
-			// Whether the record was written, or the stop's hand-back wrote
-			// the document (already pruned, so that write drops nothing
-			// itself): entries dropped for room are decided, and indexing
-			// them is right either way.
-			w.state.indexDropped(dropped)
-		})
+		w.state.saveAsync(w.hard, j.state, ds)
 		// Set only once the write is under way (a panic before leaves the
 		// release to run), and read only by this goroutine.
 		j.handedOff = true
 		return
 	}
 	w.acked(j)
+}
+
+// decisionSave is the write of a command's decision record once its
+// outcome is stored (see store): what saveAsync applies to the document,
+// and what follows the write's answer. One value rather than three
+// closures, as it is made for every command.
+type decisionSave struct {
+	w       *Worker
+	j       *job
+	entry   cmdEntry
+	stopped bool // the command's call stopped the instance
+	// dropped gathers the entries dropped for room by any application
+	// of change: a retry applies it to a document already pruned, which
+	// drops nothing.
+	dropped map[string]cmdEntry
+}
+
+func (ds *decisionSave) change(d *stateDoc) {
+	j := ds.j
+	collect(&ds.dropped, d.setDecided(j.sid, ds.entry, ds.stopped, j.out.FinishedAt, ds.w.cfg.StateTTL))
+	j.stopRecorded = d.StoppedBy == j.sid
+}
+
+func (ds *decisionSave) stored() {
+	ds.w.state.indexDropped(ds.dropped)
+	ds.w.acked(ds.j)
+	ds.j.release()
+}
+
+func (ds *decisionSave) failed(err error) {
+	w, j := ds.w, ds.j
+	defer j.release()
+	defer func() {
+		// A change that panicked in the write (see applyGroup) panics
+		// again here: the command is returned, as a panic on its own
+		// goroutine returns it.
+		if r := recover(); r != nil {
+			w.recovered(j.msg, j, r)
+		}
+	}()
+	w.recordDecisionLater(j, ds.change, err)
+	// Whether the record was written, or the stop's hand-back wrote the
+	// document (already pruned, so that write drops nothing itself):
+	// entries dropped for room are decided, and indexing them is right
+	// either way.
+	w.state.indexDropped(ds.dropped)
 }
 
 // decidedMeanwhile looks again, before a delivery held for long publishes

@@ -32,8 +32,9 @@ const sweepEvery = time.Second
 
 type instCalls struct {
 	// Tickets of the calls on the wire: nearly always one, so a slice,
-	// not a map.
+	// not a map, starting in first.
 	active []uint64
+	first  [1]uint64
 	// The first call that got a 204 (its ticket, command and time), until
 	// its command's decision is recorded (forget), or at most keep after
 	// the stop.
@@ -61,6 +62,7 @@ func (s *siblings) begin(key string) uint64 {
 	ic := s.byKey[key]
 	if ic == nil {
 		ic = &instCalls{}
+		ic.active = ic.first[:0]
 		s.byKey[key] = ic
 	}
 	t := s.next

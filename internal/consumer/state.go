@@ -507,25 +507,32 @@ func (s *stateStore) markDecided(id string, e cmdEntry) {
 // own, and its DLF.6205 then had nothing to explain it and was
 // dead-lettered although the earlier call had stopped the instance.
 func (s *stateStore) markSentAt(ctx context.Context, sid string, n, seq uint64, inst string, rev uint64) (uint64, error) {
-	return s.putMark(ctx, sid, sentMarkDoc(sid, n, seq, inst), rev)
+	return s.markSentKey(ctx, cmdKey(sid), sid, n, seq, inst, rev)
 }
 
-// putMark stores a "sent" mark over revision rev (see markSentAt),
-// returning once JetStream has stored it, with its revision.
-func (s *stateStore) putMark(ctx context.Context, sid string, doc []byte, rev uint64) (uint64, error) {
+// markSentKey is markSentAt for a caller that has the id's key, cmdKey(sid),
+// at hand.
+func (s *stateStore) markSentKey(ctx context.Context, key, sid string, n, seq uint64, inst string, rev uint64) (uint64, error) {
+	return s.putMark(ctx, key, sentMarkDoc(sid, n, seq, inst), rev)
+}
+
+// putMark stores a "sent" mark under key, an id's key, over revision rev
+// (see markSentAt), returning once JetStream has stored it, with its
+// revision.
+func (s *stateStore) putMark(ctx context.Context, key string, doc []byte, rev uint64) (uint64, error) {
 	if s.writer == nil {
 		var err error
 		if rev == 0 {
-			rev, err = s.kv.Create(ctx, cmdKey(sid), doc)
+			rev, err = s.kv.Create(ctx, key, doc)
 		} else {
-			rev, err = s.kv.Update(ctx, cmdKey(sid), doc, rev)
+			rev, err = s.kv.Update(ctx, key, doc, rev)
 		}
 		if errors.Is(err, jetstream.ErrKeyExists) || errors.Is(err, jetstream.ErrKeyRevisionMismatch) {
-			err = fmt.Errorf("write state %s: %w", cmdKey(sid), errWrongRevision)
+			err = fmt.Errorf("write state %s: %w", key, errWrongRevision)
 		}
 		return rev, err
 	}
-	return s.writer.putAcked(ctx, cmdKey(sid), doc, rev)
+	return s.writer.putAcked(ctx, key, doc, rev)
 }
 
 // retractMark takes back delivery n's "sent" mark when the delivery is held
@@ -536,7 +543,7 @@ func (s *stateStore) retractMark(ctx context.Context, sid string, n, seq uint64,
 	if err != nil {
 		return 0, err
 	}
-	return s.putMark(ctx, sid, doc, rev)
+	return s.putMark(ctx, cmdKey(sid), doc, rev)
 }
 
 // put overwrites a command entry unconditionally; for tests that set up

@@ -137,8 +137,10 @@ func (b *batchReader) answer(batch []*lookupReq) {
 			continue
 		}
 		recs := make([]*stateRecord, len(r.keys))
+		backing := make([]stateRecord, len(r.keys)) // one allocation for all
 		for i, key := range r.keys {
-			rec := &stateRecord{key: key}
+			rec := &backing[i]
+			rec.key = key
 			if f, ok := found[key]; ok {
 				rec.rev = f.rev
 				// Each command gets its own copy: two commands for one

@@ -6,16 +6,26 @@ import (
 	"fmt"
 )
 
+// recordSave is a decision record's part in a write (see saveAsync):
+// change applies the record to a document; stored runs on the answer's
+// goroutine and must not block; failed runs on a goroutine of its own.
+type recordSave interface {
+	change(*stateDoc)
+	stored()
+	failed(error)
+}
+
 // queuedSave is one decision record waiting to be written (see saveAsync).
 type queuedSave struct {
-	ctx    context.Context
-	r      *stateRecord
-	change func(*stateDoc)
-	ok     func()
-	failed func(error)
+	ctx context.Context
+	r   *stateRecord
+	s   recordSave
 	// applied: r holds change, as a caller's retry and a hand-back at
 	// stop go on from r (see groupFailed).
 	applied bool
+	// alone is a group of this record only, the usual one: a slice of
+	// it costs no allocation of its own.
+	alone [1]*queuedSave
 }
 
 // saveAsync is save without a goroutine waiting for the answer (see
@@ -34,10 +44,11 @@ type queuedSave struct {
 // compare-and-set each round, their commands held through growing retries
 // (300 commands took 18 s and 1,250 retries to drain). Records written by
 // another worker still meet compare-and-set, and are merged by re-reading.
-func (s *stateStore) saveAsync(ctx context.Context, r *stateRecord, change func(*stateDoc), ok func(), failed func(error)) {
-	q := &queuedSave{ctx: ctx, r: r, change: change, ok: ok, failed: failed}
+func (s *stateStore) saveAsync(ctx context.Context, r *stateRecord, rs recordSave) {
+	q := &queuedSave{ctx: ctx, r: r, s: rs}
+	q.alone[0] = q
 	if s.writer == nil {
-		go s.saveGroup(r.key, []*queuedSave{q}, r)
+		go s.saveGroup(r.key, q.alone[:], r)
 		return
 	}
 	s.queueMu.Lock()
@@ -53,7 +64,7 @@ func (s *stateStore) saveAsync(ctx context.Context, r *stateRecord, change func(
 	s.queueMu.Unlock()
 	// The first record is applied to the document as its command read it,
 	// which is what that command's retries go on from.
-	s.writeGroup(r.key, []*queuedSave{q}, r)
+	s.writeGroup(r.key, q.alone[:], r)
 }
 
 // writeGroup applies every change of group to base and writes the result
@@ -88,7 +99,7 @@ func applyGroup(group []*queuedSave, base *stateRecord) (b []byte, err error) {
 		}
 	}()
 	for _, q := range group {
-		q.change(&base.doc)
+		q.s.change(&base.doc)
 		if q.r == base {
 			q.applied = true
 		}
@@ -118,7 +129,7 @@ func (s *stateStore) saveGroup(key string, group []*queuedSave, base *stateRecor
 		}()
 		return s.save(ctx, base, func(d *stateDoc) {
 			for _, q := range group {
-				q.change(d)
+				q.s.change(d)
 			}
 		})
 	}()
@@ -142,7 +153,7 @@ func (s *stateStore) stored(key string, group []*queuedSave, written *stateRecor
 		s.writeNext(key, written)
 	}
 	for _, q := range group {
-		q.ok()
+		q.s.stored()
 	}
 }
 
@@ -156,10 +167,10 @@ func (s *stateStore) groupFailed(key string, group []*queuedSave, err error) {
 		if !q.applied {
 			func() {
 				defer func() { _ = recover() }() // it panicked once already
-				q.change(&q.r.doc)
+				q.s.change(&q.r.doc)
 			}()
 		}
-		go q.failed(err)
+		go q.s.failed(err)
 	}
 	if s.writer != nil {
 		s.writeNext(key, nil)

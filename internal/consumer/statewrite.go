@@ -132,9 +132,24 @@ func (w *stateWriter) close() {
 // goroutine or the sweeper's, so it must not block: slow work goes to a
 // goroutine of its own.
 func (w *stateWriter) write(key string, value []byte, rev uint64, timeout time.Duration, then func(rev uint64, err error)) {
-	w.send(&nats.Msg{Subject: w.prefix + key, Data: value, Header: revHeader(rev)},
-		&pendingWrite{key: key, timeout: timeout, then: then})
+	q := &queuedWrite{
+		m: nats.Msg{Subject: w.prefix + key, Data: value, Header: revHeader(rev)},
+		p: pendingWrite{key: key, timeout: timeout, then: then},
+	}
+	w.send(&q.m, &q.p)
 }
+
+// queuedWrite is a write's message and its pending answer, allocated
+// together: every command makes two.
+type queuedWrite struct {
+	m nats.Msg
+	p pendingWrite
+}
+
+// answerChans holds the channels on which putAcked waits, each empty and
+// known to no write: one made for every "sent" mark was a tenth of the
+// allocations the mark adds to a command.
+var answerChans = sync.Pool{New: func() any { return make(chan writeAnswer, 1) }}
 
 // zeroRev is the header of a write to a key that must not exist yet, as
 // most are (a command's first mark, an instance's first decision). It is
@@ -202,11 +217,16 @@ func (w *stateWriter) put(key string, value []byte) {
 // The put is a compare-and-set on rev, the key's revision as the caller
 // last read or wrote it (0: it must not exist), and returns the new one.
 func (w *stateWriter) putAcked(ctx context.Context, key string, value []byte, rev uint64) (uint64, error) {
-	m := &nats.Msg{Subject: w.prefix + key, Data: value, Header: revHeader(rev)}
-	done := make(chan writeAnswer, 1)
-	w.send(m, &pendingWrite{key: key, timeout: publishTimeout, done: done})
+	done := answerChans.Get().(chan writeAnswer)
+	q := &queuedWrite{
+		m: nats.Msg{Subject: w.prefix + key, Data: value, Header: revHeader(rev)},
+		p: pendingWrite{key: key, timeout: publishTimeout, done: done},
+	}
+	m := &q.m
+	w.send(m, &q.p)
 	select {
 	case a := <-done:
+		answerChans.Put(done) // answered once, and taken from pending first
 		return a.rev, a.err
 	case <-ctx.Done():
 	}
@@ -215,12 +235,18 @@ func (w *stateWriter) putAcked(ctx context.Context, key string, value []byte, re
 		if q == m {
 			w.writes = slices.Delete(w.writes, i, i+1)
 			w.syncMu.Unlock()
-			w.take(m.Reply[len(w.inbox)+1:])
+			if w.take(m.Reply[len(w.inbox)+1:]) != nil {
+				// Nothing else can answer it now. Taken by another
+				// (the sweeper, close), it is answered on done later:
+				// the channel is left to the garbage collector.
+				answerChans.Put(done)
+			}
 			return 0, fmt.Errorf("write state %s: %w", key, ctx.Err())
 		}
 	}
 	w.syncMu.Unlock()
 	<-done
+	answerChans.Put(done)
 	return 0, fmt.Errorf("write state %s: %w", key, ctx.Err())
 }
 

@@ -151,9 +151,9 @@ func TestSaveAsyncMergesAfterConflict(t *testing.T) {
 		t.Fatal(err)
 	}
 	done := make(chan error, 1)
-	st.saveAsync(ctx, mine, func(d *stateDoc) {
+	st.saveAsync(ctx, mine, funcSave{func(d *stateDoc) {
 		d.setCmd("me", cmdEntry{Phase: phaseDecided, Status: StatusFailed}, 24*time.Hour)
-	}, func() { done <- nil }, func(err error) { done <- err })
+	}, func() { done <- nil }, func(err error) { done <- err }})
 	select {
 	case err := <-done:
 		if err != nil {
@@ -208,3 +208,14 @@ func TestWrongRevisionCodes(t *testing.T) {
 		}
 	}
 }
+
+// funcSave is a recordSave made of three functions, for tests.
+type funcSave struct {
+	changeFn func(*stateDoc)
+	storedFn func()
+	failedFn func(error)
+}
+
+func (f funcSave) change(d *stateDoc) { f.changeFn(d) }
+func (f funcSave) stored()            { f.storedFn() }
+func (f funcSave) failed(err error)   { f.failedFn(err) }
