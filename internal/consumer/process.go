@@ -85,7 +85,9 @@ type job struct {
 // stateKeys are where the command's state lives (see state.go): first its
 // document, then, for a valid command, the index of its id.
 func (j *job) stateKeys() []string {
-	if j.nkeys == 0 { // built once: the common path reads them twice
+	// Built once, on the first call, which handle makes before the job
+	// goes to another goroutine: the common path reads them twice.
+	if j.nkeys == 0 {
 		if j.valid {
 			j.keys, j.nkeys = [2]string{instKey(j.inst), cmdKey(j.sid)}, 2
 		} else {

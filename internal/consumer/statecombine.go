@@ -29,8 +29,8 @@ type queuedSave struct {
 }
 
 // saveAsync is save without a goroutine waiting for the answer (see
-// statewrite.go). ok runs on the answer's goroutine and must not block;
-// failed runs on a goroutine of its own. A compare-and-set refusal goes
+// statewrite.go). rs.stored runs on the answer's goroutine and must not
+// block; rs.failed runs on a goroutine of its own. A compare-and-set refusal goes
 // through save's re-read-and-merge loop, bounded by ctx and the publish
 // timeout, starting with the re-read: the revision the refused write
 // named is known to be stale.

@@ -140,7 +140,8 @@ func (w *stateWriter) write(key string, value []byte, rev uint64, timeout time.D
 }
 
 // queuedWrite is a write's message and its pending answer, allocated
-// together: every command makes two.
+// together: every command makes two. Never pooled: syncLoop may still
+// touch the pending answer after the write was answered.
 type queuedWrite struct {
 	m nats.Msg
 	p pendingWrite
