@@ -132,11 +132,14 @@ func (w *stateWriter) close() {
 // goroutine or the sweeper's, so it must not block: slow work goes to a
 // goroutine of its own.
 func (w *stateWriter) write(key string, value []byte, rev uint64, timeout time.Duration, then func(rev uint64, err error)) {
-	q := &queuedWrite{
-		m: nats.Msg{Subject: w.prefix + key, Data: value, Header: revHeader(rev)},
-		p: pendingWrite{key: key, timeout: timeout, then: then},
-	}
+	q := w.queued(key, value, rev, pendingWrite{key: key, timeout: timeout, then: then})
 	w.send(&q.m, &q.p)
+}
+
+// queued builds the write of value under key over revision rev, waiting
+// as p says.
+func (w *stateWriter) queued(key string, value []byte, rev uint64, p pendingWrite) *queuedWrite {
+	return &queuedWrite{m: nats.Msg{Subject: w.prefix + key, Data: value, Header: revHeader(rev)}, p: p}
 }
 
 // queuedWrite is a write's message and its pending answer, allocated
@@ -219,10 +222,7 @@ func (w *stateWriter) put(key string, value []byte) {
 // last read or wrote it (0: it must not exist), and returns the new one.
 func (w *stateWriter) putAcked(ctx context.Context, key string, value []byte, rev uint64) (uint64, error) {
 	done := answerChans.Get().(chan writeAnswer)
-	q := &queuedWrite{
-		m: nats.Msg{Subject: w.prefix + key, Data: value, Header: revHeader(rev)},
-		p: pendingWrite{key: key, timeout: publishTimeout, done: done},
-	}
+	q := w.queued(key, value, rev, pendingWrite{key: key, timeout: publishTimeout, done: done})
 	m := &q.m
 	w.send(m, &q.p)
 	select {
